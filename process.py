@@ -1,0 +1,173 @@
+"""Turn a talking-head video into a training dataset, offline.
+
+    python process.py my_video.mp4                       # -> dataset/my_video/
+    python process.py my_video.mp4 --name anna --overwrite
+    python process.py ../shared/media/fps30_6s.mp4 --name smoke   # CPU smoke run, ~10 s
+
+dataset/NAME/ gets:
+    video.mp4      the video at 25 fps (stream-copied when it already is constant 25 fps)
+    aud.wav        16 kHz mono PCM
+    frames/        every frame as JPEG (quality 95: ~10x smaller than PNG and decoded only once
+                   more, for the crop cache and as inference templates)
+    landmarks.npz  lms [N,68,2] smoothed, lms_raw [N,68,2] (NaN = no face), boxes [N,4] face
+                   boxes, found [N], filled [N] (interpolated frames), crop_boxes [N,4]
+    crops.npy      uint8 [N,328,328,3] face crops (the training set reads these, not the frames)
+    mel.npy        float32 [80, T] log-mel of the whole wav, 80 frames per second (SPEC §5)
+    meta.json      source, fps, frame count, duration, resolution, backend, versions, gaps
+"""
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import utils
+from utils import FPS, SR, UserError
+
+
+@dataclass
+class Config:
+    video: str = ""                 # input video (any format ffmpeg reads)
+    name: str = ""                  # dataset name; default: the video's file stem
+    data_root: str = str(utils.DATASET_DIR)  # where datasets live
+    overwrite: bool = False         # replace an existing dataset of the same name
+    backend: str = "dlib"           # landmark backend: dlib (offline default) or face_alignment
+    device: str = "cpu"             # device for the face_alignment backend
+    detect_every: int = 5           # run the face detector every N frames, track in between
+    max_side: int = 512             # detect on a copy downscaled to this side, px
+    max_gap: int = 12               # interpolate faceless gaps up to this many frames (0.5 s)
+    min_face_share: float = 0.5     # fail when fewer frames than this share have a face
+    smooth_sigma: float = 1.0       # temporal gaussian on landmarks, frames (removes crop jitter)
+    jpeg_quality: int = 95          # frames/*.jpg quality
+
+
+def normalise_video(src, info, dst):
+    """Copy the video stream when it is constant 25 fps and unrotated, else re-encode to 25 fps."""
+    v = info["video"]
+    cfr25 = v["fps"] is not None and abs(v["fps"] - FPS) < 0.01 and (v["tbr"] is None or abs(v["tbr"] - FPS) < 0.01)
+    if cfr25 and not v["rotation"] and v["codec"] in ("h264", "hevc", "mpeg4"):
+        utils.run_ffmpeg(["-i", src, "-map", "0:v:0", "-c:v", "copy", "-an", dst], what="copying the video")
+        return False
+    utils.run_ffmpeg(["-i", src, "-map", "0:v:0", "-vf", f"fps={FPS}", "-c:v", "libx264", "-crf", "17",
+                      "-preset", "veryfast", "-pix_fmt", "yuv420p", "-an", dst], what="re-encoding to 25 fps")
+    return True
+
+
+def extract_audio(src, dst):
+    utils.run_ffmpeg(["-i", src, "-map", "0:a:0", "-vn", "-ac", "1", "-ar", SR, "-c:a", "pcm_s16le", dst],
+                     what="extracting audio")
+    import soundfile as sf
+    wav, sr = sf.read(str(dst), dtype="float32")
+    assert sr == SR
+    return wav
+
+
+def main(cfg):
+    import landmarks
+    t0 = time.time()
+    src = Path(cfg.video)
+    if not cfg.video:
+        raise UserError("no video given: python process.py VIDEO [--name NAME]")
+    name = utils.check_name(cfg.name or utils.safe_stem(src), "dataset name")
+    final = Path(cfg.data_root) / name
+    if final.exists() and not cfg.overwrite:
+        raise UserError(f"dataset {final} already exists; pass --overwrite to replace it or choose another --name")
+    info = utils.probe(src)
+    if info["video"] is None or not info["video"]["width"]:
+        raise UserError(f"{src} has no video stream; give a video of the person speaking")
+    if info["audio"] is None:
+        raise UserError(f"{src} has no audio track; the model learns from the speech, record with sound")
+    if cfg.backend not in landmarks.BACKENDS:
+        raise UserError(f"unknown --backend {cfg.backend!r}; choose one of {', '.join(landmarks.BACKENDS)}")
+    try:
+        detector = landmarks.make_detector(cfg.backend, cfg.device)
+    except landmarks.LandmarkError as e:
+        raise UserError(str(e)) from None
+
+    with utils.atomic_dir(final) as ds:
+        # 1. video at 25 fps and 16 kHz mono audio
+        reencoded = normalise_video(src, info, ds / "video.mp4")
+        wav = extract_audio(src, ds / "aud.wav")
+        if utils.is_silent(wav):
+            raise UserError(f"the audio of {src} is silent; the model learns lip motion from speech, so record with sound")
+        vinfo = utils.probe(ds / "video.mp4")
+        w, h = vinfo["video"]["width"], vinfo["video"]["height"]
+        expect = int(round((vinfo["duration"] or info["duration"] or 0) * FPS))
+
+        # 2. frames to JPEG, landmarks tracked on the same pass
+        (ds / "frames").mkdir()
+        quality = [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
+        bar = tqdm(total=expect or None, desc="frames+landmarks", unit="f", dynamic_ncols=True)
+
+        def frames():
+            for i, frame in enumerate(utils.iter_frames(ds / "video.mp4", w, h)):
+                cv2.imwrite(str(ds / "frames" / f"{i:06d}.jpg"), frame, quality)
+                bar.update(1)
+                yield frame
+
+        track = landmarks.track_video(frames(), detector, detect_every=cfg.detect_every, max_side=cfg.max_side)
+        bar.close()
+        n = len(track["found"])
+        if n == 0:
+            raise UserError(f"no frames could be decoded from {src}; the file is damaged or not a video")
+        found = track["found"]
+        if found.sum() == 0:
+            raise UserError(f"no face found in any of the {n} frames of {src}; record the speaker's face, frontal and well lit")
+        if found.mean() < cfg.min_face_share:
+            raise UserError(f"a face was found in only {found.sum()} of {n} frames ({100 * found.mean():.0f}%); "
+                            f"at least {100 * cfg.min_face_share:.0f}% are needed: trim the parts without the face")
+        lms, filled = landmarks.fill_gaps(track["lms"], found, cfg.max_gap)
+        long_gaps = np.isnan(lms[:, 0, 0])
+        if long_gaps.any():
+            # a long turn-away: hold the nearest good landmarks so geometry stays defined, and report it
+            lms, _ = landmarks.fill_gaps(lms, ~long_gaps, n)
+        smooth = landmarks.smooth_landmarks(lms, cfg.smooth_sigma).astype(np.float32)
+        boxes = np.stack([utils.crop_box(l) for l in smooth])
+
+        # 3. crop cache: the training set reads 328 crops, never the full frames
+        crops = np.lib.format.open_memmap(ds / "crops.npy", mode="w+", dtype=np.uint8, shape=(n, utils.CROP, utils.CROP, 3))
+        for i in tqdm(range(n), desc="crops", unit="f", dynamic_ncols=True):
+            crops[i] = utils.crop_face(cv2.imread(str(ds / "frames" / f"{i:06d}.jpg")), boxes[i])
+        crops.flush()
+        del crops
+
+        # 4. audio features and facts
+        mel = utils.melspectrogram(wav)
+        np.save(ds / "mel.npy", mel)
+        np.savez(ds / "landmarks.npz", lms=smooth, lms_raw=track["lms"].astype(np.float32),
+                 boxes=track["boxes"].astype(np.float32), found=found, filled=filled | long_gaps,
+                 crop_boxes=boxes)
+        faces_seen = int(np.max(track["n_faces"])) if len(track["n_faces"]) else 0
+        import torch
+        meta = {
+            "source": str(src.resolve()), "name": name, "fps": FPS, "frames": n,
+            "duration": round(len(wav) / SR, 3), "audio_samples": int(len(wav)), "sample_rate": SR,
+            "width": w, "height": h, "source_fps": info["video"]["fps"], "reencoded": reencoded,
+            "mel_frames": int(mel.shape[1]), "landmark_backend": detector.name,
+            "smooth_sigma": cfg.smooth_sigma, "faces_seen_max": faces_seen,
+            "no_face_frames": int((~found).sum()), "interpolated_frames": np.flatnonzero(filled).tolist(),
+            "held_frames": np.flatnonzero(long_gaps).tolist(),
+            "fill": f"gaps <= {cfg.max_gap} frames linearly interpolated; longer gaps hold the nearest face",
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
+                         "torch": torch.__version__},
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        (ds / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    dt = time.time() - t0
+    if faces_seen > 1:
+        print(f"note: up to {faces_seen} faces in a frame; kept the largest one and tracked it")
+    if long_gaps.any():
+        print(f"warning: {int(long_gaps.sum())} frames without a face in gaps longer than {cfg.max_gap} frames; "
+              "they hold the nearest face (consider trimming them)")
+    print(f"done: {final}  {n} frames, {len(wav) / SR:.1f} s, {n / dt:.1f} frames/s, "
+          f"{int((~found).sum())} frames without a face ({int(filled.sum())} interpolated)")
+    return final
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0], positional=("video",)))

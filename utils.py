@@ -1,0 +1,508 @@
+"""Shared pieces of the pipeline: config/CLI, errors, device, ffmpeg, audio + mel, crop/mask/paste
+geometry, frame<->audio index mapping and checkpoint I/O. Training, inference, evaluation and the
+server all import these; nothing here is copied anywhere else.
+
+    python -c "import utils; print(utils.ffmpeg_exe())"
+"""
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# Constants of the design (SPEC §3, §5). Named once; everything else refers to these.
+FPS = 25                 # video frames per second of every dataset and output
+SR = 16000               # audio sample rate, Hz
+N_FFT = 800              # STFT size, samples (50 ms)
+HOP = 200                # STFT hop, samples (12.5 ms) -> 80 mel frames per second
+WIN = 800                # STFT window, samples
+N_MELS = 80              # mel bands
+FMIN, FMAX = 55, 7600    # mel band limits, Hz
+PREEMPH = 0.97           # pre-emphasis coefficient
+REF_DB = 20              # dB subtracted after amplitude->dB
+MIN_DB = -100            # dB floor before normalisation
+MEL_MAX = 4.0            # mel normalised symmetrically to [-MEL_MAX, MEL_MAX]
+MEL_FPS = SR // HOP      # 80 mel frames per second
+MEL_WIN = 16             # mel frames per audio window (0.2 s)
+FEAT_WIN = 16            # audio-encoder vectors per generator input (frames i-8 .. i+7)
+FEAT_DIM = 512           # audio-encoder output size
+CROP = 328               # face crop side, px
+INNER = 320              # the part of the crop the network sees and paints
+BORDER = (CROP - INNER) // 2          # 4 px ring that always stays original
+MASK_RECT = (5, 5, 315, 310)          # x0, y0, x1, y1 (half-open) of the masked area in the 320 inner crop
+MOUTH = slice(48, 68)    # iBUG-68 mouth points
+CKPT_VERSION = 1         # bumped when the checkpoint dict changes shape
+REPO = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can cause end as one line, never a traceback.
+class UserError(Exception):
+    """A problem the user can fix; the message is one line saying what and how."""
+
+
+def run_main(main, *args):
+    """Run a script's main(); user errors print one line and exit 2."""
+    try:
+        return main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: a dataclass at the top of each script; the command line is generated from it.
+def _field_comments(cls):
+    """Trailing `# comment` of each dataclass field line, used as --help text."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in src.splitlines():
+        m = re.match(r"\s*(\w+)\s*:[^=]*=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _parse_value(kind, text):
+    if kind is int:
+        return int(float(text)) if re.fullmatch(r"[-+]?\d+(\.0*)?([eE]\+?\d+)?", text) else int(text)
+    if kind is float:
+        return float(text)
+    if kind in (tuple, list):
+        return tuple(ast.literal_eval(text)) if text.strip().startswith(("(", "[")) else \
+            tuple(int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in text.split(","))
+    return text
+
+
+def parse_config(cls, argv=None, description=None, positional=(), aliases=None):
+    """Build `cls` (a dataclass) from defaults + command line. `--key value` for every field,
+    `--flag/--no-flag` for booleans, `positional` fields may be given bare; unknown keys fail."""
+    helps = _field_comments(cls)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    aliases = aliases or {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        names = [f"--{f.name}"] + [f"--{a}" for a, t in aliases.items() if t == f.name]
+        h = helps.get(f.name, "")
+        if f.name in positional:
+            p.add_argument(f.name, nargs="?", default=default, help=h)
+            continue
+        if isinstance(default, bool):
+            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=h)
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(*names, dest=f.name, default=default, help=h, metavar=kind.__name__.upper(),
+                           type=lambda s, k=kind: _parse_value(k, s))
+    ns = p.parse_args(argv)
+    return cls(**vars(ns))
+
+
+def save_config(cfg, path):
+    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision: one helper, cuda -> mps -> cpu, overridable.
+def get_device(name="auto"):
+    import torch
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def autocast(device, enabled=True):
+    """Mixed precision on GPU only: bf16 where supported, else fp16. On CPU, a no-op (bf16 is far
+    slower than fp32 on CPUs without bf16 units, SPEC §11)."""
+    import torch
+    if not enabled or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names and files
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name, what="name"):
+    """Avatar/dataset names become folder names: no path tricks, no odd characters."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise UserError(f"{what} {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', "
+                        "starting with a letter or digit (no '/', '..' or spaces)")
+    return name
+
+
+def safe_stem(path):
+    """A valid dataset name made from a file name."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem).strip("._-") or "video"
+    return stem[:64]
+
+
+@contextmanager
+def atomic_dir(final):
+    """Build a folder in a temp sibling and rename it into place only when the body succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        import shutil
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_file(final):
+    """Yield a temp path next to `final`; it replaces `final` only when the body succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.tmp-", suffix=final.suffix, dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# ffmpeg: the binary from imageio-ffmpeg unless FFMPEG_BINARY points elsewhere; argument lists only.
+def ffmpeg_exe():
+    exe = os.environ.get("FFMPEG_BINARY")
+    if exe:
+        return exe
+    try:
+        import imageio_ffmpeg
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as e:
+        raise UserError(f"no ffmpeg found ({e}); pip install imageio-ffmpeg or set FFMPEG_BINARY") from None
+
+
+def run_ffmpeg(args, what="ffmpeg"):
+    """Run ffmpeg with an argument list; on failure raise UserError with ffmpeg's last line."""
+    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", *map(str, args)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        lines = [l for l in r.stderr.decode(errors="replace").strip().splitlines() if l.strip()]
+        raise UserError(f"{what} failed: {lines[-1] if lines else 'ffmpeg exit ' + str(r.returncode)}")
+    return r
+
+
+def probe(path):
+    """Facts about a media file from `ffmpeg -i` (imageio-ffmpeg ships no ffprobe)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a media file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes)")
+    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    text = r.stderr.decode(errors="replace")
+    info = {"path": str(path), "duration": None, "video": None, "audio": None}
+    m = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
+    if m:
+        info["duration"] = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+    for line in text.splitlines():
+        if "Stream #" in line and "Video:" in line and info["video"] is None:
+            if "attached pic" in line:
+                continue
+            size = re.search(r", (\d{2,5})x(\d{2,5})", line)
+            fps = re.search(r"([\d.]+) fps", line)
+            tbr = re.search(r"([\d.]+)k? tbr", line)
+            info["video"] = {"codec": line.split("Video:")[1].split()[0].strip(","),
+                             "width": int(size.group(1)) if size else None,
+                             "height": int(size.group(2)) if size else None,
+                             "fps": float(fps.group(1)) if fps else None,
+                             "tbr": float(tbr.group(1)) if tbr else None, "rotation": 0}
+        elif "Stream #" in line and "Audio:" in line and info["audio"] is None:
+            rate = re.search(r"(\d+) Hz", line)
+            info["audio"] = {"codec": line.split("Audio:")[1].split()[0].strip(","),
+                             "rate": int(rate.group(1)) if rate else None,
+                             "channels": 1 if " mono" in line else 2 if "stereo" in line else None}
+    rot = re.search(r"rotation of (-?[\d.]+) degrees", text)
+    if rot and info["video"]:
+        info["video"]["rotation"] = int(round(float(rot.group(1)))) % 360
+    if info["video"] is None and info["audio"] is None:
+        last = [l for l in text.strip().splitlines() if l.strip()]
+        why = last[-1].split(": ")[-1] if last else "unknown format"
+        raise UserError(f"{path} is not a readable video or audio file ({why})")
+    return info
+
+
+def load_audio(path, sr=SR):
+    """Any audio ffmpeg reads (wav/mp3/m4a/video, any rate, stereo) -> float32 mono at `sr`."""
+    info = probe(path)
+    if info["audio"] is None:
+        raise UserError(f"{path} has no audio track")
+    r = run_ffmpeg(["-i", path, "-vn", "-ac", "1", "-ar", sr, "-f", "f32le", "-"], what=f"decoding audio of {path}")
+    wav = np.frombuffer(r.stdout, np.float32).copy()
+    if wav.size == 0:
+        raise UserError(f"{path}: the audio track is empty (0 samples)")
+    return wav
+
+
+def write_wav(path, wav, sr=SR):
+    import soundfile as sf
+    sf.write(str(path), np.asarray(wav, np.float32), sr, subtype="PCM_16")
+
+
+def is_silent(wav, thresh_db=-60.0):
+    return wav.size == 0 or 20 * np.log10(np.sqrt(np.mean(wav.astype(np.float64) ** 2)) + 1e-12) < thresh_db
+
+
+# ----------------------------------------------------------------------------------------------
+# Mel features (SPEC §5), in torch so there is no librosa JIT warm-up; the mel basis is librosa's.
+_MEL_BASIS = None
+
+
+def melspectrogram(wav):
+    """float32 mono 16 kHz wav [S] -> normalised log-mel [80, S // 200 + 1] in [-4, 4]."""
+    import torch
+    global _MEL_BASIS
+    if _MEL_BASIS is None:
+        import librosa
+        _MEL_BASIS = torch.from_numpy(librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX))
+    x = torch.from_numpy(np.asarray(wav, np.float32))
+    x = torch.cat([x[:1], x[1:] - PREEMPH * x[:-1]])           # pre-emphasis
+    spec = torch.stft(x, N_FFT, HOP, WIN, window=torch.hann_window(WIN), center=True,
+                      pad_mode="constant", return_complex=True).abs()   # (401, T)
+    db = 20 * torch.log10(torch.clamp(_MEL_BASIS @ spec, min=1e-5)) - REF_DB
+    mel = torch.clamp(2 * MEL_MAX * (db - MIN_DB) / -MIN_DB - MEL_MAX, -MEL_MAX, MEL_MAX)
+    return mel.numpy().astype(np.float32)
+
+
+def num_frames(n_samples, sr=SR):
+    """Video frames that cover n_samples of audio at FPS."""
+    return int(round(n_samples * FPS / sr))
+
+
+def mel_window_starts(frames):
+    """First mel frame of the 0.2 s window centred on each video frame (frame k spans k/25..k+1/25 s)."""
+    frames = np.asarray(frames)
+    return np.round((frames + 0.5) * MEL_FPS / FPS).astype(np.int64) - MEL_WIN // 2
+
+
+def mel_windows(mel, frames):
+    """mel [80, T], frame indices [N] -> windows [N, 1, 80, 16]; outside the audio reads as silence."""
+    starts = mel_window_starts(frames)
+    idx = starts[:, None] + np.arange(MEL_WIN)[None]          # (N, 16)
+    valid = (idx >= 0) & (idx < mel.shape[1])
+    out = mel[:, np.clip(idx, 0, mel.shape[1] - 1)]          # (80, N, 16)
+    out = np.where(valid[None], out, -MEL_MAX).transpose(1, 0, 2)
+    return np.ascontiguousarray(out[:, None], dtype=np.float32)
+
+
+def feature_window(feats, i):
+    """Audio-encoder vectors feats [T, 512] -> generator input [32, 16, 16] for frame i: the vectors
+    of frames i-8 .. i+7, zero outside the audio (SPEC §5)."""
+    idx = np.arange(i - FEAT_WIN // 2, i + FEAT_WIN // 2)
+    valid = (idx >= 0) & (idx < len(feats))
+    w = np.zeros((FEAT_WIN, feats.shape[1]), np.float32)
+    w[valid] = feats[idx[valid]]
+    return w.reshape(32, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Crop / mask / paste geometry (SPEC §3). Boxes are (x0, y0, x1, y1) half-open, in frame pixels.
+def crop_box(lm68):
+    """Square box from 68-point landmarks: contour points 1 and 15 give the sides, nose point 29
+    the top; the box is as tall as it is wide, so it reaches past the chin."""
+    lm = np.asarray(lm68, np.float64)
+    x0, x1 = lm[1, 0], lm[15, 0]
+    y0 = lm[29, 1]
+    w = max(x1 - x0, 8.0)
+    return np.array([round(x0), round(y0), round(x0) + round(w), round(y0) + round(w)], np.int64)
+
+
+def resize(img, size):
+    """The one resize convention of the project: INTER_AREA when shrinking, INTER_CUBIC when
+    enlarging (the reference mixed linear and cubic between training and inference)."""
+    h, w = img.shape[:2]
+    tw, th = size
+    interp = cv2.INTER_AREA if tw * th < w * h else cv2.INTER_CUBIC
+    return cv2.resize(img, (tw, th), interpolation=interp)
+
+
+def _region(frame, box):
+    """Pixels of `box`, edge-replicated where the box leaves the frame."""
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    pad = max(0, -x0, -y0, x1 - w, y1 - h)
+    if pad:
+        frame = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    return frame[y0 + pad:y1 + pad, x0 + pad:x1 + pad]
+
+
+def crop_face(frame, box):
+    """Full frame (H, W, 3) + box -> the 328x328 face crop."""
+    return resize(_region(frame, box), (CROP, CROP))
+
+
+def inner(crop):
+    """328 crop -> the 320 centre the network sees."""
+    return crop[BORDER:BORDER + INNER, BORDER:BORDER + INNER]
+
+
+def mask_inner(img320):
+    """Copy of a 320 crop (H, W, C) or batch (..., H, W, C) with the lower-face rectangle zeroed."""
+    out = np.array(img320, copy=True)
+    x0, y0, x1, y1 = MASK_RECT
+    out[..., y0:y1, x0:x1, :] = 0
+    return out
+
+
+_ALPHA = {}
+
+
+def paste_alpha(feather):
+    """Soft blend weights on the 328 crop: 1 inside the masked rectangle shrunk by `feather` px,
+    falling smoothly to 0 at the rectangle's edge (a hard rectangle leaves visible seams)."""
+    if feather not in _ALPHA:
+        a = np.zeros((CROP, CROP), np.float32)
+        x0, y0, x1, y1 = (v + BORDER for v in MASK_RECT)
+        f = int(max(feather, 0))
+        a[y0 + f:y1 - f, x0 + f:x1 - f] = 1.0
+        if f:
+            k = 2 * f + 1
+            a = cv2.GaussianBlur(a, (k, k), f / 2.0)
+            a[:y0, :] = 0; a[y1:, :] = 0; a[:, :x0] = 0; a[:, x1:] = 0
+        _ALPHA[feather] = a
+    return _ALPHA[feather]
+
+
+def paste_back(frame, box, crop328, feather=16):
+    """Blend a generated 328 crop into the frame in place of `box` (returns a new frame)."""
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    bw, bh = x1 - x0, y1 - y0
+    gen = resize(crop328, (bw, bh)).astype(np.float32)
+    alpha = resize(paste_alpha(feather), (bw, bh))[..., None]
+    # clip the box to the frame; the generated crop is clipped the same way
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if cx0 >= cx1 or cy0 >= cy1:
+        return frame.copy()
+    out = frame.copy()
+    sub = out[cy0:cy1, cx0:cx1].astype(np.float32)
+    g = gen[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    a = alpha[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    out[cy0:cy1, cx0:cx1] = np.clip(a * g + (1 - a) * sub + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def match_color(src, ref, mask=None):
+    """Shift `src` (uint8 BGR) to the per-channel mean/std of `ref` in Lab, measured where mask>0.5."""
+    s = cv2.cvtColor(src, cv2.COLOR_BGR2LAB).astype(np.float32)
+    r = cv2.cvtColor(ref, cv2.COLOR_BGR2LAB).astype(np.float32)
+    m = np.ones(s.shape[:2], bool) if mask is None else mask > 0.5
+    sm, ss = s[m].mean(0), s[m].std(0) + 1e-3
+    rm, rs = r[m].mean(0), r[m].std(0) + 1e-3
+    out = (s - sm) * (rs / ss) + rm
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one dict, written atomically, loaded with map_location.
+def save_checkpoint(obj, path):
+    import torch
+    obj = dict(obj, format_version=CKPT_VERSION)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or not a checkpoint") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'model' entry)")
+    if ckpt.get("format_version", 0) > CKPT_VERSION:
+        raise UserError(f"{path} was written by a newer version of this project; update the code")
+    return ckpt
+
+
+def unwrap(model):
+    """The plain module under DDP / torch.compile wrappers, for saving."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset layout (written by process.py, read by everything else)
+DATASET_DIR = REPO / "dataset"
+CHECKPOINT_DIR = REPO / "checkpoint"
+
+
+def dataset_path(name, root=None):
+    return Path(root or DATASET_DIR) / check_name(name, "dataset name")
+
+
+def load_meta(ds):
+    ds = Path(ds)
+    meta = ds / "meta.json"
+    if not meta.is_file():
+        raise UserError(f"no processed dataset at {ds}; run: python process.py VIDEO --name {ds.name}")
+    return json.loads(meta.read_text())
+
+
+def iter_frames(path, width, height, fps=None):
+    """Decode a video as BGR uint8 frames (height, width, 3), streamed through one ffmpeg pipe;
+    `fps` resamples the timeline (duplicating/dropping frames) when given."""
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path)]
+    if fps:
+        args += ["-vf", f"fps={fps}"]
+    args += ["-an", "-f", "rawvideo", "-pix_fmt", "bgr24", "-"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=width * height * 3 * 4)
+    n = width * height * 3
+    try:
+        while True:
+            buf = proc.stdout.read(n)
+            if len(buf) < n:
+                break
+            yield np.frombuffer(buf, np.uint8).reshape(height, width, 3)
+    finally:
+        proc.stdout.close()
+        err = proc.stderr.read().decode(errors="replace").strip()
+        proc.stderr.close()
+        rc = proc.wait()
+        if rc not in (0, -15) and err and not err.endswith("Broken pipe"):
+            raise UserError(f"decoding {path} failed: {err.splitlines()[-1]}")
+
