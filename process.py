@@ -18,6 +18,7 @@ dataset/NAME/ gets:
 import json
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,14 @@ def extract_audio(src, dst):
     return wav
 
 
+def _version(dist):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def main(cfg):
     import landmarks
     t0 = time.time()
@@ -103,14 +112,19 @@ def main(cfg):
         quality = [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
         bar = tqdm(total=expect or None, desc="frames+landmarks", unit="f", dynamic_ncols=True)
 
+        pool = ThreadPoolExecutor(2)      # JPEG encoding releases the GIL: overlap it with landmarks
+        writes = []
+
         def frames():
             for i, frame in enumerate(utils.iter_frames(ds / "video.mp4", w, h)):
-                cv2.imwrite(str(ds / "frames" / f"{i:06d}.jpg"), frame, quality)
+                writes.append(pool.submit(cv2.imwrite, str(ds / "frames" / f"{i:06d}.jpg"), frame, quality))
                 bar.update(1)
                 yield frame
 
         track = landmarks.track_video(frames(), detector, detect_every=cfg.detect_every, max_side=cfg.max_side)
         bar.close()
+        if not all(f.result() for f in writes):
+            raise UserError(f"could not write frames into {ds}; is the disk full?")
         n = len(track["found"])
         if n == 0:
             raise UserError(f"no frames could be decoded from {src}; the file is damaged or not a video")
@@ -130,30 +144,40 @@ def main(cfg):
 
         # 3. crop cache: the training set reads 328 crops, never the full frames
         crops = np.lib.format.open_memmap(ds / "crops.npy", mode="w+", dtype=np.uint8, shape=(n, utils.CROP, utils.CROP, 3))
-        for i in tqdm(range(n), desc="crops", unit="f", dynamic_ncols=True):
+
+        def crop(i):
             crops[i] = utils.crop_face(cv2.imread(str(ds / "frames" / f"{i:06d}.jpg")), boxes[i])
+
+        for _ in tqdm(pool.map(crop, range(n)), total=n, desc="crops", unit="f", dynamic_ncols=True):
+            pass
+        pool.shutdown()
         crops.flush()
         del crops
 
-        # 4. audio features and facts
+        # 4. audio at least as long as the video (containers often end the two streams tens of ms
+        # apart): pad a short track with silence so every frame has its audio; never trim speech
+        target = int(round(n * SR / FPS))
+        audio_fix_ms = max(0, round(1000 * (target - len(wav)) / SR))
+        if audio_fix_ms:
+            wav = np.pad(wav, (0, target - len(wav)))
+            utils.write_wav(ds / "aud.wav", wav)
         mel = utils.melspectrogram(wav)
         np.save(ds / "mel.npy", mel)
         np.savez(ds / "landmarks.npz", lms=smooth, lms_raw=track["lms"].astype(np.float32),
                  boxes=track["boxes"].astype(np.float32), found=found, filled=filled | long_gaps,
                  crop_boxes=boxes)
         faces_seen = int(np.max(track["n_faces"])) if len(track["n_faces"]) else 0
-        import torch
         meta = {
             "source": str(src.resolve()), "name": name, "fps": FPS, "frames": n,
             "duration": round(len(wav) / SR, 3), "audio_samples": int(len(wav)), "sample_rate": SR,
             "width": w, "height": h, "source_fps": info["video"]["fps"], "reencoded": reencoded,
-            "mel_frames": int(mel.shape[1]), "landmark_backend": detector.name,
+            "mel_frames": int(mel.shape[1]), "audio_padded_ms": audio_fix_ms, "landmark_backend": detector.name,
             "smooth_sigma": cfg.smooth_sigma, "faces_seen_max": faces_seen,
             "no_face_frames": int((~found).sum()), "interpolated_frames": np.flatnonzero(filled).tolist(),
             "held_frames": np.flatnonzero(long_gaps).tolist(),
             "fill": f"gaps <= {cfg.max_gap} frames linearly interpolated; longer gaps hold the nearest face",
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
-                         "torch": torch.__version__},
+                         "dlib": _version("dlib-bin")},
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         (ds / "meta.json").write_text(json.dumps(meta, indent=1))

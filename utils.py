@@ -285,24 +285,49 @@ def is_silent(wav, thresh_db=-60.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mel features (SPEC §5), in torch so there is no librosa JIT warm-up; the mel basis is librosa's.
+# Mel features (SPEC §5), in plain numpy: no torch/scipy import and no librosa JIT warm-up on the
+# hot path (importing librosa.filters alone costs ~5 s here). tests/test_utils.py checks the
+# filterbank and the spectrogram against librosa's.
 _MEL_BASIS = None
+
+
+def _hz_to_mel(f):
+    """Slaney mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, np.float64)
+    lin = f / (200.0 / 3)
+    return np.where(f >= 1000, 15 + np.log(np.maximum(f, 1e-10) / 1000) / (np.log(6.4) / 27), lin)
+
+
+def _mel_to_hz(m):
+    m = np.asarray(m, np.float64)
+    return np.where(m >= 15, 1000 * np.exp((np.log(6.4) / 27) * (m - 15)), m * (200.0 / 3))
+
+
+def mel_basis():
+    """[80, 401] triangular filters between FMIN and FMAX, area-normalised (slaney)."""
+    global _MEL_BASIS
+    if _MEL_BASIS is None:
+        fft_f = np.linspace(0, SR / 2, N_FFT // 2 + 1)
+        pts = _mel_to_hz(np.linspace(_hz_to_mel(FMIN), _hz_to_mel(FMAX), N_MELS + 2))
+        lower = (fft_f[None] - pts[:-2, None]) / np.diff(pts)[:-1, None]
+        upper = (pts[2:, None] - fft_f[None]) / np.diff(pts)[1:, None]
+        w = np.maximum(0, np.minimum(lower, upper)) * (2.0 / (pts[2:] - pts[:-2]))[:, None]
+        _MEL_BASIS = w.astype(np.float32)
+    return _MEL_BASIS
 
 
 def melspectrogram(wav):
     """float32 mono 16 kHz wav [S] -> normalised log-mel [80, S // 200 + 1] in [-4, 4]."""
-    import torch
-    global _MEL_BASIS
-    if _MEL_BASIS is None:
-        import librosa
-        _MEL_BASIS = torch.from_numpy(librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX))
-    x = torch.from_numpy(np.asarray(wav, np.float32))
-    x = torch.cat([x[:1], x[1:] - PREEMPH * x[:-1]])           # pre-emphasis
-    spec = torch.stft(x, N_FFT, HOP, WIN, window=torch.hann_window(WIN), center=True,
-                      pad_mode="constant", return_complex=True).abs()   # (401, T)
-    db = 20 * torch.log10(torch.clamp(_MEL_BASIS @ spec, min=1e-5)) - REF_DB
-    mel = torch.clamp(2 * MEL_MAX * (db - MIN_DB) / -MIN_DB - MEL_MAX, -MEL_MAX, MEL_MAX)
-    return mel.numpy().astype(np.float32)
+    x = np.asarray(wav, np.float32)
+    x = np.concatenate([x[:1], x[1:] - PREEMPH * x[:-1]])      # pre-emphasis
+    x = np.pad(x, N_FFT // 2)                                  # centred frames, zero padding
+    n = 1 + (len(x) - N_FFT) // HOP
+    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP][:n]   # (T, 800)
+    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN) / WIN)).astype(np.float32)  # periodic hann
+    spec = np.abs(np.fft.rfft(frames * window, axis=1)).T      # (401, T)
+    db = 20 * np.log10(np.maximum(mel_basis() @ spec, 1e-5)) - REF_DB
+    mel = np.clip(2 * MEL_MAX * (db - MIN_DB) / -MIN_DB - MEL_MAX, -MEL_MAX, MEL_MAX)
+    return mel.astype(np.float32)
 
 
 def num_frames(n_samples, sr=SR):
@@ -506,3 +531,64 @@ def iter_frames(path, width, height, fps=None):
         if rc not in (0, -15) and err and not err.endswith("Broken pipe"):
             raise UserError(f"decoding {path} failed: {err.splitlines()[-1]}")
 
+
+
+class VideoWriter:
+    """Frames in, one H.264 (+AAC) mp4 out through a single ffmpeg process, no intermediate video.
+    Written to a temp file beside `path` and renamed on close(); abort() (or an exception inside
+    `with`) removes it, so a failed run leaves no partial output."""
+
+    def __init__(self, path, width, height, audio=None, fps=FPS, crf=18, preset="veryfast"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.tmp-", suffix=".mp4", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.size = (width, height)
+        args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+                "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-"]
+        if audio is not None:
+            args += ["-i", str(audio)]
+        # even sizes for yuv420p; +faststart so a browser can play while downloading
+        args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", preset, "-crf", str(crf),
+                 "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
+        if audio is not None:
+            args += ["-c:a", "aac", "-b:a", "160k", "-shortest"]
+        args += [str(self.tmp)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.frames = 0
+
+    def write(self, frame):
+        assert frame.shape[1::-1] == self.size, f"frame {frame.shape[1::-1]} != writer size {self.size}"
+        try:
+            self.proc.stdin.write(np.ascontiguousarray(frame, np.uint8).tobytes())
+        except BrokenPipeError:
+            err = self.proc.stderr.read().decode(errors="replace").strip()
+            self.abort()
+            raise UserError(f"writing {self.path} failed: {err.splitlines()[-1] if err else 'ffmpeg stopped'}") from None
+        self.frames += 1
+
+    def close(self):
+        self.proc.stdin.close()
+        err = self.proc.stderr.read().decode(errors="replace").strip()
+        if self.proc.wait() != 0 or self.frames == 0:
+            self.abort()
+            raise UserError(f"writing {self.path} failed: {err.splitlines()[-1] if err else 'no frames'}")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

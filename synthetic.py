@@ -1,0 +1,120 @@
+"""A synthetic talking clip from one real still face, for the demo and the tests.
+
+    python synthetic.py out.mp4                       # astronaut face + synthetic speech, 8 s
+    python synthetic.py out.mp4 --wav speech.wav      # the same face driven by real speech
+
+The actor is synthetic: a still photo whose jaw is warped open in proportion to the loudness of
+the audio, with a dark mouth interior drawn between the lips and a slow, small head drift. It is
+honest test material (lips follow the audio at lag 0 by construction), not a real recording.
+The default face is scikit-image's astronaut photo (public domain, ships with the package).
+"""
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import utils
+from utils import FPS, SR
+
+
+def default_face(size=384):
+    """The astronaut photo cropped around her face and resized to size x size (BGR)."""
+    from skimage import data
+    img = data.astronaut()[:, :, ::-1]                         # RGB -> BGR
+    # face box measured with dlib on the 512 photo: about x 179..266, y 83..170
+    cx, cy, side = 222, 140, 250
+    crop = img[max(cy - side // 2, 0):cy + side // 2, max(cx - side // 2, 0):cx + side // 2]
+    return cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def synth_speech(seconds=8.0, seed=0, lead_silence=0.6):
+    """Speech-like audio: voiced syllables (harmonic buzz through moving formants) of random
+    length and loudness, separated by short pauses, with silence at both ends. float32 [S]."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    env = np.zeros(n, np.float32)
+    t = lead_silence
+    while t < seconds - lead_silence - 0.15:
+        dur = rng.uniform(0.12, 0.3)
+        a, b = int(t * SR), int(min(t + dur, seconds - lead_silence) * SR)
+        env[a:b] = rng.uniform(0.4, 1.0) * np.sin(np.linspace(0, np.pi, b - a)) ** 0.7
+        t += dur + (rng.uniform(0.05, 0.15) if rng.random() < 0.8 else rng.uniform(0.35, 0.6))
+    tt = np.arange(n) / SR
+    f0 = 120 + 15 * np.sin(2 * np.pi * 0.7 * tt)               # gentle intonation, Hz
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    buzz = sum(np.sin(k * phase) / k for k in range(1, 30))    # sawtooth-like voice source
+    # two formant resonances that drift, so the spectrum (not only loudness) moves
+    f1 = 500 + 250 * np.sin(2 * np.pi * 2.1 * tt + rng.uniform(0, 6))
+    weight = sum(np.exp(-((k * f0 - f1) / 150) ** 2) + 0.5 * np.exp(-((k * f0 - 1500) / 300) ** 2)
+                 * np.sin(k * phase) / k for k in range(1, 30))
+    voice = 0.5 * buzz / 3 + weight
+    wav = env * voice / (np.abs(voice).max() + 1e-6) * 0.6
+    wav += rng.normal(0, 1e-3, n)                               # room noise, so silence is not digital zero
+    return wav.astype(np.float32)
+
+
+def opening_track(wav, n_frames):
+    """Mouth opening in [0, 1] per video frame from the audio loudness (RMS in each frame)."""
+    hop = SR // FPS
+    rms = np.array([np.sqrt(np.mean(wav[i * hop:(i + 1) * hop] ** 2) + 1e-12) for i in range(n_frames)])
+    db = 20 * np.log10(rms + 1e-9)
+    top = np.percentile(db, 95)
+    op = np.clip((db - (top - 30)) / 30, 0, 1) ** 1.5            # 30 dB range below the loud peaks
+    return np.convolve(op, [0.25, 0.5, 0.25], mode="same")    # lips move smoothly
+
+
+def render_frame(face, lm, opening, drift=(0.0, 0.0)):
+    """Open the jaw of `face` by `opening` (0..1) and translate it by `drift` px."""
+    h, w = face.shape[:2]
+    mouth = lm[48:68]
+    mx, my = mouth[:, 0].mean(), mouth[:, 1].mean()
+    mw = mouth[:, 0].max() - mouth[:, 0].min()
+    chin = lm[8, 1]
+    drop = 0.45 * mw * opening                                 # px the lower lip moves down
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    wx = np.exp(-((xs - mx) / (0.9 * mw)) ** 2)
+    # 0 above the lip line, 1 from the lower lip to the chin, fading out below the chin
+    wy = np.clip((ys - my) / (0.15 * mw), 0, 1) * np.clip(1 - (ys - chin) / (0.6 * mw), 0, 1)
+    dy = drop * wx * wy
+    out = cv2.remap(face, (xs - drift[0]).astype(np.float32), (ys - dy - drift[1]).astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if drop > 1:
+        # dark mouth interior between the inner lips, as wide as the inner lip line
+        inner = lm[60:68]
+        iw = (inner[:, 0].max() - inner[:, 0].min()) * 0.45
+        cv2.ellipse(out, (int(mx + drift[0]), int(my + drop * 0.5 + drift[1])), (int(iw), int(drop * 0.5)),
+                    0, 0, 360, (30, 20, 60), -1, cv2.LINE_AA)
+    return out
+
+
+def make_talking_clip(out_path, wav=None, face=None, seconds=8.0, seed=0, drift_px=3.0):
+    """Write an mp4 (H.264 25 fps + AAC) of `face` (BGR, default the astronaut) saying `wav`
+    (float32 16 kHz; default synth_speech). Returns the path."""
+    import landmarks
+    face = default_face() if face is None else face
+    wav = synth_speech(seconds, seed) if wav is None else np.asarray(wav, np.float32)
+    faces = landmarks.make_detector("dlib").detect(face)
+    if not faces:
+        raise utils.UserError("no face found in the image given to the synthetic actor")
+    lm = faces[0][0]
+    n = utils.num_frames(len(wav))
+    op = opening_track(wav, n)
+    out_path = Path(out_path)
+    wav_path = out_path.with_suffix(".tmp.wav")
+    utils.write_wav(wav_path, wav)
+    try:
+        h, w = face.shape[:2]
+        with utils.VideoWriter(out_path, w, h, audio=wav_path, crf=16) as vw:
+            for k in range(n):
+                t = k / FPS
+                drift = (drift_px * np.sin(2 * np.pi * 0.13 * t), 0.5 * drift_px * np.sin(2 * np.pi * 0.07 * t))
+                vw.write(render_frame(face, lm, op[k], drift))
+    finally:
+        wav_path.unlink(missing_ok=True)
+    return out_path
+
+
+if __name__ == "__main__":
+    out = sys.argv[1] if len(sys.argv) > 1 else "synthetic.mp4"
+    wav = utils.load_audio(sys.argv[sys.argv.index("--wav") + 1]) if "--wav" in sys.argv else None
+    print(utils.run_main(make_talking_clip, out, wav))

@@ -1,0 +1,94 @@
+"""process.py: a video becomes a dataset with the documented invariants; bad input ends in one
+clear line with nothing left behind."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import utils
+from conftest import ROOT, media
+
+
+def check_dataset(ds, seconds, tol_frames=2):
+    meta = json.loads((ds / "meta.json").read_text())
+    n = meta["frames"]
+    assert meta["fps"] == 25 and abs(n - seconds * 25) <= tol_frames
+    assert len(list((ds / "frames").glob("*.jpg"))) == n
+    info = utils.probe(ds / "video.mp4")
+    assert abs(info["video"]["fps"] - 25) < 0.01
+    import soundfile as sf
+    wav, sr = sf.read(str(ds / "aud.wav"))
+    assert sr == 16000 and wav.ndim == 1 and abs(len(wav) / sr - seconds) <= 0.04
+    mel = np.load(ds / "mel.npy")
+    assert mel.shape[0] == 80 and abs(mel.shape[1] - 80 * len(wav) / sr) <= 1
+    lm = np.load(ds / "landmarks.npz")
+    assert lm["lms"].shape == (n, 68, 2) and not np.isnan(lm["lms"]).any()
+    assert lm["crop_boxes"].shape == (n, 4) and lm["found"].shape == (n,)
+    crops = np.load(ds / "crops.npy", mmap_mode="r")
+    assert crops.shape == (n, 328, 328, 3) and crops.dtype == np.uint8 and crops[n // 2].std() > 5
+    return meta, lm
+
+
+def test_synthetic_clip_becomes_a_dataset(tiny_dataset):
+    meta, lm = check_dataset(tiny_dataset, 6.0)
+    assert meta["no_face_frames"] == 0 and meta["landmark_backend"].startswith("dlib")
+    # smoothing: the crop box moves less frame to frame than the raw landmarks would make it
+    raw = np.stack([utils.crop_box(l) for l in lm["lms_raw"]])
+    assert np.abs(np.diff(lm["crop_boxes"], axis=0)).mean() <= np.abs(np.diff(raw, axis=0)).mean()
+
+
+@pytest.mark.parametrize("clip,seconds", [("fps30_6s.mp4", 6.63), ("vfr_22fps_6s.mp4", 6.13),
+                                          ("german_anchor_20s.mp4", 20.0)])
+def test_real_clips_keep_the_invariants(clip, seconds, tmp_path):
+    import process
+    src = media(clip)
+    ds = process.main(process.Config(video=str(src), name="real", data_root=str(tmp_path)))
+    meta, _ = check_dataset(ds, seconds, tol_frames=2)
+    assert meta["reencoded"] == (clip != "german_anchor_20s.mp4")   # 25 fps CFR is stream-copied
+
+
+def run_process(*args):
+    r = subprocess.run([sys.executable, str(ROOT / "process.py"), *map(str, args)],
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr
+
+
+def ffmpeg(*args):
+    subprocess.run([utils.ffmpeg_exe(), "-loglevel", "error", "-y", *map(str, args)], check=True)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, synthetic_clip):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + np.random.default_rng(0).bytes(20000))
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=320x240:rate=25", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000",
+           "-t", "3", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", d / "noface.mp4")
+    ffmpeg("-i", synthetic_clip, "-an", "-c:v", "copy", d / "noaudio.mp4")
+    ffmpeg("-i", synthetic_clip, "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-map", "0:v", "-map", "1:a",
+           "-c:v", "copy", "-c:a", "aac", "-shortest", d / "silent.mp4")
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:sample_rate=16000", "-t", "2", d / "audio_only.wav")
+    return d
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing.mp4", "not found"), ("empty.mp4", "empty"), ("corrupt.mp4", "not a readable"),
+    ("noface.mp4", "no face"), ("noaudio.mp4", "no audio track"), ("silent.mp4", "silent"),
+    ("audio_only.wav", "no video stream")])
+def test_bad_input_is_one_clear_line(bad_inputs, tmp_path, case, expect):
+    rc, err = run_process(bad_inputs / case, "--name", "x", "--data_root", tmp_path)
+    assert rc != 0 and "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0], err
+    assert list(tmp_path.iterdir()) == []                       # no dataset, no temp folder
+
+
+def test_name_and_overwrite_rules(bad_inputs, tiny_dataset, tmp_path):
+    for bad in ["../evil", "a/b"]:
+        rc, err = run_process(bad_inputs / "noaudio.mp4", "--name", bad, "--data_root", tmp_path)
+        assert rc != 0 and "not allowed" in err and "Traceback" not in err
+    rc, err = run_process(bad_inputs / "noaudio.mp4", "--name", tiny_dataset.name, "--data_root", tiny_dataset.parent)
+    assert rc != 0 and "already exists" in err and "--overwrite" in err
+    assert (tiny_dataset / "meta.json").exists()                # the old dataset is untouched

@@ -1,0 +1,198 @@
+"""Shared geometry, audio features, config CLI and file safety: the pieces every script uses."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import utils
+from utils import CROP, INNER, MASK_RECT, UserError
+
+
+def face_landmarks(x0=100, y0=80, w=120):
+    """A plausible 68-point layout: contour 1 at x0, contour 15 at x0+w, nose 29 at y0."""
+    lm = np.zeros((68, 2), np.float32)
+    lm[:, 0] = x0 + w / 2
+    lm[:, 1] = y0 + 20
+    lm[1] = (x0, y0 - 5)
+    lm[15] = (x0 + w, y0 - 5)
+    lm[29] = (x0 + w / 2, y0)
+    return lm
+
+
+def test_crop_box_rule_is_square_from_contour_and_nose():
+    box = utils.crop_box(face_landmarks(100, 80, 120))
+    assert box.tolist() == [100, 80, 220, 200]
+
+
+def test_crop_then_paste_back_round_trips(rng):
+    frame = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    frame = np.ascontiguousarray(np.repeat(np.repeat(frame[::10, ::10], 10, 0), 10, 1))  # smooth-ish blocks
+    box = utils.crop_box(face_landmarks(100, 80, 164))          # 164 px box, resized to 328 (x2)
+    crop = utils.crop_face(frame, box)
+    assert crop.shape == (CROP, CROP, 3)
+    out = utils.paste_back(frame, box, crop, feather=16)
+    outside = np.ones(frame.shape[:2], bool)
+    outside[box[1]:box[3], box[0]:box[2]] = False
+    assert np.array_equal(out[outside], frame[outside])        # nothing outside the box changes
+    inside = out[box[1]:box[3], box[0]:box[2]].astype(int) - frame[box[1]:box[3], box[0]:box[2]]
+    assert np.abs(inside).mean() < 6                            # crop -> paste is near identity
+
+
+def test_crop_outside_frame_is_edge_padded_and_paste_clips():
+    frame = np.full((100, 100, 3), 77, np.uint8)
+    box = np.array([-20, 50, 60, 130])
+    crop = utils.crop_face(frame, box)
+    assert crop.shape == (CROP, CROP, 3) and (crop == 77).all()
+    gen = np.zeros((CROP, CROP, 3), np.uint8)
+    out = utils.paste_back(frame, box, gen, feather=0)
+    assert out.shape == frame.shape and out[:50].min() == 77    # rows above the box untouched
+    assert out[90, 20].max() == 0                              # inside the masked rectangle: generated
+
+
+def test_mask_is_exactly_the_rectangle():
+    img = np.full((INNER, INNER, 3), 200, np.uint8)
+    m = utils.mask_inner(img)
+    x0, y0, x1, y1 = MASK_RECT
+    assert (m[y0:y1, x0:x1] == 0).all()
+    keep = np.ones((INNER, INNER), bool)
+    keep[y0:y1, x0:x1] = False
+    assert (m[keep] == 200).all() and (img == 200).all()       # input not modified
+    assert abs((~keep).mean() - 0.923) < 0.01                   # 310 x 305 of 320 x 320 is masked
+
+
+def test_paste_alpha_is_soft_and_zero_outside_the_mask():
+    a = utils.paste_alpha(16)
+    x0, y0, x1, y1 = (v + utils.BORDER for v in MASK_RECT)
+    assert a.shape == (CROP, CROP) and a.max() == pytest.approx(1.0) and a.min() == 0
+    assert a[:y0].max() == 0 and a[:, :x0].max() == 0 and a[y1:].max() == 0
+    ramp = a[CROP // 2, x0:x0 + 40]
+    assert (np.diff(ramp) >= -1e-6).all() and 0.05 < ramp[8] < 0.95   # a gradual edge, not a step
+
+
+def test_resize_uses_one_convention():
+    img = np.zeros((100, 100, 3), np.uint8)
+    img[:, 50:] = 255
+    up, down = utils.resize(img, (200, 200)), utils.resize(img, (50, 50))
+    assert up.shape == (200, 200, 3) and down.shape == (50, 50, 3)
+    assert down[:, 24].mean() < 128 < down[:, 26].mean()
+
+
+def test_frame_audio_index_mapping():
+    assert utils.num_frames(8 * utils.SR) == 200
+    starts = utils.mel_window_starts(np.arange(3))
+    assert list(starts) == [-6, -3, 0]                          # centred on each frame
+    assert utils.mel_window_starts(np.array([25]))[0] + 8 == 82  # 1.02 s = frame 25's centre
+    mel = np.arange(80 * 100, dtype=np.float32).reshape(80, 100)
+    w = utils.mel_windows(mel, np.array([0, 10, 40]))
+    assert w.shape == (3, 1, 80, 16)
+    assert (w[0, 0, :, :6] == -utils.MEL_MAX).all()             # before the audio: silence
+    assert np.array_equal(w[1, 0], mel[:, 26:42])
+    assert (w[2, 0, :, -1] == -utils.MEL_MAX).all()             # past the end: silence
+
+
+def test_feature_window_zero_pads():
+    feats = np.arange(8 * 512, dtype=np.float32).reshape(8, 512) + 1
+    w = utils.feature_window(feats, 2)
+    assert w.shape == (32, 16, 16)
+    flat = w.reshape(16, 512)
+    assert (flat[:6] == 0).all() and np.array_equal(flat[6], feats[0]) and (flat[-1] == 0).all()
+
+
+def test_mel_matches_librosa_and_spec():
+    librosa = pytest.importorskip("librosa")
+    wav = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
+    mel = utils.melspectrogram(wav)
+    assert mel.shape == (80, 16000 // 200 + 1)                  # 80 mel frames per second
+    assert mel.min() >= -4 and mel.max() <= 4
+    basis = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600)
+    assert np.allclose(basis, utils.mel_basis(), atol=1e-7)
+    x = np.concatenate([wav[:1], wav[1:] - 0.97 * wav[:-1]])
+    spec = np.abs(librosa.stft(x, n_fft=800, hop_length=200, win_length=800))
+    ref = np.clip(8 * (20 * np.log10(np.maximum(1e-5, basis @ spec)) - 20 + 100) / 100 - 4, -4, 4)
+    assert np.abs(ref - mel).max() < 1e-3
+    assert utils.melspectrogram(np.zeros(1600, np.float32)).max() == -4   # silence is the floor
+
+
+@dataclasses.dataclass
+class _Cfg:
+    name: str = "x"          # a name
+    lr: float = 1e-3         # learning rate
+    steps: int = 10          # steps
+    amp: bool = True         # mixed precision
+    widths: tuple = (1, 2)   # widths
+
+
+def test_parse_config_overrides_flags_and_rejects_unknown(capsys):
+    cfg = utils.parse_config(_Cfg, ["--lr", "1e-4", "--steps", "2e3", "--no-amp", "--widths", "3,4"])
+    assert (cfg.lr, cfg.steps, cfg.amp, cfg.widths, cfg.name) == (1e-4, 2000, False, (3, 4), "x")
+    with pytest.raises(SystemExit):
+        utils.parse_config(_Cfg, ["--nope", "1"])
+    with pytest.raises(SystemExit):
+        utils.parse_config(_Cfg, ["--help"])
+    assert "learning rate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "/abs", "", "x y", ".hidden", "a" * 70, "a..b"])
+def test_check_name_refuses_path_tricks(bad):
+    with pytest.raises(UserError):
+        utils.check_name(bad)
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with utils.atomic_dir(tmp_path / "ds") as d:
+            (d / "half").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with utils.atomic_dir(tmp_path / "ds") as d:
+        (d / "whole").write_text("x")
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"] and (tmp_path / "ds" / "whole").exists()
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    torch = pytest.importorskip("torch")
+    obj = {"model": {"w": torch.arange(3.0)}, "step": 7, "config": {"widths": [1]}}
+    utils.save_checkpoint(obj, tmp_path / "c.pth")
+    back = utils.load_checkpoint(tmp_path / "c.pth")
+    assert back["step"] == 7 and back["format_version"] == utils.CKPT_VERSION
+    assert torch.equal(back["model"]["w"], obj["model"]["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]   # no temp file left
+    with pytest.raises(UserError, match="not found"):
+        utils.load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="damaged"):
+        utils.load_checkpoint(tmp_path / "bad.pth")
+
+
+def test_video_writer_round_trip_and_abort(tmp_path):
+    wav = np.zeros(utils.SR * 2, np.float32)
+    wav[::50] = 0.3
+    utils.write_wav(tmp_path / "a.wav", wav)
+    with utils.VideoWriter(tmp_path / "v.mp4", 66, 50, audio=tmp_path / "a.wav") as w:
+        for i in range(50):
+            w.write(np.full((50, 66, 3), i * 5, np.uint8))
+    info = utils.probe(tmp_path / "v.mp4")
+    assert info["video"]["fps"] == 25 and info["audio"] is not None
+    assert abs(info["duration"] - 2.0) < 0.1
+    frames = list(utils.iter_frames(tmp_path / "v.mp4", 66, 50))
+    assert len(frames) == 50 and abs(int(frames[40].mean()) - 200) < 4
+    with pytest.raises(ValueError):
+        with utils.VideoWriter(tmp_path / "x.mp4", 66, 50) as w:
+            w.write(np.zeros((50, 66, 3), np.uint8))
+            raise ValueError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "v.mp4"]
+
+
+def test_probe_and_load_audio_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        utils.probe(tmp_path / "nope.mp4")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        utils.load_audio(tmp_path / "empty.wav")
+    (tmp_path / "junk.wav").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(UserError, match="not a readable"):
+        utils.load_audio(tmp_path / "junk.wav")
+    utils.write_wav(tmp_path / "s.wav", np.zeros(8000, np.float32), sr=8000)
+    wav = utils.load_audio(tmp_path / "s.wav")                 # resampled to 16 kHz
+    assert wav.dtype == np.float32 and abs(len(wav) - 16000) < 50 and utils.is_silent(wav)
