@@ -1,0 +1,183 @@
+"""Behaviour of the models: sizes, shapes, ranges, input checks, loading the reference audio
+encoder's state dict, BatchNorm folding, and a SyncNet that can learn. CPU, well under a minute.
+
+    /work/venv/bin/python -m pytest -q tests/test_models.py
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from syncnet_328 import SYNC_WIDTHS, SyncNet, sync_logits
+from unet_328 import WIDTHS, AudioEncoder, UNet328, count_params, fold_bn
+
+# Face-tower widths for the training test: tiny, so its steps take a fraction of a second.
+TINY_SYNC = (8, 8, 16, 16, 32)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomise_bn(model):
+    """Give every BatchNorm non-trivial statistics and affine terms, as after training."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def unet_inputs(b=1):
+    return torch.rand(b, 6, 320, 320), torch.randn(b, 32, 16, 16)
+
+
+# ---- sizes -----------------------------------------------------------------------------------
+def test_param_counts_match_the_reference_design():
+    full, light = UNet328(WIDTHS["full"]), UNet328(WIDTHS["light"])
+    assert abs(count_params(full) - 12.2e6) < 0.05 * 12.2e6
+    audio = count_params(full.audio_branch)
+    assert abs(audio - 3.9e6) < 0.05 * 3.9e6
+    assert abs(count_params(full) - audio - 8.3e6) < 0.05 * 8.3e6
+    assert count_params(light) < count_params(full) / 3
+    assert abs(count_params(AudioEncoder()) - 2.8e6) < 0.05 * 2.8e6
+
+
+# ---- shapes, ranges, input checks ------------------------------------------------------------
+def test_unet_output_shape_and_range():
+    # The light preset runs the same code as full at a quarter of the cost.
+    with torch.no_grad():
+        y = UNet328(WIDTHS["light"]).eval()(*unet_inputs(2))
+    assert y.shape == (2, 3, 320, 320)
+    assert 0 < y.min() and y.max() < 1
+
+
+@pytest.mark.parametrize("img_shape, audio_shape", [
+    ((1, 6, 328, 328), (1, 32, 16, 16)),   # the full crop instead of its 320 centre
+    ((1, 3, 320, 320), (1, 32, 16, 16)),   # reference crop missing
+    ((1, 6, 320, 320), (1, 16, 32, 16)),   # audio features in the wrong layout
+])
+def test_unet_rejects_wrong_input_sizes(img_shape, audio_shape):
+    with pytest.raises(ValueError, match="expected shape"):
+        UNet328(WIDTHS["light"])(torch.rand(img_shape), torch.rand(audio_shape))
+
+
+def test_audio_encoder_shape_and_input_check():
+    enc = AudioEncoder().eval()
+    assert enc(torch.randn(3, 1, 80, 16)).shape == (3, 512)
+    with pytest.raises(ValueError, match="AudioEncoder mel"):
+        enc(torch.randn(3, 80, 16))
+
+
+# ---- reference weights -----------------------------------------------------------------------
+def test_audio_encoder_keys_follow_wav2lip_layout():
+    keys = AudioEncoder().state_dict().keys()
+    assert "audio_encoder.0.conv_block.0.weight" in keys
+    assert "audio_encoder.0.conv_block.1.running_mean" in keys
+    assert "audio_encoder.12.conv_block.1.bias" in keys
+    assert not any(k.startswith("audio_encoder.13.") for k in keys)
+
+
+def test_audio_encoder_loads_reference_style_state_dicts():
+    src = randomise_bn(AudioEncoder())
+    mel = torch.randn(4, 1, 80, 16)
+    with torch.no_grad():
+        want = src(mel)
+    own = src.state_dict()
+    bare = {k[len("audio_encoder."):]: v for k, v in own.items()}   # audio_visual_encoder.pth
+    syncnet = {"face_encoder.0.conv_block.0.weight": torch.zeros(32, 15, 7, 7),
+               **{"audio_encoder." + k: v for k, v in own.items()}}
+    no_counters = {k: v for k, v in bare.items() if not k.endswith("num_batches_tracked")}
+    for sd in ({"module." + k: v for k, v in own.items()}, bare, {"state_dict": bare},
+               {"model": {"module." + k: v for k, v in bare.items()}}, syncnet, no_counters):
+        dst = AudioEncoder().load_reference_state_dict(sd).eval()
+        with torch.no_grad():
+            assert torch.equal(dst(mel), want)
+    # Our own SyncNet's checkpoint: the tower one level deeper, beside a face tower.
+    net = SyncNet(TINY_SYNC, emb_dim=16)
+    randomise_bn(net.audio_encoder)
+    dst = AudioEncoder().load_reference_state_dict({"model": net.state_dict()}).eval()
+    with torch.no_grad():
+        assert torch.equal(dst(mel), net.audio_encoder(mel))
+
+
+def test_audio_encoder_rejects_mismatched_state_dicts():
+    bare = {k[len("audio_encoder."):]: v for k, v in AudioEncoder().state_dict().items()}
+    with pytest.raises(ValueError, match="1 missing"):
+        AudioEncoder().load_reference_state_dict({k: v for k, v in bare.items() if k != "5.conv_block.0.bias"})
+    with pytest.raises(ValueError, match="1 wrongly shaped"):
+        AudioEncoder().load_reference_state_dict({**bare, "12.conv_block.0.bias": torch.zeros(7)})
+    with pytest.raises(ValueError, match="audio towers"):
+        AudioEncoder().load_reference_state_dict(UNet328(WIDTHS["light"]).state_dict())
+
+
+# ---- BatchNorm folding -----------------------------------------------------------------------
+@pytest.mark.parametrize("make, inputs", [
+    (lambda: UNet328(WIDTHS["light"]), lambda: unet_inputs(1)),
+    (AudioEncoder, lambda: (torch.randn(4, 1, 80, 16),)),
+])
+def test_fold_bn_matches_eval_mode(make, inputs):
+    model = randomise_bn(make())
+    x = inputs()
+    folded = fold_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        want = model(*x)
+        assert (folded(*x) - want).abs().max() < 1e-4
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())   # original untouched
+
+
+# ---- SyncNet ---------------------------------------------------------------------------------
+def test_syncnet_shapes_and_unit_embeddings():
+    net = SyncNet(SYNC_WIDTHS["light"], emb_dim=64).eval()
+    with torch.no_grad():
+        a, v = net(torch.rand(2, 15, 320, 320), torch.randn(2, 1, 80, 16))
+        logits = net.logits(a, v)
+    assert a.shape == v.shape == (2, 64)
+    assert torch.allclose(a.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(v.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert logits.shape == (2,)
+    assert torch.allclose(sync_logits(a, a, 5.0), torch.full((2,), 5.0), atol=1e-5)
+    with pytest.raises(ValueError, match="SyncNet face"):
+        net(torch.rand(2, 3, 320, 320), torch.randn(2, 1, 80, 16))
+    assert isinstance(net.audio_encoder, AudioEncoder)
+
+
+def test_syncnet_full_half_frame_option():
+    net = SyncNet(TINY_SYNC, emb_dim=16, T=1, lower_half=False).eval()
+    with torch.no_grad():
+        a, v = net(torch.rand(2, 3, 320, 320), torch.randn(2, 1, 80, 16))
+    assert v.shape == (2, 16)
+
+
+def synthetic_sync_batch(n, T):
+    """n positives and n shuffled negatives: a per-frame loudness pattern drives both the mel
+    energy over time and the brightness of the lower half of each face frame."""
+    pattern = torch.rand(n, T)                                          # (n, T)
+    frame_of_col = torch.arange(16) * T // 16                           # mel column -> frame
+    mel = (pattern[:, frame_of_col] * 8 - 4)[:, None, None, :].expand(n, 1, 80, 16)
+    face = torch.full((n, T, 3, 320, 320), 0.5)
+    face[..., 160:, :] = pattern[:, :, None, None, None]
+    face = face.reshape(n, 3 * T, 320, 320)
+    neg = torch.roll(torch.arange(n), 1)                                # each face with another's audio
+    return torch.cat([face, face[neg]]), torch.cat([mel, mel]), torch.cat([torch.ones(n), torch.zeros(n)])
+
+
+def test_syncnet_learns_a_tiny_sync_task():
+    # 4 + 4 pairs seen at a 40x80 downscale keep the steps cheap; the task still needs both towers.
+    face, mel, label = synthetic_sync_batch(4, T=5)
+    net = SyncNet(TINY_SYNC, emb_dim=32, T=5, face_size=(40, 80))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        a, v = net(face, mel)
+        loss = F.binary_cross_entropy_with_logits(net.logits(a, v), label)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses

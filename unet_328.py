@@ -1,0 +1,245 @@
+"""The generator (SPEC §4) and the audio encoder (SPEC §5): nn.Modules and pure helpers only.
+
+UNet328 maps [reference crop, masked current crop] (6 x 320 x 320, values in [0, 1]) plus the
+audio features of a frame (32 x 16 x 16) to the painted 320 x 320 crop. AudioEncoder is the
+Wav2Lip sync-expert audio tower (mel window 1 x 80 x 16 -> 512); it loads the original
+SyncTalk_2D `audio_visual_encoder.pth` when a user has one. fold_bn makes a BatchNorm-free copy
+for CPU inference (with channels_last, ~2x faster than eager on the 2-core box, SPEC §11).
+
+    python -c "import unet_328 as u; m = u.UNet328(); print(u.count_params(m))"
+    python -c "import torch, unet_328 as u; m = u.fold_bn(u.UNet328(u.WIDTHS['light'])); print(m(torch.rand(1, 6, 320, 320), torch.randn(1, 32, 16, 16)).shape)"
+"""
+import copy
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from utils import FEAT_DIM, FEAT_WIN, INNER, MEL_WIN, N_MELS
+
+# Encoder widths at 320, 160, 80, 40, 20, 10 px. "full" is the reference design (~12.2 M params);
+# "light" keeps the geometry and the input/output shapes at about a quarter of the FLOPs, for CPU.
+WIDTHS = {"full": (32, 32, 64, 128, 256, 512), "light": (16, 16, 32, 64, 128, 256)}
+EXPAND = 2                      # inverted-residual expansion; 2 gives the reference 12.2 M params
+IMG_CHANNELS = 6                # reference crop (3) + masked current crop (3)
+AUDIO_SHAPE = (32, 16, 16)      # FEAT_WIN vectors of FEAT_DIM, reshaped (SPEC §5)
+assert AUDIO_SHAPE[0] * AUDIO_SHAPE[1] * AUDIO_SHAPE[2] == FEAT_WIN * FEAT_DIM
+
+
+def check_shape(x, expected, name):
+    """Raise ValueError unless x is (B, *expected); shapes are part of the contract (STYLE 5)."""
+    if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != tuple(expected):
+        raise ValueError(f"{name}: expected shape (B, {', '.join(map(str, expected))}), "
+                         f"got {tuple(x.shape)}")
+
+
+def count_params(m):
+    """Number of trainable parameters of a module."""
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks. Every Conv2d that is followed by a BatchNorm2d sits next to it inside one
+# nn.Sequential, so fold_bn can find the pairs in execution order.
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise (carries the stride), 1x1 linear project.
+    Most of the FLOPs sit in the 1x1 convs; the depthwise conv gives the spatial context."""
+
+    def __init__(self, cin, cout, stride=1, expand=EXPAND):
+        super().__init__()
+        hidden = cin * expand
+        self.residual = stride == 1 and cin == cout
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            # No ReLU after the projection: a narrow ReLU bottleneck would destroy information.
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x):  # (B, cin, H, W) -> (B, cout, H / stride, W / stride)
+        out = self.conv(x)
+        return x + out if self.residual else out
+
+
+class DoubleConv(nn.Module):
+    """One (possibly strided) inverted residual that changes width, then one residual one."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.block = nn.Sequential(InvertedResidual(cin, cout, stride), InvertedResidual(cout, cout))
+
+    def forward(self, x):  # (B, cin, H, W) -> (B, cout, H / stride, W / stride)
+        return self.block(x)
+
+
+class Conv2dBlock(nn.Module):
+    """Conv + BN (+ input) + ReLU, the Wav2Lip block. The attribute name `conv_block` and the
+    conv bias are kept so that state dicts in the Wav2Lip layout load unchanged."""
+
+    def __init__(self, cin, cout, kernel, stride, padding, residual=False):
+        super().__init__()
+        self.conv_block = nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding), nn.BatchNorm2d(cout))
+        self.residual = residual
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):  # (B, cin, H, W) -> (B, cout, H', W')
+        out = self.conv_block(x)
+        if self.residual:
+            out = out + x
+        return self.act(out)
+
+
+class Up(nn.Module):
+    """Bilinear x2 upsample, concat the encoder skip, DoubleConv to the next width."""
+
+    def __init__(self, cin, cskip, cout):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.conv = DoubleConv(cin + cskip, cout)
+
+    def forward(self, x, skip):  # (B, cin, H, W), (B, cskip, 2H, 2W) -> (B, cout, 2H, 2W)
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator.
+class UNet328(nn.Module):
+    """[reference | masked] crop (B, 6, 320, 320) in [0, 1] + audio (B, 32, 16, 16)
+    -> painted crop (B, 3, 320, 320) in (0, 1)."""
+
+    def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0]):
+        super().__init__()
+        if len(widths) != 6:
+            raise ValueError(f"widths: need 6 encoder widths (320 .. 10 px), got {widths}")
+        w0, w1, w2, w3, w4, w5 = widths
+        self.widths, self.audio_channels = tuple(widths), audio_channels
+        # Encoder: full resolution, then five stride-2 stages 320 -> 10 px.
+        self.inc = DoubleConv(IMG_CHANNELS, w0)
+        self.down = nn.ModuleList([DoubleConv(a, b, stride=2) for a, b in zip(widths[:-1], widths[1:])])
+        # Audio branch 16 -> 10 px: three valid (unpadded) 3x3 convs shrink 16 -> 14 -> 12 -> 10,
+        # each followed by a residual IR; two more IRs at the bottleneck width.
+        a1, a2 = w5 // 4, w5 // 2
+        self.audio_branch = nn.Sequential(
+            Conv2dBlock(audio_channels, a1, 3, 1, 0), InvertedResidual(a1, a1),   # (B, w5/4, 14, 14)
+            Conv2dBlock(a1, a2, 3, 1, 0), InvertedResidual(a2, a2),               # (B, w5/2, 12, 12)
+            Conv2dBlock(a2, w5, 3, 1, 0), InvertedResidual(w5, w5),               # (B, w5, 10, 10)
+            InvertedResidual(w5, w5),
+        )
+        # Fusion at the bottleneck: [image | audio] 2*w5 -> w5 -> w4.
+        self.fuse = nn.Sequential(DoubleConv(2 * w5, w5), DoubleConv(w5, w4))
+        # Decoder: widths back up, each level concatenating the encoder skip of its resolution.
+        self.up = nn.ModuleList([
+            Up(w4, w4, w3),        # 10 -> 20 px
+            Up(w3, w3, w2),        # 20 -> 40
+            Up(w2, w2, w1),        # 40 -> 80
+            Up(w1, w1, w0),        # 80 -> 160
+            Up(w0, w0, w0 // 2),   # 160 -> 320
+        ])
+        self.outc = nn.Conv2d(w0 // 2, 3, 1)
+
+    def forward(self, img, audio):
+        check_shape(img, (IMG_CHANNELS, INNER, INNER), "UNet328 image")
+        check_shape(audio, (self.audio_channels, AUDIO_SHAPE[1], AUDIO_SHAPE[2]), "UNet328 audio")
+        skips = [self.inc(img)]                     # (B, w0, 320, 320)
+        for down in self.down:
+            skips.append(down(skips[-1]))           # ... (B, w5, 10, 10)
+        a = self.audio_branch(audio)                # (B, w5, 10, 10)
+        x = self.fuse(torch.cat([skips.pop(), a], dim=1))   # (B, w4, 10, 10)
+        for up in self.up:
+            x = up(x, skips.pop())                  # (B, w3, 20, 20) ... (B, w0/2, 320, 320)
+        return torch.sigmoid(self.outc(x))          # (B, 3, 320, 320)
+
+
+# ----------------------------------------------------------------------------------------------
+# The audio encoder (Wav2Lip sync-expert audio tower).
+# (cin, cout, kernel, stride, padding, residual); the mel window shrinks 80x16 -> 27x16 -> 9x6
+# -> 3x3 -> 1x1, so the output is one 512-vector per window.
+AUDIO_ENCODER_LAYERS = [
+    (1, 32, 3, 1, 1, False), (32, 32, 3, 1, 1, True), (32, 32, 3, 1, 1, True),
+    (32, 64, 3, (3, 1), 1, False), (64, 64, 3, 1, 1, True), (64, 64, 3, 1, 1, True),
+    (64, 128, 3, 3, 1, False), (128, 128, 3, 1, 1, True), (128, 128, 3, 1, 1, True),
+    (128, 256, 3, (3, 2), 1, False), (256, 256, 3, 1, 1, True),
+    (256, 512, 3, 1, 0, False), (512, 512, 1, 1, 0, False),
+]
+_FIRST_KEY = "0.conv_block.0.weight"   # locates the tower inside foreign state dicts
+
+
+class AudioEncoder(nn.Module):
+    """Mel window (B, 1, 80, 16) -> (B, 512). State dict keys follow Wav2Lip's layout
+    (`audio_encoder.<i>.conv_block.<0|1>.*`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio_encoder = nn.Sequential(*[Conv2dBlock(*spec) for spec in AUDIO_ENCODER_LAYERS])
+
+    def forward(self, mel):
+        check_shape(mel, (1, N_MELS, MEL_WIN), "AudioEncoder mel")
+        return self.audio_encoder(mel).flatten(1)   # (B, 512, 1, 1) -> (B, 512)
+
+    def load_reference_state_dict(self, sd):
+        """Load Wav2Lip-layout weights: the raw SyncTalk_2D `audio_visual_encoder.pth` (bare
+        `0.conv_block...` keys), our own state dict, a whole SyncNet's, with or without a DDP
+        `module.` prefix, possibly nested under "state_dict" / "model". ValueError on mismatch."""
+        while isinstance(sd, Mapping) and any(isinstance(sd.get(k), Mapping) for k in ("state_dict", "model")):
+            sd = sd["state_dict"] if isinstance(sd.get("state_dict"), Mapping) else sd["model"]
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"audio encoder weights: expected a state dict, got {type(sd).__name__}")
+        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+        own = self.audio_encoder.state_dict()
+        # The tower's prefix is whatever precedes a first-conv key of the right shape; a face
+        # tower in the same dict (Wav2Lip SyncNet) has a differently shaped first conv.
+        prefixes = [k[:-len(_FIRST_KEY)] for k, v in sd.items() if k.endswith(_FIRST_KEY)
+                    and (k == _FIRST_KEY or k.endswith("." + _FIRST_KEY))
+                    and getattr(v, "shape", None) == own[_FIRST_KEY].shape]
+        if len(prefixes) != 1:
+            raise ValueError(f"audio encoder weights: found {len(prefixes)} Wav2Lip audio towers "
+                             f"(keys ending in {_FIRST_KEY} of shape {tuple(own[_FIRST_KEY].shape)}), need 1")
+        p = prefixes[0]
+        sub = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+        # Older checkpoints lack BatchNorm's num_batches_tracked; it does not affect eval outputs.
+        missing = [k for k in own if k not in sub and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in sub if k not in own]
+        wrong = [k for k in own if k in sub and tuple(getattr(sub[k], "shape", ())) != tuple(own[k].shape)]
+        if missing or unexpected or wrong:
+            example = (missing or unexpected or wrong)[0]
+            raise ValueError(f"audio encoder weights (prefix {p!r}) do not match the Wav2Lip layout: "
+                             f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} "
+                             f"wrongly shaped keys (first: {example})")
+        self.audio_encoder.load_state_dict(sub, strict=False)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference helper.
+def _fold(conv, bn):
+    """Conv2d with BN's affine map and running statistics folded into its weight and bias."""
+    if bn.running_mean is None:
+        raise ValueError("fold_bn: BatchNorm2d without running statistics cannot be folded")
+    fused = copy.deepcopy(conv)
+    scale = bn.running_var.add(bn.eps).rsqrt()                                   # (C,)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    bias = (bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    fused.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1))      # (Cout, Cin/g, k, k)
+    fused.bias = nn.Parameter(bias)
+    return fused
+
+
+@torch.no_grad()
+def fold_bn(model):
+    """Eval-mode copy of `model` with every Conv2d -> BatchNorm2d pair inside an nn.Sequential
+    fused into one conv and the BN replaced by nn.Identity. Outputs match model.eval() to float
+    rounding; the original is untouched. Pair with channels_last for CPU speed (SPEC §11)."""
+    model = copy.deepcopy(model).eval()
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i] = _fold(seq[i], seq[i + 1])
+                seq[i + 1] = nn.Identity()
+    return model
