@@ -1,0 +1,78 @@
+"""Training speed of train_328.py: samples/s and ms per step, split into data wait and compute,
+for each U-Net widths preset, with the hardware it ran on. Runs the real training loop (L1 +
+the perceptual term train_328 picks; sync loss off) on a synthetic dataset unless --name is given.
+
+    python bench_train.py                                   # this machine, batch 8, full + light
+    python bench_train.py --name anna --device cuda --steps 20
+    python bench_train.py --widths light --steps 2 --batch_size 2   # CPU smoke run
+
+The first step (worker start-up, allocator warm-up) is not counted. Outputs go to a temp folder.
+"""
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import datasets
+import train_328
+import utils
+
+
+@dataclass
+class Config:
+    name: str = ""                           # dataset under --data_root; "" = a synthetic 80-frame dataset
+    data_root: str = str(utils.DATASET_DIR)   # where datasets live
+    widths: str = "full,light"               # comma list of U-Net width presets to measure
+    batch_size: int = 8                      # frames per step (reference: 8)
+    steps: int = 3                           # measured steps per preset (after one warm-up step)
+    num_workers: int = 2                     # DataLoader workers, as train_328's default
+    device: str = "auto"                     # auto (cuda -> mps -> cpu), cpu, cuda
+    threads: int = 0                         # torch CPU threads (0 = torch's default)
+    channels_last: bool = True               # NHWC layout, as train_328's default
+
+
+def hardware(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    line = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        line += f", {torch.cuda.get_device_name(device)}"
+    if hasattr(os, "getloadavg"):
+        line += f", load average {os.getloadavg()[0]:.1f}"   # other processes share the CPU
+    return line
+
+
+def main(cfg):
+    device = utils.get_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root, name = (Path(cfg.data_root), cfg.name) if cfg.name else (Path(tmp) / "data", "fake")
+        if not cfg.name:
+            datasets.write_fake_dataset(root / name, n=80)
+        for preset in [w.strip() for w in cfg.widths.split(",") if w.strip()]:
+            res = train_328.main(train_328.Config(
+                name=name, data_root=str(root), out_dir=str(Path(tmp) / f"ck_{preset}"), widths=preset,
+                batch_size=cfg.batch_size, max_steps=cfg.steps + 1, num_workers=cfg.num_workers, device=cfg.device,
+                channels_last=cfg.channels_last, held_out=0.0, sync_weight=0.0, log_every=10 ** 9,
+                preview_every=10 ** 9, save_every=10 ** 9, snapshot_every=0, overwrite=True))
+            rows.append((preset, res["timing"]))
+    print(hardware(device))
+    print(f"batch {cfg.batch_size}, {cfg.steps} measured steps, {cfg.num_workers} workers, device {device}, "
+          f"channels_last {cfg.channels_last}, dataset {cfg.name or 'synthetic'}")
+    print(f"{'widths':8s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s}")
+    for preset, t in rows:
+        print(f"{preset:8s} {t['samples_per_s']:10.2f} {t['data_ms'] + t['compute_ms']:9.0f} "
+              f"{t['data_ms']:9.1f} {t['compute_ms']:11.0f}")
+    return rows
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0]))

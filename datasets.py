@@ -1,0 +1,316 @@
+"""Training samples for the generator, read from a processed dataset (dataset/NAME/).
+
+A sample for frame i (SPEC §3, contract "Training sample"): the 320 inner crop of a reference
+frame that is NOT i nor one of its neighbours (so the mouth cannot be copied from it, as at
+inference where the template is another frame), the masked 320 crop of frame i, the true 320 crop
+of frame i, and the audio-feature window [32, 16, 16] of frame i. Channel order stays BGR end to
+end; tensors are float in [0, 1], CHW. With `clip=T` a sample is T consecutive frames sharing one
+reference, plus the mel window centred on the clip: the input of SyncNet's sync loss.
+
+Every random choice (reference frame, augmentation) is a pure function of (seed, epoch, frame), and
+`StepBatches` makes the batch order a pure function of (seed, step): a resumed run sees exactly the
+batches an uninterrupted one would, without replaying anything.
+
+The crop cache pays: reading crops.npy (memmap) vs decoding frames/*.jpg and cropping on the fly,
+`python datasets.py --name NAME` on this 2-core Xeon (torch 2.14.1, one thread, in-process, batch
+8, measured while other jobs kept the load average near 10, so CPU ms are the figure to trust):
+512x512 video (german_anchor_20s): 3.2 vs 6.7 CPU ms/sample (76 vs 38 samples/s wall);
+256x256 video (feifei_clip1_10s): 3.4 vs 4.4 CPU ms/sample. The JPEG cost grows with the source
+resolution (a 1080p frame decodes ~8x more pixels than 512x512); the cache's does not. On CPU
+neither is the bottleneck (a light batch-8 step is seconds); on a GPU a full batch-8 step of
+tens of ms needs a few hundred samples/s, i.e. the cache and a couple of workers.
+
+    python datasets.py --name anchor                      # cache vs JPEG samples/s
+    python -c "import datasets as d; print(d.split_frames(500))"
+"""
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+import utils
+from utils import UserError
+
+REF_GAP = 5          # frames: a reference is at least this far from every frame of its sample (0.2 s)
+AUG_GAIN = 0.1       # augmentation: brightness gain in 1 +- this (same for the whole sample)
+AUG_BIAS = 0.04      # augmentation: brightness offset in +- this, in [0, 1] units
+
+
+def split_frames(n, held_out=0.1, block=25):
+    """Frames 0..n-1 -> (train_idx, val_idx) with a contiguous held-out TAIL: neighbouring frames
+    are near duplicates, so random held-out frames would be memorised through their neighbours.
+    The tail is rounded down to whole blocks of `block` frames (1 s) when it is that long."""
+    if n < 2:
+        raise UserError(f"the dataset has {n} frame(s); training needs at least 2")
+    k = int(round(n * held_out))
+    if k >= block:
+        k = k // block * block
+    if held_out > 0:
+        k = min(max(k, 1), n // 2)
+    return np.arange(n - k), np.arange(n - k, n)
+
+
+def _check_dataset(ds):
+    for f in ("crops.npy", "meta.json"):
+        if not (ds / f).is_file():
+            raise UserError(f"{ds} has no {f}: it is not a processed dataset; run: python process.py VIDEO --name {ds.name}")
+    for f in ("aud_feat.npy", "aud_feat.json"):
+        if not (ds / f).is_file():
+            raise UserError(f"{ds} has no {f} (audio features); run: python syncnet_328.py --name {ds.name} first")
+
+
+def read_feature_info(ds_dir):
+    """aud_feat.json of a dataset (encoder_id, source, ...), with the same errors as LipDataset."""
+    ds = Path(ds_dir)
+    _check_dataset(ds)
+    return json.loads((ds / "aud_feat.json").read_text())
+
+
+def feature_encoder(ds, info):
+    """(state dict, id) of the AudioEncoder named as aud_feat.npy's maker (aud_feat.json "source":
+    a SyncNet checkpoint or "reference:PATH"). The generator checkpoint carries it, so inference
+    computes exactly the features the generator was trained on."""
+    import syncnet_328
+    from unet_328 import AudioEncoder
+    ds = Path(ds)
+    src = str(info.get("source", ""))
+    ref = src.startswith(syncnet_328.SOURCE_REFERENCE + ":")
+    path = Path(src.split(":", 1)[1] if ref else src)
+    if not src or not path.is_file():
+        raise UserError(f"{ds}/aud_feat.json names audio encoder source {src!r}, which is missing; "
+                        f"re-run: python syncnet_328.py --name {ds.name}")
+    if ref:
+        enc = syncnet_328.load_reference_encoder(path)
+    else:
+        try:
+            enc = AudioEncoder().load_reference_state_dict(utils.load_checkpoint(path)["model"])
+        except ValueError as e:
+            raise UserError(f"{path} holds no usable audio encoder ({e})") from None
+    return enc.state_dict(), syncnet_328.encoder_id(enc)
+
+
+class LipDataset(torch.utils.data.Dataset):
+    """Item k -> dict(ref, masked, target: float [3, 320, 320] in [0, 1] (BGR), audio [32, 16, 16],
+    index: frame number, ref_index: the reference's frame number) for the k-th frame of `frames`.
+    With clip=T > 1 the item is frames k..k+T-1: masked/target (T, 3, 320, 320), audio (T, 32, 16,
+    16), mel (1, 80, 16) centred on the clip, one shared ref. An item may be given as (k, epoch) so
+    DataLoader workers need no shared epoch state."""
+
+    def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
+                 clip=1, ref_frames=None, ref_gap=REF_GAP):
+        ds = Path(ds_dir)
+        self.ds = ds
+        info = read_feature_info(ds)
+        if expected_encoder_id is not None and info.get("encoder_id") != expected_encoder_id:
+            raise UserError(f"{ds}/aud_feat.npy was made by audio encoder {info.get('encoder_id')}, not "
+                            f"{expected_encoder_id}; re-run: python syncnet_328.py --name {ds.name}")
+        self.encoder_id = info.get("encoder_id")
+        n = np.load(ds / "crops.npy", mmap_mode="r").shape[0]   # header only; workers reopen lazily
+        self.feats = np.load(ds / "aud_feat.npy").astype(np.float32, copy=False)   # (>=N, 512)
+        if self.feats.ndim != 2 or len(self.feats) < n:
+            raise UserError(f"{ds}/aud_feat.npy has shape {self.feats.shape}, fewer rows than the {n} "
+                            f"frames; re-run: python syncnet_328.py --name {ds.name}")
+        frames = np.arange(n) if frames is None else np.asarray(frames, np.int64)
+        if len(frames) and (frames.min() < 0 or frames.max() >= n):
+            raise ValueError(f"frames outside 0..{n - 1}")
+        self.n, self.clip, self.seed, self.augment, self.ref_gap = n, clip, seed, augment, ref_gap
+        # Clip starts: every frame of the clip must be in the subset (e.g. stay inside the train split).
+        inset = np.zeros(n + clip, bool)
+        inset[frames] = True
+        self.items = np.array([i for i in frames if inset[i:i + clip].all()], np.int64)
+        self.ref_pool = np.sort(np.asarray(frames if ref_frames is None else ref_frames, np.int64))
+        if len(self.ref_pool) < 2:
+            raise UserError(f"{ds}: need at least 2 frames to draw reference frames from")
+        self.mel = None
+        if clip > 1:
+            if not (ds / "mel.npy").is_file():
+                raise UserError(f"{ds} has no mel.npy; run: python process.py VIDEO --name {ds.name}")
+            self.mel = np.load(ds / "mel.npy")                  # (80, T_mel)
+        self.epoch = 0
+        self._crops = None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    @property
+    def crops(self):
+        if self._crops is None:   # opened per process: a memmap must not be pickled into workers
+            self._crops = np.load(self.ds / "crops.npy", mmap_mode="r")   # (N, 328, 328, 3) uint8 BGR
+        return self._crops
+
+    def __getstate__(self):
+        return {**self.__dict__, "_crops": None}
+
+    def pick_reference(self, i, rng):
+        """A frame of the reference pool at least ref_gap frames from every frame of sample i."""
+        pool, lo, hi = self.ref_pool, i - self.ref_gap, i + self.clip - 1 + self.ref_gap
+        for _ in range(32):
+            j = int(pool[rng.integers(len(pool))])
+            if j < lo or j > hi:
+                return j
+        far = pool[(pool < lo) | (pool > hi)]   # tiny pools: fall back to any allowed frame
+        if len(far):
+            return int(far[rng.integers(len(far))])
+        return int(pool[np.argmax(np.abs(pool - i))])
+
+    def load_crop(self, i):
+        """Frame i's 328 crop (uint8 BGR); the JPEG benchmark overrides this."""
+        return self.crops[i]
+
+    def __getitem__(self, item):
+        k, epoch = item if isinstance(item, tuple) else (item, self.epoch)
+        i = int(self.items[k])
+        rng = np.random.default_rng([self.seed, epoch, i])
+        j = self.pick_reference(i, rng)
+        ref = utils.inner(self.load_crop(j))
+        cur = np.stack([utils.inner(self.load_crop(f)) for f in range(i, i + self.clip)])  # (T, 320, 320, 3)
+        masked = utils.mask_inner(cur)
+        gain, bias = (1 + rng.uniform(-AUG_GAIN, AUG_GAIN), rng.uniform(-AUG_BIAS, AUG_BIAS)) if self.augment else (1, 0)
+
+        def tensor(a):   # (..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1]
+            t = torch.from_numpy(np.ascontiguousarray(a)).movedim(-1, -3).float().div_(255)
+            return t.mul_(gain).add_(bias).clamp_(0, 1) if self.augment else t
+
+        audio = np.stack([utils.feature_window(self.feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
+        out = dict(ref=tensor(ref), masked=tensor(masked), target=tensor(cur), audio=torch.from_numpy(audio), index=i, ref_index=j)
+        if self.clip == 1:
+            out = {k: (v[0] if k in ("masked", "target", "audio") else v) for k, v in out.items()}
+        else:   # the 0.2 s mel window centred on the clip's middle frame spans exactly its T frames
+            out["mel"] = torch.from_numpy(utils.mel_windows(self.mel, [i + self.clip // 2])[0])   # (1, 80, 16)
+        return out
+
+
+class JpegLipDataset(LipDataset):
+    """The same samples decoded from frames/*.jpg and cropped on the fly (benchmark baseline)."""
+
+    def __init__(self, ds_dir, *args, **kw):
+        super().__init__(ds_dir, *args, **kw)
+        self.boxes = np.load(self.ds / "landmarks.npz")["crop_boxes"]
+
+    def load_crop(self, i):
+        return utils.crop_face(cv2.imread(str(self.ds / "frames" / f"{i:06d}.jpg")), self.boxes[i])
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Endless batch sampler: the batch of step s is a pure function of (seed, s), so a resumed run
+    starts at any step without replaying. Each epoch is a fresh permutation of the items; a global
+    batch of batch_size * world items is cut per step (the incomplete tail is dropped) and rank r
+    takes its slice (this replaces DistributedSampler, whose order cannot be entered mid-epoch).
+    Yields lists of (item, epoch) for LipDataset."""
+
+    def __init__(self, n_items, batch_size, seed=0, start_step=0, rank=0, world=1, salt=0):
+        self.n, self.b, self.seed, self.start, self.rank, self.world, self.salt = \
+            n_items, batch_size, seed, start_step, rank, world, salt
+        self.per_epoch = n_items // (batch_size * world)
+        if self.per_epoch < 1:
+            raise UserError(f"{n_items} training samples are fewer than one batch of {batch_size} x "
+                            f"{world} process(es); lower --batch_size or use a longer video")
+
+    def batch(self, step):
+        epoch, pos = divmod(step, self.per_epoch)
+        perm = np.random.default_rng([self.seed, self.salt, epoch]).permutation(self.n)
+        g = perm[pos * self.b * self.world:(pos + 1) * self.b * self.world]
+        return [(int(k), epoch) for k in g[self.rank * self.b:(self.rank + 1) * self.b]]
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# A synthetic dataset folder for tests and benchmarks: a "mouth" whose opening follows a scalar
+# that is also written into the audio features, so the task is learnable and audio matters.
+def write_fake_dataset(ds_dir, n=40, seed=0):
+    """Write a minimal processed dataset (crops.npy, mel.npy, aud_feat.npy/.json, meta.json,
+    landmarks.npz, an audio-encoder checkpoint as the features' source) into ds_dir."""
+    from syncnet_328 import encoder_id
+    from unet_328 import AudioEncoder
+    ds = Path(ds_dir)
+    ds.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    openness = (0.5 + 0.5 * np.sin(np.arange(n) * 0.7)).astype(np.float32)       # (N,) in [0, 1]
+    yy, xx = np.mgrid[0:utils.CROP, 0:utils.CROP].astype(np.float32)
+    skin = np.stack([120 + 40 * yy / utils.CROP, 150 + 20 * xx / utils.CROP, 190 + 0 * xx], -1)
+    crops = np.empty((n, utils.CROP, utils.CROP, 3), np.uint8)
+    for i in range(n):
+        img = skin + rng.normal(0, 4, skin.shape)
+        mouth = ((xx - 164) / 60) ** 2 + ((yy - 240) / (4 + 30 * openness[i])) ** 2 < 1
+        img[mouth] = (40, 30, 90)
+        crops[i] = np.clip(img, 0, 255).astype(np.uint8)
+    np.save(ds / "crops.npy", crops)
+    n_mel = n * utils.MEL_FPS // utils.FPS + 1
+    np.save(ds / "mel.npy", rng.uniform(-4, 4, (utils.N_MELS, n_mel)).astype(np.float32))
+    direction = rng.normal(0, 1, utils.FEAT_DIM).astype(np.float32)
+    feats = openness[:, None] * direction[None] + rng.normal(0, 0.1, (n, utils.FEAT_DIM)).astype(np.float32)
+    np.save(ds / "aud_feat.npy", feats.astype(np.float32))
+    torch.manual_seed(seed)
+    enc = AudioEncoder()
+    utils.save_checkpoint({"model": enc.state_dict()}, ds / "fake_encoder.pth")
+    (ds / "aud_feat.json").write_text(json.dumps({"encoder_id": encoder_id(enc), "source": str(ds / "fake_encoder.pth"),
+                                                  "frames": n, "fake": True}))
+    boxes = np.tile(np.array([0, 0, utils.CROP, utils.CROP]), (n, 1))
+    np.savez(ds / "landmarks.npz", crop_boxes=boxes, found=np.ones(n, bool))
+    (ds / "meta.json").write_text(json.dumps({"name": ds.name, "fps": utils.FPS, "frames": n, "fake": True,
+                                              "width": utils.CROP, "height": utils.CROP}))
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: the crop cache vs decoding JPEG frames.
+@dataclass
+class Config:
+    name: str = ""                          # dataset name under --data_root (aud_feat.npy is faked if absent)
+    data_root: str = str(utils.DATASET_DIR)  # where datasets live
+    samples: int = 200                      # samples read per variant
+    num_workers: int = 0                    # DataLoader workers; 0 = in-process, so CPU time per sample is measurable
+    batch_size: int = 8                     # DataLoader batch size
+
+
+def _rate(ds, cfg):
+    """(samples/s wall, CPU ms per sample in this process) over cfg.samples samples."""
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=StepBatches(len(ds), cfg.batch_size),
+                                         num_workers=cfg.num_workers)
+    it, n = iter(loader), 0
+    next(it)                                # worker start-up and first file opens are not part of the rate
+    t0, c0 = time.perf_counter(), time.process_time()
+    while n < cfg.samples:
+        n += len(next(it)["index"])
+    return n / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / n
+
+
+def main(cfg):
+    import tempfile
+    ds = utils.dataset_path(cfg.name, cfg.data_root)
+    meta = utils.load_meta(ds)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (ds / "aud_feat.npy").is_file():   # the benchmark reads crops, features may be random
+            n = np.load(ds / "crops.npy", mmap_mode="r").shape[0]
+            fake = Path(tmp) / ds.name
+            fake.mkdir()
+            for f in ("crops.npy", "meta.json", "landmarks.npz", "frames"):
+                (fake / f).symlink_to(ds / f)
+            np.save(fake / "aud_feat.npy", np.zeros((n, utils.FEAT_DIM), np.float32))
+            (fake / "aud_feat.json").write_text(json.dumps({"encoder_id": "none"}))
+            ds = fake
+        torch.set_num_threads(1)            # as in a DataLoader worker
+        (cache, cache_ms), (jpeg, jpeg_ms) = _rate(LipDataset(ds), cfg), _rate(JpegLipDataset(ds), cfg)
+    from bench_train import hardware
+    print(hardware(torch.device("cpu")))
+    print(f"{cfg.num_workers} worker(s), {meta.get('width')}x{meta.get('height')} video, {meta.get('frames')} frames, "
+          f"batch {cfg.batch_size}")
+    cpu = lambda ms: f", {ms:5.1f} CPU ms/sample" if cfg.num_workers == 0 else ""
+    print(f"crops.npy cache : {cache:7.1f} samples/s{cpu(cache_ms)}")
+    print(f"frames/*.jpg    : {jpeg:7.1f} samples/s{cpu(jpeg_ms)}   (the cache is {cache / jpeg:.1f}x faster)")
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0]))

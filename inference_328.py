@@ -1,0 +1,855 @@
+"""Make a trained avatar say any audio: one seamless, lip-synced H.264 + AAC mp4 out.
+
+    python inference_328.py --name anna --audio_path speech.m4a              # -> result/anna_speech_best.mp4
+    python inference_328.py --name anna --audio_path talk.wav --template portrait.png --out a.mp4
+    python inference_328.py --name tiny --audio_path a.wav --data_root /tmp/ds --ckpt_root /tmp/ck --device cpu  # CPU smoke run
+
+Pipeline per output frame k (SPEC §8, with the reference faults fixed): template frame j (the
+avatar's own frames played forward then backward from --start_frame, or a still image / another
+video), its smoothed crop box, the 328 crop; generator input = [reference crop of ANOTHER frame
+than the target, as in training, masked crop]; audio = the encoder vectors of frames k-8..k+7;
+the painted 320 centre goes back into the 328 crop, colour-matched to the template near the seam,
+and is blended into the frame through a feathered alpha (utils.paste_back). Frames go straight
+into one ffmpeg (utils.VideoWriter), which muxes the original audio track and renames into place
+only on success. Decode/crop runs in a reader thread, the U-Net in the caller, paste/encode in a
+writer thread; features (chunks of 10 s) and frames are streamed, so memory does not grow with
+the audio's length (only the 16 kHz wav itself is held: 230 MB for an hour).
+
+Reference crop: by default one fixed template frame, the one with the most closed mouth (inner-lip
+gap / mouth width, from landmarks.npz). Against a random other frame per output frame (training's
+rule, --reference random) it gives the generator a constant identity input (consecutive random
+references differ by 18.5 grey levels per pixel on the anchor clip: flicker) and a closed-mouth
+prior (mouth opening 0.021 vs 0.105 on average for random frames), so any mouth motion has to come
+from the audio. Silence: a per-frame loudness gate (levels normalised to the recording's loud
+frames) blends the lips and jaw of that closed reference over the generated ones where the audio
+is silent; with a generator that ignores audio (the template's own talking mouth) it brings the
+dlib mouth opening in silent stretches from 0.091 to 0.016 (closed reference: 0.021) and leaves
+speech frames untouched (0.109 vs 0.109).
+
+Speed on CPU (bench_inference.py, full widths, 2-core Xeon): the U-Net runs with BatchNorm folded
+into the convs through ONNX Runtime when onnx + onnxruntime are installed and the graph matches
+eager PyTorch to 1e-3 (max abs diff 4e-5); else channels_last eager PyTorch. ORT costs 0.20 CPU s
+per frame vs 1.24 torch.compile, 1.47 folded + channels_last, 2.76 eager (measured side by side on
+a shared, oversubscribed machine). The exported graph is cached per checkpoint file (LIPSYNC_CACHE,
+default ~/.cache/lipsync). When the U-Net will run in PyTorch, the CLI re-executes itself once
+with glibc malloc settings (they must be set before the process starts; SPEC §11: ~1.4x).
+"""
+import hashlib
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import utils
+from utils import BORDER, FEAT_WIN, FPS, HOP, INNER, MEL_FPS, MEL_WIN, SR, UserError
+
+
+@dataclass
+class Config:
+    name: str = ""                 # avatar (dataset and checkpoint) name
+    audio_path: str = ""           # any audio (or video with sound) ffmpeg reads
+    out: str = ""                  # output mp4; default result/{name}_{audiostem}_{ckptstem}.mp4
+    checkpoint: str = ""           # generator checkpoint; default ckpt_root/NAME/best.pth, else last.pth
+    start_frame: int = 0           # first template frame (the template then plays forward, backward, ...)
+    batch_size: int = 0            # frames per U-Net call; 0 = auto (1 on CPU, where batching is slower; 16 on GPU)
+    device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
+    backend: str = "auto"          # U-Net runtime: auto, ort (onnxruntime), compile (torch.compile), eager
+    feather: int = 16              # px (in the 328 crop) over which the pasted face fades into the frame
+    color_match: bool = True       # match the generated crop's colours to the template near the seam
+    reference: str = "closed"      # reference crop: closed (the template frame with the most closed mouth) or random (a random other frame per output frame, as in training)
+    silence_gate: bool = True      # where the audio is silent, blend the mouth toward the closed reference
+    silence_db: float = -45.0      # frame loudness (dB, for speech whose loud frames are at -12 dBFS) at or below which a frame is silent
+    speech_db: float = -35.0       # frame loudness (dB, same scale) at or above which the generated mouth is used as is
+    template: str = ""             # optional: an image or a video to animate instead of the avatar's frames
+    data_root: str = str(utils.DATASET_DIR)      # where datasets live
+    ckpt_root: str = str(utils.CHECKPOINT_DIR)   # where checkpoints live
+    seed: int = 0                  # seed of the random reference choice
+    crf: int = 18                  # H.264 quality (lower = better, larger)
+    malloc_tune: bool = True       # re-exec with glibc malloc settings when the U-Net runs in PyTorch on CPU (~1.4x, SPEC §11)
+
+
+# ----------------------------------------------------------------------------------------------
+# Design constants
+CPU_BATCH, GPU_BATCH = 1, 16      # batching is slower per frame on a CPU, faster on a GPU (SPEC §11)
+FEATURE_CHUNK = 250               # video frames of audio features computed at a time (10 s, ~0.5 MB)
+MEL_MARGIN = 4                    # extra mel frames each side of a chunk: makes chunked mel == whole mel
+READ_AHEAD = 8                    # decoded template frames waiting for the model
+WRITE_BEHIND = 8                  # generated frames waiting to be pasted and encoded
+MATCH_TOL = 1e-3                  # a faster U-Net runtime is used only if it equals eager this closely
+BACKENDS = {"cpu": ("ort", "eager"), "cuda": ("eager",), "mps": ("eager",)}   # tried in this order for backend=auto
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+ONNX_OPSET = 17                   # ONNX operator set of the exported U-Net
+ONNX_CACHE_KEEP = 8               # exported U-Net graphs kept in the cache folder (~50 MB each at full widths)
+NOMINAL_SPEECH_DB = -12.0         # dBFS of the loud frames (95th percentile) of typical speech files
+MAX_LEVEL_SHIFT = 20.0            # dB: the gate adapts to recordings at most this much quieter/louder
+ABS_SILENCE_DB = -60.0            # dBFS below which a frame is silent whatever the recording level
+MAX_AUDIO_HOURS = 10              # longer audio is refused (it would take days on a CPU)
+
+
+class Cancelled(UserError):
+    """render() was asked to stop (should_stop returned True); no output is left behind."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator and its runtimes
+def resolve_checkpoint(name, ckpt_root=None, checkpoint=""):
+    """The checkpoint file to use: an explicit path, else ckpt_root/NAME/best.pth, else last.pth."""
+    if checkpoint:
+        p = Path(checkpoint)
+        if not p.is_file():
+            raise UserError(f"checkpoint not found: {p}")
+        return p
+    folder = Path(ckpt_root or utils.CHECKPOINT_DIR) / utils.check_name(name, "avatar name")
+    for f in ("best.pth", "last.pth"):
+        if (folder / f).is_file():
+            return folder / f
+    raise UserError(f"no checkpoint for {name!r} in {folder} (looked for best.pth and last.pth); "
+                    f"train one first: python train_328.py --name {name}")
+
+
+def _widths_of(ckpt, path):
+    """UNet328 widths from the checkpoint's config, else recognised from the weights' shapes."""
+    from unet_328 import WIDTHS
+    w = (ckpt.get("config") or {}).get("widths")
+    if isinstance(w, str):
+        if w not in WIDTHS:
+            raise UserError(f"{path}: unknown widths {w!r} in its config (known: {', '.join(WIDTHS)})")
+        return WIDTHS[w]
+    if w is not None:
+        return tuple(int(x) for x in w)
+    sd = ckpt["model"]
+    first = sd.get("inc.block.0.conv.6.weight")   # (w0, hidden, 1, 1): the first block's projection
+    for v in WIDTHS.values():
+        if first is not None and first.shape[0] == v[0]:
+            return v
+    raise UserError(f"{path}: cannot tell the generator's widths (no config['widths']); it is not a UNet328 checkpoint")
+
+
+def _fresh_inputs(batch, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 6, INNER, INNER, generator=g), torch.randn(batch, 32, 16, 16, generator=g)
+
+
+class UNetRunner:
+    """Runs the (BN-folded) U-Net on numpy batches: img (B, 6, 320, 320), audio (B, 32, 16, 16)
+    float32 -> (B, 3, 320, 320) float32. `kind` says which runtime: eager, compile or ort."""
+
+    def __init__(self, model, device, kind, graph=None):
+        import torch
+        self.device, self.kind, self.model = device, kind, model
+        self.fixed_batch = None
+        if kind == "ort":
+            import onnxruntime as ort
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = torch.get_num_threads()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.graph = graph if graph is not None else export_onnx(model)
+            self.session = ort.InferenceSession(self.graph, so, providers=["CPUExecutionProvider"])
+        elif kind == "compile":
+            self.fn = torch.compile(model, dynamic=False)
+        elif kind != "eager":
+            raise UserError(f"unknown --backend {kind!r}; choose auto, ort, compile or eager")
+
+    def __call__(self, img, audio):
+        if self.kind == "ort":
+            return self.session.run(None, {"img": img, "audio": audio})[0]
+        import torch
+        n = len(img)
+        if self.fixed_batch and n < self.fixed_batch:     # compiled graphs are shape-specialised: pad
+            pad = self.fixed_batch - n
+            img = np.concatenate([img, np.repeat(img[-1:], pad, 0)])
+            audio = np.concatenate([audio, np.repeat(audio[-1:], pad, 0)])
+        x = torch.from_numpy(img).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        a = torch.from_numpy(audio).to(self.device, non_blocking=True)
+        with torch.inference_mode(), utils.autocast(self.device):
+            out = (self.fn if self.kind == "compile" else self.model)(x, a)
+        return out.float().cpu().numpy()[:n]
+
+
+def export_onnx(model):
+    """The U-Net as ONNX bytes (dynamic batch), exported on CPU from a float32 copy."""
+    import copy
+    import io
+    import warnings
+    import torch
+    buf = io.BytesIO()
+    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
+    x, a = _fresh_inputs(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the legacy exporter's deprecation and tracer notes
+        torch.onnx.export(cpu_model, (x, a), buf, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["img", "audio"], output_names=["out"],
+                          dynamic_axes={"img": {0: "b"}, "audio": {0: "b"}, "out": {0: "b"}})
+    return buf.getvalue()
+
+
+def onnx_cache_path(checkpoint):
+    """Where the exported graph of a checkpoint file is kept (the export takes 5-15 s here): keyed
+    by the file's path, size and mtime and the library versions, so any change re-exports."""
+    import onnxruntime
+    import torch
+    p = Path(checkpoint).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{torch.__version__}|{onnxruntime.__version__}|{ONNX_OPSET}"
+    root = Path(os.environ.get("LIPSYNC_CACHE") or Path.home() / ".cache" / "lipsync")
+    return root / f"unet-{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
+
+
+def _prune_cache(folder, keep=ONNX_CACHE_KEEP):
+    files = sorted(Path(folder).glob("unet-*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for f in files[keep - 1:]:
+        f.unlink(missing_ok=True)
+
+
+def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
+    """The fastest runtime for `device` that reproduces eager PyTorch to MATCH_TOL, tried in the
+    order of BACKENDS; a runtime that is missing, fails or disagrees falls back to the next. An
+    ONNX graph that passed this check is cached per checkpoint file and reused unchecked."""
+    kinds = BACKENDS.get(device.type, ("eager",)) if backend == "auto" else (backend,)
+    eager = UNetRunner(model, device, "eager")
+    ref = None
+    for kind in kinds:
+        if kind == "eager":
+            return eager
+        try:
+            cache = onnx_cache_path(checkpoint) if kind == "ort" and checkpoint else None
+            if cache is not None and cache.is_file():
+                r = UNetRunner(model, device, kind, cache.read_bytes())
+                r.max_abs_diff = None                 # checked when it was cached
+                return r
+            r = UNetRunner(model, device, kind)
+            r.fixed_batch = batch if kind == "compile" else None
+            if ref is None:
+                x, a = (t.numpy() for t in _fresh_inputs(batch, seed=1))
+                ref = eager(x, a)
+            diff = float(np.abs(r(x, a) - ref).max())
+        except UserError:
+            raise
+        except Exception as e:   # a runtime that is not installed or cannot take this graph
+            print(f"note: U-Net runtime {kind} unavailable ({type(e).__name__}: {str(e)[:120]}); trying the next",
+                  file=sys.stderr)
+            continue
+        if diff <= MATCH_TOL:
+            r.max_abs_diff = diff
+            if cache is not None:
+                try:
+                    _prune_cache(cache.parent)
+                    with utils.atomic_file(cache) as tmp:
+                        tmp.write_bytes(r.graph)
+                except OSError:
+                    pass                      # an unwritable cache only costs the export next time
+            return r
+        print(f"note: U-Net runtime {kind} differs from eager by {diff:.2e} > {MATCH_TOL}; not used", file=sys.stderr)
+    if backend != "auto":
+        raise UserError(f"--backend {backend} is not usable here (see the note above); use --backend auto")
+    return eager
+
+
+class LipSyncModel:
+    """A trained avatar generator loaded once from one checkpoint file (UNet328 weights, its
+    config with the widths, and the AudioEncoder that made its training features)."""
+
+    def __init__(self, checkpoint, device="auto", backend="auto", batch_size=0):
+        import torch
+        from unet_328 import AudioEncoder, UNet328, fold_bn
+        self.device = device if isinstance(device, torch.device) else utils.get_device(device)
+        self.path = Path(checkpoint)
+        ckpt = utils.load_checkpoint(self.path, "cpu")
+        self.widths = _widths_of(ckpt, self.path)
+        unet = UNet328(self.widths)
+        try:
+            unet.load_state_dict(ckpt["model"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise UserError(f"{self.path} does not hold a UNet328 of widths {self.widths} "
+                            f"(wrong architecture or damaged: {str(e).splitlines()[0][:160]})") from None
+        if not ckpt.get("audio_encoder"):
+            raise UserError(f"{self.path} has no 'audio_encoder' entry; it was not written by train_328.py "
+                            "(a generator checkpoint carries the audio encoder its features came from)")
+        enc = AudioEncoder()
+        try:
+            enc.load_reference_state_dict(ckpt["audio_encoder"])
+        except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise UserError(f"{self.path}: its audio encoder does not load ({str(e)[:160]})") from None
+        self.step = ckpt.get("step")
+        self.config = ckpt.get("config") or {}
+        del ckpt
+        # BN folded into the convs: same outputs, ~2x faster on CPU with channels_last (SPEC §11)
+        self.unet = fold_bn(unet).to(self.device, memory_format=torch.channels_last)
+        self.audio_encoder = fold_bn(enc).to(self.device)
+        self.batch_size = batch_size or (CPU_BATCH if self.device.type == "cpu" else GPU_BATCH)
+        self.runner = make_runner(self.unet, self.device, backend, self.batch_size, self.path)
+
+    # -- audio -------------------------------------------------------------------------------
+    def features(self, wav, start=0, stop=None):
+        """Audio-encoder vectors [stop - start, 512] of video frames start..stop-1 of `wav`
+        (float32 16 kHz mono), equal to those of the whole wav but computed from the samples
+        around those frames only, so long audio is processed in constant memory."""
+        from syncnet_328 import encode_audio
+        n = utils.num_frames(len(wav))
+        stop = n if stop is None else min(stop, n)
+        if stop <= start:
+            return np.zeros((0, utils.FEAT_DIM), np.float32)
+        # A chunk starting at a multiple of 5 video frames starts at a whole mel frame (5 frames =
+        # 16 mel frames), so window positions relative to the chunk are the global ones shifted.
+        base = max(0, (start - 5) // 5 * 5)                       # >= 5 frames of context before start
+        m0 = base * MEL_FPS // FPS
+        t_mel = len(wav) // HOP + 1                               # mel frames of the whole wav
+        m1 = min(t_mel, int(utils.mel_window_starts([stop + 5])[0]) + MEL_WIN)
+        s0 = max(0, (m0 - MEL_MARGIN) * HOP)
+        s1 = min(len(wav), (m1 + MEL_MARGIN) * HOP)
+        mel = utils.melspectrogram(wav[s0:s1])[:, m0 - s0 // HOP:m1 - s0 // HOP]   # (80, m1 - m0)
+        feats = encode_audio(mel, self.audio_encoder, self.device, batch=256, n_frames=stop - base)   # (stop - base, 512)
+        return np.asarray(feats[start - base:], np.float32)
+
+    # -- the U-Net -----------------------------------------------------------------------------
+    def generate_crops(self, ref_crops, masked, audio_windows):
+        """Batched generator: reference and masked 320 crops (B, 320, 320, 3) uint8 BGR, audio
+        windows (B, 32, 16, 16) -> painted 320 crops (B, 320, 320, 3) uint8 BGR."""
+        img = np.concatenate([ref_crops, masked], axis=-1)                    # (B, 320, 320, 6)
+        img = np.ascontiguousarray(img.transpose(0, 3, 1, 2), np.float32) * np.float32(1 / 255)
+        out = self.runner(img, np.ascontiguousarray(audio_windows, np.float32))   # (B, 3, 320, 320)
+        return (out.transpose(0, 2, 3, 1) * 255 + 0.5).clip(0, 255).astype(np.uint8)
+
+    # -- whole frames ---------------------------------------------------------------------------
+    def frames(self, wav, template, start_frame=0, feather=16, color_match=True, reference="closed",
+               silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, stats=None):
+        """Iterator of finished BGR frames (template size), one per video frame of `wav`."""
+        for item in self._generate(wav, template, start_frame, reference, seed, stats):
+            yield compose(item, feather, color_match, silence_gate, silence_db, speech_db, stats)
+
+    def _generate(self, wav, template, start_frame, reference, seed, stats):
+        """Streams (frame, box, crop328, generated320, closed_ref320, loudness_db, mouth region) per output frame;
+        template decoding runs in a reader thread READ_AHEAD frames ahead of the model."""
+        n = utils.num_frames(len(wav))
+        feats = FeatureStream(self, wav)
+        loud = gate_loudness_db(wav, n)
+        refs = References(template, reference, seed)
+        stats = stats if stats is not None else {}
+        q = queue.Queue(READ_AHEAD)
+        stop = threading.Event()
+
+        def reader():
+            try:
+                for k, (j, frame, box) in enumerate(template.stream(start_frame, n)):
+                    t = time.perf_counter()
+                    crop = utils.crop_face(frame, box)                                  # (328, 328, 3)
+                    item = (frame, box, crop, refs.crop(k, j))
+                    _add(stats, "decode+crop", time.perf_counter() - t)
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:   # handed to the consumer, which re-raises it
+                q.put(e)
+
+        th = threading.Thread(target=reader, daemon=True, name="template-reader")
+        th.start()
+        try:
+            k, done = 0, False
+            while not done:
+                batch = []
+                while len(batch) < self.batch_size:
+                    item = q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        done = True
+                        break
+                    batch.append(item)
+                if not batch:
+                    break
+                t = time.perf_counter()
+                aud = np.stack([feats.window(k + i) for i in range(len(batch))])      # (B, 32, 16, 16)
+                _add(stats, "audio features", time.perf_counter() - t)
+                t = time.perf_counter()
+                masked = utils.mask_inner(np.stack([utils.inner(b[2]) for b in batch]))
+                gen = self.generate_crops(np.stack([b[3] for b in batch]), masked, aud)
+                _add(stats, "model", time.perf_counter() - t)
+                for i, (frame, box, crop, _) in enumerate(batch):
+                    yield frame, box, crop, gen[i], refs.closed, loud[k + i], refs.mouth
+                k += len(batch)
+        finally:
+            stop.set()
+            th.join(timeout=5)
+
+    # -- the whole job ---------------------------------------------------------------------------
+    def render(self, audio_path, out_path, template, start_frame=0, feather=16, color_match=True,
+               reference="closed", silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, crf=18,
+               progress=None, should_stop=None, stats=None):
+        """Write the lip-synced mp4 for `audio_path` to `out_path` (renamed into place only when
+        complete) and return its Path. progress(done, total) after each frame; should_stop()
+        returning True aborts with Cancelled and leaves nothing at out_path."""
+        stats = stats if stats is not None else {}
+        out_path = check_output(out_path)
+        t = time.perf_counter()
+        wav = load_speech(audio_path)
+        _add(stats, "load audio", time.perf_counter() - t)
+        n = utils.num_frames(len(wav))
+        w, h = template.size
+        tmpdir = Path(tempfile.mkdtemp(prefix="lipsync-audio-"))
+        try:
+            # the original audio track alone: a video or a cover picture in the audio file must
+            # not be picked up as the output's video stream
+            audio_only = tmpdir / "audio.mka"             # Matroska takes any codec: a copy, no re-encode
+            try:
+                utils.run_ffmpeg(["-i", audio_path, "-map", "0:a:0", "-vn", "-c:a", "copy", audio_only],
+                                 what="extracting the audio track")
+            except UserError:
+                audio_only = tmpdir / "audio.wav"
+                utils.run_ffmpeg(["-i", audio_path, "-map", "0:a:0", "-vn", "-c:a", "pcm_s16le", audio_only],
+                                 what="extracting the audio track")
+            q = queue.Queue(WRITE_BEHIND)
+            err = []
+
+            def writer(vw):
+                try:
+                    while (item := q.get()) is not None:
+                        t0 = time.perf_counter()
+                        frame = compose(item, feather, color_match, silence_gate, silence_db, speech_db, stats)
+                        t1 = time.perf_counter()
+                        vw.write(frame)
+                        _add(stats, "encode", time.perf_counter() - t1)
+                        _add(stats, "paste", t1 - t0)
+                except BaseException as e:
+                    err.append(e)
+                    while q.get() is not None:     # drain so the producer never blocks
+                        pass
+
+            with utils.VideoWriter(out_path, w, h, audio=audio_only, crf=crf) as vw:
+                th = threading.Thread(target=writer, args=(vw,), daemon=True, name="paste-writer")
+                th.start()
+                try:
+                    for i, item in enumerate(self._generate(wav, template, start_frame, reference, seed, stats)):
+                        if should_stop is not None and should_stop():
+                            raise Cancelled("stopped on request; no output written")
+                        if err:
+                            break
+                        q.put(item)
+                        if progress is not None:
+                            progress(i + 1, n)
+                finally:
+                    q.put(None)
+                    th.join()
+                if err:
+                    raise err[0]
+            _readable(out_path)
+            stats["frames"] = n
+            return out_path
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _readable(path):
+    """Give a finished output the usual permissions: temp files are created owner-only (0600)."""
+    umask = 0o022
+    try:
+        umask = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass
+
+
+def _add(stats, key, dt):
+    if stats is not None:
+        stats[key] = stats.get(key, 0.0) + dt
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio: loading, streamed features, loudness
+def load_speech(path):
+    """utils.load_audio plus the checks inference needs: not empty, not absurdly long."""
+    wav = utils.load_audio(path)
+    if utils.num_frames(len(wav)) < 1:
+        raise UserError(f"{path}: the audio is {len(wav) / SR * 1000:.0f} ms long, shorter than one video frame (40 ms)")
+    if len(wav) > MAX_AUDIO_HOURS * 3600 * SR:
+        raise UserError(f"{path}: the audio is {len(wav) / SR / 3600:.1f} h long; split it into parts under {MAX_AUDIO_HOURS} h")
+    return wav
+
+
+class FeatureStream:
+    """Generator audio windows [32, 16, 16] for frames 0, 1, 2, ... asked for in increasing
+    order; the encoder vectors are computed FEATURE_CHUNK frames at a time and old ones dropped."""
+
+    def __init__(self, model, wav, chunk=FEATURE_CHUNK):
+        self.model, self.wav, self.chunk = model, wav, chunk
+        self.n = utils.num_frames(len(wav))
+        self.lo, self.buf = 0, np.zeros((0, utils.FEAT_DIM), np.float32)   # buf holds frames lo..lo+len-1
+
+    def window(self, i):
+        need = min(i + FEAT_WIN // 2, self.n)          # window of frame i reads frames i-8 .. i+7
+        while self.lo + len(self.buf) < need:
+            a = self.lo + len(self.buf)
+            self.buf = np.concatenate([self.buf, self.model.features(self.wav, a, min(a + self.chunk, self.n))])
+        drop = max(0, min(i - FEAT_WIN // 2, self.lo + len(self.buf)) - self.lo)
+        if drop:
+            self.buf, self.lo = self.buf[drop:], self.lo + drop
+        # buf starts at frame 0 or at i-8, and ends at frame n or past i+7, so the zero padding of
+        # feature_window falls exactly outside the audio, as for the whole-wav features
+        return utils.feature_window(self.buf, i - self.lo)
+
+
+def frame_loudness_db(wav, n, chunk=10_000):
+    """Loudness (dBFS, RMS) of each video frame's 40 ms of audio, max-pooled over +-1 frame so
+    a syllable's onset and release count as speech. [n] float32; computed chunk by chunk."""
+    hop = SR // FPS
+    db = np.empty(n, np.float32)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        seg = np.zeros((b - a) * hop, np.float32)
+        part = wav[a * hop:b * hop]
+        seg[:len(part)] = part
+        rms = np.sqrt(np.mean(seg.reshape(b - a, hop).astype(np.float64) ** 2, axis=1))
+        db[a:b] = 20 * np.log10(rms + 1e-9)
+    pooled = db.copy()
+    pooled[1:] = np.maximum(pooled[1:], db[:-1])
+    pooled[:-1] = np.maximum(pooled[:-1], db[1:])
+    return pooled
+
+
+def gate_loudness_db(wav, n):
+    """frame_loudness_db shifted so that the audio's loud frames (95th percentile) sit at
+    NOMINAL_SPEECH_DB: the silence thresholds then hold for quiet and loud recordings alike
+    (shift capped at +-MAX_LEVEL_SHIFT dB); below ABS_SILENCE_DB dBFS a frame is always silent."""
+    db = frame_loudness_db(wav, n)
+    loud = float(np.percentile(db, 95)) if n else NOMINAL_SPEECH_DB
+    shift = float(np.clip(NOMINAL_SPEECH_DB - loud, -MAX_LEVEL_SHIFT, MAX_LEVEL_SHIFT))
+    out = db + np.float32(shift)
+    out[db < ABS_SILENCE_DB] = -200.0           # far below any threshold
+    return out
+
+
+def speech_weight(db, silence_db, speech_db):
+    """0 at or below silence_db, 1 at or above speech_db, smooth in between."""
+    t = np.clip((db - silence_db) / max(speech_db - silence_db, 1e-6), 0, 1)
+    return t * t * (3 - 2 * t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates: where the frames and crop boxes come from
+def mouth_opening(lms):
+    """Inner-lip gap (mean of the 3 vertical inner-lip distances) over the mouth width, per frame.
+    lms [N, 68, 2] -> [N]; about 0 for a closed mouth, 0.3+ wide open."""
+    lms = np.asarray(lms, np.float32)
+    gap = np.linalg.norm(lms[:, [61, 62, 63]] - lms[:, [67, 66, 65]], axis=-1).mean(1)
+    width = np.linalg.norm(lms[:, 64] - lms[:, 60], axis=-1)
+    return gap / np.maximum(width, 1e-6)
+
+
+def pingpong(k, n):
+    """Template frame index of output frame k: 0, 1, .., n-1, n-2, .., 1, 0, 1, ..."""
+    if n <= 1:
+        return 0
+    p = k % (2 * n - 2)
+    return p if p < n else 2 * n - 2 - p
+
+
+class FolderTemplate:
+    """A folder of frames/NNNNNN.jpg with smoothed landmarks (a processed dataset), played
+    forward then backward; frames are decoded as they are needed."""
+
+    def __init__(self, folder, lms, boxes, size, crops=None, what=None):
+        self.folder, self.lms, self.boxes, self.size = Path(folder), lms, boxes, size
+        self.n, self.what = len(boxes), what or str(folder)
+        self._crops = crops                     # optional [N, 328, 328, 3] cache (memmap)
+
+    @classmethod
+    def from_dataset(cls, ds):
+        ds = Path(ds)
+        meta = utils.load_meta(ds)
+        if not (ds / "landmarks.npz").is_file() or not (ds / "frames").is_dir():
+            raise UserError(f"dataset {ds} is incomplete (no landmarks.npz or frames/); run process.py again with --overwrite")
+        z = np.load(ds / "landmarks.npz")
+        crops = None
+        if (ds / "crops.npy").is_file():
+            crops = np.load(ds / "crops.npy", mmap_mode="r")
+            if len(crops) != len(z["crop_boxes"]):
+                crops = None
+        return cls(ds / "frames", z["lms"], z["crop_boxes"], (meta["width"], meta["height"]), crops, what=f"dataset {ds}")
+
+    def read(self, j):
+        frame = cv2.imread(str(self.folder / f"{j:06d}.jpg"))
+        if frame is None:
+            raise UserError(f"{self.what}: frame {j} ({self.folder / f'{j:06d}.jpg'}) is missing or unreadable")
+        return frame
+
+    def crop(self, j):
+        """The 328 face crop of template frame j (from the crop cache when there is one)."""
+        if self._crops is not None:
+            return np.asarray(self._crops[j])
+        return utils.crop_face(self.read(j), self.boxes[j])
+
+    def stream(self, start, count):
+        """(template index, BGR frame, crop box) for `count` output frames from `start`."""
+        if not 0 <= start < self.n:
+            raise UserError(f"--start_frame {start} is outside the template's {self.n} frames (0..{self.n - 1})")
+        for k in range(count):
+            j = pingpong(start + k, self.n)
+            yield j, self.read(j), self.boxes[j]
+
+    def close(self):
+        pass
+
+
+class ImageTemplate(FolderTemplate):
+    """A still image: landmarks detected once, the head held still."""
+
+    def __init__(self, path):
+        import landmarks
+        img = cv2.imread(str(path))
+        if img is None:
+            raise UserError(f"template {path} is not a readable image")
+        faces = landmarks.make_detector("dlib").detect(img)
+        if not faces:
+            raise UserError(f"no face found in template {path}; use a frontal, well-lit photo")
+        lm = np.asarray(faces[0][0], np.float32)
+        self.image = img
+        super().__init__(Path(path).parent, lm[None], utils.crop_box(lm)[None], (img.shape[1], img.shape[0]),
+                         what=f"template {path}")
+
+    def read(self, j):
+        return self.image
+
+
+class VideoTemplate(FolderTemplate):
+    """Another video as template: decoded at 25 fps once into a temp folder of JPEGs with
+    tracked, gap-filled and smoothed landmarks (the process.py recipe without the training cache)."""
+
+    def __init__(self, path, max_gap=12, smooth_sigma=1.0):
+        import landmarks
+        info = utils.probe(path)
+        v = info["video"]
+        if v is None or not v["width"]:
+            raise UserError(f"template {path} has no video stream")
+        tmp = Path(tempfile.mkdtemp(prefix="lipsync-template-"))
+        try:
+            w, h = v["width"], v["height"]
+            if v.get("rotation") in (90, 270):
+                w, h = h, w
+
+            def frames():
+                for i, f in enumerate(utils.iter_frames(path, w, h, fps=FPS)):
+                    cv2.imwrite(str(tmp / f"{i:06d}.jpg"), f, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    yield f
+
+            tr = landmarks.track_video(frames(), landmarks.make_detector("dlib"))
+            if len(tr["found"]) == 0 or not tr["found"].any():
+                raise UserError(f"no face found in template video {path}")
+            lms, _ = landmarks.fill_gaps(tr["lms"], tr["found"], max_gap)
+            lost = np.isnan(lms[:, 0, 0])
+            if lost.any():
+                lms, _ = landmarks.fill_gaps(lms, ~lost, len(lms))
+            lms = landmarks.smooth_landmarks(lms, smooth_sigma)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        super().__init__(tmp, lms, np.stack([utils.crop_box(l) for l in lms]), (w, h), what=f"template {path}")
+
+    def close(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def open_template(name=None, data_root=None, template=""):
+    """The template source: --template (image or video) when given, else the avatar's dataset."""
+    if template:
+        p = Path(template)
+        if not p.is_file():
+            raise UserError(f"template not found: {p}")
+        return ImageTemplate(p) if p.suffix.lower() in IMAGE_EXT else VideoTemplate(p)
+    return FolderTemplate.from_dataset(utils.dataset_path(name, data_root))
+
+
+class References:
+    """The reference crop fed beside each masked crop. `closed`: one fixed template frame with the
+    most closed mouth (among frames of typical crop size, so not an odd pose); `random`: a random
+    frame at least REF_GAP frames from the target, drawn anew for each output frame (training's rule)."""
+    REF_GAP = 5
+
+    def __init__(self, template, mode="closed", seed=0):
+        if mode not in ("closed", "random"):
+            raise UserError(f"--reference {mode!r}: choose closed or random")
+        self.template, self.mode = template, mode
+        self.rng = np.random.default_rng(seed)
+        side = template.boxes[:, 2] - template.boxes[:, 0]
+        typical = np.abs(side / np.median(side) - 1) < 0.1
+        score = mouth_opening(template.lms) + 10.0 * ~typical          # atypical sizes lose
+        self.closed_index = int(np.argmin(score))
+        self.closed = np.ascontiguousarray(utils.inner(template.crop(self.closed_index)))   # (320, 320, 3)
+        self.mouth = mouth_region(template.lms, template.boxes)
+
+    def crop(self, k, j):
+        """Reference 320 crop for output frame k shown on template frame j."""
+        n = self.template.n
+        if self.mode == "closed" or n <= 2 * self.REF_GAP:
+            return self.closed
+        r = int(self.rng.integers(0, n - 2 * self.REF_GAP + 1))
+        r = r if r < j - self.REF_GAP + 1 else r + 2 * self.REF_GAP - 1       # skip j-4 .. j+4
+        return np.ascontiguousarray(utils.inner(self.template.crop(min(r, n - 1))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Paste: generated centre -> crop -> silence gate -> colour match -> feathered blend
+_SEAM_MASK = {}
+# Where the mouth and jaw sit in the 320 crop when no landmarks say (the crop rule puts the nose
+# near the top; averaged over six real datasets): centre x, top of the upper lip, half width, chin.
+DEFAULT_MOUTH = (150.0, 80.0, 80.0, 240.0)
+
+
+def seam_mask(feather):
+    """Where colour statistics are compared: the band of the paste alpha near its edge (where a
+    seam would show), or the whole pasted area when there is no feather."""
+    if feather not in _SEAM_MASK:
+        a = utils.paste_alpha(feather)
+        band = (a > 0.02) & (a < 0.98)
+        _SEAM_MASK[feather] = (band if band.sum() > 1000 else a > 0.5).astype(np.float32)
+    return _SEAM_MASK[feather]
+
+
+def mouth_region(lms, boxes):
+    """(centre x, top, half width, chin y) of the mouth-and-jaw area in 320-crop pixels, over all
+    frames of a template: lms [N, 68, 2] and crop boxes [N, 4] in frame pixels."""
+    lms, boxes = np.asarray(lms, np.float32), np.asarray(boxes, np.float32)
+    side = (boxes[:, 2] - boxes[:, 0])[:, None, None]
+    c = (lms - boxes[:, None, :2]) * (utils.CROP / side) - BORDER          # (N, 68, 2) in the 320 crop
+    m = c[:, utils.MOUTH]
+    x0, x1 = np.percentile(m[..., 0].min(1), 5), np.percentile(m[..., 0].max(1), 95)
+    top = np.percentile(m[..., 1].min(1), 5)
+    return float((x0 + x1) / 2), float(top), float((x1 - x0) / 2), float(np.median(c[:, 8, 1]))
+
+
+_MOUTH_ALPHA = {}
+
+
+def mouth_alpha(region=DEFAULT_MOUTH):
+    """Soft weight (320, 320, 1) over the lips and the jaw below them (an open mouth drops the
+    chin): the area the silence gate takes from the closed reference."""
+    key = tuple(round(v) for v in region)
+    if key not in _MOUTH_ALPHA:
+        cx, top, half, chin = key
+        a = np.zeros((INNER, INNER), np.float32)
+        # the lips with their corners (an ellipse around the mouth), united with the jaw below
+        cv2.ellipse(a, (cx, round(top + 0.4 * half)), (round(1.5 * half), round(0.9 * half)), 0, 0, 360, 1.0, -1)
+        jaw_top = top + 0.4 * half
+        cv2.ellipse(a, (cx, round((jaw_top + chin) / 2)), (round(1.2 * half), max(round((chin - jaw_top) / 2), 1)),
+                    0, 0, 360, 1.0, -1)
+        _MOUTH_ALPHA[key] = cv2.GaussianBlur(a, (0, 0), max(half * 0.1, 1.0))[..., None]
+    return _MOUTH_ALPHA[key]
+
+
+def compose(item, feather=16, color_match=True, silence_gate=True, silence_db=-45.0, speech_db=-35.0, stats=None):
+    """One output frame from (frame, box, crop328, generated320, closed_ref320, loudness_db
+    [, mouth region]) as _generate yields them; without a mouth region, DEFAULT_MOUTH."""
+    frame, box, crop, gen, closed, db, *region = item
+    out = crop.copy()                                             # the 4 px ring stays original
+    if silence_gate:
+        w = float(speech_weight(db, silence_db, speech_db))
+        if w < 1.0:                      # silence: the mouth rests as in the closed reference
+            a = mouth_alpha(*region) * (1.0 - w)
+            gen = (gen * (1 - a) + closed * a + 0.5).astype(np.uint8)
+    out[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = gen
+    if color_match:
+        out = utils.match_color(out, crop, seam_mask(feather))
+    return utils.paste_back(frame, box, out, feather)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before any work
+def check_output(out_path):
+    """Fail early (before minutes of inference) when the output cannot be written."""
+    p = Path(out_path)
+    if p.suffix.lower() not in (".mp4", ".mov"):
+        raise UserError(f"output {p} must end in .mp4 (or .mov)")
+    if p.is_dir():
+        raise UserError(f"output {p} is a folder; give a file path ending in .mp4")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe_file = tempfile.mkstemp(prefix=".write-test-", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe_file)
+    except OSError as e:
+        raise UserError(f"cannot write the output {p}: {e.strerror or e}; choose another --out") from None
+    return p
+
+
+def default_output(name, audio_path, checkpoint):
+    return utils.REPO / "result" / f"{name}_{utils.safe_stem(audio_path)}_{Path(checkpoint).stem}.mp4"
+
+
+def maybe_reexec_with_malloc_env(cfg):
+    """glibc reads its malloc settings at start-up only: re-run this process once with them set,
+    when the U-Net will run in PyTorch on the CPU. Measured: ~1.4x for eager PyTorch (SPEC §11),
+    nothing for ONNX Runtime (own allocator: 1.62 vs 1.67 frames/s), so with ORT it is skipped."""
+    import importlib.util
+    ort_likely = cfg.backend in ("auto", "ort") and all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+    if (cfg.malloc_tune and not ort_likely and cfg.device in ("auto", "cpu") and sys.platform.startswith("linux")
+            and not os.environ.get("LIPSYNC_REEXEC") and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())):
+        env = dict(os.environ, LIPSYNC_REEXEC="1", **MALLOC_ENV)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def main(cfg):
+    from tqdm import tqdm
+    if not cfg.name and not cfg.checkpoint:
+        raise UserError("no avatar given: python inference_328.py --name NAME --audio_path AUDIO "
+                        "(with --template, --name or --checkpoint says which trained model to use)")
+    if not cfg.name and not cfg.template:
+        raise UserError("--checkpoint without --name needs --template IMAGE_OR_VIDEO (the frames to animate)")
+    if not cfg.audio_path:
+        raise UserError("no audio given: python inference_328.py --name NAME --audio_path AUDIO")
+    if cfg.name:
+        utils.check_name(cfg.name, "avatar name")
+    ckpt = resolve_checkpoint(cfg.name, cfg.ckpt_root, cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else default_output(cfg.name or "template", cfg.audio_path, ckpt)
+    check_output(out)
+    utils.probe(cfg.audio_path)            # a bad audio file fails now, not after loading the model
+    template = open_template(cfg.name, cfg.data_root, cfg.template)
+    try:
+        if not 0 <= cfg.start_frame < template.n:
+            raise UserError(f"--start_frame {cfg.start_frame} is outside the template's {template.n} frames (0..{template.n - 1})")
+        t0 = time.perf_counter()
+        model = LipSyncModel(ckpt, cfg.device, cfg.backend, cfg.batch_size)
+        print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
+              f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s")
+        bar = tqdm(unit="f", desc="lip-sync", dynamic_ncols=True)
+
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        stats = {}
+        t0 = time.perf_counter()
+        model.render(cfg.audio_path, out, template, cfg.start_frame, cfg.feather, cfg.color_match, cfg.reference,
+                     cfg.silence_gate, cfg.silence_db, cfg.speech_db, cfg.seed, cfg.crf, progress=progress, stats=stats)
+        bar.close()
+    finally:
+        template.close()
+    dt = time.perf_counter() - t0
+    print(f"done: {out}  {stats['frames']} frames in {dt:.1f} s ({stats['frames'] / dt:.2f} frames/s)")
+    return out
+
+
+if __name__ == "__main__":
+    _cfg = utils.parse_config(Config, description=__doc__.split("\n")[0], aliases={"audio": "audio_path"})
+    maybe_reexec_with_malloc_env(_cfg)
+    utils.run_main(main, _cfg)

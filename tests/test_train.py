@@ -1,0 +1,218 @@
+"""Behaviour of generator training: the sample a step sees, the held-out split, the checkpoint a
+run leaves, exact resume, the one-line errors, and a 2-process torchrun on CPU. Built on a small
+synthetic dataset folder written here (datasets.write_fake_dataset), so it does not wait for
+process.py or SyncNet training. CPU, about a minute.
+
+    /work/venv/bin/python -m pytest -q tests/test_train.py
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import syncnet_328
+import train_328
+import utils
+from unet_328 import WIDTHS, AudioEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "4,4,8,8,16,16"     # a U-Net small enough for many CPU steps; same code paths as light
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread costs more in synchronisation than it saves (and far more on
+    a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    datasets.write_fake_dataset(root / "fake", n=40)
+    return root
+
+
+def config(data_root, out, **kw):
+    base = dict(name="fake", data_root=str(data_root), out_dir=str(out), widths=TINY, batch_size=2,
+                device="cpu", num_workers=0, max_steps=2, log_every=1, val_every=1000, val_frames=2,
+                preview_every=1000, save_every=1000, warmup_steps=2)
+    return train_328.Config(**{**base, **kw})
+
+
+def fake_syncnet(path):
+    """A random light SyncNet checkpoint, so the sync-loss path runs."""
+    torch.manual_seed(1)
+    args = dict(widths=syncnet_328.SYNC_WIDTHS["light"], face_size=(80, 160))
+    net = syncnet_328.SyncNet(**args)
+    utils.save_checkpoint({"model": net.state_dict(), "config": {"model_args": args}, "step": 0}, path)
+
+
+@pytest.fixture(scope="module")
+def light_run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "fake"
+    res = train_328.main(config(data_root, out, widths="light"))
+    return out, res
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_split_is_a_contiguous_tail():
+    tr, va = datasets.split_frames(500, 0.1)
+    assert len(va) == 50 and va[0] == tr[-1] + 1 and va[-1] == 499
+    tr, va = datasets.split_frames(40, 0.1)
+    assert list(va) == [36, 37, 38, 39] and list(tr) == list(range(36))
+    assert len(datasets.split_frames(40, 0.0)[1]) == 0
+
+
+def test_sample_shapes_mask_and_reference(data_root):
+    ds = datasets.LipDataset(data_root / "fake", frames=range(30), seed=3)
+    s = ds[7]
+    assert s["ref"].shape == s["masked"].shape == s["target"].shape == (3, 320, 320)
+    assert s["audio"].shape == (32, 16, 16) and s["index"] == 7
+    assert 0 <= s["target"].min() and s["target"].max() <= 1
+    x0, y0, x1, y1 = utils.MASK_RECT
+    assert s["masked"][:, y0:y1, x0:x1].abs().max() == 0                       # the lower face is hidden
+    assert torch.equal(s["masked"][:, :y0], s["target"][:, :y0])                # the rest is the truth
+    crop = np.load(data_root / "fake" / "crops.npy", mmap_mode="r")
+    assert torch.equal(s["target"], torch.from_numpy(np.ascontiguousarray(utils.inner(crop[7]))).permute(2, 0, 1) / 255)
+    assert torch.equal(s["audio"], torch.from_numpy(utils.feature_window(np.load(data_root / "fake" / "aud_feat.npy"), 7)))
+    for k in range(0, len(ds), 3):   # the reference is never the frame itself nor a near neighbour
+        i, j = ds[k]["index"], ds[k]["ref_index"]
+        assert abs(i - j) >= datasets.REF_GAP and j < 30
+
+
+def test_samples_are_a_pure_function_of_seed_epoch_index(data_root):
+    a = datasets.LipDataset(data_root / "fake", seed=0, augment=True)
+    b = datasets.LipDataset(data_root / "fake", seed=0, augment=True)
+    for k in (0, 5, 17):
+        sa, sb = a[(k, 2)], b[(k, 2)]
+        assert sa["ref_index"] == sb["ref_index"] and torch.equal(sa["target"], sb["target"])
+    refs = lambda d, e: [d[(k, e)]["ref_index"] for k in range(0, len(d), 4)]
+    assert refs(a, 0) != refs(a, 1)                                              # new references each epoch
+    b.set_epoch(1)
+    assert [b[k]["ref_index"] for k in range(0, len(b), 4)] == refs(a, 1)
+    sampler = datasets.StepBatches(36, 4, seed=5)
+    assert sampler.batch(12) == datasets.StepBatches(36, 4, seed=5, start_step=12).batch(12)
+    epoch0 = sorted(k for s in range(sampler.per_epoch) for k, _ in sampler.batch(s))
+    assert epoch0 == list(range(36))                                             # an epoch sees every item once
+
+
+def test_clip_samples_feed_syncnet(data_root):
+    ds = datasets.LipDataset(data_root / "fake", frames=range(36), clip=5)
+    assert len(ds) == 32                                                         # clips stay inside the frames
+    s = ds[3]
+    assert s["masked"].shape == s["target"].shape == (5, 3, 320, 320) and s["audio"].shape == (5, 32, 16, 16)
+    assert s["mel"].shape == (1, 80, 16) and abs(s["ref_index"] - 3) >= datasets.REF_GAP
+    mel = np.load(data_root / "fake" / "mel.npy")   # the 0.2 s window centred on the middle frame, as SyncNet learnt
+    assert torch.equal(s["mel"], torch.from_numpy(utils.mel_windows(mel, [3 + 5 // 2])[0]))
+
+
+def test_unprocessed_dataset_is_a_user_error(tmp_path, data_root):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(utils.UserError, match="process.py"):
+        datasets.LipDataset(tmp_path / "raw")
+    with pytest.raises(utils.UserError, match="process.py"):
+        train_328.main(config(tmp_path, tmp_path / "out", name="raw"))
+    nofeat = tmp_path / "nofeat"
+    nofeat.mkdir()
+    for f in ("crops.npy", "meta.json"):
+        (nofeat / f).symlink_to(data_root / "fake" / f)
+    with pytest.raises(utils.UserError, match="syncnet_328.py --name nofeat"):
+        train_328.main(config(tmp_path, tmp_path / "out", name="nofeat"))
+    with pytest.raises(utils.UserError, match="audio encoder"):
+        datasets.LipDataset(data_root / "fake", expected_encoder_id="0123456789ab")
+    stale = tmp_path / "stale"                  # the encoder file changed after the features were made
+    stale.mkdir()
+    for f in ("crops.npy", "meta.json", "aud_feat.npy", "aud_feat.json", "mel.npy"):
+        (stale / f).symlink_to(data_root / "fake" / f)
+    (stale / "aud_feat.json").unlink()
+    info = datasets.read_feature_info(data_root / "fake")
+    (stale / "aud_feat.json").write_text(json.dumps(dict(info, source=str(tmp_path / "other.pth"))))
+    utils.save_checkpoint({"model": AudioEncoder().state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(utils.UserError, match="syncnet_328.py --name stale"):
+        train_328.main(config(tmp_path, tmp_path / "out", name="stale"))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_two_steps_leave_a_complete_checkpoint(light_run):
+    out, res = light_run
+    assert res["step"] == 2 and not res["stopped"] and set(res["losses"]) >= {"l1", "total"}
+    ck = utils.load_checkpoint(out / "last.pth")
+    assert ck["step"] == 2 and ck["config"]["widths"] == list(WIDTHS["light"])
+    assert {"model", "optimizer", "scaler", "epoch", "rng", "best_loss", "audio_encoder", "encoder_id",
+            "format_version"} <= set(ck)
+    enc = AudioEncoder()
+    enc.load_state_dict(ck["audio_encoder"])                                     # inference needs only this file
+    assert ck["encoder_id"] == syncnet_328.encoder_id(enc)
+    assert (out / "config.json").is_file() and (out / "best.pth").is_file()
+    assert (out / "previews" / "step_000002.png").is_file()
+
+
+def test_resume_is_exact(data_root, tmp_path):
+    """4 steps straight == 2 steps, stop, resume 2 steps: same losses, same weights (sync loss on)."""
+    def run(out, stop=None, **kw):
+        seen = {}
+        res = train_328.main(config(data_root, out, max_steps=4, sync_clips=1, sync_ramp=1, **kw),
+                             progress=lambda s, n, losses: seen.__setitem__(s, losses), should_stop=stop)
+        return seen, res
+    for d in ("a", "b"):
+        fake_syncnet(tmp_path / d / "syncnet_best.pth")
+    straight, _ = run(tmp_path / "a")
+    assert "sync" in straight[1]
+    calls = iter(range(100))
+    _, first = run(tmp_path / "b", stop=lambda: next(calls) >= 1)              # "killed" after step 2
+    assert first["stopped"] and first["step"] == 2
+    assert utils.load_checkpoint(tmp_path / "b" / "last.pth")["step"] == 2
+    resumed, res = run(tmp_path / "b", resume="auto")
+    assert sorted(resumed) == [3, 4] and res["step"] == 4
+    for s in (3, 4):
+        for k, v in straight[s].items():
+            assert abs(resumed[s][k] - v) <= 1e-6, (s, k, v, resumed[s][k])
+    wa = utils.load_checkpoint(tmp_path / "a" / "last.pth")["model"]
+    wb = utils.load_checkpoint(tmp_path / "b" / "last.pth")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_errors_are_one_line(light_run, data_root, tmp_path):
+    out, _ = light_run
+    with pytest.raises(utils.UserError, match="checkpoint not found"):
+        train_328.main(config(data_root, tmp_path / "x", resume=str(tmp_path / "missing.pth")))
+    with pytest.raises(utils.UserError, match="widths"):
+        train_328.main(config(data_root, tmp_path / "x", resume=str(out / "last.pth"), widths=TINY))
+    ck = utils.load_checkpoint(out / "last.pth")
+    ck["model"] = {k: v for k, v in ck["model"].items() if not k.startswith("outc")}
+    utils.save_checkpoint(ck, tmp_path / "broken.pth")
+    with pytest.raises(utils.UserError, match="does not fit"):
+        train_328.main(config(data_root, tmp_path / "x", resume=str(tmp_path / "broken.pth"), widths="light"))
+    with pytest.raises(utils.UserError, match="--resume auto"):                # no silent overwrite of a run
+        train_328.main(config(data_root, out, widths="light"))
+
+
+def test_reference_flags_are_accepted():
+    cfg = utils.parse_config(train_328.Config, ["--dataset_dir", "d/x", "--save_dir", "c/x", "--batchsize", "3",
+                                                "--no-augment"], aliases=train_328.ALIASES)
+    assert (cfg.dataset, cfg.out_dir, cfg.batch_size, cfg.augment) == ("d/x", "c/x", 3, False)
+
+
+def test_torchrun_two_cpu_processes(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train_328.py", "--name", "fake", "--data_root", str(data_root), "--save_dir", str(out),
+                        "--max_steps", "2", "--widths", TINY, "--device", "cpu", "--batch_size", "2",
+                        "--num_workers", "0", "--val_frames", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = utils.load_checkpoint(out / "last.pth")
+    assert ck["step"] == 2 and ck["config"]["world_size"] == 2
+    assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "last.pth"]   # rank 0 alone saves
+    assert (out / "log.txt").read_text().count("done: step 2") == 1

@@ -1,0 +1,456 @@
+"""Train the person-specific generator (SPEC §7) on dataset/NAME, writing checkpoint/NAME/.
+
+    python train_328.py --name anna                                   # GPU: full widths, batch 8
+    python train_328.py --name anna --widths light --batch_size 2 --max_steps 20 --device cpu   # CPU smoke run
+    torchrun --nproc_per_node 4 train_328.py --name anna             # multi-GPU (DDP)
+
+Each step: a batch of single frames (reference = another frame, masked crop, audio window), plus,
+when a SyncNet checkpoint exists, `sync_clips` clips of SYNC_T consecutive frames whose predictions
+SyncNet (frozen) judges against the clip's mel window. Loss = L1 + perceptual_weight x perceptual
+(VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM) + sync weight x sync BCE.
+Writes last.pth (every save_every steps and at the end), best.pth (lowest held-out L1),
+step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference | masked |
+prediction | truth). `--resume auto` continues exactly where last.pth left off: data order,
+references and the lr schedule are pure functions of (seed, step). Ctrl-C loses at most
+save_every steps. On this 2-core CPU a light batch-8 step takes ~4 s (`python bench_train.py`).
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+import syncnet_328
+from datasets import LipDataset, StepBatches, feature_encoder, read_feature_info, split_frames
+from unet_328 import WIDTHS, UNet328, count_params
+from utils import UserError
+
+
+@dataclass
+class Config:
+    name: str = ""                  # dataset name: reads DATA_ROOT/NAME, writes CKPT_ROOT/NAME
+    dataset: str = ""               # dataset folder; overrides data_root/name (alias --dataset_dir)
+    out_dir: str = ""               # checkpoint folder; overrides ckpt_root/name (alias --save_dir)
+    data_root: str = str(utils.DATASET_DIR)     # where datasets live
+    ckpt_root: str = str(utils.CHECKPOINT_DIR)  # where checkpoints live
+    resume: str = ""                # "" new run; "auto" last.pth if any; "last" or a path: must exist
+    overwrite: bool = False         # start a new run even where out_dir already holds one
+    widths: str = "full"            # U-Net widths: full (12.2 M params), light (CPU), or 6 ints "16,16,32,64,128,256"
+    batch_size: int = 8             # frames per step per process (reference: 8)
+    held_out: float = 0.1           # share of frames held out for validation (a contiguous tail)
+    augment: bool = True            # random brightness gain/offset, the same on reference and target
+    num_workers: int = 2            # DataLoader worker processes per loader and process
+    seed: int = 0                   # seeds the weights, data order, reference choice, augmentation
+    epochs: int = 100               # passes over the training frames (reference: 100); used when max_steps is 0
+    max_steps: int = 0              # optimizer steps; 0 = epochs x steps per epoch
+    lr: float = 1e-3                # Adam peak learning rate (reference: 1e-3)
+    warmup_steps: int = 200         # linear lr warm-up, steps
+    min_lr_frac: float = 0.1        # the cosine decay ends at lr x this
+    grad_clip: float = 1.0          # gradient-norm clip (0 = off): guards against sync-loss spikes
+    perceptual: str = "auto"        # auto | vgg | msssim | off; auto = VGG19 conv3_3 when its weights are on disk, else MS-SSIM
+    perceptual_weight: float = -1.0  # weight of the perceptual term; < 0 = the kind's default (VGG 0.01, MS-SSIM 0.5)
+    sync_weight: float = 10.0       # SyncNet loss weight (reference: 10); 0 when there is no SyncNet checkpoint
+    sync_ramp: int = 2000           # steps over which the sync weight rises from 0: a face must exist before its sync matters
+    sync_clips: int = 2             # clips of SYNC_T consecutive frames per step for the sync loss (also in L1)
+    syncnet: str = ""               # SyncNet checkpoint; default CKPT_ROOT/NAME/syncnet_best.pth (alias --syncnet_checkpoint)
+    device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
+    threads: int = 0                # torch CPU threads (0 = torch's default; 1 is faster on a busy machine)
+    amp: bool = True                # mixed precision (bf16, else fp16 + loss scaling) on GPU; ignored on CPU
+    compile: bool = False           # torch.compile the U-Net (minutes of compiling, then faster steps)
+    channels_last: bool = True      # NHWC memory layout: faster convolutions (SPEC §11)
+    log_every: int = 10             # steps between log lines
+    val_every: int = 500            # steps between held-out L1 evaluations (also at the end)
+    val_frames: int = 64            # held-out frames per evaluation (evenly spaced over the tail)
+    preview_every: int = 500        # steps between preview PNGs (also at the end)
+    save_every: int = 500           # steps between last.pth saves (also at the end)
+    snapshot_every: int = 5000      # steps between kept step_XXXXXX.pth copies (0 = none)
+    tensorboard: bool = False       # also log to OUT_DIR/tb (needs the tensorboard package)
+
+
+RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
+               "perceptual", "perceptual_weight", "sync_weight", "world_size")   # worth a line when a resume changes them
+ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
+PERCEPTUAL_WEIGHT = {"vgg": 0.01, "msssim": 0.5, "off": 0.0}
+VGG_FILE = "vgg19-dcbb9e9d.pth"    # torchvision's ImageNet VGG19; never downloaded here
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # RGB
+
+
+# ---------------------------------------------------------------------------------------------- losses
+class VGGLoss(torch.nn.Module):
+    """L1 between frozen VGG19 conv3_3 (after ReLU) features of prediction and target."""
+
+    def __init__(self, weights_file):
+        import torchvision
+        super().__init__()
+        vgg = torchvision.models.vgg19()
+        vgg.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+        self.features = vgg.features[:16].eval().requires_grad_(False)   # up to relu3_3
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, pred, target):   # (B, 3, H, W) BGR in [0, 1]
+        f = lambda x: self.features((x.flip(1) - self.mean) / self.std)   # VGG wants RGB
+        with torch.no_grad():
+            t = f(target)
+        return F.l1_loss(f(pred), t)
+
+
+def msssim_loss(pred, target):
+    from pytorch_msssim import ms_ssim
+    return 1 - ms_ssim(pred.float(), target.float(), data_range=1.0)
+
+
+def make_perceptual(kind, device):
+    """-> (name, loss fn or None). auto picks VGG only when its weights are already on disk."""
+    vgg_path = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
+    if kind == "auto":
+        kind = "vgg" if vgg_path.is_file() else "msssim"
+    if kind == "vgg":
+        if not vgg_path.is_file():
+            raise UserError(f"--perceptual vgg needs {vgg_path} (torchvision's ImageNet VGG19); use --perceptual msssim")
+        return kind, VGGLoss(vgg_path).to(device)
+    if kind == "msssim":
+        return kind, msssim_loss
+    if kind == "off":
+        return kind, None
+    raise UserError(f"--perceptual {kind!r}: choose auto, vgg, msssim or off")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def lr_at(step, cfg, max_steps):
+    """Linear warm-up, then cosine decay to lr x min_lr_frac: a pure function of step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def parse_widths(text):
+    if text in WIDTHS:
+        return list(WIDTHS[text])
+    try:
+        w = [int(x) for x in str(text).replace("(", "").replace(")", "").split(",")]
+    except ValueError:
+        w = []
+    if len(w) != 6 or min(w) < 2:
+        raise UserError(f"--widths {text!r}: use {' or '.join(WIDTHS)} or 6 comma-separated ints")
+    return w
+
+
+def rng_state(device):
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"].cpu())
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+
+
+def to_img(t):   # (3, H, W) float in [0, 1] -> (H, W, 3) uint8 BGR
+    return (t.detach().float().clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
+
+
+def save_preview(path, ref, masked, pred, target, rows=2):
+    grid = np.concatenate([np.concatenate([to_img(x[i]) for x in (ref, masked, pred, target)], 1)
+                           for i in range(min(rows, len(pred)))], 0)
+    with utils.atomic_file(path) as tmp:
+        cv2.imwrite(str(tmp), grid)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, cfg):
+    """Mean L1 over the held-out frames (eval-mode BatchNorm)."""
+    model.eval()
+    total, n = 0.0, 0
+    for b in loader:
+        x = torch.cat([b["ref"], b["masked"]], 1).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with utils.autocast(device, cfg.amp):
+            pred = model(x, b["audio"].to(device))
+        total += (pred.float() - b["target"].to(device)).abs().mean(dim=(1, 2, 3)).sum().item()
+        n += len(pred)
+    model.train()
+    return total / max(n, 1)
+
+
+def resolve_paths(cfg):
+    if not (cfg.name or cfg.dataset):
+        raise UserError("no dataset given: python train_328.py --name NAME (a folder made by process.py)")
+    ds = Path(cfg.dataset) if cfg.dataset else utils.dataset_path(cfg.name, cfg.data_root)
+    name = utils.check_name(cfg.name or ds.name, "dataset name")
+    out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_root) / name
+    return ds, name, out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(cfg, progress=None, should_stop=None):
+    """Train; returns dict(step, losses, val_l1, best_loss, last, best, out_dir, stopped, timing).
+    progress(step, max_steps, losses) is called after every step; should_stop() ends the run
+    cleanly (last.pth saved) when it returns True (single-process only)."""
+    ds, name, out = resolve_paths(cfg)
+    utils.load_meta(ds)
+    info = read_feature_info(ds)
+    widths = parse_widths(cfg.widths)
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = utils.get_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if ddp:
+        import torch.distributed as dist
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    try:
+        return _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of {device.type} memory at --batch_size {cfg.batch_size}; try --batch_size "
+                        f"{max(1, cfg.batch_size // 2)} (or --widths light)") from None
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop):
+    # ---- the audio encoder the features must come from, and the resume point
+    audio_encoder, enc_id = feature_encoder(ds, info)
+    last = out / "last.pth"
+    ckpt = None
+    if cfg.resume:
+        path = last if cfg.resume in ("auto", "last") else Path(cfg.resume)
+        if cfg.resume != "auto" or path.is_file():
+            ckpt = utils.load_checkpoint(path, "cpu")   # UserError when missing or damaged
+    if ckpt is None and last.is_file() and not cfg.overwrite:
+        raise UserError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start again")
+    if ckpt is not None:
+        got = ckpt.get("config", {}).get("widths")
+        if got is not None and list(got) != widths:
+            raise UserError(f"the checkpoint was trained with --widths {','.join(map(str, got))}, not "
+                            f"{','.join(map(str, widths))}; pass the same --widths or start a new run")
+        if ckpt.get("encoder_id") != enc_id:
+            raise UserError(f"{ds}/aud_feat.npy was remade (encoder {enc_id}) since the checkpoint (encoder "
+                            f"{ckpt.get('encoder_id')}); its audio features changed: start a new run with --overwrite")
+
+    # ---- data: a contiguous held-out tail; batches and references are functions of (seed, step)
+    n = np.load(ds / "crops.npy", mmap_mode="r").shape[0]
+    train_idx, val_idx = split_frames(n, cfg.held_out)
+    train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id)
+    per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
+    max_steps = cfg.max_steps or cfg.epochs * per_epoch
+
+    # ---- SyncNet (optional) and the perceptual term
+    sync_path = Path(cfg.syncnet) if cfg.syncnet else out / "syncnet_best.pth"
+    syncnet, sync_weight, T = None, cfg.sync_weight, 0
+    if sync_weight > 0 and cfg.sync_clips > 0 and (cfg.syncnet or sync_path.is_file()):
+        syncnet = syncnet_328.load_syncnet(sync_path, device)[0].requires_grad_(False)   # frozen, eval mode
+        T = syncnet.T
+    elif sync_weight > 0:
+        sync_weight = 0.0
+    sync_note = (f"sync loss weight {sync_weight} (SyncNet {sync_path}, ramp {cfg.sync_ramp} steps)" if syncnet is not None
+                 else f"sync loss OFF: no SyncNet checkpoint at {sync_path} (python syncnet_328.py --name {name})"
+                 if cfg.sync_weight > 0 and cfg.sync_clips > 0 else "sync loss OFF (--sync_weight 0 or --sync_clips 0)")
+    perc_kind, perc_fn = make_perceptual(cfg.perceptual, device)
+    perc_weight = PERCEPTUAL_WEIGHT[perc_kind] if cfg.perceptual_weight < 0 else cfg.perceptual_weight
+
+    # ---- model + optimizer
+    torch.manual_seed(cfg.seed)
+    model = UNet328(widths).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # fused: one kernel for all parameters; on CPU the per-tensor paths are far slower with channels_last
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
+    step, best_loss = 0, float("inf")
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"the checkpoint does not fit this U-Net ({str(e).splitlines()[0][:150]})") from None
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, best_loss = int(ckpt["step"]), float(ckpt.get("best_loss", float("inf")))
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def loader(dataset, batch_sampler):
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.num_workers,
+                                           pin_memory=device.type == "cuda", persistent_workers=False)
+    batches = iter(loader(train_set, StepBatches(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)))
+    if syncnet is not None:
+        clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=T, ref_frames=train_idx)
+        clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, step, rank, world, salt=1)))
+    val_loader = None
+    if master and len(val_idx):
+        val_sub = val_idx[np.linspace(0, len(val_idx) - 1, min(cfg.val_frames, len(val_idx))).round().astype(int)]
+        val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=train_idx)   # references never show held-out mouths
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)
+
+    # ---- run record
+    resolved = dict(dataclasses.asdict(cfg), name=name, dataset=str(ds), out_dir=str(out), widths=widths,
+                    widths_preset=cfg.widths if cfg.widths in WIDTHS else "custom", perceptual=perc_kind,
+                    perceptual_weight=perc_weight, sync_weight=sync_weight, syncnet=str(sync_path) if syncnet else "",
+                    max_steps=max_steps, steps_per_epoch=per_epoch, world_size=world,
+                    train_frames=len(train_idx), val_frames=int(len(val_idx)), encoder_id=enc_id)
+    writer = None
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        with utils.atomic_file(out / "config.json") as tmp:
+            tmp.write_text(json.dumps(resolved, indent=2))
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            writer = SummaryWriter(str(out / "tb"))
+
+    def log(msg):
+        if master:
+            tqdm.write(msg)
+            with open(out / "log.txt", "a") as f:
+                f.write(msg + "\n")
+
+    def save(path, val_l1=None):
+        utils.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                   scaler=scaler.state_dict(), step=step, epoch=step // per_epoch,
+                                   config=resolved, rng=rng_state(device), best_loss=best_loss, val_l1=val_l1,
+                                   audio_encoder=audio_encoder, encoder_id=enc_id), path)
+
+    log(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
+        f"({count_params(raw_model) / 1e6:.2f} M params) on {device} x{world}, batch {cfg.batch_size}, "
+        f"{per_epoch} steps/epoch, steps {step} -> {max_steps}")
+    log(f"perceptual: {perc_kind} (weight {perc_weight}); {sync_note}")
+    if ckpt is not None:
+        old = ckpt.get("config", {})
+        changed = [f"{k} {old[k]} -> {resolved[k]}" for k in RESUME_NOTE if k in old and old[k] != resolved[k]]
+        log(f"resumed from step {step}" + (f"; changed since: {', '.join(changed)}" if changed else ""))
+
+    # ---- training loop
+    losses, val_l1, stopped = {}, None, False
+    acc, t_data, t_comp, n_seen, t_last, logged = {}, 0.0, 0.0, 0, time.perf_counter(), step
+    first_step, timing = step, [0, 0.0, 0.0, 0]   # steps, data s, compute s, frames (after the first step)
+    bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    while step < max_steps:
+        lr = lr_at(step, cfg, max_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        b = next(batches)
+        c = next(clips) if syncnet is not None else None
+        t1 = time.perf_counter()
+        ref, masked, target, audio = (b[k] for k in ("ref", "masked", "target", "audio"))
+        if c is not None:   # clip frames join the batch; each clip shares one reference
+            ref = torch.cat([ref, c["ref"].repeat_interleave(T, 0)])
+            masked, target, audio = (torch.cat([x, c[k].flatten(0, 1)]) for x, k in
+                                     ((masked, "masked"), (target, "target"), (audio, "audio")))
+        x = torch.cat([ref, masked], 1).to(device, non_blocking=True)   # (B, 6, 320, 320)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target, audio = target.to(device, non_blocking=True), audio.to(device, non_blocking=True)
+        with utils.autocast(device, cfg.amp):
+            pred = model(x, audio)                                       # (B, 3, 320, 320)
+            terms = {"l1": (pred.float() - target).abs().mean()}
+            if perc_fn is not None:
+                terms["perc"] = perc_fn(pred, target)
+            loss = terms["l1"] + perc_weight * terms.get("perc", 0.0)
+            if c is not None:
+                face = pred[-len(c["ref"]) * T:].reshape(len(c["ref"]), T * 3, *pred.shape[2:])
+                a_emb, v_emb = syncnet(face, c["mel"].to(device))        # face (C, 3T, 320, 320), oldest first
+                logits = syncnet.logits(a_emb, v_emb).float()
+                terms["sync"] = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+                loss = loss + sync_weight * min(1.0, (step + 1) / max(cfg.sync_ramp, 1)) * terms["sync"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step += 1
+        t2 = time.perf_counter()
+        t_data, t_comp, n_seen = t_data + t1 - t0, t_comp + t2 - t1, n_seen + len(pred) * world
+        if step > first_step + 1:   # the first step pays for worker start-up and allocator warm-up
+            timing = [u + v for u, v in zip(timing, (1, t1 - t0, t2 - t1, len(pred) * world))]
+        terms["total"] = loss
+        for k, v in terms.items():
+            acc[k] = acc.get(k, 0.0) + v.detach().float()
+        bar.update(1)
+        stopped = should_stop is not None and bool(should_stop())
+        end = step == max_steps or stopped
+        if progress is not None or step % cfg.log_every == 0 or end:
+            losses = {k: v.item() for k, v in terms.items()}
+        if progress is not None:
+            progress(step, max_steps, losses)
+
+        if master and (step % cfg.log_every == 0 or end):
+            ns, dt = step - logged, time.perf_counter() - t_last
+            avg = {term: (v / ns).item() for term, v in acc.items()}
+            log(f"step {step}/{max_steps} ep {step // per_epoch} | " + " ".join(f"{t} {v:.4f}" for t, v in avg.items()) +
+                f" | lr {lr:.2e} | {n_seen / dt:.1f} samples/s | {1e3 * dt / ns:.0f} ms/step "
+                f"(data {1e3 * t_data / ns:.0f}, compute {1e3 * t_comp / ns:.0f})")
+            if writer:
+                for t, v in avg.items():
+                    writer.add_scalar(f"train/{t}", v, step)
+                writer.add_scalar("train/lr", lr, step)
+            acc, t_data, t_comp, n_seen, t_last, logged = {}, 0.0, 0.0, 0, time.perf_counter(), step
+        if master and (step % cfg.preview_every == 0 or end):
+            (out / "previews").mkdir(exist_ok=True)
+            save_preview(out / "previews" / f"step_{step:06d}.png", ref, masked, pred, target)
+        if master and val_loader is not None and (step % cfg.val_every == 0 or end):
+            val_l1 = evaluate(raw_model, val_loader, device, cfg)
+            log(f"step {step}: held-out L1 {val_l1:.4f}" + (" (best)" if val_l1 < best_loss else ""))
+            if writer:
+                writer.add_scalar("val/l1", val_l1, step)
+            if val_l1 < best_loss:
+                best_loss = val_l1
+                save(out / "best.pth", val_l1)
+        if master and (step % cfg.save_every == 0 or end):
+            save(last, val_l1)
+        if master and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            save(out / f"step_{step:06d}.pth", val_l1)
+        if stopped:
+            log(f"stopped at step {step}; continue with --resume auto")
+            break
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    if master:
+        log(f"done: step {step}, last {last}" + (f", best held-out L1 {best_loss:.4f}" if val_loader is not None else ""))
+        if writer:
+            writer.close()
+    ns, td, tc, frames = timing
+    timing = dict(steps=ns, data_ms=1e3 * td / max(ns, 1), compute_ms=1e3 * tc / max(ns, 1),
+                  samples_per_s=frames / max(td + tc, 1e-9))
+    return dict(step=step, losses=losses, val_l1=val_l1, best_loss=best_loss, last=str(last), timing=timing,
+                best=str(out / "best.pth") if (out / "best.pth").is_file() else None, out_dir=str(out), stopped=stopped)
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0], aliases=ALIASES))
