@@ -101,8 +101,10 @@ def ensure_dataset(cfg):
         if not clip.is_file():
             raise UserError(f"{clip} is absent: pass --name NAME of a processed dataset")
         print(f"processing {clip} into {root}/anchor (once) ...", flush=True)
-        subprocess.run([sys.executable, str(utils.REPO / "process.py"), str(clip), "--name", "anchor",
-                        "--data_root", str(root)], check=True, stdout=subprocess.DEVNULL)
+        r = subprocess.run([sys.executable, str(utils.REPO / "process.py"), str(clip), "--name", "anchor",
+                            "--data_root", str(root)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UserError(f"process.py failed on {clip}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return "anchor", str(root)
 
 
@@ -190,7 +192,8 @@ class StubRunner:
 def case_e2e(arg):
     """One full render (load audio, features, decode, model, paste, encode) in this process."""
     import inference_328 as inf
-    import torch  # noqa: F401  (imported before measuring the baseline memory)
+    import importlib
+    importlib.import_module("torch")          # imported before the baseline memory is measured
     load0, rss0 = os.getloadavg()[0], current_rss_mb()
     t0 = time.perf_counter()
     model = inf.LipSyncModel(arg["ckpt"], "auto", arg["backend"])

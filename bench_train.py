@@ -7,6 +7,8 @@ the perceptual term train_328 picks; sync loss off) on a synthetic dataset unles
     python bench_train.py --widths light --steps 2 --batch_size 2   # CPU smoke run
 
 The first step (worker start-up, allocator warm-up) is not counted. Outputs go to a temp folder.
+"compute CPU ms" is the training process's CPU time per step (all its threads): on a shared,
+busy machine it is steadier than wall time; on an idle one it is about threads x compute ms.
 """
 import os
 import platform
@@ -67,10 +69,10 @@ def main(cfg):
     print(hardware(device))
     print(f"batch {cfg.batch_size}, {cfg.steps} measured steps, {cfg.num_workers} workers, device {device}, "
           f"channels_last {cfg.channels_last}, dataset {cfg.name or 'synthetic'}")
-    print(f"{'widths':8s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s}")
+    print(f"{'widths':8s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s} {'compute CPU ms':>15s}")
     for preset, t in rows:
         print(f"{preset:8s} {t['samples_per_s']:10.2f} {t['data_ms'] + t['compute_ms']:9.0f} "
-              f"{t['data_ms']:9.1f} {t['compute_ms']:11.0f}")
+              f"{t['data_ms']:9.1f} {t['compute_ms']:11.0f} {t['compute_cpu_ms']:15.0f}")
     return rows
 
 

@@ -5,7 +5,8 @@
     python server.py --port 8001 --data_dir /tmp/lipsync-srv --device cpu --max_upload_mb 50   # CPU smoke run
 
 One worker thread runs the jobs, one at a time, so two jobs never fight over the device; models
-are loaded in that thread on first use and the last `cache_models` avatars stay loaded. Jobs live
+are loaded in that thread on first use and the last `cache_models` avatars stay loaded; it runs
+at a lower CPU priority so that status polling stays fast while a job computes (bench_server.py). Jobs live
 in SQLite (data_dir/jobs.db): a restart re-queues queued jobs, resumes generator training that
 had saved a checkpoint, marks any other job that was running as failed ("interrupted by server
 restart") and keeps every finished result downloadable.
@@ -64,6 +65,7 @@ class Config:
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, mps: where jobs run
     backend: str = "auto"           # inference U-Net runtime (inference_328 --backend)
     cache_models: int = 2           # avatars kept loaded between generate jobs (LRU)
+    job_nice: int = 10              # niceness of the job thread (Linux): requests are served first, jobs use the rest
     threads: int = 0                # torch CPU threads while serving (0 = torch's default: all cores; 1 on a shared CPU)
     train_workers: int = 0          # DataLoader workers in server training (0: no fork inside a threaded server)
     keep_alive_s: int = 30          # idle keep-alive connections close after this (longer than any page's poll interval)
@@ -347,6 +349,10 @@ class Worker:
             raise Stopped
 
     def _loop(self):
+        if self.s.job_nice and hasattr(os, "setpriority"):
+            # Linux schedules threads separately: only this thread and the ones it starts (template
+            # reader, video writer) yield the CPU to the request threads, so polling stays quick
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.s.job_nice)
         prev_threads = None
         if self.s.threads > 0:               # process-wide in torch: restored when the worker ends
             import torch

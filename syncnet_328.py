@@ -48,10 +48,13 @@ def sync_logits(a_emb, v_emb, scale, bias=0.0):
     return scale * (a_emb * v_emb).sum(dim=1) + bias
 
 
-def downscale_face(face, face_size, lower_half=True):
-    """320 crops (B, C, 320, 320), any C -> (B, C, *face_size): the lower half (mouth and chin)
-    when lower_half, then an area downscale when face_size is smaller."""
-    if lower_half:
+def downscale_face(face, face_size, lower_half=True, region=None):
+    """320 crops (B, C, 320, 320), any C -> (B, C, *face_size): the rows/cols `region` = (y0, y1,
+    x0, x1) of the crop if given, else its lower half when lower_half, then an area downscale."""
+    if region:
+        y0, y1, x0, x1 = region
+        face = face[:, :, y0:y1, x0:x1]
+    elif lower_half:
         face = face[:, :, INNER // 2:]                      # (B, C, 160, 320)
     if tuple(face.shape[2:]) != tuple(face_size):
         face = F.interpolate(face, size=tuple(face_size), mode="area")
@@ -62,12 +65,16 @@ class SyncNet(nn.Module):
     """forward(face (B, 3T, 320, 320) in [0, 1], mel (B, 1, 80, 16)) -> (a_emb, v_emb), each
     (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first."""
 
-    def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None):
+    def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None,
+                 region=None):
         super().__init__()
         self.T, self.lower_half = T, lower_half
-        # (h, w) the face tower sees; None = the (lower half of the) 320 crop at full resolution.
-        # A smaller size (e.g. (80, 160)) is an area downscale, for CPU training speed.
-        full = (INNER // 2, INNER) if lower_half else (INNER, INNER)
+        # region (y0, y1, x0, x1): the part of the 320 crop the face tower sees (overrides lower_half).
+        self.region = tuple(int(v) for v in region) if region else None
+        # (h, w) the face tower sees; None = that part at full resolution. A smaller size (e.g.
+        # (80, 160)) is an area downscale, for CPU training speed.
+        full = ((self.region[1] - self.region[0], self.region[3] - self.region[2]) if self.region else
+                (INNER // 2, INNER) if lower_half else (INNER, INNER))
         self.face_size = tuple(int(v) for v in face_size) if face_size else full
         # Stride-2 conv stages; the middle ones also get a residual 3x3 conv (cheap there, at
         # <= 40x80 px), the widest stage none to keep the parameter count down.
@@ -91,7 +98,7 @@ class SyncNet(nn.Module):
         """Full crops (B, 3T, 320, 320) -> face-tower input (B, 3T, *face_size): the lower half,
         area-downscaled (for integer factors the same pixels as utils.resize / cv2 INTER_AREA)."""
         check_shape(face, (3 * self.T, INNER, INNER), "SyncNet face")
-        return downscale_face(face, self.face_size, self.lower_half)
+        return downscale_face(face, self.face_size, self.lower_half, self.region)
 
     def embed_face(self, face):
         """face: full crops (B, 3T, 320, 320) or prepare_face output (B, 3T, *face_size)."""
@@ -126,6 +133,7 @@ class Config:
     widths: str = "light"           # face-tower widths: light, full, or a comma list of 5 ints
     face_size: tuple = (96, 96)     # (h, w) face-tower input, px: the 320 crop (or its lower half) area-downscaled, for CPU speed
     lower_half: bool = False        # only the crop's lower half (Wav2Lip habit); our crop starts at the nose, so the mouth is in its upper half
+    region: tuple = ()              # (y0, y1, x0, x1) rows/cols of the 320 crop for the face tower; () = whole crop
     emb_dim: int = EMB_DIM          # embedding size of both towers
     max_steps: int = 600            # optimizer steps (0 = only --epochs limits)
     epochs: int = 0                 # passes over the training windows (0 = only --max_steps limits); the smaller limit wins
@@ -285,15 +293,15 @@ def audio_windows(wav, n, speed=1.0):
     return utils.mel_windows(utils.melspectrogram(wav), frames)
 
 
-def face_inputs(crops_path, face_size, lower_half=True, chunk=64):
-    """crops.npy [N, 328, 328, 3] -> uint8 [N, 3, h, w] face-tower inputs (lower half, area
-    downscale via the model's own downscale_face), computed once and kept in memory."""
+def face_inputs(crops_path, model, chunk=64):
+    """crops.npy [N, 328, 328, 3] -> uint8 [N, 3, h, w] face-tower inputs of `model` (its part of
+    the 320 crop, area-downscaled by its own downscale_face), computed once and kept in memory."""
     crops = np.load(crops_path, mmap_mode="r")
-    out = np.empty((len(crops), 3, *face_size), np.uint8)
+    out = np.empty((len(crops), 3, *model.face_size), np.uint8)
     for s in tqdm(range(0, len(crops), chunk), desc="faces", unit="chunk", leave=False):
         x = torch.from_numpy(np.ascontiguousarray(crops[s:s + chunk, BORDER:BORDER + INNER, BORDER:BORDER + INNER]))
         x = x.permute(0, 3, 1, 2).float() / 255                                  # (b, 3, 320, 320) BGR
-        y = downscale_face(x, face_size, lower_half)                             # (b, 3, h, w)
+        y = downscale_face(x, model.face_size, model.lower_half, model.region)  # (b, 3, h, w)
         out[s:s + chunk] = (y * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     return out
 
@@ -303,10 +311,10 @@ class Clip:
     [V, n, 1, 80, 16] (the clean audio first, then augmented copies); n = frames covered by both
     the video and the audio, so every index below n has a face and its audio."""
 
-    def __init__(self, ds_dir, face_size, lower_half=True, aug_variants=0, aug_cfg=None, seed=0):
+    def __init__(self, ds_dir, model, aug_variants=0, aug_cfg=None, seed=0):
         self.ds_dir = Path(ds_dir)
         self.meta = check_dataset(ds_dir)
-        self.faces = face_inputs(self.ds_dir / "crops.npy", face_size, lower_half)
+        self.faces = face_inputs(self.ds_dir / "crops.npy", model)
         wav = read_wav(ds_dir)
         self.n = min(len(self.faces), utils.num_frames(len(wav)))
         rng = np.random.default_rng([seed, 1])
@@ -463,7 +471,7 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15):
     model, ck = load_syncnet(ckpt, device) if isinstance(ckpt, (str, Path)) else (ckpt.eval(), None)
     conf = (ck or {}).get("config", {})
     min_shift, max_shift = conf.get("min_shift", 5), conf.get("max_shift", 50)
-    clip = Clip(ds_dir, model.face_size, model.lower_half)
+    clip = Clip(ds_dir, model)
     if clip.n < model.T + 2 * min_shift:
         raise UserError(f"dataset {ds_dir} is too short to evaluate ({clip.n} frames)")
     out = sync_metrics(model, clip, eval_pairs(0, clip.n, 10 ** 9, seed, min_shift, max_shift, model.T), device)
@@ -481,7 +489,7 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15):
 
 # ---- training --------------------------------------------------------------------------------
 # Fixed by the checkpoint on --resume: they shape the model, the data stream or the held-out set.
-RESUME_FIXED = ("widths", "face_size", "lower_half", "emb_dim", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
+RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "emb_dim", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
                 "aug_variants", "gain_db", "snr_db", "speed")
 
 
@@ -517,7 +525,8 @@ def split(n, cfg, T=SYNC_T):
     return train_hi, n - n_val
 
 
-def train(cfg, ds_dir, ckpt_dir, device):
+def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
+    """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
     last_path, best_path = ckpt_dir / "syncnet_last.pth", ckpt_dir / "syncnet_best.pth"
     ckpt = None
     if cfg.resume:
@@ -533,7 +542,7 @@ def train(cfg, ds_dir, ckpt_dir, device):
     check_dataset(ds_dir)
     torch.manual_seed(cfg.seed)
     model_args = dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=SYNC_T, lower_half=cfg.lower_half,
-                      face_size=tuple(int(v) for v in cfg.face_size))
+                      face_size=tuple(int(v) for v in cfg.face_size), region=tuple(int(v) for v in cfg.region) or None)
     model = SyncNet(**model_args)
     if cfg.reference_encoder and ckpt is None:
         model.audio_encoder.load_state_dict(load_reference_encoder(cfg.reference_encoder).state_dict())
@@ -544,7 +553,7 @@ def train(cfg, ds_dir, ckpt_dir, device):
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
     t0 = time.time()
-    clip = Clip(ds_dir, model.face_size, model.lower_half, cfg.aug_variants, cfg, cfg.seed)
+    clip = Clip(ds_dir, model, cfg.aug_variants, cfg, cfg.seed)
     train_hi, val_lo = split(clip.n, cfg)
     val_pairs = eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift)
     steps_per_epoch = math.ceil((train_hi - SYNC_T + 1) / cfg.batch_size)
@@ -575,7 +584,7 @@ def train(cfg, ds_dir, ckpt_dir, device):
                                          num_workers=cfg.num_workers)
     bar = tqdm(total=total, initial=step, desc="syncnet", unit="step")
     run = {"loss": 0.0, "acc": 0.0, "n": 0, "samples": 0, "time": 0.0}
-    val = None
+    val, stopped = None, False
     tic = time.time()
     for face, mel, frames, groups in loader:
         lr = lr_at(step, cfg, total)
@@ -598,7 +607,10 @@ def train(cfg, ds_dir, ckpt_dir, device):
         run["samples"] += len(face)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
-        if step % cfg.val_every == 0 or step == total:
+        if progress is not None:
+            progress(step, total, {"loss": loss.item(), "acc": acc.item()})
+        stopped = should_stop is not None and bool(should_stop())
+        if step % cfg.val_every == 0 or step == total or stopped:
             run["time"] += time.time() - tic
             val = sync_metrics(model, clip, val_pairs, device)
             improved = val["acc"] > best["acc"] or (val["acc"] == best["acc"] and val["loss"] < best["loss"])
@@ -615,14 +627,20 @@ def train(cfg, ds_dir, ckpt_dir, device):
                 f"{run['samples'] / max(run['time'], 1e-9):.1f} samples/s{'  *best' if improved else ''}")
             run.update(loss=0.0, acc=0.0, n=0, samples=0, time=0.0)
             tic = time.time()
+        if stopped:
+            log(f"stopped at step {step}; continue with --resume")
+            break
     bar.close()
     log(f"done: best val acc {best['acc']:.3f} (loss {best['loss']:.4f}) at step {best.get('step')}, "
         f"{(time.time() - t0) / 60:.1f} min -> {best_path}")
     log_file.close()
-    return {"best": best, "val": val, "best_path": best_path, "last_path": last_path, "steps": step}
+    return {"best": best, "val": val, "best_path": best_path, "last_path": last_path, "steps": step, "stopped": stopped}
 
 
-def main(cfg):
+def main(cfg, progress=None, should_stop=None):
+    """Train (or --features_only / --eval_only); returns dict(best, val, features, eval, ...).
+    progress(step, total, {"loss", "acc"}) is called after every step; should_stop() returning
+    True ends training cleanly (syncnet_last.pth saved, no features written)."""
     if not cfg.name:
         raise UserError("no dataset given: python syncnet_328.py --name NAME (the --name given to process.py)")
     ds_dir = utils.dataset_path(cfg.name, cfg.data_root)
@@ -645,7 +663,9 @@ def main(cfg):
             raise UserError(f"no trained SyncNet at {best_path}; train it first (python syncnet_328.py "
                             f"--name {cfg.name}) or pass --reference_encoder PATH")
     else:
-        result = train(cfg, ds_dir, ckpt_dir, device)
+        result = train(cfg, ds_dir, ckpt_dir, device, progress, should_stop)
+        if result["stopped"]:
+            return result
         encoder, source = load_syncnet(best_path, device)[0].audio_encoder, best_path
     if cfg.write_features and not cfg.eval_only:
         feats, info = write_features(ds_dir, encoder, source, device)

@@ -352,7 +352,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     # ---- training loop
     losses, val_l1, stopped = {}, None, False
     acc, t_data, t_comp, n_seen, t_last, logged = {}, 0.0, 0.0, 0, time.perf_counter(), step
-    first_step, timing = step, [0, 0.0, 0.0, 0]   # steps, data s, compute s, frames (after the first step)
+    first_step, timing = step, [0, 0.0, 0.0, 0.0, 0]   # steps, data s, compute s, compute CPU s, frames (after step 1)
     bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
     model.train()
     while step < max_steps:
@@ -362,7 +362,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         t0 = time.perf_counter()
         b = next(batches)
         c = next(clips) if syncnet is not None else None
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         ref, masked, target, audio = (b[k] for k in ("ref", "masked", "target", "audio"))
         if c is not None:   # clip frames join the batch; each clip shares one reference
             ref = torch.cat([ref, c["ref"].repeat_interleave(T, 0)])
@@ -394,10 +394,10 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step += 1
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         t_data, t_comp, n_seen = t_data + t1 - t0, t_comp + t2 - t1, n_seen + len(pred) * world
         if step > first_step + 1:   # the first step pays for worker start-up and allocator warm-up
-            timing = [u + v for u, v in zip(timing, (1, t1 - t0, t2 - t1, len(pred) * world))]
+            timing = [u + v for u, v in zip(timing, (1, t1 - t0, t2 - t1, c2 - c1, len(pred) * world))]
         terms["total"] = loss
         for k, v in terms.items():
             acc[k] = acc.get(k, 0.0) + v.detach().float()
@@ -445,9 +445,9 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         log(f"done: step {step}, last {last}" + (f", best held-out L1 {best_loss:.4f}" if val_loader is not None else ""))
         if writer:
             writer.close()
-    ns, td, tc, frames = timing
+    ns, td, tc, cc, frames = timing
     timing = dict(steps=ns, data_ms=1e3 * td / max(ns, 1), compute_ms=1e3 * tc / max(ns, 1),
-                  samples_per_s=frames / max(td + tc, 1e-9))
+                  compute_cpu_ms=1e3 * cc / max(ns, 1), samples_per_s=frames / max(td + tc, 1e-9))
     return dict(step=step, losses=losses, val_l1=val_l1, best_loss=best_loss, last=str(last), timing=timing,
                 best=str(out / "best.pth") if (out / "best.pth").is_file() else None, out_dir=str(out), stopped=stopped)
 

@@ -39,6 +39,7 @@ def setup(tiny_dataset, tmp_path_factory):
     """(data_root, ckpt_root, loaded model, template, speech wav path, speech wav)."""
     import synthetic
     tmp = tmp_path_factory.mktemp("inference")
+    old_cache = os.environ.get("LIPSYNC_CACHE")
     os.environ["LIPSYNC_CACHE"] = str(tmp / "cache")        # exported U-Net graphs stay in the test's temp dir
     ckpt = random_light_checkpoint(tmp / "ck" / "tiny" / "last.pth")
     model = inf.LipSyncModel(ckpt, "cpu")
@@ -46,8 +47,12 @@ def setup(tiny_dataset, tmp_path_factory):
     wav = synthetic.synth_speech(1.2, seed=3, lead_silence=0.2)
     wav_path = tmp / "speech.wav"
     utils.write_wav(wav_path, wav)
-    return dict(root=tiny_dataset.parent, ckpt_root=tmp / "ck", model=model, template=template,
-                wav_path=wav_path, wav=wav, tmp=tmp)
+    yield dict(root=tiny_dataset.parent, ckpt_root=tmp / "ck", model=model, template=template,
+               wav_path=wav_path, wav=wav, tmp=tmp)
+    if old_cache is None:
+        os.environ.pop("LIPSYNC_CACHE", None)
+    else:
+        os.environ["LIPSYNC_CACHE"] = old_cache
 
 
 def count_frames(path):

@@ -121,15 +121,17 @@ def test_face_downscale_matches_the_resize_convention():
         assert torch.allclose(net.embed_face(full), net.embed_face(net.prepare_face(full)), atol=1e-6)
 
 
-def test_resume_is_exact(tmp_path):
+def test_stop_then_resume_is_exact(tmp_path):
     ds_root = tmp_path / "data"
     make_toy_dataset(ds_root, n=120, seed=3)
-    common = dict(TOY, name="toy", data_root=str(ds_root), val_every=2, lr_decay_steps=4, batch_size=8,
+    common = dict(TOY, name="toy", data_root=str(ds_root), val_every=3, max_steps=4, batch_size=8,
                   write_features=False)
-    straight = sn.Config(ckpt_root=str(tmp_path / "a"), max_steps=4, **common)
-    sn.main(straight)
-    sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), max_steps=2, **common))
-    sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), max_steps=4, resume=True, **common))
+    sn.main(sn.Config(ckpt_root=str(tmp_path / "a"), **common))
+    seen = []                                   # a server job asked to stop after step 2
+    r = sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), **common),
+                progress=lambda step, total, losses: seen.append((step, total)), should_stop=lambda: len(seen) >= 2)
+    assert r["stopped"] and seen == [(1, 4), (2, 4)] and not (ds_root / "toy" / "aud_feat.npy").exists()
+    sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), resume=True, **common))
     a = utils.load_checkpoint(tmp_path / "a" / "toy" / "syncnet_last.pth")
     b = utils.load_checkpoint(tmp_path / "b" / "toy" / "syncnet_last.pth")
     assert a["step"] == b["step"] == 4
