@@ -1,5 +1,8 @@
 """Training samples for the generator, read from a processed dataset (dataset/NAME/).
 
+    python datasets.py --name anchor                      # benchmark: crop cache vs JPEG, samples/s
+    python -c "import datasets as d; print(d.split_frames(500))"      # the held-out split
+
 A sample for frame i (SPEC §3, contract "Training sample"): the 320 inner crop of a reference
 frame that is NOT i nor one of its neighbours (so the mouth cannot be copied from it, as at
 inference where the template is another frame), the masked 320 crop of frame i, the true 320 crop
@@ -11,17 +14,16 @@ Every random choice (reference frame, augmentation) is a pure function of (seed,
 `StepBatches` makes the batch order a pure function of (seed, step): a resumed run sees exactly the
 batches an uninterrupted one would, without replaying anything.
 
-The crop cache pays: reading crops.npy (memmap) vs decoding frames/*.jpg and cropping on the fly,
-`python datasets.py --name NAME` on this 2-core Xeon (torch 2.14.1, one thread, in-process, batch
-8, measured while other jobs kept the load average near 10, so CPU ms are the figure to trust):
-512x512 video (german_anchor_20s): 3.2 vs 6.7 CPU ms/sample (76 vs 38 samples/s wall);
-256x256 video (feifei_clip1_10s): 3.4 vs 4.4 CPU ms/sample. The JPEG cost grows with the source
-resolution (a 1080p frame decodes ~8x more pixels than 512x512); the cache's does not. On CPU
-neither is the bottleneck (a light batch-8 step is seconds); on a GPU a full batch-8 step of
-tens of ms needs a few hundred samples/s, i.e. the cache and a couple of workers.
-
-    python datasets.py --name anchor                      # cache vs JPEG samples/s
-    python -c "import datasets as d; print(d.split_frames(500))"
+The crop cache pays, modestly at these resolutions: reading crops.npy (memmap) vs decoding
+frames/*.jpg and cropping on the fly, `python datasets.py --name NAME` on this 2-core Xeon (torch
+2.14.1, one thread, in-process, batch 8; two runs while other jobs kept the load average at 6-10,
+so CPU ms are the figures to trust): 512x512 video (german_anchor_20s) 3.2-3.6 vs 5.3-6.7 CPU
+ms/sample (194 vs 123 samples/s wall in the quieter run); 256x256 video (feifei_clip1_10s)
+3.4-3.7 vs 4.4-4.8. What is left in the cached path is float conversion and batching; the JPEG
+cost grows with the source resolution (1080p decodes ~8x the pixels of 512x512), the cache's
+does not. On CPU neither is the bottleneck (a light batch-8 step costs ~6.7 CPU s,
+bench_train.py); on a GPU a full batch-8 step of tens of ms needs a few hundred samples/s: the
+cache and a couple of workers.
 """
 import json
 import time
@@ -169,22 +171,26 @@ class LipDataset(torch.utils.data.Dataset):
         i = int(self.items[k])
         rng = np.random.default_rng([self.seed, epoch, i])
         j = self.pick_reference(i, rng)
-        ref = utils.inner(self.load_crop(j))
+        ref = utils.inner(self.load_crop(j))                                                # (320, 320, 3)
         cur = np.stack([utils.inner(self.load_crop(f)) for f in range(i, i + self.clip)])  # (T, 320, 320, 3)
+        if self.augment:   # a lighting change of the whole scene, applied before masking as at inference
+            gain = np.float32(1 + rng.uniform(-AUG_GAIN, AUG_GAIN))
+            bias = np.float32(255 * rng.uniform(-AUG_BIAS, AUG_BIAS) + 0.5)   # + 0.5: round, not floor
+            ref, cur = (np.clip(x * gain + bias, 0, 255).astype(np.uint8) for x in (ref, cur))
         masked = utils.mask_inner(cur)
-        gain, bias = (1 + rng.uniform(-AUG_GAIN, AUG_GAIN), rng.uniform(-AUG_BIAS, AUG_BIAS)) if self.augment else (1, 0)
-
-        def tensor(a):   # (..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1]
-            t = torch.from_numpy(np.ascontiguousarray(a)).movedim(-1, -3).float().div_(255)
-            return t.mul_(gain).add_(bias).clamp_(0, 1) if self.augment else t
-
         audio = np.stack([utils.feature_window(self.feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
-        out = dict(ref=tensor(ref), masked=tensor(masked), target=tensor(cur), audio=torch.from_numpy(audio), index=i, ref_index=j)
+        out = dict(ref=_tensor(ref), masked=_tensor(masked), target=_tensor(cur), audio=torch.from_numpy(audio),
+                   index=i, ref_index=j)
         if self.clip == 1:
-            out = {k: (v[0] if k in ("masked", "target", "audio") else v) for k, v in out.items()}
+            out.update(masked=out["masked"][0], target=out["target"][0], audio=out["audio"][0])
         else:   # the 0.2 s mel window centred on the clip's middle frame spans exactly its T frames
             out["mel"] = torch.from_numpy(utils.mel_windows(self.mel, [i + self.clip // 2])[0])   # (1, 80, 16)
         return out
+
+
+def _tensor(a):
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(a)).movedim(-1, -3).float().div_(255)
 
 
 class JpegLipDataset(LipDataset):

@@ -36,7 +36,7 @@ from utils import FPS, SR, UserError
 @dataclass
 class Config:
     video: str = ""                # your own video (one person talking); "" = the synthetic actor
-    out_dir: str = "demo_out"      # everything goes here (datasets, checkpoints, mp4s, metrics)
+    out_dir: str = str(utils.REPO / "demo_out")   # everything goes here (datasets, checkpoints, mp4s, metrics; git-ignored)
     name: str = "demo"             # avatar name inside out_dir
     train_seconds: float = 30.0    # synthetic actor: length of the training clip, s
     heldout_seconds: float = 8.0   # held-out clip for evaluate.py, s (own video: taken from its end)

@@ -66,9 +66,9 @@ class SyncNet(nn.Module):
     (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first."""
 
     def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None,
-                 region=None):
+                 region=None, motion_only=False):
         super().__init__()
-        self.T, self.lower_half = T, lower_half
+        self.T, self.lower_half, self.motion_only = T, lower_half, motion_only
         # region (y0, y1, x0, x1): the part of the 320 crop the face tower sees (overrides lower_half).
         self.region = tuple(int(v) for v in region) if region else None
         # (h, w) the face tower sees; None = that part at full resolution. A smaller size (e.g.
@@ -105,6 +105,11 @@ class SyncNet(nn.Module):
         if face.dim() != 4 or tuple(face.shape[2:]) != self.face_size:
             face = self.prepare_face(face)
         check_shape(face, (3 * self.T, *self.face_size), "SyncNet face")
+        if self.motion_only:
+            # each frame minus the window's mean frame: the static look (pose, light) is gone
+            B = face.shape[0]
+            f = face.reshape(B, self.T, 3, *self.face_size)
+            face = (f - f.mean(dim=1, keepdim=True)).reshape(B, 3 * self.T, *self.face_size) * 4
         x = self.face_encoder(face)                         # (B, C, h/32, w/32)
         return F.normalize(self.face_head(x.mean(dim=(2, 3))), dim=1)   # (B, emb_dim)
 
@@ -134,6 +139,7 @@ class Config:
     face_size: tuple = (96, 96)     # (h, w) face-tower input, px: the 320 crop (or its lower half) area-downscaled, for CPU speed
     lower_half: bool = False        # only the crop's lower half (Wav2Lip habit); our crop starts at the nose, so the mouth is in its upper half
     region: tuple = ()              # (y0, y1, x0, x1) rows/cols of the 320 crop for the face tower; () = whole crop
+    motion_only: bool = False       # face tower sees each frame minus the window mean
     emb_dim: int = EMB_DIM          # embedding size of both towers
     max_steps: int = 600            # optimizer steps (0 = only --epochs limits)
     epochs: int = 0                 # passes over the training windows (0 = only --max_steps limits); the smaller limit wins
@@ -542,7 +548,8 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     check_dataset(ds_dir)
     torch.manual_seed(cfg.seed)
     model_args = dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=SYNC_T, lower_half=cfg.lower_half,
-                      face_size=tuple(int(v) for v in cfg.face_size), region=tuple(int(v) for v in cfg.region) or None)
+                      face_size=tuple(int(v) for v in cfg.face_size), region=tuple(int(v) for v in cfg.region) or None,
+                      motion_only=cfg.motion_only)
     model = SyncNet(**model_args)
     if cfg.reference_encoder and ckpt is None:
         model.audio_encoder.load_state_dict(load_reference_encoder(cfg.reference_encoder).state_dict())

@@ -12,7 +12,9 @@ Writes last.pth (every save_every steps and at the end), best.pth (lowest held-o
 step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference | masked |
 prediction | truth). `--resume auto` continues exactly where last.pth left off: data order,
 references and the lr schedule are pure functions of (seed, step). Ctrl-C loses at most
-save_every steps. On this 2-core CPU a light batch-8 step takes ~4 s (`python bench_train.py`).
+save_every steps. Speed (`python bench_train.py --threads 1`, batch 8, MS-SSIM, no sync loss, this
+2-core Xeon shared with other jobs at load ~5): light 10 s/step (6.7 CPU s), full 23 s/step
+(14.5 CPU s); with torch's 2 threads on the busy machine 2-3x slower. Real training is a GPU job.
 """
 import dataclasses
 import json

@@ -191,6 +191,7 @@ def atomic_file(final):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)            # mkstemp makes owner-only files; outputs are ordinary files
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):

@@ -50,9 +50,9 @@ def config(data_root, out, **kw):
 
 
 def fake_syncnet(path):
-    """A random light SyncNet checkpoint, so the sync-loss path runs."""
+    """A random light SyncNet checkpoint, so the sync-loss path runs; clips of T=2 frames keep it cheap."""
     torch.manual_seed(1)
-    args = dict(widths=syncnet_328.SYNC_WIDTHS["light"], face_size=(80, 160))
+    args = dict(widths=syncnet_328.SYNC_WIDTHS["light"], face_size=(80, 160), T=2)
     net = syncnet_328.SyncNet(**args)
     utils.save_checkpoint({"model": net.state_dict(), "config": {"model_args": args}, "step": 0}, path)
 
@@ -96,6 +96,8 @@ def test_samples_are_a_pure_function_of_seed_epoch_index(data_root):
     for k in (0, 5, 17):
         sa, sb = a[(k, 2)], b[(k, 2)]
         assert sa["ref_index"] == sb["ref_index"] and torch.equal(sa["target"], sb["target"])
+    x0, y0, x1, y1 = utils.MASK_RECT                                             # augmented: still black as at inference
+    assert sa["masked"][:, y0:y1, x0:x1].abs().max() == 0 and torch.equal(sa["masked"][:, :y0], sa["target"][:, :y0])
     refs = lambda d, e: [d[(k, e)]["ref_index"] for k in range(0, len(d), 4)]
     assert refs(a, 0) != refs(a, 1)                                              # new references each epoch
     b.set_epoch(1)
