@@ -92,6 +92,7 @@ NOMINAL_SPEECH_DB = -12.0         # dBFS of the loud frames (95th percentile) of
 MAX_LEVEL_SHIFT = 20.0            # dB: the gate adapts to recordings at most this much quieter/louder
 ABS_SILENCE_DB = -60.0            # dBFS below which a frame is silent whatever the recording level
 MAX_AUDIO_HOURS = 10              # longer audio is refused (it would take days on a CPU)
+MIN_TEMPLATE_BOX = 80             # px: a template face whose crop box is smaller would be upscaled > 4x
 
 
 class Cancelled(UserError):
@@ -618,9 +619,16 @@ class ImageTemplate(FolderTemplate):
         faces = landmarks.make_detector("dlib").detect(img)
         if not faces:
             raise UserError(f"no face found in template {path}; use a frontal, well-lit photo")
+        if len(faces) > 1:
+            print(f"note: {len(faces)} faces in template {path}; animating the largest one", file=sys.stderr)
         lm = np.asarray(faces[0][0], np.float32)
+        box = utils.crop_box(lm)
+        if box[2] - box[0] < MIN_TEMPLATE_BOX:
+            raise UserError(f"the face in template {path} is too small: its crop is {box[2] - box[0]} px wide, at least "
+                            f"{MIN_TEMPLATE_BOX} px are needed (a face about {MIN_TEMPLATE_BOX * 5 // 4} px wide); "
+                            "use a larger or closer photo")
         self.image = img
-        super().__init__(Path(path).parent, lm[None], utils.crop_box(lm)[None], (img.shape[1], img.shape[0]),
+        super().__init__(Path(path).parent, lm[None], box[None], (img.shape[1], img.shape[0]),
                          what=f"template {path}")
 
     def read(self, j):
