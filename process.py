@@ -38,8 +38,8 @@ class Config:
     overwrite: bool = False         # replace an existing dataset of the same name
     backend: str = "dlib"           # landmark backend: dlib (offline default) or face_alignment
     device: str = "cpu"             # device for the face_alignment backend
-    detect_every: int = 5           # run the face detector every N frames, track in between
-    max_side: int = 512             # detect on a copy downscaled to this side, px
+    detect_every: int = 8           # run the face detector every N frames, track in between (0.3 s)
+    max_side: int = 384             # detect on a copy downscaled to this side, px (landmarks use full size)
     max_gap: int = 12               # interpolate faceless gaps up to this many frames (0.5 s)
     min_face_share: float = 0.5     # fail when fewer frames than this share have a face
     smooth_sigma: float = 1.0       # temporal gaussian on landmarks, frames (removes crop jitter)
