@@ -210,6 +210,15 @@ def silent_frames(db):
     return mask, float(thresh)
 
 
+def speech_frames(db, silence_db):
+    """Frames louder than the silence threshold [N] bool (all frames when there is no threshold).
+    Correlations over these alone judge articulation, not a speech/silence switch: a model whose
+    output merely changes look between speech and pauses moves the landmarks with the truth's
+    pauses and earns a high whole-clip r without opening the mouth on a single syllable."""
+    db = np.asarray(db, np.float64)
+    return np.ones(len(db), bool) if not np.isfinite(silence_db) else db > silence_db
+
+
 def closed_threshold(true_opening):
     """Opening below which a mouth counts as closed, from the TRUE track: its closed level (10th
     percentile) plus CLOSED_SHARE of its range (90th - 10th percentile)."""
@@ -549,6 +558,9 @@ ROWS = [  # key, label, ideal / reading
     ("opening_lag", "best lag (frames, + = late)", "0"),
     ("opening_r_other_audio", "opening r, audio of another moment", "~0"),
     ("ablation_gap", "ablation gap r(real) - r(other)", "high"),
+    ("speech_frames", "speech frames (louder than silence)", ""),
+    ("opening_r_speech", "opening r vs truth, speech frames only", "1"),
+    ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
     ("env_r_gen", "opening r vs audio loudness (gen)", "~truth's"),
     ("env_lag_gen", "lag vs audio loudness (gen, frames)", "~truth's"),
     ("env_r_true", "opening r vs audio loudness (truth/template)", ""),
@@ -738,6 +750,10 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         other_open = mouth_opening(other["gen_lms"])
         m["opening_r_other_audio"] = pearson(other_open, t_open)
         m["ablation_gap"] = m["opening_r"] - m["opening_r_other_audio"]
+        sp = speech_frames(db, silence_db)
+        m["speech_frames"] = int(sp.sum())
+        m["opening_r_speech"] = pearson(g_open[sp], t_open[sp])
+        m["ablation_gap_speech"] = m["opening_r_speech"] - pearson(other_open[sp], t_open[sp])
     m["env_lag_gen"], m["env_r_gen"] = best_lag(g_open, db, cfg.max_lag)
     m["env_lag_true"], m["env_r_true"] = best_lag(t_open, db, cfg.max_lag)
     m["silent_frames"] = int(silent.sum())

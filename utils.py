@@ -457,7 +457,9 @@ def match_color(src, ref, mask=None):
     # cv2.meanStdDev: the same statistics as numpy's mean/std over s[m], ~5x faster per frame
     sm, ss = cv2.meanStdDev(s, mask=m)
     rm, rs = cv2.meanStdDev(r, mask=m)
-    scale = ((rs.ravel() + 1e-3) / (ss.ravel() + 1e-3)).astype(np.float32)
+    # contrast is matched only within a factor of 1.5: a flat (blurry, early-training) crop has a
+    # tiny std, and an unbounded ratio would blow its colours up into saturated blobs
+    scale = np.clip((rs.ravel() + 1e-3) / (ss.ravel() + 1e-3), 1 / 1.5, 1.5).astype(np.float32)
     shift = (rm.ravel() - sm.ravel() * scale).astype(np.float32)
     out = s.astype(np.float32) * scale + shift
     return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)

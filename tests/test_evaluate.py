@@ -94,6 +94,12 @@ def test_silence_detection_and_score():
     assert not ev.silent_frames(flat)[0].any()
 
 
+def test_speech_frames_exclude_pauses():
+    db = np.array([-80.0, -20.0, -50.0, -20.0])
+    assert ev.speech_frames(db, -54.0).tolist() == [False, True, True, True]
+    assert ev.speech_frames(db, math.nan).all()                  # no silence threshold: every frame
+
+
 def test_closed_threshold_from_truth():
     o = np.concatenate([np.full(50, 0.1), np.full(50, 0.5)])
     assert ev.closed_threshold(o) == pytest.approx(0.1 + ev.CLOSED_SHARE * 0.4)
@@ -155,7 +161,7 @@ def test_template_baseline_end_to_end(tiny_dataset, tmp_path):
     res = ev.main(cfg)
     m = res["metrics"]
     assert res["frames"] == 75 and res["mode"] == "self-reenactment"
-    assert abs(m["opening_r"]) < 0.3 and abs(m["ablation_gap"]) < 0.1
+    assert abs(m["opening_r"]) < 0.3 and abs(m["ablation_gap"]) < 0.1 and abs(m["ablation_gap_speech"]) < 0.1
     assert m["env_r_true"] > 0.5                                 # the synthetic actor's jaw follows loudness
     assert m["identity_cos"] > 0.9 and m["silence_gen"] == 1.0
     assert 0.5 < m["seam_ratio"] < 1.5 and m["jitter_ratio"] < 0.5
