@@ -41,6 +41,7 @@ SYNC_T = 5           # consecutive video frames per sample (0.2 s at 25 fps = on
 EMB_DIM = 256        # embedding size of both towers
 INIT_SCALE = 10.0    # initial logit scale: cosines in [-1, 1] need stretching to reach confident logits
 MAX_SCALE = 100.0    # cap on the learned scale, so the logits cannot blow up
+MOTION_GAIN = 4.0    # motion_only: frame-minus-mean differences are small; stretch them toward the pixel range
 
 
 def sync_logits(a_emb, v_emb, scale, bias=0.0):
@@ -63,7 +64,9 @@ def downscale_face(face, face_size, lower_half=True, region=None):
 
 class SyncNet(nn.Module):
     """forward(face (B, 3T, 320, 320) in [0, 1], mel (B, 1, 80, 16)) -> (a_emb, v_emb), each
-    (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first."""
+    (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first. The face
+    tower sees `region` of the crop (default: its lower half, or all of it with lower_half=False)
+    area-downscaled to `face_size`; with motion_only, each frame minus the window's mean frame."""
 
     def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None,
                  region=None, motion_only=False):
@@ -95,8 +98,8 @@ class SyncNet(nn.Module):
         self.logit_bias = nn.Parameter(torch.zeros(()))
 
     def prepare_face(self, face):
-        """Full crops (B, 3T, 320, 320) -> face-tower input (B, 3T, *face_size): the lower half,
-        area-downscaled (for integer factors the same pixels as utils.resize / cv2 INTER_AREA)."""
+        """Full crops (B, 3T, 320, 320) -> face-tower input (B, 3T, *face_size): the region (or
+        lower half), area-downscaled (integer factors: the same pixels as utils.resize's INTER_AREA)."""
         check_shape(face, (3 * self.T, INNER, INNER), "SyncNet face")
         return downscale_face(face, self.face_size, self.lower_half, self.region)
 
@@ -109,7 +112,7 @@ class SyncNet(nn.Module):
             # each frame minus the window's mean frame: the static look (pose, light) is gone
             B = face.shape[0]
             f = face.reshape(B, self.T, 3, *self.face_size)
-            face = (f - f.mean(dim=1, keepdim=True)).reshape(B, 3 * self.T, *self.face_size) * 4
+            face = (f - f.mean(dim=1, keepdim=True)).reshape(B, 3 * self.T, *self.face_size) * MOTION_GAIN
         x = self.face_encoder(face)                         # (B, C, h/32, w/32)
         return F.normalize(self.face_head(x.mean(dim=(2, 3))), dim=1)   # (B, emb_dim)
 
@@ -136,12 +139,12 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)      # folder holding the datasets
     ckpt_root: str = str(utils.CHECKPOINT_DIR)   # folder holding the checkpoints
     widths: str = "light"           # face-tower widths: light, full, or a comma list of 5 ints
-    face_size: tuple = (96, 96)     # (h, w) face-tower input, px: the 320 crop (or its lower half) area-downscaled, for CPU speed
-    lower_half: bool = False        # only the crop's lower half (Wav2Lip habit); our crop starts at the nose, so the mouth is in its upper half
-    region: tuple = ()              # (y0, y1, x0, x1) rows/cols of the 320 crop for the face tower; () = whole crop
-    motion_only: bool = False       # face tower sees each frame minus the window mean
+    region: tuple = (32, 288, 32, 288)  # (y0, y1, x0, x1) of the 320 crop the face tower sees: nose to chin, mouth centred; "()" = all of it
+    face_size: tuple = (80, 80)     # (h, w) face-tower input, px: that region area-downscaled (CPU speed)
+    lower_half: bool = False        # with region (): only the crop's lower half (the Wav2Lip habit; our crop starts at the nose, so it misses the mouth)
+    motion_only: bool = True        # the face tower sees each frame minus the window's mean frame (pose/light cues out: less memorising)
     emb_dim: int = EMB_DIM          # embedding size of both towers
-    max_steps: int = 600            # optimizer steps (0 = only --epochs limits)
+    max_steps: int = 400            # optimizer steps (0 = only --epochs limits)
     epochs: int = 0                 # passes over the training windows (0 = only --max_steps limits); the smaller limit wins
     batch_size: int = 32            # face windows per step, each with its in-sync audio window
     group_size: int = 4             # windows per group, min_shift..max_shift apart: each other's shifted negatives
@@ -152,7 +155,7 @@ class Config:
     weight_decay: float = 1e-4      # AdamW weight decay
     grad_clip: float = 5.0          # max gradient norm
     val_frac: float = 0.15          # held-out contiguous tail of the clip (neighbouring frames are near-duplicates)
-    val_every: int = 100            # steps between held-out evaluations and syncnet_last.pth saves
+    val_every: int = 50             # steps between held-out evaluations and syncnet_last.pth saves
     val_pairs: int = 400            # at most this many held-out pairs (half in sync, half shifted), fixed by the seed
     min_shift: int = 5              # off-sync negatives are at least this many frames away (0.2 s)
     max_shift: int = 50             # shifted negatives are at most this many frames away (2 s)
@@ -166,7 +169,7 @@ class Config:
     flip: bool = True               # random horizontal flip of face windows (a mirrored mouth is still in sync)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
     num_workers: int = 0            # batch-building worker processes (batches are cheap; 0 is usually fastest)
-    threads: int = 0                # torch CPU threads (0 = torch's default)
+    threads: int = 0                # torch CPU threads; 0 = auto: 1 on a <= 2-core CPU (2 spinning OpenMP threads ran ~7x slower on a busy 2-core box), else torch's default
     seed: int = 0                   # seeds init, batches, augmentation and the held-out pairs
     resume: bool = False            # continue exactly from checkpoint/NAME/syncnet_last.pth
     reference_encoder: str = ""     # SyncTalk_2D audio_visual_encoder.pth: initialise the audio tower from it
@@ -422,12 +425,10 @@ def sync_loss(model, a, v, frames, groups, min_shift, inbatch=True):
     pos = logits.diagonal()
     far = (frames[:, None] - frames[None]).abs() >= min_shift                # (B, B)
     same = groups[:, None] == groups[None]
-    hard = logits[far & same]
-    loss_neg = F.softplus(hard).mean()
-    if inbatch and (far & ~same).any():
-        loss_neg = 0.5 * loss_neg + 0.5 * F.softplus(logits[far & ~same]).mean()
-    loss = 0.5 * F.softplus(-pos).mean() + 0.5 * loss_neg
-    acc = 0.5 * (pos > 0).float().mean() + 0.5 * (hard < 0).float().mean()
+    hard, other = logits[far & same], logits[far & ~same]
+    negs = [t for t in (hard, other if inbatch else other[:0]) if t.numel()]   # the two kinds weigh the same
+    loss = 0.5 * F.softplus(-pos).mean() + 0.5 * sum(F.softplus(t).mean() for t in negs) / max(len(negs), 1)
+    acc = 0.5 * (pos > 0).float().mean() + 0.5 * ((negs[0] < 0).float().mean() if negs else 0.0)
     return loss, acc
 
 
@@ -495,7 +496,7 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15):
 
 # ---- training --------------------------------------------------------------------------------
 # Fixed by the checkpoint on --resume: they shape the model, the data stream or the held-out set.
-RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "emb_dim", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
+RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "motion_only", "emb_dim", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
                 "aug_variants", "gain_db", "snr_db", "speed")
 
 
@@ -505,9 +506,27 @@ def parse_widths(w):
     if w in SYNC_WIDTHS:
         return SYNC_WIDTHS[w]
     try:
-        return tuple(int(x) for x in str(w).split(","))
+        widths = tuple(int(x) for x in str(w).split(","))
+        if widths and min(widths) > 0:
+            return widths
     except ValueError:
-        raise UserError(f"--widths {w!r}: use light, full or a comma list of ints like 16,32,64,128,256") from None
+        pass
+    raise UserError(f"--widths {w!r}: use light, full or a comma list of positive ints like 16,32,64,128,256")
+
+
+def model_args_from(cfg):
+    """SyncNet constructor arguments from the config (stored in the checkpoint as model_args)."""
+    try:
+        region = tuple(int(v) for v in cfg.region) or None
+        face_size = tuple(int(v) for v in cfg.face_size)
+    except (TypeError, ValueError):
+        raise UserError(f"--region {cfg.region} / --face_size {cfg.face_size}: give comma lists of ints") from None
+    if region and (len(region) != 4 or not (0 <= region[0] < region[1] <= INNER and 0 <= region[2] < region[3] <= INNER)):
+        raise UserError(f"--region {cfg.region}: give y0,y1,x0,x1 with 0 <= y0 < y1 <= {INNER} and 0 <= x0 < x1 <= {INNER}")
+    if len(face_size) != 2 or min(face_size) < 8:
+        raise UserError(f"--face_size {cfg.face_size}: give h,w of at least 8 px each, e.g. 80,80")
+    return dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=SYNC_T, lower_half=cfg.lower_half,
+                face_size=face_size, region=region, motion_only=cfg.motion_only)
 
 
 def lr_at(step, cfg, total):
@@ -547,9 +566,7 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
         print(f"note: starting fresh; the checkpoints in {ckpt_dir} will be replaced (--resume continues them)")
     check_dataset(ds_dir)
     torch.manual_seed(cfg.seed)
-    model_args = dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=SYNC_T, lower_half=cfg.lower_half,
-                      face_size=tuple(int(v) for v in cfg.face_size), region=tuple(int(v) for v in cfg.region) or None,
-                      motion_only=cfg.motion_only)
+    model_args = model_args_from(cfg)
     model = SyncNet(**model_args)
     if cfg.reference_encoder and ckpt is None:
         model.audio_encoder.load_state_dict(load_reference_encoder(cfg.reference_encoder).state_dict())
@@ -562,6 +579,11 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     t0 = time.time()
     clip = Clip(ds_dir, model, cfg.aug_variants, cfg, cfg.seed)
     train_hi, val_lo = split(clip.n, cfg)
+    if cfg.group_size < 1 or (cfg.group_size - 1) * cfg.min_shift > min(cfg.max_shift, train_hi - SYNC_T):
+        raise UserError(f"--group_size {cfg.group_size}: {cfg.group_size} windows {cfg.min_shift} frames apart "
+                        f"do not fit within --max_shift {cfg.max_shift}; use a smaller group")
+    if cfg.group_size == 1 and not cfg.inbatch_negatives:
+        raise UserError("--group_size 1 with --no-inbatch_negatives leaves no negatives; use a group of 2 or more")
     val_pairs = eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift)
     steps_per_epoch = math.ceil((train_hi - SYNC_T + 1) / cfg.batch_size)
     limits = [x for x in (cfg.max_steps, cfg.epochs * steps_per_epoch) if x > 0]
@@ -654,9 +676,18 @@ def main(cfg, progress=None, should_stop=None):
     ckpt_dir = Path(cfg.ckpt_root) / cfg.name
     best_path = ckpt_dir / "syncnet_best.pth"
     device = utils.get_device(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     check_dataset(ds_dir)
+    before = torch.get_num_threads()                # torch's default: the usable cores
+    threads = cfg.threads or (1 if device.type == "cpu" and before <= 2 else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop)
+    finally:
+        torch.set_num_threads(before)           # callers in the same process (server) keep theirs
+
+
+def _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop):
     others = [n.strip() for n in cfg.eval_on.split(",") if n.strip()]
     if cfg.eval_only and not others:
         raise UserError("--eval_only needs --eval_on OTHER_NAME[,...]")

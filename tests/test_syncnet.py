@@ -17,7 +17,7 @@ import utils
 from unet_328 import AudioEncoder
 
 N_FRAMES = 200          # 8 s toy clip
-TOY = dict(widths="8,8,16,16,32", face_size=(32, 64), emb_dim=32, batch_size=16, group_size=4,
+TOY = dict(widths="8,8,16,16,32", face_size=(32, 32), emb_dim=32, batch_size=16, group_size=4,
            aug_variants=1, lr=3e-3, warmup_steps=5, write_features=True, seed=0)
 
 
@@ -45,10 +45,19 @@ def make_toy_dataset(root, name="toy", n=N_FRAMES, seed=0):
     return ds
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The toy nets are tiny: one thread is as fast, and it cannot spin against other processes
+    on a shared 2-core machine (with 2 threads a busy box made this file 4x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, one_thread):
     """One short training run on the toy clip (the expensive part, shared by the tests)."""
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     root = tmp_path_factory.mktemp("sync")
     ds = make_toy_dataset(root / "data")
     cfg = sn.Config(name="toy", data_root=str(root / "data"), ckpt_root=str(root / "ckpt"),
