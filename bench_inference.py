@@ -15,7 +15,6 @@ real model needs here; --long_model real runs it for real.
 """
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -47,18 +46,6 @@ class Config:
     malloc_compare: bool = True    # also run the U-Net and the short case without the malloc settings
     part: str = ""                 # internal: the case a child process runs
     arg: str = ""                  # internal: the child's argument (json)
-
-
-def hardware():
-    import torch
-    cpu = "?"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"{gpu}, Python {platform.python_version()}, load avg {os.getloadavg()[0]:.1f}")
 
 
 def peak_rss_mb():
@@ -258,7 +245,7 @@ def main(cfg):
     import inference_328 as inf
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"hardware: {hardware()}")
+    print(f"hardware: {utils.hardware()}")
     name, root = ensure_dataset(cfg)
     ckpt = work / f"random_{cfg.widths}.pth"
     if not ckpt.is_file():
@@ -284,7 +271,7 @@ def main(cfg):
     for s in (cfg.mid_seconds, cfg.long_seconds):
         if s:
             print_e2e(f"end to end, {s:g} s of speech ({what})", e2e(s, stub))
-    print(f"\nhardware: {hardware()}")
+    print(f"\nhardware: {utils.hardware()}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ The first step (worker start-up, allocator warm-up) is not counted. Outputs go t
 "compute CPU ms" is the training process's CPU time per step (all its threads): on a shared,
 busy machine it is steadier than wall time; on an idle one it is about threads x compute ms.
 """
-import os
-import platform
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,20 +34,6 @@ class Config:
     channels_last: bool = True               # NHWC layout, as train_328's default
 
 
-def hardware(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    line = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    if device.type == "cuda":
-        line += f", {torch.cuda.get_device_name(device)}"
-    if hasattr(os, "getloadavg"):
-        line += f", load average {os.getloadavg()[0]:.1f}"   # other processes share the CPU
-    return line
-
-
 def main(cfg):
     device = utils.get_device(cfg.device)
     if cfg.threads > 0:
@@ -66,7 +50,7 @@ def main(cfg):
                 channels_last=cfg.channels_last, held_out=0.0, sync_weight=0.0, log_every=10 ** 9,
                 preview_every=10 ** 9, save_every=10 ** 9, snapshot_every=0, overwrite=True))
             rows.append((preset, res["timing"]))
-    print(hardware(device))
+    print(utils.hardware(device))
     print(f"batch {cfg.batch_size}, {cfg.steps} measured steps, {cfg.num_workers} workers, device {device}, "
           f"channels_last {cfg.channels_last}, dataset {cfg.name or 'synthetic'}")
     print(f"{'widths':8s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s} {'compute CPU ms':>15s}")

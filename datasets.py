@@ -309,8 +309,7 @@ def main(cfg):
             ds = fake
         torch.set_num_threads(1)            # as in a DataLoader worker
         (cache, cache_ms), (jpeg, jpeg_ms) = _rate(LipDataset(ds), cfg), _rate(JpegLipDataset(ds), cfg)
-    from bench_train import hardware
-    print(hardware(torch.device("cpu")))
+    print(utils.hardware(torch.device("cpu")))
     print(f"{cfg.num_workers} worker(s), {meta.get('width')}x{meta.get('height')} video, {meta.get('frames')} frames, "
           f"batch {cfg.batch_size}")
     cpu = lambda ms: f", {ms:5.1f} CPU ms/sample" if cfg.num_workers == 0 else ""

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import utils
-from utils import FPS, SR, UserError
+from utils import SR, UserError
 
 
 @dataclass

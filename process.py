@@ -152,7 +152,6 @@ def main(cfg):
             pass
         pool.shutdown()
         crops.flush()
-        del crops
 
         # 4. audio at least as long as the video (containers often end the two streams tens of ms
         # apart): pad a short track with silence so every frame has its audio; never trim speech

@@ -598,3 +598,18 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def hardware(device=None):
+    """One line naming the machine a benchmark ran on (CPU model, cores, threads, GPU, load)."""
+    import platform
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cuda = (device is None or getattr(device, "type", "") == "cuda") and torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(device if device is not None else 0) if cuda else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
+            f"Python {platform.python_version()}, load avg {os.getloadavg()[0]:.1f}")   # other processes share the CPU

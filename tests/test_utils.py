@@ -1,6 +1,5 @@
 """Shared geometry, audio features, config CLI and file safety: the pieces every script uses."""
 import dataclasses
-import json
 
 import numpy as np
 import pytest
