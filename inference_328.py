@@ -659,11 +659,7 @@ class VideoTemplate(FolderTemplate):
             tr = landmarks.track_video(frames(), landmarks.make_detector("dlib"))
             if len(tr["found"]) == 0 or not tr["found"].any():
                 raise UserError(f"no face found in template video {path}")
-            lms, _ = landmarks.fill_gaps(tr["lms"], tr["found"], max_gap)
-            lost = np.isnan(lms[:, 0, 0])
-            if lost.any():
-                lms, _ = landmarks.fill_gaps(lms, ~lost, len(lms))
-            lms = landmarks.smooth_landmarks(lms, smooth_sigma)
+            lms, _, _ = landmarks.clean_track(tr["lms"], tr["found"], max_gap, smooth_sigma)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -336,7 +336,21 @@ def smooth_landmarks(lms, sigma: float):
     return out.reshape(x.shape).astype(np.float32)
 
 
+def clean_track(lms, found, max_gap, sigma):
+    """The one recipe from raw tracked landmarks to crop-ready ones, shared by process.py and
+    video templates: interpolate gaps <= max_gap frames; bridge longer ones the same way (so the
+    geometry stays defined; at the clip's ends the nearest face is held) but flag them, so callers
+    can report them; then smooth in time.
+    Returns (smoothed [N,68,2] float32, interpolated [N] bool, long-gap [N] bool)."""
+    lms, filled = fill_gaps(lms, found, max_gap)
+    held = np.isnan(lms[:, 0, 0])
+    if held.any():
+        lms, _ = fill_gaps(lms, ~held, len(lms))
+    return smooth_landmarks(lms, sigma).astype(np.float32), filled, held
+
+
 # --- benchmark ---------------------------------------------------------------------------------
+
 def _read_video(path):
     cap = cv2.VideoCapture(str(path))
     while (frame := cap.read()[1]) is not None:

@@ -134,12 +134,7 @@ def main(cfg):
         if found.mean() < cfg.min_face_share:
             raise UserError(f"a face was found in only {found.sum()} of {n} frames ({100 * found.mean():.0f}%); "
                             f"at least {100 * cfg.min_face_share:.0f}% are needed: trim the parts without the face")
-        lms, filled = landmarks.fill_gaps(track["lms"], found, cfg.max_gap)
-        long_gaps = np.isnan(lms[:, 0, 0])
-        if long_gaps.any():
-            # a long turn-away: hold the nearest good landmarks so geometry stays defined, and report it
-            lms, _ = landmarks.fill_gaps(lms, ~long_gaps, n)
-        smooth = landmarks.smooth_landmarks(lms, cfg.smooth_sigma).astype(np.float32)
+        smooth, filled, long_gaps = landmarks.clean_track(track["lms"], found, cfg.max_gap, cfg.smooth_sigma)
         boxes = np.stack([utils.crop_box(l) for l in smooth])
 
         # 3. crop cache: the training set reads 328 crops, never the full frames
@@ -174,7 +169,7 @@ def main(cfg):
             "smooth_sigma": cfg.smooth_sigma, "faces_seen_max": faces_seen,
             "no_face_frames": int((~found).sum()), "interpolated_frames": np.flatnonzero(filled).tolist(),
             "held_frames": np.flatnonzero(long_gaps).tolist(),
-            "fill": f"gaps <= {cfg.max_gap} frames linearly interpolated; longer gaps hold the nearest face",
+            "fill": f"gaps <= {cfg.max_gap} frames linearly interpolated; longer gaps bridged the same way and listed in held_frames",
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
                          "dlib": _version("dlib-bin")},
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -186,7 +181,7 @@ def main(cfg):
         print(f"note: up to {faces_seen} faces in a frame; kept the largest one and tracked it")
     if long_gaps.any():
         print(f"warning: {int(long_gaps.sum())} frames without a face in gaps longer than {cfg.max_gap} frames; "
-              "they hold the nearest face (consider trimming them)")
+              "they are bridged by interpolation (consider trimming them)")
     print(f"done: {final}  {n} frames, {len(wav) / SR:.1f} s, {n / dt:.1f} frames/s, "
           f"{int((~found).sum())} frames without a face ({int(filled.sum())} interpolated)")
     return final

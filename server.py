@@ -500,9 +500,8 @@ def checkpoint_step(path):
         step = int(m.group(1)) if m else None
         if step is None:
             try:
-                import torch
-                step = int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("step"))
-            except Exception:   # unreadable or foreign file: listed without a step
+                step = int(utils.load_checkpoint(path, mmap=True).get("step"))
+            except (UserError, TypeError, ValueError):   # damaged or foreign file: listed without a step
                 step = None
         _STEP_CACHE[key] = step
     return _STEP_CACHE[key]

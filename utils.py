@@ -474,13 +474,14 @@ def save_checkpoint(obj, path):
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", mmap=False):
+    """`mmap=True` maps the tensors instead of reading them: cheap when only the metadata is needed."""
     import torch
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
     except Exception as e:  # torch raises many types for a damaged file
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or not a checkpoint") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:

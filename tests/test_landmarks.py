@@ -243,3 +243,17 @@ def test_sigma_zero_is_a_copy():
     out = L.smooth_landmarks(x, 0)
     np.testing.assert_array_equal(out, x)
     assert out is not x
+
+
+def test_clean_track_interpolates_short_gaps_and_holds_long_ones():
+    n = 40
+    lms = np.tile(np.arange(n, dtype=np.float32)[:, None, None], (1, 68, 2))   # x = y = frame index
+    found = np.ones(n, bool)
+    found[5:8] = False                      # 3 frames: interpolated
+    found[20:36] = False                    # 16 frames: bridged, flagged
+    lms[~found] = np.nan
+    smooth, filled, held = L.clean_track(lms, found, max_gap=12, sigma=0)
+    assert not np.isnan(smooth).any() and smooth.dtype == np.float32
+    assert filled[5:8].all() and not filled[:5].any() and np.allclose(smooth[5:8, 0, 0], [5, 6, 7])
+    assert held[20:36].all() and held.sum() == 16
+    assert np.allclose(smooth[20:36, 0, 0], np.arange(20, 36))          # a straight line across it
