@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import torch
 
+import syncnet_328
 import utils
 from utils import UserError
 
@@ -57,7 +58,7 @@ def split_frames(n, held_out=0.1, block=25):
 
 
 def _check_dataset(ds):
-    for f in ("crops.npy", "meta.json"):
+    for f in ("crops.npy", "meta.json", "landmarks.npz"):
         if not (ds / f).is_file():
             raise UserError(f"{ds} has no {f}: it is not a processed dataset; run: python process.py VIDEO --name {ds.name}")
     for f in ("aud_feat.npy", "aud_feat.json"):
@@ -76,7 +77,6 @@ def feature_encoder(ds, info):
     """(state dict, id) of the AudioEncoder named as aud_feat.npy's maker (aud_feat.json "source":
     a SyncNet checkpoint or "reference:PATH"). The generator checkpoint carries it, so inference
     computes exactly the features the generator was trained on."""
-    import syncnet_328
     from unet_328 import AudioEncoder
     ds = Path(ds)
     src = str(info.get("source", ""))
@@ -99,11 +99,11 @@ class LipDataset(torch.utils.data.Dataset):
     """Item k -> dict(ref, masked, target: float [3, 320, 320] in [0, 1] (BGR), audio [32, 16, 16],
     index: frame number, ref_index: the reference's frame number) for the k-th frame of `frames`.
     With clip=T > 1 the item is frames k..k+T-1: masked/target (T, 3, 320, 320), audio (T, 32, 16,
-    16), mel (1, 80, 16) centred on the clip, one shared ref. An item may be given as (k, epoch) so
+    16), mel (K, 1, 80, 16): the SyncNet's audio windows (centre frame + mel_offsets), one shared ref. An item may be given as (k, epoch) so
     DataLoader workers need no shared epoch state."""
 
     def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
-                 clip=1, ref_frames=None, ref_gap=REF_GAP):
+                 clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,)):
         ds = Path(ds_dir)
         self.ds = ds
         info = read_feature_info(ds)
@@ -120,6 +120,12 @@ class LipDataset(torch.utils.data.Dataset):
         if len(frames) and (frames.min() < 0 or frames.max() >= n):
             raise ValueError(f"frames outside 0..{n - 1}")
         self.n, self.clip, self.seed, self.augment, self.ref_gap = n, clip, seed, augment, ref_gap
+        self.mel_offsets = tuple(mel_offsets)
+        with np.load(ds / "landmarks.npz") as z:    # per-frame mouth boxes in the 320 crop, for held-out metrics
+            if "lms" not in z:
+                raise UserError(f"{ds}/landmarks.npz holds no landmarks; re-run: python process.py VIDEO --name {ds.name} --overwrite")
+            lm320 = utils.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
+        self.mouth = np.array([utils.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
         # Clip starts: every frame of the clip must be in the subset (e.g. stay inside the train split).
         inset = np.zeros(n + clip, bool)
         inset[frames] = True
@@ -180,11 +186,11 @@ class LipDataset(torch.utils.data.Dataset):
         masked = utils.mask_inner(cur)
         audio = np.stack([utils.feature_window(self.feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
         out = dict(ref=_tensor(ref), masked=_tensor(masked), target=_tensor(cur), audio=torch.from_numpy(audio),
-                   index=i, ref_index=j)
+                   mouth=torch.from_numpy(self.mouth[i:i + self.clip]), index=i, ref_index=j)
         if self.clip == 1:
-            out.update(masked=out["masked"][0], target=out["target"][0], audio=out["audio"][0])
-        else:   # the 0.2 s mel window centred on the clip's middle frame spans exactly its T frames
-            out["mel"] = torch.from_numpy(utils.mel_windows(self.mel, [i + self.clip // 2])[0])   # (1, 80, 16)
+            out.update(masked=out["masked"][0], target=out["target"][0], audio=out["audio"][0], mouth=out["mouth"][0])
+        else:   # the SyncNet's mel windows around the clip's middle frame
+            out["mel"] = torch.from_numpy(syncnet_328.audio_input(self.mel, [i + self.clip // 2], self.mel_offsets)[0])  # (K, 1, 80, 16)
         return out
 
 
@@ -264,7 +270,11 @@ def write_fake_dataset(ds_dir, n=40, seed=0):
     (ds / "aud_feat.json").write_text(json.dumps({"encoder_id": encoder_id(enc), "source": str(ds / "fake_encoder.pth"),
                                                   "frames": n, "fake": True}))
     boxes = np.tile(np.array([0, 0, utils.CROP, utils.CROP]), (n, 1))
-    np.savez(ds / "landmarks.npz", crop_boxes=boxes, found=np.ones(n, bool))
+    lms = np.zeros((n, 68, 2), np.float32)                   # only the mouth matters here: on the drawn ellipse
+    ang = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+    lms[:, utils.MOUTH, 0] = 164 + 60 * np.cos(ang)
+    lms[:, utils.MOUTH, 1] = 240 + (4 + 30 * openness[:, None]) * np.sin(ang)
+    np.savez(ds / "landmarks.npz", lms=lms, crop_boxes=boxes, found=np.ones(n, bool))
     (ds / "meta.json").write_text(json.dumps({"name": ds.name, "fps": utils.FPS, "frames": n, "fake": True,
                                               "width": utils.CROP, "height": utils.CROP}))
     return ds

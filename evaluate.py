@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 import utils
-from utils import BORDER, CROP, FPS, INNER, MOUTH, SR, UserError
+from utils import FPS, INNER, MOUTH, MOUTH_MARGIN, SR, UserError, mouth_box, to_crop_coords
 
 
 @dataclass
@@ -70,7 +70,6 @@ class Config:
 
 # ----------------------------------------------------------------------------------------------
 # Thresholds of the metrics (documented once, used by the functions below)
-MOUTH_MARGIN = 0.3       # mouth box = landmark extent of points 48-67 grown by this share of the mouth width each side
 JITTER_MARGIN = 0.1      # the same for the one fixed jitter box (its extent already spans the whole clip's motion)
 CHANCE_SHIFT = 25        # frames: circular shifts at least this far (1 s) give the chance level of an r
 SILENCE_FLOOR_DB = 6.0   # a frame is silent when its loudness is within this many dB of the clip's noise floor...
@@ -103,26 +102,6 @@ def mean_finite(values):
     v = np.asarray(values, np.float64)
     fin = v[np.isfinite(v)]
     return float(fin.mean()) if len(fin) else (float(v[0]) if len(v) else math.nan)
-
-
-def to_crop_coords(lms, boxes):
-    """Landmarks in frame pixels [N, K, 2] + crop boxes [N, 4] -> landmarks in 320-crop pixels."""
-    lms, boxes = np.asarray(lms, np.float64), np.asarray(boxes, np.float64)
-    scale = CROP / (boxes[:, 2] - boxes[:, 0])                       # (N,) crop px per frame px
-    return (lms - boxes[:, None, :2]) * scale[:, None, None] - BORDER
-
-
-def mouth_box(lm320, margin=MOUTH_MARGIN, size=INNER):
-    """Box (x0, y0, x1, y1), half-open ints inside the 320 crop, around the 20 mouth points of
-    one face's 68 landmarks in crop coordinates, grown by `margin` x mouth width each side."""
-    m = np.asarray(lm320, np.float64)[MOUTH]
-    lo, hi = m.min(0), m.max(0)
-    pad = margin * (hi[0] - lo[0])
-    x0, y0 = np.floor(lo - pad).astype(int)
-    x1, y1 = np.ceil(hi + pad).astype(int) + 1
-    x0, y0 = max(x0, 0), max(y0, 0)
-    x1, y1 = min(max(x1, x0 + 8), size), min(max(y1, y0 + 8), size)   # >= 8 px: SSIM's window fits
-    return int(x0), int(y0), int(x1), int(y1)
 
 
 def lmd(gen_lms, true_lms):
@@ -323,6 +302,8 @@ def sync_confidence(net, crops320, mel, device, max_offset=SYNC_MAX_OFFSET, batc
     offset (the best shift; > 0 = the mouth is late), conf (mean logit at the best shift minus the
     median over shifts, as SyncNet papers report), p_sync (mean in-sync probability at shift 0)."""
     import torch
+
+    import syncnet_328
     T = net.T
     n = len(crops320)
     starts = np.arange(0, n - T + 1)
@@ -335,7 +316,7 @@ def sync_confidence(net, crops320, mel, device, max_offset=SYNC_MAX_OFFSET, batc
             clip = np.stack([np.concatenate([crops320[i + t] for t in range(T)], -1) for i in idx])  # (B, 320, 320, 3T)
             face = torch.from_numpy(clip).permute(0, 3, 1, 2).float().div_(255).to(device)      # (B, 3T, 320, 320)
             v.append(net.embed_face(face))
-            mel_w = torch.from_numpy(utils.mel_windows(mel, idx + T // 2)).to(device)           # (B, 1, 80, 16)
+            mel_w = torch.from_numpy(syncnet_328.audio_input(mel, idx + T // 2, net.audio_offsets)).to(device)  # (B, K, 1, 80, 16)
             a.append(net.embed_audio(mel_w))
         v, a = torch.cat(v), torch.cat(a)
         lags = np.arange(-max_offset, max_offset + 1)

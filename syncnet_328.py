@@ -37,7 +37,11 @@ from utils import BORDER, FEAT_DIM, INNER, MEL_WIN, N_MELS, UserError
 # --- model ---
 # Face-tower widths, one stride-2 stage each: 160x320 -> 80x160 -> 40x80 -> 20x40 -> 10x20 -> 5x10.
 SYNC_WIDTHS = {"full": (32, 64, 128, 256, 512), "light": (16, 32, 64, 128, 256)}
-SYNC_T = 5           # consecutive video frames per sample (0.2 s at 25 fps = one 16-frame mel window)
+SYNC_T = 13          # consecutive video frames per sample (0.52 s at 25 fps); 5 (one 0.2 s mel window) was
+                     # the Wav2Lip choice, but on 25 s clips it reached only ~0.65 held-out accuracy: longer
+                     # windows carry more evidence per decision (see Config below for the measurements)
+AUDIO_K = 3          # mel windows per sample, AUDIO_STRIDE frames apart, each through the AudioEncoder
+AUDIO_STRIDE = 4     # frames between them: 3 windows 4 frames apart span the same 0.52 s as 13 frames
 EMB_DIM = 256        # embedding size of both towers
 INIT_SCALE = 10.0    # initial logit scale: cosines in [-1, 1] need stretching to reach confident logits
 MAX_SCALE = 100.0    # cap on the learned scale, so the logits cannot blow up
@@ -47,6 +51,19 @@ MOTION_GAIN = 4.0    # motion_only: frame-minus-mean differences are small; stre
 def sync_logits(a_emb, v_emb, scale, bias=0.0):
     """Unit embeddings (B, D), (B, D) -> in-sync logits (B,) = scale * cosine + bias."""
     return scale * (a_emb * v_emb).sum(dim=1) + bias
+
+
+def audio_offsets(k=AUDIO_K, stride=AUDIO_STRIDE):
+    """Frame offsets of the k mel windows around a sample's centre frame, e.g. (-4, 0, 4)."""
+    return tuple((i - k // 2) * stride for i in range(k))
+
+
+def audio_input(mel, centres, offsets):
+    """Full mel [80, T], centre frames [N], offsets [K] -> SyncNet audio input [N, K, 1, 80, 16]:
+    the 0.2 s windows centred on frames centre + offset (silence outside the audio). THE audio
+    geometry of the sync expert, shared by generator training and evaluation."""
+    frames = np.asarray(centres)[:, None] + np.asarray(offsets)[None]          # (N, K)
+    return utils.mel_windows(mel, frames.reshape(-1)).reshape(len(frames), len(offsets), 1, N_MELS, MEL_WIN)
 
 
 def downscale_face(face, face_size, lower_half=True, region=None):
@@ -63,15 +80,19 @@ def downscale_face(face, face_size, lower_half=True, region=None):
 
 
 class SyncNet(nn.Module):
-    """forward(face (B, 3T, 320, 320) in [0, 1], mel (B, 1, 80, 16)) -> (a_emb, v_emb), each
-    (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first. The face
+    """forward(face (B, 3T, 320, 320) in [0, 1], mel (B, K, 1, 80, 16)) -> (a_emb, v_emb), each
+    (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first; the K mel
+    windows are centred on the middle frame + audio_offsets(K, stride) (audio_input builds them;
+    with K = 1 a plain (B, 1, 80, 16) window is accepted too). Each window goes through the
+    AudioEncoder; the head joins their 512-d vectors. The face
     tower sees `region` of the crop (default: its lower half, or all of it with lower_half=False)
     area-downscaled to `face_size`; with motion_only, each frame minus the window's mean frame."""
 
     def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None,
-                 region=None, motion_only=False):
+                 region=None, motion_only=False, audio_k=1, audio_stride=AUDIO_STRIDE):
         super().__init__()
         self.T, self.lower_half, self.motion_only = T, lower_half, motion_only
+        self.audio_offsets = audio_offsets(audio_k, audio_stride)
         # region (y0, y1, x0, x1): the part of the 320 crop the face tower sees (overrides lower_half).
         self.region = tuple(int(v) for v in region) if region else None
         # (h, w) the face tower sees; None = that part at full resolution. A smaller size (e.g.
@@ -91,7 +112,7 @@ class SyncNet(nn.Module):
         # Averaging over the last map keeps the head small; by then each cell sees the whole mouth.
         self.face_head = nn.Linear(cin, emb_dim)
         self.audio_encoder = AudioEncoder()
-        self.audio_head = nn.Sequential(nn.Linear(FEAT_DIM, FEAT_DIM), nn.ReLU(inplace=True),
+        self.audio_head = nn.Sequential(nn.Linear(FEAT_DIM * audio_k, FEAT_DIM), nn.ReLU(inplace=True),
                                         nn.Linear(FEAT_DIM, emb_dim))
         # Learned as a log so it stays positive; the bias lets "in sync" start at any cosine.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(INIT_SCALE)))
@@ -117,8 +138,12 @@ class SyncNet(nn.Module):
         return F.normalize(self.face_head(x.mean(dim=(2, 3))), dim=1)   # (B, emb_dim)
 
     def embed_audio(self, mel):
-        check_shape(mel, (1, N_MELS, MEL_WIN), "SyncNet mel")
-        return F.normalize(self.audio_head(self.audio_encoder(mel)), dim=1)   # (B, emb_dim)
+        K = len(self.audio_offsets)
+        if K == 1 and mel.dim() == 4:
+            mel = mel[:, None]                                                  # (B, 1, 1, 80, 16)
+        check_shape(mel, (K, 1, N_MELS, MEL_WIN), "SyncNet mel")
+        e = self.audio_encoder(mel.flatten(0, 1)).reshape(len(mel), K * FEAT_DIM)   # (B, K * 512)
+        return F.normalize(self.audio_head(e), dim=1)                           # (B, emb_dim)
 
     def forward(self, face, mel):
         return self.embed_audio(mel), self.embed_face(face)
@@ -144,6 +169,9 @@ class Config:
     lower_half: bool = False        # with region (): only the crop's lower half (the Wav2Lip habit; our crop starts at the nose, so it misses the mouth)
     motion_only: bool = True        # the face tower sees each frame minus the window's mean frame (pose/light cues out: less memorising)
     emb_dim: int = EMB_DIM          # embedding size of both towers
+    frames: int = SYNC_T            # video frames per sample (andrew_clip1 -> clip2, landmark probe: 5 -> 0.65, 13 -> 0.81 pair accuracy)
+    audio_windows: int = AUDIO_K    # 0.2 s mel windows per sample, each through the AudioEncoder
+    audio_stride: int = AUDIO_STRIDE  # frames between those windows
     max_steps: int = 400            # optimizer steps (0 = only --epochs limits)
     epochs: int = 0                 # passes over the training windows (0 = only --max_steps limits); the smaller limit wins
     batch_size: int = 32            # face windows per step, each with its in-sync audio window
@@ -164,6 +192,8 @@ class Config:
     gain_db: float = 6.0            # random gain within +- this, dB
     snr_db: tuple = (20, 40)        # additive white noise, SNR range in dB
     speed: tuple = (0.9, 1.1)       # resampling factor range (tempo and pitch together)
+    spec_mask: int = 8              # per sample, up to this many adjacent mel bands masked (SpecAugment), bands
+    tilt: float = 1.0               # per sample, a random spectral tilt of up to +- this (mel units, [-4, 4] scale) across the bands: another microphone/voice
     jitter: float = 0.1             # face brightness / contrast jitter, fraction
     shift_px: int = 2               # face translation jitter, px at face_size
     flip: bool = True               # random horizontal flip of face windows (a mirrored mouth is still in sync)
@@ -386,16 +416,41 @@ def group_frames(rng, n_groups, k, lo, hi, min_shift, max_shift):
     return (start[:, None] + offs).reshape(-1)
 
 
-def train_batch(clip, step, cfg, hi, T=SYNC_T):
+def augment_mel(mel, rng, spec_mask, tilt):
+    """Mel windows (B, K, 1, 80, 16) -> a copy with one random spectral tilt (a linear ramp across
+    the bands, as another microphone or voice colours the spectrum) and one masked band run per
+    sample, shared by its K windows."""
+    B = len(mel)
+    ramp = np.linspace(-1, 1, N_MELS, dtype=np.float32)[:, None]                 # (80, 1)
+    mel = mel + rng.uniform(-tilt, tilt, (B, 1, 1, 1, 1)).astype(np.float32) * ramp
+    if spec_mask:
+        width = rng.integers(0, spec_mask + 1, B)
+        first = rng.integers(0, N_MELS - width + 1)
+        for b in range(B):
+            mel[b, :, :, first[b]:first[b] + width[b]] = mel[b].mean()
+    return mel.clip(-utils.MEL_MAX, utils.MEL_MAX)
+
+
+def clip_audio(clip, variants, centres, offsets):
+    """Precomputed windows of audio variants [B] around centre frames [B] -> (B, K, 1, 80, 16);
+    windows past the clip's ends repeat its first/last window."""
+    frames = np.clip(np.asarray(centres)[:, None] + np.asarray(offsets)[None], 0, clip.n - 1)   # (B, K)
+    return clip.windows[np.asarray(variants)[:, None], frames]
+
+
+def train_batch(clip, step, cfg, hi):
     """The batch of `step`, a pure function of (seed, step) so that resume and worker processes
     replay it exactly: batch_size face windows in [0, hi) in groups of group_size, each with its
-    in-sync audio window (centred on the middle frame, it covers the same 0.2 s) from a random
-    audio variant. Returns face (B, 3T, h, w), mel (B, 1, 80, 16), centre frames (B,), groups (B,)."""
+    in-sync audio windows (centred on the middle frame) from a random audio variant, SpecAugmented.
+    Returns face (B, 3T, h, w), mel (B, K, 1, 80, 16), centre frames (B,), groups (B,)."""
     rng = np.random.default_rng([cfg.seed, 2, step])
+    T = cfg.frames
     k = cfg.group_size
     n_groups = max(cfg.batch_size // k, 1)
     centres = group_frames(rng, n_groups, k, T // 2, hi - T + T // 2 + 1, cfg.min_shift, cfg.max_shift)
-    mel = clip.windows[rng.integers(0, len(clip.windows), len(centres)), centres]   # (B, 1, 80, 16)
+    mel = clip_audio(clip, rng.integers(0, len(clip.windows), len(centres)), centres,
+                     audio_offsets(cfg.audio_windows, cfg.audio_stride))         # (B, K, 1, 80, 16)
+    mel = augment_mel(mel, rng, cfg.spec_mask, cfg.tilt)
     face = augment_faces(face_windows(clip.faces, centres - T // 2, T), rng, cfg.jitter, cfg.shift_px, cfg.flip)
     groups = np.repeat(np.arange(n_groups), k)
     return face, torch.from_numpy(mel), torch.from_numpy(centres), torch.from_numpy(groups)
@@ -434,10 +489,11 @@ def sync_loss(model, a, v, frames, groups, min_shift, inbatch=True):
 
 @torch.no_grad()
 def embed_clip(model, clip, starts, frames, device, batch=128):
-    """Unit face embeddings of windows `starts` and audio embeddings of clean windows `frames`."""
+    """Unit face embeddings of windows `starts` and audio embeddings of the clean audio centred on `frames`."""
     v = [model.embed_face(torch.from_numpy(face_windows(clip.faces, starts[s:s + batch], model.T)).to(device).float() / 255)
          for s in range(0, len(starts), batch)]
-    a = [model.embed_audio(torch.from_numpy(clip.windows[0, frames[s:s + batch]]).to(device))
+    a = [model.embed_audio(torch.from_numpy(clip_audio(clip, np.zeros(len(frames[s:s + batch]), np.int64),
+                                                       frames[s:s + batch], model.audio_offsets)).to(device))
          for s in range(0, len(frames), batch)]
     return torch.cat(v).float(), torch.cat(a).float()
 
@@ -452,10 +508,24 @@ def eval_pairs(lo, hi, n_pairs, seed, min_shift, max_shift, T=SYNC_T):
     return starts, centres, shifted_frames(np.random.default_rng([seed, 3]), centres, lo, hi, min_shift, max_shift)
 
 
+def best_threshold(lp, ln):
+    """In-sync logits lp [P] and off-sync logits ln [Q] -> (threshold, balanced accuracy of the
+    rule logit > threshold): the decision threshold that separates them best, midway between
+    neighbouring logits. Unseen frames score lower than the training frames the bias was fitted
+    on, so the threshold is chosen on held-out pairs (a validation set, as for any classifier)."""
+    lp, ln = (np.asarray(x, np.float64).ravel() for x in (lp, ln))
+    cand = np.unique(np.concatenate([lp, ln]))
+    cuts = np.concatenate([[cand[0] - 1], (cand[1:] + cand[:-1]) / 2, [cand[-1] + 1]])        # (C,)
+    acc = 0.5 * ((lp[None] > cuts[:, None]).mean(1) + (ln[None] <= cuts[:, None]).mean(1))
+    k = int(np.argmax(acc))
+    return float(cuts[k]), float(acc[k])
+
+
 @torch.no_grad()
 def sync_metrics(model, clip, pairs, device):
     """Held-out balanced BCE and accuracy (sigmoid > 0.5 means "in sync") on fixed pairs, plus
-    pair_acc: how often the in-sync audio scores above the shifted one for the same face."""
+    pair_acc: how often the in-sync audio scores above the shifted one for the same face, and
+    cal_acc: the accuracy at the best threshold on these pairs (threshold: that logit)."""
     starts, pos, neg = pairs
     was_training = model.training
     model.eval()
@@ -464,7 +534,9 @@ def sync_metrics(model, clip, pairs, device):
     lp = model.logits(a[inv[:len(pos)]], v)
     ln = model.logits(a[inv[len(pos):]], v)
     model.train(was_training)
+    threshold, cal_acc = best_threshold(lp.cpu().numpy(), ln.cpu().numpy())
     return {"loss": float(0.5 * F.softplus(-lp).mean() + 0.5 * F.softplus(ln).mean()),
+            "cal_acc": cal_acc, "threshold": threshold,
             "acc": float(((lp > 0).float().mean() + (ln < 0).float().mean()) / 2),
             "pos_acc": float((lp > 0).float().mean()), "neg_acc": float((ln < 0).float().mean()),
             "pair_acc": float((lp > ln).float().mean()), "pairs": 2 * len(pos)}
@@ -496,7 +568,8 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15):
 
 # ---- training --------------------------------------------------------------------------------
 # Fixed by the checkpoint on --resume: they shape the model, the data stream or the held-out set.
-RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "motion_only", "emb_dim", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
+RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "motion_only", "emb_dim", "frames", "audio_windows",
+                "audio_stride", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
                 "aug_variants", "gain_db", "snr_db", "speed")
 
 
@@ -525,8 +598,11 @@ def model_args_from(cfg):
         raise UserError(f"--region {cfg.region}: give y0,y1,x0,x1 with 0 <= y0 < y1 <= {INNER} and 0 <= x0 < x1 <= {INNER}")
     if len(face_size) != 2 or min(face_size) < 8:
         raise UserError(f"--face_size {cfg.face_size}: give h,w of at least 8 px each, e.g. 80,80")
-    return dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=SYNC_T, lower_half=cfg.lower_half,
-                face_size=face_size, region=region, motion_only=cfg.motion_only)
+    if cfg.frames < 1 or cfg.audio_windows < 1 or cfg.audio_stride < 1:
+        raise UserError(f"--frames {cfg.frames} --audio_windows {cfg.audio_windows} --audio_stride {cfg.audio_stride}: all must be >= 1")
+    return dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=cfg.frames, lower_half=cfg.lower_half,
+                face_size=face_size, region=region, motion_only=cfg.motion_only,
+                audio_k=cfg.audio_windows, audio_stride=cfg.audio_stride)
 
 
 def lr_at(step, cfg, total):
@@ -538,9 +614,10 @@ def lr_at(step, cfg, total):
     return cfg.lr * (cfg.lr_min_frac + (1 - cfg.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def split(n, cfg, T=SYNC_T):
+def split(n, cfg):
     """Train frames [0, train_hi), held-out frames [val_lo, n): a contiguous tail, with a gap of
     T frames so that no window or audio frame of one side touches the other."""
+    T = max(cfg.frames, 2 * max(audio_offsets(cfg.audio_windows, cfg.audio_stride)) + 1)
     need_val, need_train = 2 * (cfg.min_shift + T), 4 * (cfg.min_shift + T)
     n_val = max(int(round(cfg.val_frac * n)), need_val)
     train_hi = n - n_val - T
@@ -579,13 +656,13 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     t0 = time.time()
     clip = Clip(ds_dir, model, cfg.aug_variants, cfg, cfg.seed)
     train_hi, val_lo = split(clip.n, cfg)
-    if cfg.group_size < 1 or (cfg.group_size - 1) * cfg.min_shift > min(cfg.max_shift, train_hi - SYNC_T):
+    if cfg.group_size < 1 or (cfg.group_size - 1) * cfg.min_shift > min(cfg.max_shift, train_hi - cfg.frames):
         raise UserError(f"--group_size {cfg.group_size}: {cfg.group_size} windows {cfg.min_shift} frames apart "
                         f"do not fit within --max_shift {cfg.max_shift}; use a smaller group")
     if cfg.group_size == 1 and not cfg.inbatch_negatives:
         raise UserError("--group_size 1 with --no-inbatch_negatives leaves no negatives; use a group of 2 or more")
-    val_pairs = eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift)
-    steps_per_epoch = math.ceil((train_hi - SYNC_T + 1) / cfg.batch_size)
+    val_pairs = eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift, cfg.frames)
+    steps_per_epoch = math.ceil((train_hi - cfg.frames + 1) / cfg.batch_size)
     limits = [x for x in (cfg.max_steps, cfg.epochs * steps_per_epoch) if x > 0]
     if not limits:
         raise UserError("--max_steps and --epochs are both 0: set one of them")
@@ -642,17 +719,21 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
         if step % cfg.val_every == 0 or step == total or stopped:
             run["time"] += time.time() - tic
             val = sync_metrics(model, clip, val_pairs, device)
-            improved = val["acc"] > best["acc"] or (val["acc"] == best["acc"] and val["loss"] < best["loss"])
+            # chosen on accuracy at the held-out threshold; syncnet_best.pth keeps that threshold in its bias
+            improved = val["cal_acc"] > best["acc"] or (val["cal_acc"] == best["acc"] and val["loss"] < best["loss"])
             if improved:
-                best = {"acc": val["acc"], "loss": val["loss"], "step": step}
+                best = {"acc": val["cal_acc"], "loss": val["loss"], "step": step, "threshold": val["threshold"],
+                        "uncalibrated_acc": val["acc"]}
             state = {"model": utils.unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
                      "epoch": step / steps_per_epoch, "config": dict(dataclasses.asdict(cfg), model_args=model_args),
                      "rng": torch.get_rng_state(), "best": best, "best_acc": best["acc"], "val": val}
             utils.save_checkpoint(state, last_path)
             if improved:
-                utils.save_checkpoint(state, best_path)
+                calibrated = dict(state["model"], logit_bias=state["model"]["logit_bias"] - val["threshold"])
+                utils.save_checkpoint(dict(state, model=calibrated), best_path)
             log(f"step {step:6d}  train loss {run['loss'] / run['n']:.4f} acc {run['acc'] / run['n']:.3f}  "
-                f"val loss {val['loss']:.4f} acc {val['acc']:.3f} (pair {val['pair_acc']:.3f})  lr {lr:.2e}  "
+                f"val loss {val['loss']:.4f} acc {val['acc']:.3f} / {val['cal_acc']:.3f} at logit {val['threshold']:+.2f} "
+                f"(pair {val['pair_acc']:.3f})  lr {lr:.2e}  "
                 f"{run['samples'] / max(run['time'], 1e-9):.1f} samples/s{'  *best' if improved else ''}")
             run.update(loss=0.0, acc=0.0, n=0, samples=0, time=0.0)
             tic = time.time()

@@ -43,6 +43,7 @@ INNER = 320              # the part of the crop the network sees and paints
 BORDER = (CROP - INNER) // 2          # 4 px ring that always stays original
 MASK_RECT = (5, 5, 315, 310)          # x0, y0, x1, y1 (half-open) of the masked area in the 320 inner crop
 MOUTH = slice(48, 68)    # iBUG-68 mouth points
+MOUTH_MARGIN = 0.3       # mouth box = landmark extent of points 48-67 grown by this share of the mouth width each side
 CKPT_VERSION = 1         # bumped when the checkpoint dict changes shape
 REPO = Path(__file__).resolve().parent
 
@@ -372,6 +373,26 @@ def crop_box(lm68):
     y0 = lm[29, 1]
     w = max(x1 - x0, 8.0)
     return np.array([round(x0), round(y0), round(x0) + round(w), round(y0) + round(w)], np.int64)
+
+
+def to_crop_coords(lms, boxes):
+    """Landmarks in frame pixels [N, K, 2] + crop boxes [N, 4] -> landmarks in 320-crop pixels."""
+    lms, boxes = np.asarray(lms, np.float64), np.asarray(boxes, np.float64)
+    scale = CROP / (boxes[:, 2] - boxes[:, 0])                       # (N,) crop px per frame px
+    return (lms - boxes[:, None, :2]) * scale[:, None, None] - BORDER
+
+
+def mouth_box(lm320, margin=MOUTH_MARGIN, size=INNER):
+    """Box (x0, y0, x1, y1), half-open ints inside the 320 crop, around the 20 mouth points of
+    one face's 68 landmarks in crop coordinates, grown by `margin` x mouth width each side."""
+    m = np.asarray(lm320, np.float64)[MOUTH]
+    lo, hi = m.min(0), m.max(0)
+    pad = margin * (hi[0] - lo[0])
+    x0, y0 = np.floor(lo - pad).astype(int)
+    x1, y1 = np.ceil(hi + pad).astype(int) + 1
+    x0, y0 = max(x0, 0), max(y0, 0)
+    x1, y1 = min(max(x1, x0 + 8), size), min(max(y1, y0 + 8), size)   # >= 8 px: SSIM's window fits
+    return int(x0), int(y0), int(x1), int(y1)
 
 
 def resize(img, size):

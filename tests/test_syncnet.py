@@ -126,13 +126,13 @@ def test_face_downscale_matches_the_resize_convention():
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6
     net = sn.SyncNet(sn.SYNC_WIDTHS["light"], face_size=(80, 160)).eval()
     with torch.no_grad():   # full 320 crops and prepared inputs give the same embedding
-        full = torch.rand(2, 15, 320, 320)
+        full = torch.rand(2, 3 * net.T, 320, 320)
         assert torch.allclose(net.embed_face(full), net.embed_face(net.prepare_face(full)), atol=1e-6)
 
 
 def test_stop_then_resume_is_exact(tmp_path):
     ds_root = tmp_path / "data"
-    make_toy_dataset(ds_root, n=120, seed=3)
+    make_toy_dataset(ds_root, n=160, seed=3)
     common = dict(TOY, name="toy", data_root=str(ds_root), val_every=3, max_steps=4, batch_size=8,
                   write_features=False)
     sn.main(sn.Config(ckpt_root=str(tmp_path / "a"), **common))
@@ -177,3 +177,57 @@ def test_features_from_the_reference_encoder(tmp_path):
     info = json.loads((ds / "aud_feat.json").read_text())
     assert info["encoder_id"] == sn.encoder_id(enc) and info["source"].startswith(sn.SOURCE_REFERENCE)
     np.testing.assert_allclose(np.load(ds / "aud_feat.npy"), sn.encode_audio(sn.read_wav(ds), enc), atol=1e-5)
+
+
+def test_threshold_is_the_best_cut_between_the_two_kinds():
+    rng = np.random.default_rng(2)
+    lp, ln = rng.normal(1.0, 1.0, 300), rng.normal(-1.0, 1.0, 200)
+    t, acc = sn.best_threshold(lp, ln)
+    assert acc == pytest.approx(0.5 * ((lp > t).mean() + (ln <= t).mean()))
+    # no other cut does better (brute force over a fine grid)
+    grid = np.linspace(-5, 5, 2001)
+    assert acc >= max(0.5 * ((lp > g).mean() + (ln <= g).mean()) for g in grid) - 1e-12
+    assert -1.0 < t < 1.0 and 0.8 < acc < 0.9                # two unit Gaussians 2 apart: ~0.84
+    t, acc = sn.best_threshold([3.0, 4.0], [-2.0, 1.0])      # separable: the cut lies between them
+    assert acc == 1.0 and 1.0 < t < 3.0
+
+
+def test_audio_input_is_k_windows_around_the_centre():
+    mel = np.random.default_rng(3).uniform(-4, 4, (utils.N_MELS, 400)).astype(np.float32)
+    offs = sn.audio_offsets(3, 4)
+    assert offs == (-4, 0, 4) and sn.audio_offsets(1, 4) == (0,)
+    x = sn.audio_input(mel, np.array([10, 50]), offs)
+    assert x.shape == (2, 3, 1, utils.N_MELS, utils.MEL_WIN) and x.dtype == np.float32
+    for k, o in enumerate(offs):
+        np.testing.assert_array_equal(x[1, k], utils.mel_windows(mel, [50 + o])[0])
+    net = sn.SyncNet(sn.SYNC_WIDTHS["light"], T=13, face_size=(32, 32), audio_k=3).eval()
+    with torch.no_grad():
+        a, v = net(torch.rand(2, 39, utils.INNER, utils.INNER), torch.from_numpy(x))
+        assert a.shape == v.shape == (2, sn.EMB_DIM)
+        assert torch.allclose(a.norm(dim=1), torch.ones(2)) and torch.allclose(v.norm(dim=1), torch.ones(2))
+        with pytest.raises(ValueError, match="SyncNet mel"):
+            net.embed_audio(torch.from_numpy(x[:, :1]))       # one window for a 3-window net
+        one = sn.SyncNet(sn.SYNC_WIDTHS["light"], T=5, face_size=(32, 32), audio_k=1).eval()
+        w = torch.from_numpy(x[:, 1])                         # (2, 1, 80, 16): the K = 1 shape of old checkpoints
+        assert torch.equal(one.embed_audio(w), one.embed_audio(w[:, None]))
+
+
+def test_mel_augmentation_keeps_shape_and_range():
+    mel = np.random.default_rng(4).uniform(-4, 4, (6, 3, 1, utils.N_MELS, utils.MEL_WIN)).astype(np.float32)
+    a = sn.augment_mel(mel, np.random.default_rng([0, 9]), 8, 1.0)
+    b = sn.augment_mel(mel, np.random.default_rng([0, 9]), 8, 1.0)
+    assert a.shape == mel.shape and a.dtype == np.float32 and np.array_equal(a, b)   # a pure function of the rng
+    assert a.min() >= -utils.MEL_MAX and a.max() <= utils.MEL_MAX and not np.allclose(a, mel)
+    np.testing.assert_array_equal(sn.augment_mel(mel, np.random.default_rng(0), 0, 0.0), mel)   # both off: unchanged
+
+
+def test_best_checkpoint_carries_its_held_out_threshold(trained):
+    cfg, ds, ck, result = trained
+    best = utils.load_checkpoint(ck / "syncnet_best.pth")
+    model, _ = sn.load_syncnet(ck / "syncnet_best.pth")
+    clip = sn.Clip(ds, model)
+    train_hi, val_lo = sn.split(clip.n, cfg)
+    pairs = sn.eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift, cfg.frames)
+    m = sn.sync_metrics(model, clip, pairs, "cpu")
+    # its plain "logit > 0" rule reproduces the accuracy it was chosen on: the threshold is in the bias
+    assert m["acc"] == pytest.approx(best["best_acc"], abs=1e-6) and abs(m["threshold"]) < 1e-4

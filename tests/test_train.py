@@ -113,9 +113,23 @@ def test_clip_samples_feed_syncnet(data_root):
     assert len(ds) == 32                                                         # clips stay inside the frames
     s = ds[3]
     assert s["masked"].shape == s["target"].shape == (5, 3, 320, 320) and s["audio"].shape == (5, 32, 16, 16)
-    assert s["mel"].shape == (1, 80, 16) and abs(s["ref_index"] - 3) >= datasets.REF_GAP
+    assert s["mel"].shape == (1, 1, 80, 16) and abs(s["ref_index"] - 3) >= datasets.REF_GAP
     mel = np.load(data_root / "fake" / "mel.npy")   # the 0.2 s window centred on the middle frame, as SyncNet learnt
-    assert torch.equal(s["mel"], torch.from_numpy(utils.mel_windows(mel, [3 + 5 // 2])[0]))
+    assert torch.equal(s["mel"][0], torch.from_numpy(utils.mel_windows(mel, [3 + 5 // 2])[0]))
+    # a 3-window SyncNet gets its 3 windows around the clip's middle frame
+    s = datasets.LipDataset(data_root / "fake", frames=range(36), clip=5, mel_offsets=(-4, 0, 4))[3]
+    assert s["mel"].shape == (3, 1, 80, 16)
+    assert torch.equal(s["mel"][2, 0], torch.from_numpy(utils.mel_windows(mel, [3 + 5 // 2 + 4])[0, 0]))
+    assert s["mouth"].shape == (5, 4)
+
+
+def test_mouth_boxes_follow_the_landmarks(data_root):
+    ds = datasets.LipDataset(data_root / "fake", frames=range(36))
+    x0, y0, x1, y1 = ds[0]["mouth"].tolist()
+    # the fake mouth is an ellipse centred at (164, 240) of the 328 crop, 60 px half-width: (160, 236) in the 320 crop
+    assert x0 < 160 - 60 < 160 + 60 < x1 and y0 < 236 < y1 and 0 <= x0 and x1 <= utils.INNER
+    heights = [ds[k]["mouth"][3] - ds[k]["mouth"][1] for k in range(len(ds))]
+    assert max(heights) - min(heights) > 30                  # it opens and closes with the fake audio
 
 
 def test_unprocessed_dataset_is_a_user_error(tmp_path, data_root):
@@ -126,7 +140,7 @@ def test_unprocessed_dataset_is_a_user_error(tmp_path, data_root):
         train_328.main(config(tmp_path, tmp_path / "out", name="raw"))
     nofeat = tmp_path / "nofeat"
     nofeat.mkdir()
-    for f in ("crops.npy", "meta.json"):
+    for f in ("crops.npy", "meta.json", "landmarks.npz"):
         (nofeat / f).symlink_to(data_root / "fake" / f)
     with pytest.raises(utils.UserError, match="syncnet_328.py --name nofeat"):
         train_328.main(config(tmp_path, tmp_path / "out", name="nofeat"))
@@ -134,7 +148,7 @@ def test_unprocessed_dataset_is_a_user_error(tmp_path, data_root):
         datasets.LipDataset(data_root / "fake", expected_encoder_id="0123456789ab")
     stale = tmp_path / "stale"                  # the encoder file changed after the features were made
     stale.mkdir()
-    for f in ("crops.npy", "meta.json", "aud_feat.npy", "aud_feat.json", "mel.npy"):
+    for f in ("crops.npy", "meta.json", "landmarks.npz", "aud_feat.npy", "aud_feat.json", "mel.npy"):
         (stale / f).symlink_to(data_root / "fake" / f)
     (stale / "aud_feat.json").unlink()
     info = datasets.read_feature_info(data_root / "fake")
