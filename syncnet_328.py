@@ -1,19 +1,21 @@
 """SyncNet for the 320 crop (SPEC §6): is this audio window in sync with these mouth frames?
 
-A face tower embeds T consecutive 320x320 crops (by default only their lower halves, where the
-mouth is), an audio tower (the Wav2Lip AudioEncoder plus a small head) embeds the matching
-0.2 s mel window; both embeddings are L2-normalised and their scaled cosine is a logit for
-BCE-with-logits. Unlike the reference, it is meant to be trained with off-sync negatives. Its
-`audio_encoder` is the encoder whose 512-d outputs become the generator's audio features.
+A face tower embeds T (13) consecutive 320x320 crops (the nose-to-chin part, as motion), an
+audio tower embeds the matching 0.52 s of audio: K (3) mel windows of 0.2 s, 4 frames apart,
+each through the Wav2Lip AudioEncoder, joined by a small head. Both embeddings are L2-normalised
+and their scaled cosine is a logit for BCE-with-logits. Unlike the reference, it is trained with
+off-sync negatives. Its `audio_encoder` is the encoder whose 512-d outputs become the generator's
+audio features.
 
 Training (below the model): in-sync vs >= 5-frame-shifted audio on one person's dataset, best
-checkpoint by held-out accuracy on the clip's tail, then dataset/NAME/aud_feat.npy.
+checkpoint by held-out accuracy on the clip's tail (its decision threshold, fitted on those
+held-out pairs, is folded into the logit bias), then dataset/NAME/aud_feat.npy.
 
     python syncnet_328.py --name anna                        # train, then write dataset/anna/aud_feat.npy
     python syncnet_328.py --name anna --max_steps 20 --val_every 10 --batch_size 8   # CPU smoke run
     python syncnet_328.py --name anna --eval_only --eval_on anna_take2                # accuracy on another clip
     python syncnet_328.py --name anna --features_only --reference_encoder audio_visual_encoder.pth
-    python -c "import torch, syncnet_328 as s; a, v = s.SyncNet()(torch.rand(2, 15, 320, 320), torch.randn(2, 1, 80, 16)); print(a.shape, v.shape)"
+    python -c "import torch, syncnet_328 as s; a, v = s.SyncNet(audio_k=3)(torch.rand(2, 39, 320, 320), torch.randn(2, 3, 1, 80, 16)); print(a.shape, v.shape)"
 """
 import dataclasses
 import hashlib
@@ -607,11 +609,7 @@ def model_args_from(cfg):
 
 def lr_at(step, cfg, total):
     """Linear warmup, then cosine decay to lr * lr_min_frac at lr_decay_steps (default: the end)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    end = cfg.lr_decay_steps or total
-    t = min(max(step - cfg.warmup_steps, 0) / max(end - cfg.warmup_steps, 1), 1.0)
-    return cfg.lr * (cfg.lr_min_frac + (1 - cfg.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+    return utils.warmup_cosine(step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_steps or total, cfg.lr_min_frac)
 
 
 def split(n, cfg):

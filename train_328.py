@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 4 train_328.py --name anna             # multi-GPU (DDP)
 
 Each step: a batch of single frames (reference = another frame, masked crop, audio window), plus,
-when a SyncNet checkpoint exists, `sync_clips` clips of SYNC_T consecutive frames whose predictions
-SyncNet (frozen) judges against the clip's mel window. Loss = L1 + perceptual_weight x perceptual
+when a SyncNet checkpoint exists, `sync_clips` clips of the SyncNet's T (13) consecutive frames whose
+predictions SyncNet (frozen) judges against the clip's mel windows. Loss = L1 + perceptual_weight x perceptual
 (VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM) + sync weight x sync BCE.
 Writes last.pth (every save_every steps and at the end), best.pth (lowest held-out L1),
 step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference | masked |
@@ -18,7 +18,6 @@ save_every steps. Speed (`python bench_train.py --threads 1`, batch 8, MS-SSIM, 
 """
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -63,7 +62,7 @@ class Config:
     perceptual_weight: float = -1.0  # weight of the perceptual term; < 0 = the kind's default (VGG 0.01, MS-SSIM 0.5)
     sync_weight: float = 10.0       # SyncNet loss weight (reference: 10); 0 when there is no SyncNet checkpoint
     sync_ramp: int = 2000           # steps over which the sync weight rises from 0: a face must exist before its sync matters
-    sync_clips: int = 2             # clips of SYNC_T consecutive frames per step for the sync loss (also in L1)
+    sync_clips: int = 1             # clips of the SyncNet's T (13) consecutive frames per step for the sync loss (also in L1)
     syncnet: str = ""               # SyncNet checkpoint; default CKPT_ROOT/NAME/syncnet_best.pth (alias --syncnet_checkpoint)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
     threads: int = 0                # torch CPU threads (0 = torch's default; 1 is faster on a busy machine)
@@ -131,10 +130,7 @@ def make_perceptual(kind, device):
 # ---------------------------------------------------------------------------------------------- helpers
 def lr_at(step, cfg, max_steps):
     """Linear warm-up, then cosine decay to lr x min_lr_frac: a pure function of step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+    return utils.warmup_cosine(step, cfg.lr, cfg.warmup_steps, max_steps, cfg.min_lr_frac)
 
 
 def parse_widths(text):

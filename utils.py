@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -510,6 +511,16 @@ def load_checkpoint(path, device="cpu", mmap=False):
     if ckpt.get("format_version", 0) > CKPT_VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update the code")
     return ckpt
+
+
+def warmup_cosine(step, lr, warmup, end, min_frac):
+    """Learning rate at `step`: linear warm-up over `warmup` steps, then cosine decay to
+    lr x min_frac at step `end` (flat after it). A pure function of the step, so a resumed run
+    continues the same curve."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, end - warmup))
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def unwrap(model):

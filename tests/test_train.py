@@ -232,3 +232,19 @@ def test_torchrun_two_cpu_processes(data_root, tmp_path):
     assert ck["step"] == 2 and ck["config"]["world_size"] == 2
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "last.pth"]   # rank 0 alone saves
     assert (out / "log.txt").read_text().count("done: step 2") == 1
+
+
+def test_held_out_audio_effect_is_zero_only_for_a_model_that_ignores_audio(data_root):
+    from unet_328 import UNet328
+    cfg = config(data_root, "unused", val_frames=6)
+    val = datasets.LipDataset(data_root / "fake", frames=range(30, 40))
+    loader = torch.utils.data.DataLoader(val, batch_size=4)
+
+    class Deaf(torch.nn.Module):            # paints the masked input back, whatever the audio
+        def forward(self, x, audio):
+            return x[:, 3:]
+    l1, effect = train_328.evaluate(Deaf(), loader, torch.device("cpu"), cfg)
+    assert effect == 0.0 and 0 < l1 < 1
+    torch.manual_seed(0)
+    l1, effect = train_328.evaluate(UNet328(train_328.parse_widths(TINY)).eval(), loader, torch.device("cpu"), cfg)
+    assert effect > 0 and 0 < l1 < 1        # audio reaches the mouth box, in 0-255 levels

@@ -195,3 +195,11 @@ def test_probe_and_load_audio_errors(tmp_path):
     utils.write_wav(tmp_path / "s.wav", np.zeros(8000, np.float32), sr=8000)
     wav = utils.load_audio(tmp_path / "s.wav")                 # resampled to 16 kHz
     assert wav.dtype == np.float32 and abs(len(wav) - 16000) < 50 and utils.is_silent(wav)
+
+
+def test_warmup_cosine_schedule():
+    lr = [utils.warmup_cosine(s, 1e-3, 10, 110, 0.05) for s in range(130)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)         # linear warm-up
+    assert lr[10] == pytest.approx(1e-3) and lr[60] == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))                       # then only down
+    assert lr[110] == lr[129] == pytest.approx(5e-5)                            # flat at lr x min_frac after the end
