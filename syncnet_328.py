@@ -91,7 +91,7 @@ class SyncNet(nn.Module):
     area-downscaled to `face_size`; with motion_only, each frame minus the window's mean frame."""
 
     def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None,
-                 region=None, motion_only=False, audio_k=1, audio_stride=AUDIO_STRIDE):
+                 region=None, motion_only=False, audio_k=AUDIO_K, audio_stride=AUDIO_STRIDE):
         super().__init__()
         self.T, self.lower_half, self.motion_only = T, lower_half, motion_only
         self.audio_offsets = audio_offsets(audio_k, audio_stride)
@@ -291,7 +291,7 @@ def load_syncnet(path, device="cpu"):
     ckpt = utils.load_checkpoint(path, device)
     if "model_args" not in ckpt.get("config", {}):
         raise UserError(f"{path} is not a SyncNet checkpoint (no config.model_args)")
-    model = SyncNet(**ckpt["config"]["model_args"])
+    model = SyncNet(**{"audio_k": 1, **ckpt["config"]["model_args"]})   # checkpoints before audio_k had one window
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 

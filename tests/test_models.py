@@ -135,7 +135,7 @@ def test_fold_bn_matches_eval_mode(make, inputs):
 def test_syncnet_shapes_and_unit_embeddings():
     net = SyncNet(SYNC_WIDTHS["light"], emb_dim=64).eval()
     with torch.no_grad():
-        a, v = net(torch.rand(2, 15, 320, 320), torch.randn(2, 1, 80, 16))
+        a, v = net(torch.rand(2, 3 * net.T, 320, 320), torch.randn(2, len(net.audio_offsets), 1, 80, 16))
         logits = net.logits(a, v)
     assert a.shape == v.shape == (2, 64)
     assert torch.allclose(a.norm(dim=1), torch.ones(2), atol=1e-5)
@@ -143,12 +143,12 @@ def test_syncnet_shapes_and_unit_embeddings():
     assert logits.shape == (2,)
     assert torch.allclose(sync_logits(a, a, 5.0), torch.full((2,), 5.0), atol=1e-5)
     with pytest.raises(ValueError, match="SyncNet face"):
-        net(torch.rand(2, 3, 320, 320), torch.randn(2, 1, 80, 16))
+        net(torch.rand(2, 3, 320, 320), torch.randn(2, len(net.audio_offsets), 1, 80, 16))
     assert isinstance(net.audio_encoder, AudioEncoder)
 
 
 def test_syncnet_full_half_frame_option():
-    net = SyncNet(TINY_SYNC, emb_dim=16, T=1, lower_half=False).eval()
+    net = SyncNet(TINY_SYNC, emb_dim=16, T=1, lower_half=False, audio_k=1).eval()
     with torch.no_grad():
         a, v = net(torch.rand(2, 3, 320, 320), torch.randn(2, 1, 80, 16))
     assert v.shape == (2, 16)
@@ -170,7 +170,7 @@ def synthetic_sync_batch(n, T):
 def test_syncnet_learns_a_tiny_sync_task():
     # 4 + 4 pairs seen at a 40x80 downscale keep the steps cheap; the task still needs both towers.
     face, mel, label = synthetic_sync_batch(4, T=5)
-    net = SyncNet(TINY_SYNC, emb_dim=32, T=5, face_size=(40, 80))
+    net = SyncNet(TINY_SYNC, emb_dim=32, T=5, face_size=(40, 80), audio_k=1)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):

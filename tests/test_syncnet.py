@@ -231,3 +231,14 @@ def test_best_checkpoint_carries_its_held_out_threshold(trained):
     m = sn.sync_metrics(model, clip, pairs, "cpu")
     # its plain "logit > 0" rule reproduces the accuracy it was chosen on: the threshold is in the bias
     assert m["acc"] == pytest.approx(best["best_acc"], abs=1e-6) and abs(m["threshold"]) < 1e-4
+
+
+def test_checkpoints_from_before_audio_windows_still_load(tmp_path):
+    args = dict(widths=sn.SYNC_WIDTHS["light"], face_size=(32, 32), T=5)     # no audio_k: one mel window
+    net = sn.SyncNet(**args, audio_k=1).eval()
+    utils.save_checkpoint({"model": net.state_dict(), "config": {"model_args": args}, "step": 1}, tmp_path / "old.pth")
+    old, _ = sn.load_syncnet(tmp_path / "old.pth")
+    assert old.audio_offsets == (0,) and old.T == 5
+    mel = torch.randn(2, 1, utils.N_MELS, utils.MEL_WIN)
+    with torch.no_grad():
+        assert torch.equal(old.embed_audio(mel), net.embed_audio(mel))

@@ -50,9 +50,9 @@ def config(data_root, out, **kw):
 
 
 def fake_syncnet(path):
-    """A random light SyncNet checkpoint, so the sync-loss path runs; clips of T=2 frames keep it cheap."""
+    """A random light SyncNet checkpoint, so the sync-loss path runs (3 mel windows); clips of T=2 frames keep it cheap."""
     torch.manual_seed(1)
-    args = dict(widths=syncnet_328.SYNC_WIDTHS["light"], face_size=(80, 160), T=2)
+    args = dict(widths=syncnet_328.SYNC_WIDTHS["light"], face_size=(80, 160), T=2, audio_k=3)
     net = syncnet_328.SyncNet(**args)
     utils.save_checkpoint({"model": net.state_dict(), "config": {"model_args": args}, "step": 0}, path)
 
