@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 4 train_328.py --name anna             # multi-GPU (DDP)
 
 Each step: a batch of single frames (reference = another frame, masked crop, audio window), plus,
-when a SyncNet checkpoint exists, `sync_clips` clips of the SyncNet's T (13) consecutive frames whose
+when a SyncNet checkpoint exists, `sync_clips` clips of the SyncNet's T (5) consecutive frames whose
 predictions SyncNet (frozen) judges against the clip's mel windows. Loss = L1 + perceptual_weight x perceptual
 (VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM) + sync weight x sync BCE.
 Writes last.pth (every save_every steps and at the end), best.pth (lowest held-out L1),
@@ -62,7 +62,7 @@ class Config:
     perceptual_weight: float = -1.0  # weight of the perceptual term; < 0 = the kind's default (VGG 0.01, MS-SSIM 0.5)
     sync_weight: float = 10.0       # SyncNet loss weight (reference: 10); 0 when there is no SyncNet checkpoint
     sync_ramp: int = 2000           # steps over which the sync weight rises from 0: a face must exist before its sync matters
-    sync_clips: int = 1             # clips of the SyncNet's T (13) consecutive frames per step for the sync loss (also in L1)
+    sync_clips: int = 2             # clips of the SyncNet's T (5) consecutive frames per step for the sync loss (also in L1)
     syncnet: str = ""               # SyncNet checkpoint; default CKPT_ROOT/NAME/syncnet_best.pth (alias --syncnet_checkpoint)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
     threads: int = 0                # torch CPU threads (0 = torch's default; 1 is faster on a busy machine)
