@@ -98,9 +98,10 @@ def feature_encoder(ds, info):
 class LipDataset(torch.utils.data.Dataset):
     """Item k -> dict(ref, masked, target: float [3, 320, 320] in [0, 1] (BGR), audio [32, 16, 16],
     index: frame number, ref_index: the reference's frame number) for the k-th frame of `frames`.
-    With clip=T > 1 the item is frames k..k+T-1: masked/target (T, 3, 320, 320), audio (T, 32, 16,
-    16), mel (K, 1, 80, 16): the SyncNet's audio windows (centre frame + mel_offsets), one shared ref. An item may be given as (k, epoch) so
-    DataLoader workers need no shared epoch state."""
+    mouth: its mouth box (x0, y0, x1, y1) in the 320 crop. With clip=T > 1 the item is frames
+    k..k+T-1: masked/target (T, 3, 320, 320), audio (T, 32, 16, 16), mouth (T, 4), mel (K, 1, 80,
+    16): the SyncNet's audio windows (centre frame + mel_offsets), one shared ref. An item may be
+    given as (k, epoch) so DataLoader workers need no shared epoch state."""
 
     def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
                  clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,)):
