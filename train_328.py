@@ -175,7 +175,8 @@ def save_preview(path, ref, masked, pred, target, rows=2):
 def evaluate(model, loader, device, cfg):
     """Held-out frames (eval-mode BatchNorm) -> (mean L1, audio effect): the mean |prediction with
     the frame's own audio - prediction with the audio of the held-out frame half the set away|
-    inside each frame's mouth box, in 0-255 levels. A generator that ignores audio scores 0."""
+    inside each frame's mouth box, in 0-255 levels. A generator that ignores audio scores 0; with
+    a single held-out frame there is no other audio and the effect is nan."""
     model.eval()
     batches = list(loader)
     other = torch.cat([b["audio"] for b in batches])
@@ -196,7 +197,7 @@ def evaluate(model, loader, device, cfg):
             effect += 255 * d[y0:y1, x0:x1].mean().item()
         n += len(pred)
     model.train()
-    return l1 / max(n, 1), effect / max(n, 1)
+    return l1 / max(n, 1), (effect / n if n > 1 else float("nan"))
 
 
 def resolve_paths(cfg):
