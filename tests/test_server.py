@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+import jobs
 import server
 import utils
 from bench_server import write_random_checkpoint, write_speech
@@ -240,7 +241,7 @@ def test_cancel_queued_and_running_jobs(tiny_avatar, media_files, tmp_path, monk
             time.sleep(0.05)
         return None
 
-    monkeypatch.setattr(server.Worker, "run_generate", slow_render)
+    monkeypatch.setattr(jobs.Worker, "run_generate", slow_render)
     with TestClient(server.create_app(settings(tmp_path, tiny_avatar))) as client:
         a = post_generate(client, media_files / "short.wav").json()
         b = post_generate(client, media_files / "short.wav").json()
@@ -265,7 +266,7 @@ def test_pipeline_errors_become_one_line_job_errors(tiny_avatar, media_files, tm
     def failing(self, job, prog):
         raise utils.UserError(f"{job['inputs']['audio']}: something the user can fix")
 
-    monkeypatch.setattr(server.Worker, "run_generate", failing)
+    monkeypatch.setattr(jobs.Worker, "run_generate", failing)
     with TestClient(server.create_app(settings(tmp_path, tiny_avatar))) as client:
         j = wait(client, post_generate(client, media_files / "short.wav", name="talk.wav").json()["id"])
     assert j["status"] == "failed" and j["error"] == "talk.wav: something the user can fix"
@@ -333,9 +334,9 @@ def test_restart_resumes_generator_training(tiny_avatar, tmp_path, monkeypatch):
     def fake_avatar(self, job, prog):
         seen.append((job["avatar"], job["inputs"].get("resume", False)))
 
-    monkeypatch.setattr(server.Worker, "run_avatar", fake_avatar)
+    monkeypatch.setattr(jobs.Worker, "run_avatar", fake_avatar)
     cfg = settings(tmp_path, tiny_avatar)
-    store = server.JobStore(Path(cfg.data_dir) / "jobs.db")
+    store = jobs.JobStore(Path(cfg.data_dir) / "jobs.db")
     for job_id, name, stage in (("c" * 32, "tiny", "training generator"), ("d" * 32, "fresh", "training SyncNet")):
         store.add(job_id, "avatar", name, {"steps": 2}, {"video": "v.mp4"})
         store.update(job_id, status="running", stage=stage, started=time.time())
@@ -353,12 +354,12 @@ def test_shutdown_stops_the_running_job_with_a_reason(tiny_avatar, media_files, 
             self.check_stop()
             time.sleep(0.02)
 
-    monkeypatch.setattr(server.Worker, "run_generate", endless)
+    monkeypatch.setattr(jobs.Worker, "run_generate", endless)
     cfg = settings(tmp_path, tiny_avatar)
     with TestClient(server.create_app(cfg)) as client:
         job_id = post_generate(client, media_files / "short.wav").json()["id"]
         wait(client, job_id, until=("running",))
-    j = server.JobStore(Path(cfg.data_dir) / "jobs.db").get(job_id)
+    j = jobs.JobStore(Path(cfg.data_dir) / "jobs.db").get(job_id)
     assert j["status"] == "failed" and "shutdown" in j["error"]
 
 
