@@ -80,6 +80,8 @@ CLOSED_SHARE = 0.25      # mouth counts as closed below p10 + this x (p90 - p10)
 SEAM_PAD = 3             # px (328 crop): the seam band = the paste alpha's transition zone grown by this much
 STRIP_FRAMES = 6         # sample frames in the plot's strip, chosen from closed to wide open
 SYNC_MAX_OFFSET = 15     # frames: SyncNet offsets searched each way
+SYNC_STRETCH_S = 1.0     # s: the stretch over which sync is judged for stretch_acc
+SYNC_MIN_SHIFT = 5       # frames: the smallest audio shift stretch_acc compares against (0.2 s, as SyncNet training)
 SIDE_MAX_H = 512         # px: the side-by-side mp4 is scaled down to this height when taller
 
 
@@ -300,7 +302,9 @@ def sync_confidence(net, crops320, mel, device, max_offset=SYNC_MAX_OFFSET, batc
     """Our SyncNet on clips of T consecutive 320 crops [N, 320, 320, 3] uint8 BGR against the mel
     windows centred on each clip, shifted by -max_offset..max_offset frames. Returns dict:
     offset (the best shift; > 0 = the mouth is late), conf (mean logit at the best shift minus the
-    median over shifts, as SyncNet papers report), p_sync (mean in-sync probability at shift 0)."""
+    median over shifts, as SyncNet papers report), p_sync (mean in-sync probability at shift 0),
+    stretch_acc (share of SYNC_STRETCH_S stretches whose own audio scores higher than the same
+    stretch's audio shifted by SYNC_MIN_SHIFT..max_offset frames: 0.5 is chance, 1 always in sync)."""
     import torch
 
     import syncnet_328
@@ -327,9 +331,15 @@ def sync_confidence(net, crops320, mel, device, max_offset=SYNC_MAX_OFFSET, batc
             curve.append(float(lg.mean()))
             if L == 0:
                 p0 = float(torch.sigmoid(lg).mean())
+        # a[i] is the audio centred on clip i's middle frame: shifting the index shifts the audio
+        stretch = max(min(int(round(SYNC_STRETCH_S * utils.FPS)), len(starts) // 2), 1)
+        idx = np.arange(len(starts))
+        stretch_acc, stretches = syncnet_328.stretch_pair_acc(
+            lambda w, f: net.logits(a[f], v[w]), len(idx), idx, len(idx), stretch, SYNC_MIN_SHIFT, max_offset, seed=0)
     curve = np.array(curve)
     k = int(np.argmax(curve))
     return {"offset": int(lags[k]), "conf": float(curve[k] - np.median(curve)), "p_sync": p0,
+            "stretch_acc": stretch_acc, "stretches": stretches, "stretch_s": stretch / utils.FPS,
             "curve": [round(float(c), 3) for c in curve]}
 
 
@@ -554,6 +564,8 @@ ROWS = [  # key, label, ideal / reading
     ("identity_cos", "identity cosine gen vs truth", "1"),
     ("sync_conf_gen", "SyncNet confidence (gen)", "~truth's"),
     ("sync_offset_gen", "SyncNet offset (gen, frames)", "0"),
+    ("sync_stretch_acc_gen", "SyncNet 1 s sync check (gen)", "1 (0.5 = chance)"),
+    ("sync_stretch_acc_true", "SyncNet 1 s sync check (truth/template)", ""),
     ("sync_conf_true", "SyncNet confidence (truth/template)", ""),
     ("sync_offset_true", "SyncNet offset (truth/template)", ""),
 ]
@@ -756,7 +768,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
             if s is not None:
                 sync[side] = s
                 m[f"sync_conf_{side}"], m[f"sync_offset_{side}"] = s["conf"], s["offset"]
-                m[f"sync_p_{side}"] = s["p_sync"]
+                m[f"sync_p_{side}"], m[f"sync_stretch_acc_{side}"] = s["p_sync"], s["stretch_acc"]
         timing["syncnet_s"] = round(time.time() - t, 1)
         del net
     if cfg.plot:

@@ -546,11 +546,30 @@ def sync_metrics(model, clip, pairs, device):
             "pair_acc": float((lp > ln).float().mean()), "pairs": 2 * len(pos)}
 
 
+def stretch_pair_acc(logit, n_windows, centres, n, length, min_shift, max_shift, seed, stride=5):
+    """How often, over a stretch of `length` consecutive windows, the in-sync audio scores higher
+    on average than the same stretch's audio shifted by one constant min_shift..max_shift frames
+    (either direction): the per-window pair test, judged over a whole stretch as a sync check of a
+    video does. logit(face window indices, audio frames) -> logits. Returns (accuracy, stretches)."""
+    rng = np.random.default_rng([seed, 4])
+    wins = []
+    for s in range(0, n_windows - length + 1, stride):
+        w = np.arange(s, s + length)
+        c = centres[w]
+        for d in (-1, 1):
+            room = (c[0] if d < 0 else n - 1 - c[-1])            # the largest shift that stays in the clip
+            if room >= min_shift:
+                shift = d * int(rng.integers(min_shift, min(room, max_shift) + 1))
+                wins.append(float(logit(w, c).mean()) > float(logit(w, c + shift).mean()))
+    return (float(np.mean(wins)) if wins else float("nan")), len(wins)
+
+
 @torch.no_grad()
-def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15):
+def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15, stretch_s=1.0):
     """Accuracy of a SyncNet checkpoint (path or model) on every window of another dataset:
-    in-sync vs >= min_shift-frame-shifted pairs, plus the mean logit for audio offsets
-    -max_offset..max_offset frames (a clip in sync peaks at 0; `offset` is the peak)."""
+    in-sync vs >= min_shift-frame-shifted pairs, per window and over stretch_s-second stretches
+    (`stretch_pair_acc`), plus the mean logit for audio offsets -max_offset..max_offset frames
+    (a clip in sync peaks at 0; `offset` is the peak)."""
     model, ck = load_syncnet(ckpt, device) if isinstance(ckpt, (str, Path)) else (ckpt.eval(), None)
     conf = (ck or {}).get("config", {})
     min_shift, max_shift = conf.get("min_shift", 5), conf.get("max_shift", 50)
@@ -565,6 +584,10 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15):
     for o in range(-max_offset, max_offset + 1):
         ok = (centres + o >= 0) & (centres + o < clip.n)
         curve[o] = float(model.logits(a[centres[ok] + o], v[ok]).mean())
+    length = max(int(round(stretch_s * utils.FPS)), 1)
+    out["stretch_pair_acc"], out["stretches"] = stretch_pair_acc(
+        lambda w, f: model.logits(a[f], v[w]), len(starts), centres, clip.n, length, min_shift, max_shift, seed)
+    out["stretch_s"] = length / utils.FPS
     out["offset"] = max(curve, key=curve.get)
     out["offset_curve"] = curve
     return out
@@ -795,7 +818,8 @@ def _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop):
             raise UserError(f"--eval_on needs a trained SyncNet at {best_path}")
         r = evaluate_sync(best_path, utils.dataset_path(other, cfg.data_root), device, seed=cfg.seed)
         print(f"eval on {other}: acc {r['acc']:.3f} (in sync {r['pos_acc']:.3f}, shifted {r['neg_acc']:.3f}), "
-              f"pair acc {r['pair_acc']:.3f}, loss {r['loss']:.4f}, {r['pairs']} pairs, best offset {r['offset']:+d} frames")
+              f"pair acc {r['pair_acc']:.3f}, loss {r['loss']:.4f}, {r['pairs']} pairs; over {r['stretch_s']:g} s stretches: "
+              f"pair acc {r['stretch_pair_acc']:.3f} ({r['stretches']}); best offset {r['offset']:+d} frames")
         result.setdefault("eval", {})[other] = r
     return result
 

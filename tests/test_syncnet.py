@@ -87,6 +87,46 @@ def test_heldout_accuracy_beats_chance(trained):
     # the same metric from the public evaluation function, over the whole toy clip
     r = sn.evaluate_sync(ck / "syncnet_best.pth", ds)
     assert r["acc"] > 0.6 and abs(r["offset"]) <= 2, {k: r[k] for k in ("acc", "offset")}
+    assert r["stretch_pair_acc"] > 0.7 and r["stretches"] > 20 and r["stretch_s"] == 1.0, r["stretch_pair_acc"]
+
+
+def test_video_sync_check_with_own_and_unrelated_audio(trained):
+    """evaluate.sync_confidence, the video-level judge: the toy clip with its own audio is in sync
+    at offset ~0 and passes the 1 s check; the same frames with another clip's audio do not."""
+    import evaluate
+    cfg, ds, ck, result = trained
+    net, _ = sn.load_syncnet(ck / "syncnet_best.pth")
+    crops = np.load(ds / "crops.npy")[:, utils.BORDER:utils.BORDER + utils.INNER, utils.BORDER:utils.BORDER + utils.INNER]
+    own = evaluate.sync_confidence(net, crops, np.load(ds / "mel.npy"), "cpu")
+    other_ds = make_toy_dataset(ds.parent.parent / "other", seed=11)
+    other = evaluate.sync_confidence(net, crops, np.load(other_ds / "mel.npy"), "cpu")
+    assert abs(own["offset"]) <= 2 and own["stretch_acc"] > 0.9 and own["stretches"] > 40, own
+    assert other["stretch_acc"] < 0.75 and other["conf"] < own["conf"], (other, own)
+
+
+def test_stretch_accuracy_averages_out_per_window_noise():
+    """A noisy scorer that is only slightly better than chance per window becomes reliable over a
+    1 s stretch; one that ignores the audio stays at chance; every shift stays in the clip and is
+    at least min_shift frames."""
+    n, T = 400, 5
+    centres = np.arange(n - T + 1) + T // 2
+    noise = np.random.default_rng(0).normal(0, 2.0, (len(centres), n))      # fixed per (window, audio frame)
+    seen = []
+
+    def informed(w, f):
+        seen.append(f - centres[w])
+        assert f.min() >= 0 and f.max() < n
+        return torch.from_numpy((f == centres[w]) + noise[w, f])
+
+    per_window = np.mean([informed(np.array([i]), centres[[i]]) > informed(np.array([i]), centres[[i]] + 7)
+                          for i in range(len(centres) - 7)])
+    seen.clear()
+    acc, count = sn.stretch_pair_acc(informed, len(centres), centres, n, 25, 5, 50, seed=0)
+    shifts = np.concatenate([d for d in seen if d.any()])
+    assert 0.55 < per_window < 0.75 and acc > 0.9 and count > 100, (per_window, acc, count)
+    assert np.all(np.abs(shifts) >= 5) and np.all(np.abs(shifts) <= 50) and (shifts < 0).any() and (shifts > 0).any()
+    deaf, _ = sn.stretch_pair_acc(lambda w, f: torch.from_numpy(noise[w, 0]), len(centres), centres, n, 25, 5, 50, 0)
+    assert deaf == 0.0         # equal means: "in sync scores higher" never holds for a scorer that ignores audio
 
 
 def test_encode_audio_equals_written_features(trained):
