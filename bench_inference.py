@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+import templates
 import utils
 from utils import SR, UserError
 
@@ -187,7 +188,7 @@ def case_e2e(arg):
     if arg["stub"]:
         model.runner = StubRunner()
     load = time.perf_counter() - t0
-    template = inf.open_template(arg["name"], arg["data_root"])
+    template = templates.open_template(arg["name"], arg["data_root"])
     stats, rss1 = {}, peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     model.render(arg["audio"], arg["out"], template, stats=stats)

@@ -37,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import templates
 import utils
 from utils import FPS, INNER, MOUTH, MOUTH_MARGIN, SR, UserError, mouth_box, to_crop_coords
 
@@ -120,7 +121,7 @@ def lmd(gen_lms, true_lms):
 
 def mouth_opening(lms):
     """Inner-lip gap over mouth width per frame, [N, 68, 2] -> [N] (the definition inference uses)."""
-    from inference_328 import mouth_opening as opening
+    from templates import mouth_opening as opening
     return np.asarray(opening(lms), np.float64)
 
 
@@ -426,7 +427,7 @@ def run_pass(gen_frames, template, det_boxes, n, *, detector, describer=None, tr
     true/template) frame inside the truth's detector box and collect what the metrics need.
     `truth`: a previous pass's result whose true-side values are reused. Returns a dict of arrays."""
     from tqdm import tqdm
-    from inference_328 import pingpong
+    from templates import pingpong
     r = {k: [] for k in ("gen_lms", "true_lms", "psnr", "ssim", "psnr_m", "ssim_m", "seam_g", "seam_t")}
     r.update(gen_reg=[], true_reg=[], gen_id=[], true_id=[], strip={})
     id_idx, strip_idx = set(id_idx), set(strip_idx)
@@ -654,8 +655,7 @@ def _clean(v):
 
 
 def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
-    import inference_328 as inf
-    template = inf.FolderTemplate.from_dataset(ds)
+    template = templates.FolderTemplate.from_dataset(ds)
     det_boxes = detector_boxes(ds)
     self_mode = not cfg.audio
     wav = utils.load_audio(cfg.audio) if cfg.audio else utils.load_audio(ds / "aud.wav")
@@ -671,7 +671,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     describer = FaceDescriber()
     band = seam_band(cfg.feather)
     jbox = jitter_box(template.lms, template.boxes)
-    tmpl_idx = np.array([inf.pingpong(k, template.n) for k in range(n)])
+    tmpl_idx = np.array([templates.pingpong(k, template.n) for k in range(n)])
     opening_prior = mouth_opening(template.lms[tmpl_idx])           # smoothed dataset landmarks, for picking the strip
     strip_idx = sorted({int(i) for i in np.argsort(opening_prior)[np.linspace(0, n - 1, STRIP_FRAMES).astype(int)]})
     id_idx = set(np.linspace(0, n - 1, min(cfg.id_frames, n)).astype(int).tolist())

@@ -22,6 +22,7 @@ import traceback
 from collections import OrderedDict
 from pathlib import Path
 
+import templates
 import utils
 from utils import UserError
 
@@ -357,7 +358,6 @@ class Worker:
         return m
 
     def run_generate(self, job, prog):
-        import inference_328
         s, inp, req = self.s, job["inputs"], job["request"]
         audio = inp.get("audio")
         if inp.get("text"):
@@ -371,7 +371,7 @@ class Worker:
         model = self.model(ckpt)
         self.check_stop()
         prog.stage("rendering", 0.05, 1.0)
-        template = inference_328.open_template(job["avatar"], s.data_root, inp.get("template") or "")
+        template = templates.open_template(job["avatar"], s.data_root, inp.get("template") or "")
         rel = Path("results") / f"{job['id']}.mp4"
         try:
             model.render(audio, Path(s.data_dir) / rel, template=template, progress=prog, should_stop=self.should_stop)

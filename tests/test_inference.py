@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import inference_328 as inf
+import templates
 import unet_328
 import utils
 from conftest import ROOT
@@ -43,7 +44,7 @@ def setup(tiny_dataset, tmp_path_factory):
     os.environ["LIPSYNC_CACHE"] = str(tmp / "cache")        # exported U-Net graphs stay in the test's temp dir
     ckpt = random_light_checkpoint(tmp / "ck" / "tiny" / "last.pth")
     model = inf.LipSyncModel(ckpt, "cpu")
-    template = inf.open_template("tiny", tiny_dataset.parent)
+    template = templates.open_template("tiny", tiny_dataset.parent)
     wav = synthetic.synth_speech(1.2, seed=3, lead_silence=0.2)
     wav_path = tmp / "speech.wav"
     utils.write_wav(wav_path, wav)
@@ -82,7 +83,7 @@ def test_outside_the_paste_box_the_template_is_untouched_and_there_is_no_seam(se
     t = setup["template"]
     frames = generated_frames(setup, setup["wav"][:utils.SR // 3])
     for k in (0, 7):
-        j = inf.pingpong(k, t.n)
+        j = templates.pingpong(k, t.n)
         tpl, out = t.read(j), frames[k]
         x0, y0, x1, y1 = (int(v) for v in t.boxes[j])
         outside = np.ones(tpl.shape[:2], bool)
@@ -129,7 +130,7 @@ def test_random_model_paste_boundary_is_smooth(setup):
     t = setup["template"]
     k = 3
     out = generated_frames(setup, setup["wav"][:utils.SR // 4])[k]
-    j = inf.pingpong(k, t.n)
+    j = templates.pingpong(k, t.n)
     assert seam_gradient(out, t.boxes[j], 16) <= 3 * seam_gradient(t.read(j), t.boxes[j], 16) + 2
 
 
@@ -139,7 +140,7 @@ def test_the_mouth_follows_the_audio(setup):
     a = generated_frames(setup, wav[:utils.SR // 3])
     b = generated_frames(setup, other[:utils.SR // 3])
     t = setup["template"]
-    j = inf.pingpong(6, t.n)
+    j = templates.pingpong(6, t.n)
     x0, y0, x1, y1 = (int(v) for v in t.boxes[j])
     mouth = (slice(y0 + (y1 - y0) // 3, y1 - (y1 - y0) // 5), slice(x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4))
     assert np.abs(a[6][mouth].astype(int) - b[6][mouth]).mean() > 1.0
@@ -177,15 +178,15 @@ def test_streamed_features_equal_whole_wav_features(setup):
 
 
 def test_pingpong_and_reference_choice(setup):
-    assert [inf.pingpong(k, 4) for k in range(9)] == [0, 1, 2, 3, 2, 1, 0, 1, 2]
-    assert inf.pingpong(5, 1) == 0
+    assert [templates.pingpong(k, 4) for k in range(9)] == [0, 1, 2, 3, 2, 1, 0, 1, 2]
+    assert templates.pingpong(5, 1) == 0
     t = setup["template"]
     refs = inf.References(t, "closed")
-    op = inf.mouth_opening(t.lms)
+    op = templates.mouth_opening(t.lms)
     assert op[refs.closed_index] <= np.percentile(op, 10)
     rnd = inf.References(t, "random", seed=1)
     for k in range(20):
-        j = inf.pingpong(k, t.n)
+        j = templates.pingpong(k, t.n)
         r = rnd.crop(k, j)
         assert r.shape == (utils.INNER, utils.INNER, 3)
 
@@ -216,7 +217,7 @@ def test_still_image_and_video_templates(setup, tmp_path):
     t, model = setup["template"], setup["model"]
     still = tmp_path / "still.png"
     cv2.imwrite(str(still), t.read(0))
-    it = inf.open_template(template=str(still))
+    it = templates.open_template(template=str(still))
     side = t.boxes[0][2] - t.boxes[0][0]
     assert it.n == 1 and it.size == t.size and np.abs(it.boxes[0] - t.boxes[0]).max() < 0.1 * side
     frames = list(model.frames(setup["wav"][:utils.SR // 5], it))
@@ -231,7 +232,7 @@ def test_still_image_and_video_templates(setup, tmp_path):
     with utils.VideoWriter(clip, *t.size, crf=12) as vw:
         for j in range(20):
             vw.write(t.read(j))
-    vt = inf.open_template(template=str(clip))
+    vt = templates.open_template(template=str(clip))
     try:
         assert vt.n == 20 and vt.size == t.size
         assert np.abs(vt.boxes - t.boxes[:20]).max() < 0.1 * side

@@ -3,8 +3,8 @@ import cv2
 import numpy as np
 import pytest
 
-import inference_328 as inf
 import synthetic
+import templates
 from utils import UserError
 
 
@@ -15,31 +15,31 @@ def face():
 
 def test_photo_template_holds_the_head_still(face, tmp_path):
     cv2.imwrite(str(tmp_path / "p.png"), face)
-    t = inf.ImageTemplate(tmp_path / "p.png")
+    t = templates.ImageTemplate(tmp_path / "p.png")
     items = list(t.stream(0, 5))
     assert t.n == 1 and len(items) == 5
     assert all(np.array_equal(f, face) for _, f, _ in items)          # the photo itself, unmoved
     assert all(np.array_equal(b, items[0][2]) for _, _, b in items)   # one box for every frame
     x0, y0, x1, y1 = items[0][2]
-    assert x1 - x0 >= inf.MIN_TEMPLATE_BOX and 0 <= x0 < x1 <= face.shape[1]
+    assert x1 - x0 >= templates.MIN_TEMPLATE_BOX and 0 <= x0 < x1 <= face.shape[1]
 
 
 def test_unreadable_image(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     with pytest.raises(UserError, match="not a readable image"):
-        inf.open_template(template=str(tmp_path / "bad.png"))
+        templates.open_template(template=str(tmp_path / "bad.png"))
 
 
 def test_no_face(tmp_path):
     cv2.imwrite(str(tmp_path / "wall.png"), np.full((300, 300, 3), 128, np.uint8))
     with pytest.raises(UserError, match="no face found"):
-        inf.open_template(template=str(tmp_path / "wall.png"))
+        templates.open_template(template=str(tmp_path / "wall.png"))
 
 
 def test_face_too_small_says_the_minimum(face, tmp_path):
     cv2.imwrite(str(tmp_path / "small.png"), cv2.resize(face, (96, 96), interpolation=cv2.INTER_AREA))
-    with pytest.raises(UserError, match=f"at least {inf.MIN_TEMPLATE_BOX} px") as e:
-        inf.open_template(template=str(tmp_path / "small.png"))
+    with pytest.raises(UserError, match=f"at least {templates.MIN_TEMPLATE_BOX} px") as e:
+        templates.open_template(template=str(tmp_path / "small.png"))
     assert "\n" not in str(e.value)
 
 
@@ -49,6 +49,6 @@ def test_several_faces_pick_the_largest_and_say_so(face, tmp_path, capsys):
     canvas[:, :384] = face
     canvas[64:320, 384:] = small
     cv2.imwrite(str(tmp_path / "two.png"), canvas)
-    t = inf.open_template(template=str(tmp_path / "two.png"))
+    t = templates.open_template(template=str(tmp_path / "two.png"))
     assert "2 faces" in capsys.readouterr().err
     assert t.boxes[0][2] <= 384                                       # the big face, on the left

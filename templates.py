@@ -1,0 +1,160 @@
+"""Templates: where the frames, landmarks and crop boxes of a lip-sync output come from -- the
+avatar's own processed frames (played forward then backward), a still photo, or another video.
+
+    python inference_328.py --name anna --audio_path a.wav                          # the avatar's frames
+    python inference_328.py --name anna --audio_path a.wav --template portrait.png  # a still photo
+    python inference_328.py --name anna --audio_path a.wav --template other.mp4     # another video
+
+Used by inference_328 (rendering), evaluate (the template baseline) and the server's generate jobs.
+Frames are decoded as they are needed; a video template is decoded once into a temp folder.
+"""
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import utils
+from utils import FPS, UserError
+
+MIN_TEMPLATE_BOX = 80             # px: a template face whose crop box is smaller would be upscaled > 4x
+
+
+def mouth_opening(lms):
+    """Inner-lip gap (mean of the 3 vertical inner-lip distances) over the mouth width, per frame.
+    lms [N, 68, 2] -> [N]; about 0 for a closed mouth, 0.3+ wide open."""
+    lms = np.asarray(lms, np.float32)
+    gap = np.linalg.norm(lms[:, [61, 62, 63]] - lms[:, [67, 66, 65]], axis=-1).mean(1)
+    width = np.linalg.norm(lms[:, 64] - lms[:, 60], axis=-1)
+    return gap / np.maximum(width, 1e-6)
+
+
+def pingpong(k, n):
+    """Template frame index of output frame k: 0, 1, .., n-1, n-2, .., 1, 0, 1, ..."""
+    if n <= 1:
+        return 0
+    p = k % (2 * n - 2)
+    return p if p < n else 2 * n - 2 - p
+
+
+class FolderTemplate:
+    """A folder of frames/NNNNNN.jpg with smoothed landmarks (a processed dataset), played
+    forward then backward; frames are decoded as they are needed."""
+
+    def __init__(self, folder, lms, boxes, size, crops=None, what=None):
+        self.folder, self.lms, self.boxes, self.size = Path(folder), lms, boxes, size
+        self.n, self.what = len(boxes), what or str(folder)
+        self._crops = crops                     # optional [N, 328, 328, 3] cache (memmap)
+
+    @classmethod
+    def from_dataset(cls, ds):
+        ds = Path(ds)
+        meta = utils.load_meta(ds)
+        if not (ds / "landmarks.npz").is_file() or not (ds / "frames").is_dir():
+            raise UserError(f"dataset {ds} is incomplete (no landmarks.npz or frames/); run process.py again with --overwrite")
+        z = np.load(ds / "landmarks.npz")
+        crops = None
+        if (ds / "crops.npy").is_file():
+            crops = np.load(ds / "crops.npy", mmap_mode="r")
+            if len(crops) != len(z["crop_boxes"]):
+                crops = None
+        return cls(ds / "frames", z["lms"], z["crop_boxes"], (meta["width"], meta["height"]), crops, what=f"dataset {ds}")
+
+    def read(self, j):
+        frame = cv2.imread(str(self.folder / f"{j:06d}.jpg"))
+        if frame is None:
+            raise UserError(f"{self.what}: frame {j} ({self.folder / f'{j:06d}.jpg'}) is missing or unreadable")
+        return frame
+
+    def crop(self, j):
+        """The 328 face crop of template frame j (from the crop cache when there is one)."""
+        if self._crops is not None:
+            return np.asarray(self._crops[j])
+        return utils.crop_face(self.read(j), self.boxes[j])
+
+    def stream(self, start, count):
+        """(template index, BGR frame, crop box) for `count` output frames from `start`."""
+        if not 0 <= start < self.n:
+            raise UserError(f"--start_frame {start} is outside the template's {self.n} frames (0..{self.n - 1})")
+        for k in range(count):
+            j = pingpong(start + k, self.n)
+            yield j, self.read(j), self.boxes[j]
+
+    def close(self):
+        pass
+
+
+class ImageTemplate(FolderTemplate):
+    """A still image: landmarks detected once, the head held still."""
+
+    def __init__(self, path):
+        import landmarks
+        img = cv2.imread(str(path))
+        if img is None:
+            raise UserError(f"template {path} is not a readable image")
+        faces = landmarks.make_detector("dlib").detect(img)
+        if not faces:
+            raise UserError(f"no face found in template {path}; use a frontal, well-lit photo")
+        if len(faces) > 1:
+            print(f"note: {len(faces)} faces in template {path}; animating the largest one", file=sys.stderr)
+        lm = np.asarray(faces[0][0], np.float32)
+        box = utils.crop_box(lm)
+        if box[2] - box[0] < MIN_TEMPLATE_BOX:
+            raise UserError(f"the face in template {path} is too small: its crop is {box[2] - box[0]} px wide, at least "
+                            f"{MIN_TEMPLATE_BOX} px are needed (a face about {MIN_TEMPLATE_BOX * 5 // 4} px wide); "
+                            "use a larger or closer photo")
+        self.image = img
+        super().__init__(Path(path).parent, lm[None], box[None], (img.shape[1], img.shape[0]),
+                         what=f"template {path}")
+
+    def read(self, j):
+        return self.image
+
+
+class VideoTemplate(FolderTemplate):
+    """Another video as template: decoded at 25 fps once into a temp folder of JPEGs with
+    tracked, gap-filled and smoothed landmarks (the process.py recipe without the training cache)."""
+
+    def __init__(self, path, max_gap=12, smooth_sigma=1.0):
+        import landmarks
+        info = utils.probe(path)
+        v = info["video"]
+        if v is None or not v["width"]:
+            raise UserError(f"template {path} has no video stream")
+        tmp = Path(tempfile.mkdtemp(prefix="lipsync-template-"))
+        try:
+            w, h = v["width"], v["height"]
+            if v.get("rotation") in (90, 270):
+                w, h = h, w
+
+            def frames():
+                for i, f in enumerate(utils.iter_frames(path, w, h, fps=FPS)):
+                    cv2.imwrite(str(tmp / f"{i:06d}.jpg"), f, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    yield f
+
+            tr = landmarks.track_video(frames(), landmarks.make_detector("dlib"))
+            if len(tr["found"]) == 0 or not tr["found"].any():
+                raise UserError(f"no face found in template video {path}")
+            lms, _, _ = landmarks.clean_track(tr["lms"], tr["found"], max_gap, smooth_sigma)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        super().__init__(tmp, lms, np.stack([utils.crop_box(l) for l in lms]), (w, h), what=f"template {path}")
+
+    def close(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def open_template(name=None, data_root=None, template=""):
+    """The template source: --template (image or video) when given, else the avatar's dataset."""
+    if template:
+        p = Path(template)
+        if not p.is_file():
+            raise UserError(f"template not found: {p}")
+        return ImageTemplate(p) if p.suffix.lower() in IMAGE_EXT else VideoTemplate(p)
+    return FolderTemplate.from_dataset(utils.dataset_path(name, data_root))
