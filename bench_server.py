@@ -55,7 +55,7 @@ def write_random_checkpoint(folder, widths=TINY_WIDTHS, seed=0, step=0):
     `widths`: a WIDTHS name or 6 ints."""
     import torch
 
-    from syncnet_328 import encoder_id
+    from audio_features import encoder_id
     from unet_328 import WIDTHS, AudioEncoder, UNet328
     widths = WIDTHS[widths] if isinstance(widths, str) else tuple(widths)
     torch.manual_seed(seed)

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import torch
 
+import audio_features
 import syncnet_328
 import utils
 from utils import UserError
@@ -80,19 +81,19 @@ def feature_encoder(ds, info):
     from unet_328 import AudioEncoder
     ds = Path(ds)
     src = str(info.get("source", ""))
-    ref = src.startswith(syncnet_328.SOURCE_REFERENCE + ":")
+    ref = src.startswith(audio_features.SOURCE_REFERENCE + ":")
     path = Path(src.split(":", 1)[1] if ref else src)
     if not src or not path.is_file():
         raise UserError(f"{ds}/aud_feat.json names audio encoder source {src!r}, which is missing; "
                         f"re-run: python syncnet_328.py --name {ds.name}")
     if ref:
-        enc = syncnet_328.load_reference_encoder(path)
+        enc = audio_features.load_reference_encoder(path)
     else:
         try:
             enc = AudioEncoder().load_reference_state_dict(utils.load_checkpoint(path)["model"])
         except ValueError as e:
             raise UserError(f"{path} holds no usable audio encoder ({e})") from None
-    return enc.state_dict(), syncnet_328.encoder_id(enc)
+    return enc.state_dict(), audio_features.encoder_id(enc)
 
 
 class LipDataset(torch.utils.data.Dataset):
@@ -245,7 +246,7 @@ class StepBatches(torch.utils.data.Sampler):
 def write_fake_dataset(ds_dir, n=40, seed=0):
     """Write a minimal processed dataset (crops.npy, mel.npy, aud_feat.npy/.json, meta.json,
     landmarks.npz, an audio-encoder checkpoint as the features' source) into ds_dir."""
-    from syncnet_328 import encoder_id
+    from audio_features import encoder_id
     from unet_328 import AudioEncoder
     ds = Path(ds_dir)
     ds.mkdir(parents=True, exist_ok=True)

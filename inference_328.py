@@ -294,7 +294,7 @@ class LipSyncModel:
         """Audio-encoder vectors [stop - start, 512] of video frames start..stop-1 of `wav`
         (float32 16 kHz mono), equal to those of the whole wav but computed from the samples
         around those frames only, so long audio is processed in constant memory."""
-        from syncnet_328 import encode_audio
+        from audio_features import encode_audio
         n = utils.num_frames(len(wav))
         stop = n if stop is None else min(stop, n)
         if stop <= start:

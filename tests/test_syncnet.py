@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import audio_features
 import syncnet_328 as sn
 import utils
 from unet_328 import AudioEncoder
@@ -75,7 +76,7 @@ def test_training_writes_checkpoints_and_features(trained):
     assert feats.shape == (N_FRAMES, utils.FEAT_DIM) and feats.dtype == np.float32
     info = json.loads((ds / "aud_feat.json").read_text())
     model, _ = sn.load_syncnet(ck / "syncnet_best.pth")
-    assert info["encoder_id"] == sn.encoder_id(model.audio_encoder) and len(info["encoder_id"]) == 12
+    assert info["encoder_id"] == audio_features.encoder_id(model.audio_encoder) and len(info["encoder_id"]) == 12
     assert info["source"].endswith("syncnet_best.pth") and info["num_frames"] == N_FRAMES
 
 
@@ -133,8 +134,8 @@ def test_encode_audio_equals_written_features(trained):
     cfg, ds, ck, result = trained
     enc = sn.load_syncnet(ck / "syncnet_best.pth")[0].audio_encoder
     written = np.load(ds / "aud_feat.npy")
-    from_path = sn.encode_audio(ds / "aud.wav", enc, "cpu")
-    from_wav = sn.encode_audio(sn.read_wav(ds), enc, "cpu", batch=64)
+    from_path = audio_features.encode_audio(ds / "aud.wav", enc, "cpu")
+    from_wav = audio_features.encode_audio(audio_features.read_wav(ds), enc, "cpu", batch=64)
     assert from_path.shape == written.shape
     np.testing.assert_allclose(from_path, written, atol=1e-5)
     np.testing.assert_allclose(from_wav, written, atol=1e-5)
@@ -215,8 +216,8 @@ def test_features_from_the_reference_encoder(tmp_path):
     sn.main(sn.Config(name="toy", data_root=str(tmp_path / "data"), ckpt_root=str(tmp_path / "ck"),
                       features_only=True, reference_encoder=str(tmp_path / "audio_visual_encoder.pth")))
     info = json.loads((ds / "aud_feat.json").read_text())
-    assert info["encoder_id"] == sn.encoder_id(enc) and info["source"].startswith(sn.SOURCE_REFERENCE)
-    np.testing.assert_allclose(np.load(ds / "aud_feat.npy"), sn.encode_audio(sn.read_wav(ds), enc), atol=1e-5)
+    assert info["encoder_id"] == audio_features.encoder_id(enc) and info["source"].startswith(audio_features.SOURCE_REFERENCE)
+    np.testing.assert_allclose(np.load(ds / "aud_feat.npy"), audio_features.encode_audio(audio_features.read_wav(ds), enc), atol=1e-5)
 
 
 def test_threshold_is_the_best_cut_between_the_two_kinds():
