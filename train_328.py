@@ -5,9 +5,10 @@
     torchrun --nproc_per_node 4 train_328.py --name anna             # multi-GPU (DDP)
 
 Each step: a batch of single frames (reference = another frame, masked crop, audio window), plus,
-when a SyncNet checkpoint exists, `sync_clips` clips of the SyncNet's T (5) consecutive frames whose
-predictions SyncNet (frozen) judges against the clip's mel windows. Loss = L1 + perceptual_weight x perceptual
-(VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM) + sync weight x sync BCE.
+with --sync_weight > 0 and a SyncNet checkpoint, `sync_clips` clips of the SyncNet's T (5) consecutive
+frames whose predictions SyncNet (frozen) judges against the clip's mel windows. Loss = L1 +
+perceptual_weight x perceptual (VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM)
++ sync weight x sync BCE (off by default: measured to hurt, see README section 3).
 Writes last.pth (every save_every steps and at the end), best.pth (lowest held-out L1),
 step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference | masked |
 prediction | truth). `--resume auto` continues exactly where last.pth left off: data order,
@@ -60,7 +61,7 @@ class Config:
     grad_clip: float = 1.0          # gradient-norm clip (0 = off): guards against sync-loss spikes
     perceptual: str = "auto"        # auto | vgg | msssim | off; auto = VGG19 conv3_3 when its weights are on disk, else MS-SSIM
     perceptual_weight: float = -1.0  # weight of the perceptual term; < 0 = the kind's default (VGG 0.01, MS-SSIM 0.5)
-    sync_weight: float = 10.0       # SyncNet loss weight (reference: 10); 0 when there is no SyncNet checkpoint
+    sync_weight: float = 0.0        # SyncNet loss weight; 0 = off. The reference's 10 only worked because its SyncNet had learned nothing (loss ~0); against ours it swamps L1 (see README, section 3)
     sync_ramp: int = 2000           # steps over which the sync weight rises from 0: a face must exist before its sync matters
     sync_clips: int = 2             # clips of the SyncNet's T (5) consecutive frames per step for the sync loss (also in L1)
     syncnet: str = ""               # SyncNet checkpoint; default CKPT_ROOT/NAME/syncnet_best.pth (alias --syncnet_checkpoint)

@@ -178,7 +178,7 @@ def test_resume_is_exact(data_root, tmp_path):
     """4 steps straight == 2 steps, stop, resume 2 steps: same losses, same weights (sync loss on)."""
     def run(out, stop=None, **kw):
         seen = {}
-        res = train_328.main(config(data_root, out, max_steps=4, sync_clips=1, sync_ramp=1, **kw),
+        res = train_328.main(config(data_root, out, max_steps=4, sync_weight=0.1, sync_clips=1, sync_ramp=1, **kw),
                              progress=lambda s, n, losses: seen.__setitem__(s, losses), should_stop=stop)
         return seen, res
     for d in ("a", "b"):
