@@ -56,7 +56,7 @@ class Config:
     max_video_s: float = 1200.0     # longest training video an avatar job accepts, s (longer -> 422)
     max_text_chars: int = 2000      # longest text for speech synthesis (when piper is installed)
     max_train_steps: int = 200000   # largest generator step count a request may ask for
-    train_extra: str = ""           # JSON object of further train_328.Config fields for avatar jobs, e.g. '{"sync_weight": 0}'
+    train_extra: str = ""           # JSON object of further train_328.Config fields for avatar jobs, e.g. '{"perceptual": "off"}'
     syncnet_extra: str = ""         # JSON object of further syncnet_328.Config fields for avatar jobs
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, mps: where jobs run
     backend: str = "auto"           # inference U-Net runtime (inference_328 --backend)
