@@ -121,8 +121,7 @@ def lmd(gen_lms, true_lms):
 
 def mouth_opening(lms):
     """Inner-lip gap over mouth width per frame, [N, 68, 2] -> [N] (the definition inference uses)."""
-    from templates import mouth_opening as opening
-    return np.asarray(opening(lms), np.float64)
+    return np.asarray(templates.mouth_opening(lms), np.float64)
 
 
 def pearson(a, b):
@@ -427,14 +426,13 @@ def run_pass(gen_frames, template, det_boxes, n, *, detector, describer=None, tr
     true/template) frame inside the truth's detector box and collect what the metrics need.
     `truth`: a previous pass's result whose true-side values are reused. Returns a dict of arrays."""
     from tqdm import tqdm
-    from templates import pingpong
     r = {k: [] for k in ("gen_lms", "true_lms", "psnr", "ssim", "psnr_m", "ssim_m", "seam_g", "seam_t")}
     r.update(gen_reg=[], true_reg=[], gen_id=[], true_id=[], strip={})
     id_idx, strip_idx = set(id_idx), set(strip_idx)
     for k, gen in enumerate(tqdm(gen_frames, total=n, desc=desc, unit="f", dynamic_ncols=True, leave=False)):
         if k >= n:
             break
-        j = pingpong(k, template.n)
+        j = templates.pingpong(k, template.n)
         true = template.read(j)
         img = detector.prepare(gen)
         r["gen_lms"].append(detector.fit(img, det_boxes[j]))
