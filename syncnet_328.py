@@ -211,8 +211,6 @@ class Config:
     eval_only: bool = False         # no training, no features: only the --eval_on evaluation
 
 
-
-
 def load_syncnet(path, device="cpu"):
     """Checkpoint path -> (SyncNet in eval mode on device, checkpoint dict)."""
     ckpt = utils.load_checkpoint(path, device)
@@ -473,11 +471,13 @@ def stretch_pair_acc(logit, n_windows, centres, n, length, min_shift, max_shift,
     for s in range(0, n_windows - length + 1, stride):
         w = np.arange(s, s + length)
         c = centres[w]
+        in_sync = None
         for d in (-1, 1):
             room = (c[0] if d < 0 else n - 1 - c[-1])            # the largest shift that stays in the clip
             if room >= min_shift:
                 shift = d * int(rng.integers(min_shift, min(room, max_shift) + 1))
-                wins.append(float(logit(w, c).mean()) > float(logit(w, c + shift).mean()))
+                in_sync = float(logit(w, c).mean()) if in_sync is None else in_sync
+                wins.append(in_sync > float(logit(w, c + shift).mean()))
     return (float(np.mean(wins)) if wins else float("nan")), len(wins)
 
 
