@@ -102,10 +102,11 @@ class LipDataset(torch.utils.data.Dataset):
     mouth: its mouth box (x0, y0, x1, y1) in the 320 crop. With clip=T > 1 the item is frames
     k..k+T-1: masked/target (T, 3, 320, 320), audio (T, 32, 16, 16), mouth (T, 4), mel (K, 1, 80,
     16): the SyncNet's audio windows (centre frame + mel_offsets), one shared ref. An item may be
-    given as (k, epoch) so DataLoader workers need no shared epoch state."""
+    given as (k, epoch) so DataLoader workers need no shared epoch state. `mask`: the generator's
+    masked area (utils.jaw_mask), None = MASK_RECT."""
 
     def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
-                 clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,)):
+                 clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,), mask=None):
         ds = Path(ds_dir)
         self.ds = ds
         info = read_feature_info(ds)
@@ -128,6 +129,7 @@ class LipDataset(torch.utils.data.Dataset):
                 raise UserError(f"{ds}/landmarks.npz holds no landmarks; re-run: python process.py VIDEO --name {ds.name} --overwrite")
             lm320 = utils.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
         self.mouth = np.array([utils.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
+        self.mask = None if mask is None else np.asarray(mask, bool)             # (320, 320); None = MASK_RECT
         # Clip starts: every frame of the clip must be in the subset (e.g. stay inside the train split).
         inset = np.zeros(n + clip, bool)
         inset[frames] = True
@@ -185,7 +187,7 @@ class LipDataset(torch.utils.data.Dataset):
             gain = np.float32(1 + rng.uniform(-AUG_GAIN, AUG_GAIN))
             bias = np.float32(255 * rng.uniform(-AUG_BIAS, AUG_BIAS) + 0.5)   # + 0.5: round, not floor
             ref, cur = (np.clip(x * gain + bias, 0, 255).astype(np.uint8) for x in (ref, cur))
-        masked = utils.mask_inner(cur)
+        masked = utils.mask_inner(cur, self.mask)
         audio = np.stack([utils.feature_window(self.feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
         out = dict(ref=_tensor(ref), masked=_tensor(masked), target=_tensor(cur), audio=torch.from_numpy(audio),
                    mouth=torch.from_numpy(self.mouth[i:i + self.clip]), index=i, ref_index=j)
@@ -194,6 +196,18 @@ class LipDataset(torch.utils.data.Dataset):
         else:   # the SyncNet's mel windows around the clip's middle frame
             out["mel"] = torch.from_numpy(syncnet_328.audio_input(self.mel, [i + self.clip // 2], self.mel_offsets)[0])  # (K, 1, 80, 16)
         return out
+
+
+def generator_mask(ds_dir, frames, kind):
+    """The masked area (bool (320, 320), or None for MASK_RECT) a generator of mask `kind` trains
+    and runs with, from the landmarks of the dataset's `frames` (utils.jaw_mask)."""
+    if kind not in utils.MASKS:
+        raise UserError(f"--mask {kind!r}: choose {' or '.join(utils.MASKS)}")
+    if kind == "rect":
+        return None
+    with np.load(Path(ds_dir) / "landmarks.npz") as z:
+        idx = np.asarray(frames, np.int64)
+        return utils.jaw_mask(utils.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]))
 
 
 def _tensor(a):
@@ -272,7 +286,10 @@ def write_fake_dataset(ds_dir, n=40, seed=0):
     (ds / "aud_feat.json").write_text(json.dumps({"encoder_id": encoder_id(enc), "source": str(ds / "fake_encoder.pth"),
                                                   "frames": n, "fake": True}))
     boxes = np.tile(np.array([0, 0, utils.CROP, utils.CROP]), (n, 1))
-    lms = np.zeros((n, 68, 2), np.float32)                   # only the mouth matters here: on the drawn ellipse
+    lms = np.zeros((n, 68, 2), np.float32)                   # the mouth on the drawn ellipse, a jaw line and nose bottom around it
+    t = np.pi - np.pi * np.arange(17) / 16                    # contour 0..16: left cheek, chin, right cheek
+    lms[:, :17, 0], lms[:, :17, 1] = 164 + 150 * np.cos(t), 200 + 100 * np.sin(t)
+    lms[:, 31:36, 0], lms[:, 31:36, 1] = np.linspace(140, 188, 5), 175
     ang = np.linspace(0, 2 * np.pi, 20, endpoint=False)
     lms[:, utils.MOUTH, 0] = 164 + 60 * np.cos(ang)
     lms[:, utils.MOUTH, 1] = 240 + (4 + 30 * openness[:, None]) * np.sin(ang)

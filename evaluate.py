@@ -64,7 +64,7 @@ class Config:
     max_lag: int = 10              # frames searched each way for the best opening lag
     id_frames: int = 12            # frames (evenly spaced) on which identity descriptors are computed (~0.15 s each)
     syncnet: str = "auto"          # SyncNet checkpoint for the secondary score; auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off
-    plot: bool = True              # write plot.png (opening over time + truth|generated strip)
+    plot: bool = True              # write plot.png (opening over time + truth|generated strip) and strip.png (the strip at full size)
     video_out: bool = True         # write side_by_side.mp4 (truth | generated, with the audio)
     seed: int = 0                  # seed of a random reference choice
 
@@ -133,6 +133,13 @@ def pearson(a, b):
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 1e-12 * len(a) else 0.0
+
+
+def width_ratio(gen, true):
+    """How wide the generated mouth moves against the truth: sd of its opening track over the sd
+    of the true one (1 = as wide; an L1-averaged mouth that barely opens scores well below 1)."""
+    sg, st = np.nanstd(np.asarray(gen, np.float64)), np.nanstd(np.asarray(true, np.float64))
+    return float(sg / st) if st > 1e-12 else math.nan
 
 
 def lag_curve(a, b, max_lag):
@@ -229,10 +236,10 @@ def jitter_ratio(gen_regions, true_regions):
     return motion_energy(gen_regions) / t if t > 0 else math.nan
 
 
-def seam_band(feather, pad=SEAM_PAD):
+def seam_band(feather, pad=SEAM_PAD, mask=None):
     """Bool [328, 328]: where a paste seam can show -- the paste alpha's transition zone (or its
-    edge, for a hard paste) grown by `pad` px each way."""
-    a = utils.paste_alpha(feather)
+    edge, for a hard paste) grown by `pad` px each way; `mask`: the generator's masked area."""
+    a = utils.paste_alpha(feather, mask)
     k = np.ones((2 * pad + 1, 2 * pad + 1), np.uint8)
     outer = cv2.dilate((a > 1e-3).astype(np.uint8), k)
     core = cv2.erode((a > 1 - 1e-3).astype(np.uint8), k)
@@ -353,7 +360,7 @@ class Baseline:
     def __init__(self, kind):
         if kind not in ("template", "copy"):
             raise UserError(f"--baseline {kind!r}: choose template or copy (or leave it empty for the model)")
-        self.kind, self.step = kind, None
+        self.kind, self.step, self.mask = kind, None, None   # pastes over MASK_RECT
 
     def frames(self, wav, template, start_frame=0, feather=16, color_match=True, reference="closed",
                silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, stats=None):
@@ -487,6 +494,17 @@ def side_by_side_writer(vw, size, left="truth"):
 
 # ----------------------------------------------------------------------------------------------
 # Reports
+def write_strip(path, strip):
+    """The strip's 320 crops at full size: the truth (or template) on top, the generated below,
+    frames from closed to wide open left to right."""
+    items = [v for _, v in sorted(strip.items())]
+    if not items:
+        return
+    img = np.concatenate([np.concatenate([v[row] for v in items], 1) for row in (0, 1)], 0)
+    with utils.atomic_file(path) as tmp:
+        cv2.imwrite(str(tmp), img)
+
+
 def write_plot(path, t_open, g_open, other_open, db, silent, thresh, strip, labels):
     import matplotlib
     matplotlib.use("Agg")
@@ -546,6 +564,7 @@ ROWS = [  # key, label, ideal / reading
     ("opening_r", "opening r vs truth (lag 0)", "1"),
     ("opening_r_chance", "  chance level of r (1 sd, shifted truth)", "small"),
     ("opening_lag", "best lag (frames, + = late)", "0"),
+    ("opening_width_ratio", "opening width ratio (sd gen / sd truth)", "1"),
     ("opening_r_other_audio", "opening r, audio of another moment", "~0"),
     ("ablation_gap", "ablation gap r(real) - r(other)", "high"),
     ("speech_frames", "speech frames (louder than silence)", ""),
@@ -667,7 +686,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     wav = wav[:n * SR // FPS]
     detector = landmarks.make_detector("dlib")
     describer = FaceDescriber()
-    band = seam_band(cfg.feather)
+    band = seam_band(cfg.feather, mask=gen_model.mask)
     jbox = jitter_box(template.lms, template.boxes)
     tmpl_idx = np.array([templates.pingpong(k, template.n) for k in range(n)])
     opening_prior = mouth_opening(template.lms[tmpl_idx])           # smoothed dataset landmarks, for picking the strip
@@ -731,6 +750,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         m["opening_r"] = pearson(g_open, t_open)
         m["opening_lag"], m["opening_r_at_lag"] = best_lag(g_open, t_open, cfg.max_lag)
         m["opening_r_chance"] = chance_r(g_open, t_open)
+        m["opening_width_ratio"] = width_ratio(g_open, t_open)
         # the ablation: the same frames driven by the audio of another moment of the clip
         shift = int(round(cfg.ablation_shift * n)) % n or n // 2
         wav_other = np.roll(wav, shift * SR // FPS)
@@ -773,6 +793,8 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         labels = ("truth", "generated", "generated, other audio") if self_mode else ("template", "generated", "")
         write_plot(out_dir / "plot.png", t_open, g_open, other_open, db, silent, thresh, main_pass["strip"], labels)
         outputs["plot"] = str(out_dir / "plot.png")
+        write_strip(out_dir / "strip.png", main_pass["strip"])
+        outputs["strip"] = str(out_dir / "strip.png")
     tracks = dict(gen_opening=g_open, true_opening=t_open, loudness_db=db, silent=silent)
     if other_open is not None:
         tracks["other_opening"] = other_open

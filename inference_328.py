@@ -282,6 +282,7 @@ class LipSyncModel:
             raise UserError(f"{self.path}: its audio encoder does not load ({str(e)[:160]})") from None
         self.step = ckpt.get("step")
         self.config = ckpt.get("config") or {}
+        self.mask = utils.checkpoint_mask(ckpt)     # the area it repaints: bool (320, 320), None = MASK_RECT
         del ckpt
         # BN folded into the convs: same outputs, ~2x faster on CPU with channels_last (SPEC §11)
         self.unet = fold_bn(unet).to(self.device, memory_format=torch.channels_last)
@@ -325,7 +326,7 @@ class LipSyncModel:
                silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, stats=None):
         """Iterator of finished BGR frames (template size), one per video frame of `wav`."""
         for item in self._generate(wav, template, start_frame, reference, seed, stats):
-            yield compose(item, feather, color_match, silence_gate, silence_db, speech_db, stats)
+            yield compose(item, feather, color_match, silence_gate, silence_db, speech_db, stats, self.mask)
 
     def _generate(self, wav, template, start_frame, reference, seed, stats):
         """Streams (frame, box, crop328, generated320, closed_ref320, loudness_db, mouth region) per output frame;
@@ -377,7 +378,7 @@ class LipSyncModel:
                 aud = np.stack([feats.window(k + i) for i in range(len(batch))])      # (B, 32, 16, 16)
                 _add(stats, "audio features", time.perf_counter() - t)
                 t = time.perf_counter()
-                masked = utils.mask_inner(np.stack([utils.inner(b[2]) for b in batch]))
+                masked = utils.mask_inner(np.stack([utils.inner(b[2]) for b in batch]), self.mask)
                 gen = self.generate_crops(np.stack([b[3] for b in batch]), masked, aud)
                 _add(stats, "model", time.perf_counter() - t)
                 for i, (frame, box, crop, _) in enumerate(batch):
@@ -420,7 +421,7 @@ class LipSyncModel:
                 try:
                     while (item := q.get()) is not None:
                         t0 = time.perf_counter()
-                        frame = compose(item, feather, color_match, silence_gate, silence_db, speech_db, stats)
+                        frame = compose(item, feather, color_match, silence_gate, silence_db, speech_db, stats, self.mask)
                         t1 = time.perf_counter()
                         vw.write(frame)
                         _add(stats, "encode", time.perf_counter() - t1)
@@ -580,14 +581,15 @@ _SEAM_MASK = {}
 DEFAULT_MOUTH = (150.0, 80.0, 80.0, 240.0)
 
 
-def seam_mask(feather):
+def seam_mask(feather, mask=None):
     """Where colour statistics are compared: the band of the paste alpha near its edge (where a
     seam would show), or the whole pasted area when there is no feather."""
-    if feather not in _SEAM_MASK:
-        a = utils.paste_alpha(feather)
+    key = (feather, utils.mask_key(mask))
+    if key not in _SEAM_MASK:
+        a = utils.paste_alpha(feather, mask)
         band = (a > 0.02) & (a < 0.98)
-        _SEAM_MASK[feather] = (band if band.sum() > 1000 else a > 0.5).astype(np.float32)
-    return _SEAM_MASK[feather]
+        _SEAM_MASK[key] = (band if band.sum() > 1000 else a > 0.5).astype(np.float32)
+    return _SEAM_MASK[key]
 
 
 def mouth_region(lms, boxes):
@@ -621,9 +623,11 @@ def mouth_alpha(region=DEFAULT_MOUTH):
     return _MOUTH_ALPHA[key]
 
 
-def compose(item, feather=16, color_match=True, silence_gate=True, silence_db=-45.0, speech_db=-35.0, stats=None):
+def compose(item, feather=16, color_match=True, silence_gate=True, silence_db=-45.0, speech_db=-35.0, stats=None,
+            mask=None):
     """One output frame from (frame, box, crop328, generated320, closed_ref320, loudness_db
-    [, mouth region]) as _generate yields them; without a mouth region, DEFAULT_MOUTH."""
+    [, mouth region]) as _generate yields them; without a mouth region, DEFAULT_MOUTH. Only the
+    generator's masked area (`mask`, None = MASK_RECT) is pasted."""
     frame, box, crop, gen, closed, db, *region = item
     out = crop.copy()                                             # the 4 px ring stays original
     if silence_gate:
@@ -633,8 +637,8 @@ def compose(item, feather=16, color_match=True, silence_gate=True, silence_db=-4
             gen = (gen * (1 - a) + closed * a + 0.5).astype(np.uint8)
     out[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = gen
     if color_match:
-        out = utils.match_color(out, crop, seam_mask(feather))
-    return utils.paste_back(frame, box, out, feather)
+        out = utils.match_color(out, crop, seam_mask(feather, mask))
+    return utils.paste_back(frame, box, out, feather, mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -612,7 +612,7 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, best = ckpt["step"], ckpt["best"]
-        torch.set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"].cpu())   # loaded onto the device; the CPU generator takes a CPU ByteTensor
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     utils.save_config(cfg, ckpt_dir / "syncnet_config.json")
     log_file = open(ckpt_dir / "syncnet_log.txt", "a")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import utils
 import syncnet_328
-from datasets import LipDataset, StepBatches, feature_encoder, read_feature_info, split_frames
+from datasets import LipDataset, StepBatches, feature_encoder, generator_mask, read_feature_info, split_frames
 from unet_328 import WIDTHS, UNet328, count_params
 from utils import UserError
 
@@ -45,12 +45,14 @@ class Config:
     out_dir: str = ""               # checkpoint folder; overrides ckpt_root/name (alias --save_dir)
     data_root: str = str(utils.DATASET_DIR)     # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)  # where checkpoints live
-    resume: str = ""                # "" new run; "auto" last.pth if any; "last" or a path: must exist
+    resume: str = ""                # "" new run; "auto" (or a bare --resume) last.pth if any; "last" or a path: must exist
     overwrite: bool = False         # start a new run even where out_dir already holds one
     widths: str = "full"            # U-Net widths: full (12.2 M params), light (CPU), or 6 ints "16,16,32,64,128,256"
     batch_size: int = 8             # frames per step per process (reference: 8)
     held_out: float = 0.1           # share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
+    mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
+    mouth_weight: float = 0.0       # extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
     num_workers: int = 2            # DataLoader worker processes per loader and process
     seed: int = 0                   # seeds the weights, data order, reference choice, augmentation
     epochs: int = 100               # passes over the training frames (reference: 100); used when max_steps is 0
@@ -80,7 +82,7 @@ class Config:
 
 
 RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
-               "perceptual", "perceptual_weight", "sync_weight", "world_size")   # worth a line when a resume changes them
+               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
 PERCEPTUAL_WEIGHT = {"vgg": 0.01, "msssim": 0.5, "off": 0.0}
 VGG_FILE = "vgg19-dcbb9e9d.pth"    # torchvision's ImageNet VGG19; never downloaded here
@@ -126,6 +128,17 @@ def make_perceptual(kind, device):
     if kind == "off":
         return kind, None
     raise UserError(f"--perceptual {kind!r}: choose auto, vgg, msssim or off")
+
+
+def mouth_l1(pred, target, boxes):
+    """Mean L1 inside each sample's mouth box (x0, y0, x1, y1) of the 320 crop: (B, 3, H, W) x2, (B, 4)."""
+    h, w = pred.shape[-2:]
+    ys, xs = torch.arange(h, device=pred.device), torch.arange(w, device=pred.device)
+    b = boxes.to(pred.device)
+    inside = (((ys[None, :, None] >= b[:, 1, None, None]) & (ys[None, :, None] < b[:, 3, None, None])) &
+              ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] < b[:, 2, None, None])))   # (B, H, W)
+    inside = inside[:, None].float()
+    return ((pred - target).abs() * inside).sum() / (3 * inside.sum()).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -264,7 +277,13 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     # ---- data: a contiguous held-out tail; batches and references are functions of (seed, step)
     n = np.load(ds / "crops.npy", mmap_mode="r").shape[0]
     train_idx, val_idx = split_frames(n, cfg.held_out)
-    train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id)
+    mask = generator_mask(ds, train_idx, cfg.mask)
+    if ckpt is not None:
+        got = ckpt.get("config", {}).get("mask", "rect")
+        if got != cfg.mask:
+            raise UserError(f"the checkpoint was trained with --mask {got}, not {cfg.mask}; pass the same --mask or start a new run")
+        mask = utils.checkpoint_mask(ckpt)
+    train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id, mask=mask)
     per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
     max_steps = cfg.max_steps or cfg.epochs * per_epoch
 
@@ -314,12 +333,12 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     batches = iter(loader(train_set, StepBatches(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)))
     if syncnet is not None:
         clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=T, ref_frames=train_idx,
-                              mel_offsets=syncnet.audio_offsets)
+                              mel_offsets=syncnet.audio_offsets, mask=mask)
         clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, step, rank, world, salt=1)))
     val_loader = None
     if master and len(val_idx):
         val_sub = val_idx[np.linspace(0, len(val_idx) - 1, min(cfg.val_frames, len(val_idx))).round().astype(int)]
-        val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=train_idx)   # references never show held-out mouths
+        val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=train_idx, mask=mask)   # references never show held-out mouths
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)
 
     # ---- run record
@@ -350,7 +369,8 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         utils.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                    scaler=scaler.state_dict(), step=step, epoch=step // per_epoch,
                                    config=resolved, rng=rng_state(device), best_loss=best_loss, val_l1=val_l1,
-                                   audio_encoder=audio_encoder, encoder_id=enc_id), path)
+                                   audio_encoder=audio_encoder, encoder_id=enc_id,
+                                   mask=None if mask is None else torch.from_numpy(mask)), path)
 
     log(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
         f"({count_params(raw_model) / 1e6:.2f} M params) on {device} x{world}, batch {cfg.batch_size}, "
@@ -387,9 +407,12 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         with utils.autocast(device, cfg.amp):
             pred = model(x, audio)                                       # (B, 3, 320, 320)
             terms = {"l1": (pred.float() - target).abs().mean()}
+            if cfg.mouth_weight > 0:
+                terms["l1_mouth"] = mouth_l1(pred.float(), target, torch.cat([b["mouth"], c["mouth"].flatten(0, 1)])
+                                             if c is not None else b["mouth"])
             if perc_fn is not None:
                 terms["perc"] = perc_fn(pred, target)
-            loss = terms["l1"] + perc_weight * terms.get("perc", 0.0)
+            loss = terms["l1"] + cfg.mouth_weight * terms.get("l1_mouth", 0.0) + perc_weight * terms.get("perc", 0.0)
             if c is not None:
                 face = pred[-len(c["ref"]) * T:].reshape(len(c["ref"]), T * 3, *pred.shape[2:])
                 a_emb, v_emb = syncnet(face, c["mel"].to(device))        # face (C, 3T, 320, 320), oldest first
@@ -467,4 +490,5 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
 
 
 if __name__ == "__main__":
-    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0], aliases=ALIASES))
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0], aliases=ALIASES,
+                                            bare={"resume": "auto"}))

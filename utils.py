@@ -44,6 +44,10 @@ INNER = 320              # the part of the crop the network sees and paints
 BORDER = (CROP - INNER) // 2          # 4 px ring that always stays original
 MASK_RECT = (5, 5, 315, 310)          # x0, y0, x1, y1 (half-open) of the masked area in the 320 inner crop
 MOUTH = slice(48, 68)    # iBUG-68 mouth points
+JAW_OUTLINE = list(range(2, 15)) + [35, 34, 33, 32, 31]   # iBUG-68: jaw line cheek to cheek, back along the nose bottom
+JAW_GROW = 0.04          # the jaw mask is grown by this share of the 320 crop (13 px) beyond the outline
+JAW_SHARE = 0.02         # ... after uniting the outlines of all frames, each pixel covered by >= this share of them
+MASKS = ("jaw", "rect")  # the generator's masked area: jaw = jaw_mask of the avatar's landmarks; rect = MASK_RECT
 MOUTH_MARGIN = 0.3       # mouth box = landmark extent of points 48-67 grown by this share of the mouth width each side
 CKPT_VERSION = 1         # bumped when the checkpoint dict changes shape
 REPO = Path(__file__).resolve().parent
@@ -94,9 +98,12 @@ def _parse_value(kind, text):
     return text
 
 
-def parse_config(cls, argv=None, description=None, positional=(), aliases=None):
+def parse_config(cls, argv=None, description=None, positional=(), aliases=None, bare=None):
     """Build `cls` (a dataclass) from defaults + command line. `--key value` for every field,
-    `--flag/--no-flag` for booleans, `positional` fields may be given bare; unknown keys fail."""
+    `--flag/--no-flag` for booleans, `positional` fields may be given bare; unknown keys fail.
+    `bare` {field: value}: the value a field takes when its option is given without one
+    (`--resume` alone = auto)."""
+    bare = bare or {}
     helps = _field_comments(cls)
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     aliases = aliases or {}
@@ -111,8 +118,9 @@ def parse_config(cls, argv=None, description=None, positional=(), aliases=None):
             p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=h)
         else:
             kind = type(default) if default is not None else str
+            extra = dict(nargs="?", const=bare[f.name]) if f.name in bare else {}
             p.add_argument(*names, dest=f.name, default=default, help=h, metavar=kind.__name__.upper(),
-                           type=lambda s, k=kind: _parse_value(k, s))
+                           type=lambda s, k=kind: _parse_value(k, s), **extra)
     ns = p.parse_args(argv)
     return cls(**vars(ns))
 
@@ -425,40 +433,82 @@ def inner(crop):
     return crop[BORDER:BORDER + INNER, BORDER:BORDER + INNER]
 
 
-def mask_inner(img320):
-    """Copy of a 320 crop (H, W, C) or batch (..., H, W, C) with the lower-face rectangle zeroed."""
-    out = np.array(img320, copy=True)
+def rect_mask():
+    """The reference's masked area as a bool (320, 320) map: MASK_RECT, nearly the whole crop."""
+    m = np.zeros((INNER, INNER), bool)
     x0, y0, x1, y1 = MASK_RECT
-    out[..., y0:y1, x0:x1, :] = 0
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def jaw_mask(lm320, grow=JAW_GROW, share=JAW_SHARE, max_frames=600):
+    """The area a generator repaints for one avatar, a bool (320, 320) map: the lower face under
+    the nose (outline JAW_OUTLINE) in the frames' 320-crop landmarks [N, 68, 2], united over the
+    frames (a pixel counts when >= `share` of them cover it, so a few bad landmarks do not widen
+    it), grown by `grow` x 320 px and kept inside MASK_RECT. One fixed map for all frames: a mask
+    that followed each frame's chin would tell the network how far the jaw is open."""
+    lm = np.asarray(lm320, np.float64)
+    if lm.ndim == 2:
+        lm = lm[None]
+    lm = lm[np.linspace(0, len(lm) - 1, min(len(lm), max_frames)).round().astype(int)]
+    acc = np.zeros((INNER, INNER), np.float32)
+    one = np.zeros((INNER, INNER), np.uint8)
+    for p in lm:
+        one[:] = 0
+        cv2.fillPoly(one, [np.round(p[JAW_OUTLINE]).astype(np.int32)], 1)
+        acc += one
+    m = (acc >= max(1.0, share * len(lm))).astype(np.uint8)
+    g = max(int(round(grow * INNER)), 1)
+    m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * g + 1, 2 * g + 1)))
+    return (m > 0) & rect_mask()
+
+
+def mask_inner(img320, mask=None):
+    """Copy of a 320 crop (H, W, C) or batch (..., H, W, C) with the generator's masked area zeroed:
+    `mask` a bool (320, 320) map (jaw_mask), None = MASK_RECT."""
+    out = np.array(img320, copy=True)
+    if mask is None:
+        x0, y0, x1, y1 = MASK_RECT
+        out[..., y0:y1, x0:x1, :] = 0
+    else:
+        out[..., np.asarray(mask, bool), :] = 0
     return out
 
 
 _ALPHA = {}
 
 
-def paste_alpha(feather):
-    """Soft blend weights on the 328 crop: 1 inside the masked rectangle shrunk by `feather` px,
-    falling smoothly to 0 at the rectangle's edge (a hard rectangle leaves visible seams)."""
-    if feather not in _ALPHA:
-        a = np.zeros((CROP, CROP), np.float32)
-        x0, y0, x1, y1 = (v + BORDER for v in MASK_RECT)
-        f = int(max(feather, 0))
-        a[y0 + f:y1 - f, x0 + f:x1 - f] = 1.0
+def mask_key(mask):
+    """A hashable key of a mask (None = MASK_RECT) for caches."""
+    return None if mask is None else hash(np.packbits(np.asarray(mask, bool)).tobytes())
+
+
+def paste_alpha(feather, mask=None):
+    """Soft blend weights on the 328 crop: 1 inside the masked area (`mask`, None = MASK_RECT)
+    shrunk by `feather` px, falling smoothly to 0 at its edge (a hard edge leaves visible seams);
+    0 outside it, where the crop keeps its original pixels."""
+    key = (int(max(feather, 0)), mask_key(mask))
+    if key not in _ALPHA:
+        m = np.zeros((CROP, CROP), np.uint8)
+        m[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = rect_mask() if mask is None else np.asarray(mask, bool)
+        f = key[0]
+        a = m.astype(np.float32)
         if f:
             k = 2 * f + 1
-            a = cv2.GaussianBlur(a, (k, k), f / 2.0)
-            a[:y0, :] = 0; a[y1:, :] = 0; a[:, :x0] = 0; a[:, x1:] = 0
-        _ALPHA[feather] = a
-    return _ALPHA[feather]
+            a = cv2.erode(m, np.ones((k, k), np.uint8)).astype(np.float32)
+            a = cv2.GaussianBlur(a, (k, k), f / 2.0) * m
+        _ALPHA[key] = a
+    return _ALPHA[key]
 
 
-def paste_back(frame, box, crop328, feather=16):
-    """Blend a generated 328 crop into the frame in place of `box` (returns a new frame)."""
+def paste_back(frame, box, crop328, feather=16, mask=None):
+    """Blend a generated 328 crop into the frame in place of `box` (returns a new frame); only
+    the generator's masked area (`mask`, None = MASK_RECT) is taken from it, feathered."""
     h, w = frame.shape[:2]
     x0, y0, x1, y1 = (int(v) for v in box)
     bw, bh = x1 - x0, y1 - y0
     gen = resize(crop328, (bw, bh)).astype(np.float32)
-    alpha = resize(paste_alpha(feather), (bw, bh))[..., None]
+    alpha = resize(paste_alpha(feather, mask), (bw, bh))[..., None]
     # clip the box to the frame; the generated crop is clipped the same way
     cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if cx0 >= cx1 or cy0 >= cy1:
@@ -511,6 +561,13 @@ def load_checkpoint(path, device="cpu", mmap=False):
     if ckpt.get("format_version", 0) > CKPT_VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update the code")
     return ckpt
+
+
+def checkpoint_mask(ckpt):
+    """The masked area a generator checkpoint was trained with: bool (320, 320), None = MASK_RECT
+    (checkpoints from before --mask hold none and were trained with the rectangle)."""
+    m = ckpt.get("mask")
+    return None if m is None else np.asarray(m.numpy() if hasattr(m, "numpy") else m, bool)
 
 
 def warmup_cosine(step, lr, warmup, end, min_frac):

@@ -71,6 +71,14 @@ def test_pearson_and_lag(rng):
     assert len(lags) == 21 and r[lags == 3][0] == pytest.approx(1.0)
 
 
+def test_width_ratio_says_how_wide_the_mouth_moves(rng):
+    a = smooth_track(rng)
+    assert ev.width_ratio(a, a) == pytest.approx(1.0)
+    assert ev.width_ratio(a.mean() + (a - a.mean()) / 3, a) == pytest.approx(1 / 3)   # opens a third as wide
+    assert ev.width_ratio(np.roll(a, 7), a) == pytest.approx(1.0)                    # late but as wide
+    assert math.isnan(ev.width_ratio(a, np.full_like(a, 0.2)))                       # a still truth: undefined
+
+
 def test_mouth_opening_closed_and_open():
     lm = np.zeros((2, 68, 2))
     lm[:, 60], lm[:, 64] = [0, 0], [40, 0]                        # inner corners 40 px apart
@@ -167,7 +175,8 @@ def test_template_baseline_end_to_end(tiny_dataset, tmp_path):
     assert 0.5 < m["seam_ratio"] < 1.5 and m["jitter_ratio"] < 0.5
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"]["ablation_gap"] == m["ablation_gap"]
-    for f in ("plot.png", "side_by_side.mp4", "tracks.npz"):
+    assert m["opening_width_ratio"] < 0.5                       # a pasted still mouth hardly moves
+    for f in ("plot.png", "strip.png", "side_by_side.mp4", "tracks.npz"):
         assert (out / f).stat().st_size > 0
     info = utils.probe(out / "side_by_side.mp4")
     assert info["audio"] is not None and abs(info["duration"] - 3.0) < 0.2

@@ -92,10 +92,31 @@ def test_outside_the_paste_box_the_template_is_untouched_and_there_is_no_seam(se
         assert np.abs(out.astype(int) - tpl).max() > 20                  # something was pasted
 
 
-def seam_gradient(img, box, feather):
+def test_a_jaw_mask_checkpoint_repaints_only_its_mask(setup, tmp_path):
+    """A generator trained with --mask jaw carries its mask: inference zeroes exactly that area of
+    the template crop and pastes nothing outside it (the nose and the box's corners stay original)."""
+    t = setup["template"]
+    mask = utils.jaw_mask(utils.to_crop_coords(t.lms, t.boxes))
+    ck = utils.load_checkpoint(random_light_checkpoint(tmp_path / "rect.pth"))
+    utils.save_checkpoint(dict(ck, mask=torch.from_numpy(mask), config=dict(ck["config"], mask="jaw")), tmp_path / "jaw.pth")
+    model = inf.LipSyncModel(tmp_path / "jaw.pth", "cpu", backend="eager")
+    assert np.array_equal(model.mask, mask) and setup["model"].mask is None      # old checkpoints: the rectangle
+    frames = list(model.frames(setup["wav"][:utils.SR // 4], t, silence_gate=False))
+    for k in (0, 4):
+        j = templates.pingpong(k, t.n)
+        tpl, out = t.read(j), frames[k]
+        x0, y0, x1, y1 = (int(v) for v in t.boxes[j])
+        a = utils.resize(utils.paste_alpha(16, mask), (x1 - x0, y1 - y0))
+        box_out, box_tpl = out[y0:y1, x0:x1], tpl[y0:y1, x0:x1]
+        assert np.array_equal(box_out[a == 0], box_tpl[a == 0])                 # outside the mask: untouched
+        assert (a == 0).mean() > 0.2 and np.abs(box_out[a > 0.9].astype(int) - box_tpl[a > 0.9]).mean() > 5
+        assert seam_gradient(out, t.boxes[j], 16, mask) <= 3 * seam_gradient(tpl, t.boxes[j], 16, mask) + 2
+
+
+def seam_gradient(img, box, feather, mask=None):
     """Mean gradient magnitude in a thin band around the outer edge of the paste alpha (frame px)."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    a = utils.resize(utils.paste_alpha(feather), (x1 - x0, y1 - y0))
+    a = utils.resize(utils.paste_alpha(feather, mask), (x1 - x0, y1 - y0))
     ring = (a > 0.001) & (a < 0.05)                                      # where the blend meets the frame
     g = cv2_grad(img)[y0:y1, x0:x1]
     return float(g[ring].mean())

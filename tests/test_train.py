@@ -172,6 +172,22 @@ def test_two_steps_leave_a_complete_checkpoint(light_run):
     assert ck["encoder_id"] == audio_features.encoder_id(enc)
     assert (out / "config.json").is_file() and (out / "best.pth").is_file()
     assert (out / "previews" / "step_000002.png").is_file()
+    assert ck["config"]["mask"] == "jaw"                                         # the default: the lower face only
+    mask = datasets.generator_mask(ck["config"]["dataset"],
+                                   range(ck["config"]["train_frames"]), "jaw")
+    assert torch.equal(ck["mask"], torch.from_numpy(mask))                      # inference masks exactly this area
+
+
+def test_jaw_mask_samples_hide_the_lower_face_only(data_root):
+    mask = datasets.generator_mask(data_root / "fake", range(36), "jaw")
+    assert datasets.generator_mask(data_root / "fake", range(36), "rect") is None
+    s = datasets.LipDataset(data_root / "fake", frames=range(36), mask=mask)[7]
+    m = torch.from_numpy(mask)
+    assert s["masked"][:, m].abs().max() == 0 and torch.equal(s["masked"][:, ~m], s["target"][:, ~m])
+    x0, y0, x1, y1 = s["mouth"].tolist()
+    assert m[y0:y1, x0:x1].all()                                                 # the mouth is always repainted
+    with pytest.raises(utils.UserError, match="--mask"):
+        datasets.generator_mask(data_root / "fake", range(36), "oval")
 
 
 def test_resume_is_exact(data_root, tmp_path):
@@ -210,6 +226,8 @@ def test_resume_errors_are_one_line(light_run, data_root, tmp_path):
     utils.save_checkpoint(ck, tmp_path / "broken.pth")
     with pytest.raises(utils.UserError, match="does not fit"):
         train_328.main(config(data_root, tmp_path / "x", resume=str(tmp_path / "broken.pth"), widths="light"))
+    with pytest.raises(utils.UserError, match="--mask jaw, not rect"):
+        train_328.main(config(data_root, tmp_path / "x", resume=str(out / "last.pth"), widths="light", mask="rect"))
     with pytest.raises(utils.UserError, match="--resume auto"):                # no silent overwrite of a run
         train_328.main(config(data_root, out, widths="light"))
 
@@ -226,7 +244,7 @@ def test_torchrun_two_cpu_processes(data_root, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "train_328.py", "--name", "fake", "--data_root", str(data_root), "--save_dir", str(out),
                         "--max_steps", "2", "--widths", TINY, "--device", "cpu", "--batch_size", "2",
-                        "--num_workers", "0", "--val_frames", "2"],
+                        "--num_workers", "0", "--val_frames", "2", "--resume"],   # a bare --resume = auto: a new run here
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     ck = utils.load_checkpoint(out / "last.pth")

@@ -1,6 +1,7 @@
 """Shared geometry, audio features, config CLI and file safety: the pieces every script uses."""
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 
@@ -67,6 +68,47 @@ def test_paste_alpha_is_soft_and_zero_outside_the_mask():
     assert a[:y0].max() == 0 and a[:, :x0].max() == 0 and a[y1:].max() == 0
     ramp = a[CROP // 2, x0:x0 + 40]
     assert (np.diff(ramp) >= -1e-6).all() and 0.05 < ramp[8] < 0.95   # a gradual edge, not a step
+
+
+def jaw_track(n=30):
+    """[n, 68, 2] 320-crop landmarks of a face whose chin drops up to 30 px as the mouth opens."""
+    t = np.pi - np.pi * np.arange(17) / 16
+    lm = np.zeros((n, 68, 2))
+    for i, o in enumerate(np.linspace(0, 1, n)):
+        lm[i, :17, 0], lm[i, :17, 1] = 160 + 140 * np.cos(t), 120 + (110 + 30 * o) * np.sin(t)
+        lm[i, 31:36] = np.stack([np.linspace(135, 185, 5), np.full(5, 90.0)], 1)
+        ang = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+        lm[i, 48:68] = np.stack([160 + 45 * np.cos(ang), 150 + (5 + 25 * o) * np.sin(ang)], 1)
+    return lm
+
+
+def test_jaw_mask_covers_every_frames_mouth_and_chin_but_not_the_nose():
+    lm = jaw_track()
+    m = utils.jaw_mask(lm)
+    assert m.shape == (INNER, INNER) and m.dtype == bool
+    for p in lm:                                                # the widest-open chin and every lip point are hidden
+        for x, y in np.round(p[list(range(2, 15)) + list(range(48, 68))]).astype(int):
+            assert m[min(y, MASK_RECT[3] - 1), x]
+    assert not m[:60].any()                                     # the nose (above its bottom at y 90, less the margin) stays visible
+    assert not (m & ~utils.rect_mask()).any()                   # never outside the reference's rectangle
+    assert 0.3 < m.mean() < utils.rect_mask().mean()
+    lm = jaw_track(100)                                         # (>= 2% of frames must agree)
+    m, bad = utils.jaw_mask(lm), lm.copy()
+    bad[0, :17, 1] += 150                                       # one frame with wild landmarks does not widen it
+    assert np.array_equal(utils.jaw_mask(bad), m)
+
+
+def test_mask_inner_and_paste_alpha_follow_a_given_mask():
+    m = utils.jaw_mask(jaw_track())
+    img = np.full((2, INNER, INNER, 3), 200, np.uint8)
+    out = utils.mask_inner(img, m)
+    assert (out[:, m] == 0).all() and (out[:, ~m] == 200).all()
+    a = utils.paste_alpha(16, m)
+    inner = a[utils.BORDER:utils.BORDER + INNER, utils.BORDER:utils.BORDER + INNER]
+    assert inner[~m].max() == 0 and a.max() == pytest.approx(1.0)   # outside the mask the frame keeps its pixels
+    edge = m & ~cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    assert inner[150, 160] > 0.99 and inner[edge].max() < 0.1  # 1 over the mouth, fading to ~0 at the mask's edge
+    assert np.array_equal(utils.paste_alpha(16, None), utils.paste_alpha(16, utils.rect_mask()))
 
 
 def test_resize_uses_one_convention():

@@ -1,0 +1,176 @@
+"""The measurement protocol in one command: process -> SyncNet -> generator -> evaluate.py on a
+held-out video, beside the template baseline, with the training speed.
+
+    python protocol.py                                            # CPU, budget A: grid_s1_5min -> grid_s1_heldout_1min
+    python protocol.py --device cuda --widths full --batch_size 0 --steps 6000   # GPU: full widths, batch sized to the card
+    python protocol.py --train_video a.mp4 --heldout_video b.mp4 --sync_steps 8 --steps 4 --eval_frames 60   # CPU smoke run
+
+Datasets and the SyncNet are made once under OUT_DIR and reused by later runs (same videos, same
+--sync_steps); each generator run goes to OUT_DIR/checkpoint/NAME/runs/LABEL. The table compares
+the model with the template baseline (the reference crop pasted back: it ignores audio) on the
+held-out video; summary.json beside it holds every figure, the commands' configs and the times.
+Steps are fixed, never minutes: a result must not depend on how busy the machine is.
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import utils
+from utils import UserError
+
+MEDIA = utils.REPO.parent / "shared" / "media"
+
+
+@dataclass
+class Config:
+    train_video: str = str(MEDIA / "grid_s1_5min.mp4")            # what a user records (5 min of one man)
+    heldout_video: str = str(MEDIA / "grid_s1_heldout_1min.mp4")  # the next minute, never trained on
+    out_dir: str = str(utils.REPO / "result" / "protocol")         # datasets, checkpoints, evaluations
+    label: str = ""                # name of this generator run; "" = built from the settings
+    sync_steps: int = 400          # SyncNet optimizer steps (syncnet_328.py's default)
+    steps: int = 500               # generator optimizer steps (budget A on CPU: the README's recipe)
+    widths: str = "light"          # U-Net widths: light on CPU, full on a GPU
+    batch_size: int = 4            # generator frames per step; 0 = sized to the GPU's memory (auto_batch)
+    lr: float = 1e-3               # generator peak learning rate
+    mask: str = "jaw"              # generator mask (train_328 --mask)
+    mouth_weight: float = 0.0      # extra L1 weight in the mouth box (train_328 --mouth_weight)
+    device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
+    threads: int = 0               # torch CPU threads (0 = torch's default)
+    num_workers: int = -1          # DataLoader workers; -1 = 1 on CPU, 6 on a GPU
+    eval_frames: int = 0           # evaluate only the first N held-out frames (0 = all)
+    baseline: bool = True          # also evaluate the template baseline
+    video_out: bool = False        # write evaluate.py's side-by-side mp4s
+    seed: int = 0                  # seeds SyncNet and generator
+
+
+ROWS = ("psnr_mouth", "ssim_mouth", "lmd_mouth_px", "opening_r", "opening_width_ratio", "ablation_gap",
+        "sync_stretch_acc_gen", "silence_gen", "silence_true", "seam_ratio", "identity_cos")
+
+
+def auto_batch(widths, device, start=4, limit=256):
+    """Largest power-of-two batch (<= limit) whose training step fits in the GPU's memory, halved
+    for headroom (the perceptual loss and the data stream need some too)."""
+    import torch
+    from unet_328 import UNet328
+    model = UNet328(widths).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters())
+    b, ok = start, 0
+    while b <= limit:
+        try:
+            x = torch.rand(b, 6, utils.INNER, utils.INNER, device=device).contiguous(memory_format=torch.channels_last)
+            with utils.autocast(device, True):
+                loss = model(x, torch.randn(b, 32, 16, 16, device=device)).float().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ok, b = b, 2 * b
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            x = loss = None
+            torch.cuda.empty_cache()
+    del model, opt
+    torch.cuda.empty_cache()
+    return max(ok // 2, 1)
+
+
+def prepare(video, data_root):
+    """process.py once per video: -> its dataset folder."""
+    import process
+    name = utils.safe_stem(video)
+    ds = Path(data_root) / name
+    if not (ds / "crops.npy").is_file():
+        process.main(process.Config(video=str(video), name=name, data_root=str(data_root)))
+    return ds
+
+
+def main(cfg):
+    import torch
+    import evaluate
+    import syncnet_328
+    import train_328
+    for v in (cfg.train_video, cfg.heldout_video):
+        if not Path(v).is_file():
+            raise UserError(f"video not found: {v} (give --train_video and --heldout_video)")
+    device = utils.get_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    data_root, ckpt_root = out / "dataset", out / "checkpoint"
+    times = {}
+    t = time.time()
+    train_ds, held_ds = prepare(cfg.train_video, data_root), prepare(cfg.heldout_video, data_root)
+    times["process_s"] = round(time.time() - t, 1)
+    name = train_ds.name
+
+    # SyncNet + features: once per (video, steps, seed)
+    sync_dir = ckpt_root / name
+    stamp = dict(steps=cfg.sync_steps, seed=cfg.seed)
+    stamp_file = sync_dir / "protocol_syncnet.json"
+    t = time.time()
+    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and (train_ds / "aud_feat.npy").is_file()):
+        syncnet_328.main(syncnet_328.Config(name=name, data_root=str(data_root), ckpt_root=str(ckpt_root),
+                                            max_steps=cfg.sync_steps, device=cfg.device, seed=cfg.seed))
+        stamp_file.write_text(json.dumps(stamp))
+        times["syncnet_s"] = round(time.time() - t, 1)
+    else:
+        print(f"SyncNet: reusing {sync_dir / 'syncnet_best.pth'} ({cfg.sync_steps} steps)")
+
+    # the generator
+    widths = train_328.parse_widths(cfg.widths)
+    batch = cfg.batch_size or (auto_batch(widths, device) if device.type == "cuda" else 4)
+    label = cfg.label or f"{cfg.widths}_b{batch}_s{cfg.steps}_{cfg.mask}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
+    run = sync_dir / "runs" / utils.check_name(label, "--label")
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
+    t = time.time()
+    tr = train_328.main(train_328.Config(
+        name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
+        lr=cfg.lr, mask=cfg.mask, mouth_weight=cfg.mouth_weight, device=cfg.device, threads=cfg.threads,
+        num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
+        preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))
+    times["train_s"] = round(time.time() - t, 1)
+
+    # evaluate.py on the held-out video: the model, then the template baseline
+    ev = dict(name=name, video=str(held_ds), ckpt_root=str(ckpt_root), device=cfg.device, max_frames=cfg.eval_frames,
+              video_out=cfg.video_out)
+    t = time.time()
+    res = evaluate.main(evaluate.Config(**ev, checkpoint=str(run / "last.pth"), out_dir=str(run / "eval")))
+    times["eval_s"] = round(time.time() - t, 1)
+    base = None
+    if cfg.baseline:
+        bdir = ckpt_root / name / "eval_baseline_template"
+        bfile = bdir / "metrics.json"
+        if bfile.is_file() and json.loads(bfile.read_text()).get("frames") == res["frames"]:
+            base = json.loads(bfile.read_text())
+        else:
+            base = evaluate.main(evaluate.Config(**ev, baseline="template", out_dir=str(bdir)))
+
+    summary = dict(label=label, device=utils.hardware(device), load_average=os.getloadavg(), batch_size=batch,
+                   widths=widths, train_steps=tr["step"], samples_per_s=round(tr["timing"]["samples_per_s"], 2),
+                   ms_per_step=round(tr["timing"]["compute_ms"] + tr["timing"]["data_ms"]), times=times,
+                   metrics=res["metrics"], baseline=base["metrics"] if base else None, config=asdict(cfg))
+    with utils.atomic_file(run / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+    print(format_summary(summary))
+    print(f"summary: {run / 'summary.json'}; strip: {res['outputs'].get('strip')}")
+    return summary
+
+
+def format_summary(s):
+    lines = [f"{s['label']}: {s['train_steps']} steps, batch {s['batch_size']}, {s['samples_per_s']} samples/s, "
+             f"{s['ms_per_step']} ms/step; {s['device']}; load {s['load_average'][0]:.1f}; times {s['times']}",
+             "| metric | model | template baseline |", "|---|---|---|"]
+    for k in ROWS:
+        m, b = s["metrics"].get(k), (s["baseline"] or {}).get(k)
+        lines.append(f"| {k} | {evaluate_fmt(m)} | {evaluate_fmt(b)} |")
+    return "\n".join(lines)
+
+
+def evaluate_fmt(v):
+    return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0]))
