@@ -52,21 +52,21 @@ class Config:
     checkpoint: str = ""           # generator checkpoint; default CKPT_ROOT/NAME/best.pth, else last.pth
     ckpt_root: str = str(utils.CHECKPOINT_DIR)  # where checkpoints live (SyncNet: CKPT_ROOT/NAME/syncnet_best.pth)
     eval_root: str = ""            # where the held-out video is processed; "" = a temp folder, removed at the end; an existing copy there is reused
-    max_frames: int = 0            # evaluate only the first N frames (0 = all)
+    max_frames: int = 0            # [0..] evaluate only the first N frames (0 = all)
     baseline: str = ""             # "" = the model; template = paste the reference back (ignores audio); copy = paste the template back
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda, mps
     backend: str = "auto"          # U-Net runtime for inference (auto, ort, compile, eager)
     reference: str = "closed"      # reference crop rule, as in inference_328 (closed or random)
-    feather: int = 16              # paste feather, px in the 328 crop (as inference)
+    feather: int = 16              # [0..64] paste feather, px in the 328 crop (as inference)
     color_match: bool = True       # colour-match the generated crop near the seam (as inference)
     silence_gate: bool = False     # inference's silence gate; off so the metrics judge the network (--silence_gate: the product as shipped)
-    ablation_shift: float = 0.5    # the "other moment" audio: rolled by this share of the clip
-    max_lag: int = 10              # frames searched each way for the best opening lag
-    id_frames: int = 12            # frames (evenly spaced) on which identity descriptors are computed (~0.15 s each)
+    ablation_shift: float = 0.5    # [>0..1] the "other moment" audio: rolled by this share of the clip
+    max_lag: int = 10              # [1..] frames searched each way for the best opening lag
+    id_frames: int = 12            # [0..] frames (evenly spaced) on which identity descriptors are computed (~0.15 s each)
     syncnet: str = "auto"          # SyncNet checkpoint for the secondary score; auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off
     plot: bool = True              # write plot.png (opening over time + truth|generated strip) and strip.png (the strip at full size)
     video_out: bool = True         # write side_by_side.mp4 (truth | generated, with the audio)
-    seed: int = 0                  # seed of a random reference choice
+    seed: int = 0                  # [0..] seed of a random reference choice
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,6 +618,7 @@ def make_generator(cfg):
 
 
 def main(cfg):
+    utils.check_config(cfg)
     import landmarks
     t_start = time.time()
     if not cfg.video:

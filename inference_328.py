@@ -59,11 +59,11 @@ class Config:
     audio_path: str = ""           # any audio (or video with sound) ffmpeg reads
     out: str = ""                  # output mp4; default result/{name}_{audiostem}_{ckptstem}.mp4
     checkpoint: str = ""           # generator checkpoint; default ckpt_root/NAME/best.pth, else last.pth
-    start_frame: int = 0           # first template frame (the template then plays forward, backward, ...)
-    batch_size: int = 0            # frames per U-Net call; 0 = auto (1 on CPU, where batching is slower; 16 on GPU)
+    start_frame: int = 0           # [0..] first template frame (the template then plays forward, backward, ...)
+    batch_size: int = 0            # [0..] frames per U-Net call; 0 = auto (1 on CPU, where batching is slower; 16 on GPU)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
     backend: str = "auto"          # U-Net runtime: auto, ort (onnxruntime), compile (torch.compile), eager
-    feather: int = 16              # px (in the 328 crop) over which the pasted face fades into the frame
+    feather: int = 16              # [0..64] px (in the 328 crop) over which the pasted face fades into the frame
     color_match: bool = True       # match the generated crop's colours to the template near the seam
     reference: str = "closed"      # reference crop: closed (the template frame with the most closed mouth) or random (a random other frame per output frame, as in training)
     silence_gate: bool = True      # where the audio is silent, blend the mouth toward the closed reference
@@ -72,8 +72,8 @@ class Config:
     template: str = ""             # optional: an image or a video to animate instead of the avatar's frames
     data_root: str = str(utils.DATASET_DIR)      # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)   # where checkpoints live
-    seed: int = 0                  # seed of the random reference choice
-    crf: int = 18                  # H.264 quality (lower = better, larger)
+    seed: int = 0                  # [0..] seed of the random reference choice
+    crf: int = 18                  # [0..51] H.264 quality (lower = better, larger)
     malloc_tune: bool = True       # re-exec with glibc malloc settings when the U-Net runs in PyTorch on CPU (~1.4x, SPEC §11)
 
 
@@ -679,6 +679,7 @@ def maybe_reexec_with_malloc_env(cfg):
 
 
 def main(cfg):
+    utils.check_config(cfg)
     from tqdm import tqdm
     if not cfg.name and not cfg.checkpoint:
         raise UserError("no avatar given: python inference_328.py --name NAME --audio_path AUDIO "

@@ -38,12 +38,12 @@ class Config:
     overwrite: bool = False         # replace an existing dataset of the same name
     backend: str = "dlib"           # landmark backend: dlib (offline default) or face_alignment
     device: str = "cpu"             # device for the face_alignment backend
-    detect_every: int = 8           # run the face detector every N frames, track in between (0.3 s)
-    max_side: int = 384             # detect on a copy downscaled to this side, px (landmarks use full size)
-    max_gap: int = 12               # interpolate faceless gaps up to this many frames (0.5 s)
-    min_face_share: float = 0.5     # fail when fewer frames than this share have a face
-    smooth_sigma: float = 1.0       # temporal gaussian on landmarks, frames (removes crop jitter)
-    jpeg_quality: int = 95          # frames/*.jpg quality
+    detect_every: int = 8           # [1..] run the face detector every N frames, track in between (0.3 s)
+    max_side: int = 384             # [64..] detect on a copy downscaled to this side, px (landmarks use full size)
+    max_gap: int = 12               # [0..] interpolate faceless gaps up to this many frames (0.5 s)
+    min_face_share: float = 0.5     # [0..1] fail when fewer frames than this share have a face
+    smooth_sigma: float = 1.0       # [0..] temporal gaussian on landmarks, frames (removes crop jitter)
+    jpeg_quality: int = 95          # [1..100] frames/*.jpg quality
 
 
 def normalise_video(src, info, dst):
@@ -76,6 +76,7 @@ def _version(dist):
 
 
 def main(cfg):
+    utils.check_config(cfg)
     import landmarks
     t0 = time.time()
     src = Path(cfg.video)

@@ -29,20 +29,20 @@ class Config:
     heldout_video: str = str(MEDIA / "grid_s1_heldout_1min.mp4")  # the next minute, never trained on
     out_dir: str = str(utils.REPO / "result" / "protocol")         # datasets, checkpoints, evaluations
     label: str = ""                # name of this generator run; "" = built from the settings
-    sync_steps: int = 400          # SyncNet optimizer steps (syncnet_328.py's default)
-    steps: int = 500               # generator optimizer steps (budget A on CPU: the README's recipe)
+    sync_steps: int = 400          # [1..] SyncNet optimizer steps (syncnet_328.py's default)
+    steps: int = 500               # [1..] generator optimizer steps (budget A on CPU: the README's recipe)
     widths: str = "light"          # U-Net widths: light on CPU, full on a GPU
-    batch_size: int = 4            # generator frames per step; 0 = sized to the GPU's memory (auto_batch)
-    lr: float = 1e-3               # generator peak learning rate
+    batch_size: int = 4            # [0..] generator frames per step; 0 = sized to the GPU's memory (auto_batch)
+    lr: float = 1e-3               # [>0..] generator peak learning rate
     mask: str = "jaw"              # generator mask (train_328 --mask)
-    mouth_weight: float = 0.0      # extra L1 weight in the mouth box (train_328 --mouth_weight)
+    mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
-    threads: int = 0               # torch CPU threads (0 = torch's default)
-    num_workers: int = -1          # DataLoader workers; -1 = 1 on CPU, 6 on a GPU
-    eval_frames: int = 0           # evaluate only the first N held-out frames (0 = all)
+    threads: int = 0               # [0..] torch CPU threads (0 = torch's default)
+    num_workers: int = -1          # [-1..] DataLoader workers; -1 = 1 on CPU, 6 on a GPU
+    eval_frames: int = 0           # [0..] evaluate only the first N held-out frames (0 = all)
     baseline: bool = True          # also evaluate the template baseline
     video_out: bool = False        # write evaluate.py's side-by-side mp4s
-    seed: int = 0                  # seeds SyncNet and generator
+    seed: int = 0                  # [0..] seeds SyncNet and generator
 
 
 ROWS = ("psnr_mouth", "ssim_mouth", "lmd_mouth_px", "opening_r", "opening_width_ratio", "ablation_gap",
@@ -87,6 +87,7 @@ def prepare(video, data_root):
 
 
 def main(cfg):
+    utils.check_config(cfg)
     import torch
     import evaluate
     import syncnet_328

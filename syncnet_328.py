@@ -170,40 +170,40 @@ class Config:
     face_size: tuple = (80, 80)     # (h, w) face-tower input, px: that region area-downscaled (CPU speed)
     lower_half: bool = False        # with region (): only the crop's lower half (the Wav2Lip habit; our crop starts at the nose, so it misses the mouth)
     motion_only: bool = True        # the face tower sees each frame minus the window's mean frame (pose/light cues out: less memorising)
-    emb_dim: int = EMB_DIM          # embedding size of both towers
-    frames: int = SYNC_T            # video frames per sample (13 with --audio_windows 3: 0.52 s; see SYNC_T)
-    audio_windows: int = AUDIO_K    # 0.2 s mel windows per sample, each through the AudioEncoder
-    audio_stride: int = AUDIO_STRIDE  # frames between those windows
-    max_steps: int = 400            # optimizer steps (0 = only --epochs limits)
-    epochs: int = 0                 # passes over the training windows (0 = only --max_steps limits); the smaller limit wins
-    batch_size: int = 32            # face windows per step, each with its in-sync audio window
-    group_size: int = 4             # windows per group, min_shift..max_shift apart: each other's shifted negatives
-    lr: float = 1e-3                # peak learning rate (AdamW)
-    lr_min_frac: float = 0.05       # cosine decay ends at lr * this
-    lr_decay_steps: int = 0         # steps of the cosine decay (0 = the total steps of this run)
-    warmup_steps: int = 30          # linear warmup, steps
-    weight_decay: float = 1e-4      # AdamW weight decay
-    grad_clip: float = 5.0          # max gradient norm
-    val_frac: float = 0.15          # held-out contiguous tail of the clip (neighbouring frames are near-duplicates)
-    val_every: int = 50             # steps between held-out evaluations and syncnet_last.pth saves
-    val_pairs: int = 400            # at most this many held-out pairs (half in sync, half shifted), fixed by the seed
-    min_shift: int = 5              # off-sync negatives are at least this many frames away (0.2 s)
-    max_shift: int = 50             # shifted negatives are at most this many frames away (2 s)
+    emb_dim: int = EMB_DIM          # [1..] embedding size of both towers
+    frames: int = SYNC_T            # [2..] video frames per sample (13 with --audio_windows 3: 0.52 s; see SYNC_T)
+    audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
+    audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
+    max_steps: int = 400            # [0..] optimizer steps (0 = only --epochs limits)
+    epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
+    batch_size: int = 32            # [2..] face windows per step, each with its in-sync audio window
+    group_size: int = 4             # [1..] windows per group, min_shift..max_shift apart: each other's shifted negatives
+    lr: float = 1e-3                # [>0..] peak learning rate (AdamW)
+    lr_min_frac: float = 0.05       # [0..1] cosine decay ends at lr * this
+    lr_decay_steps: int = 0         # [0..] steps of the cosine decay (0 = the total steps of this run)
+    warmup_steps: int = 30          # [0..] linear warmup, steps
+    weight_decay: float = 1e-4      # [0..] AdamW weight decay
+    grad_clip: float = 5.0          # [0..] max gradient norm
+    val_frac: float = 0.15          # [>0..0.5] held-out contiguous tail of the clip (neighbouring frames are near-duplicates)
+    val_every: int = 50             # [1..] steps between held-out evaluations and syncnet_last.pth saves
+    val_pairs: int = 400            # [2..] at most this many held-out pairs (half in sync, half shifted), fixed by the seed
+    min_shift: int = 5              # [1..] off-sync negatives are at least this many frames away (0.2 s)
+    max_shift: int = 50             # [1..] shifted negatives are at most this many frames away (2 s)
     inbatch_negatives: bool = True  # also score audio of the other groups (>= min_shift away) as negatives
-    aug_variants: int = 4           # augmented copies of the whole wav (gain, noise, speed) besides the clean one
-    gain_db: float = 6.0            # random gain within +- this, dB
+    aug_variants: int = 4           # [0..] augmented copies of the whole wav (gain, noise, speed) besides the clean one
+    gain_db: float = 6.0            # [0..] random gain within +- this, dB
     snr_db: tuple = (20, 40)        # additive white noise, SNR range in dB
     speed: tuple = (0.9, 1.1)       # resampling factor range (tempo and pitch together)
-    spec_mask: int = 8              # per sample, up to this many adjacent mel bands masked (SpecAugment), bands
-    tilt: float = 1.0               # per sample, a random spectral tilt of up to +- this (mel units, [-4, 4] scale) across the bands: another microphone/voice
-    jitter: float = 0.1             # face brightness / contrast jitter, fraction
-    shift_px: int = 2               # face translation jitter, px at face_size
+    spec_mask: int = 8              # [0..80] per sample, up to this many adjacent mel bands masked (SpecAugment), bands
+    tilt: float = 1.0               # [0..] per sample, a random spectral tilt of up to +- this (mel units, [-4, 4] scale) across the bands: another microphone/voice
+    jitter: float = 0.1             # [0..1] face brightness / contrast jitter, fraction
+    shift_px: int = 2               # [0..] face translation jitter, px at face_size
     flip: bool = True               # random horizontal flip of face windows (a mirrored mouth is still in sync)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
-    num_workers: int = 0            # batch-building worker processes (batches are cheap; 0 is usually fastest)
-    threads: int = 0                # torch CPU threads; 0 = auto: 1 on a <= 2-core CPU (2 spinning OpenMP threads ran ~7x slower on a busy 2-core box), else torch's default
-    seed: int = 0                   # seeds init, batches, augmentation and the held-out pairs
-    resume: bool = False            # continue exactly from checkpoint/NAME/syncnet_last.pth
+    num_workers: int = 0            # [0..] batch-building worker processes (batches are cheap; 0 is usually fastest)
+    threads: int = 0                # [0..] torch CPU threads; 0 = auto: 1 on a <= 2-core CPU (2 spinning OpenMP threads ran ~7x slower on a busy 2-core box), else torch's default
+    seed: int = 0                   # [0..] seeds init, batches, augmentation and the held-out pairs
+    resume: str = ""                # "" new run; "auto" (or a bare --resume) syncnet_last.pth if any; "last" or a path: must exist
     reference_encoder: str = ""     # SyncTalk_2D audio_visual_encoder.pth: initialise the audio tower from it
     write_features: bool = True     # at the end, write dataset/NAME/aud_feat.npy with the best audio encoder
     features_only: bool = False     # no training: write features with syncnet_best.pth (or --reference_encoder)
@@ -571,15 +571,17 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
     last_path, best_path = ckpt_dir / "syncnet_last.pth", ckpt_dir / "syncnet_best.pth"
     ckpt = None
-    if cfg.resume:
-        if not last_path.is_file():
-            raise UserError(f"--resume: no checkpoint at {last_path}; start without --resume")
-        ckpt = utils.load_checkpoint(last_path, device)
+    mode = "last" if cfg.resume is True else str(cfg.resume or "")   # True: the old yes/no flag
+    path = last_path if mode in ("auto", "last") else Path(mode)
+    if mode and (mode != "auto" or path.is_file()):      # train_328's convention
+        if not path.is_file():
+            raise UserError(f"--resume {mode}: no checkpoint at {path}; start without --resume")
+        ckpt = utils.load_checkpoint(path, device)
         changed = {k: (getattr(cfg, k), ckpt["config"][k]) for k in RESUME_FIXED if getattr(cfg, k) != ckpt["config"][k]}
         if changed:
             print(f"note: --resume keeps the checkpoint's {', '.join(f'{k}={v[1]}' for k, v in changed.items())}")
         cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in RESUME_FIXED})
-    elif last_path.exists():
+    elif last_path.exists() and not mode:
         print(f"note: starting fresh; the checkpoints in {ckpt_dir} will be replaced (--resume continues them)")
     check_dataset(ds_dir)
     torch.manual_seed(cfg.seed)
@@ -691,6 +693,7 @@ def main(cfg, progress=None, should_stop=None):
     """Train (or --features_only / --eval_only); returns dict(best, val, features, eval, ...).
     progress(step, total, {"loss", "acc"}) is called after every step; should_stop() returning
     True ends training cleanly (syncnet_last.pth saved, no features written)."""
+    utils.check_config(cfg)
     if not cfg.name:
         raise UserError("no dataset given: python syncnet_328.py --name NAME (the --name given to process.py)")
     ds_dir = utils.dataset_path(cfg.name, cfg.data_root)
@@ -743,4 +746,4 @@ def _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop):
 
 if __name__ == "__main__":
     utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0],
-                                            aliases={"data": "data_root", "steps": "max_steps"}))
+                                            aliases={"data": "data_root", "steps": "max_steps"}, bare={"resume": "auto"}))

@@ -48,36 +48,36 @@ class Config:
     resume: str = ""                # "" new run; "auto" (or a bare --resume) last.pth if any; "last" or a path: must exist
     overwrite: bool = False         # start a new run even where out_dir already holds one
     widths: str = "full"            # U-Net widths: full (12.2 M params), light (CPU), or 6 ints "16,16,32,64,128,256"
-    batch_size: int = 8             # frames per step per process (reference: 8)
-    held_out: float = 0.1           # share of frames held out for validation (a contiguous tail)
+    batch_size: int = 8             # [1..] frames per step per process (reference: 8)
+    held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
     mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
-    mouth_weight: float = 0.0       # extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
-    num_workers: int = 2            # DataLoader worker processes per loader and process
-    seed: int = 0                   # seeds the weights, data order, reference choice, augmentation
-    epochs: int = 100               # passes over the training frames (reference: 100); used when max_steps is 0
-    max_steps: int = 0              # optimizer steps; 0 = epochs x steps per epoch
-    lr: float = 1e-3                # Adam peak learning rate (reference: 1e-3)
-    warmup_steps: int = 200         # linear lr warm-up, steps
-    min_lr_frac: float = 0.1        # the cosine decay ends at lr x this
-    grad_clip: float = 1.0          # gradient-norm clip (0 = off): guards against sync-loss spikes
+    mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
+    num_workers: int = 2            # [0..] DataLoader worker processes per loader and process
+    seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
+    epochs: int = 100               # [1..] passes over the training frames (reference: 100); used when max_steps is 0
+    max_steps: int = 0              # [0..] optimizer steps; 0 = epochs x steps per epoch
+    lr: float = 1e-3                # [>0..] Adam peak learning rate (reference: 1e-3)
+    warmup_steps: int = 200         # [0..] linear lr warm-up, steps
+    min_lr_frac: float = 0.1        # [0..1] the cosine decay ends at lr x this
+    grad_clip: float = 1.0          # [0..] gradient-norm clip (0 = off): guards against sync-loss spikes
     perceptual: str = "auto"        # auto | vgg | msssim | off; auto = VGG19 conv3_3 when its weights are on disk, else MS-SSIM
     perceptual_weight: float = -1.0  # weight of the perceptual term; < 0 = the kind's default (VGG 0.01, MS-SSIM 0.5)
-    sync_weight: float = 0.0        # SyncNet loss weight; 0 = off. The reference's 10 only worked because its SyncNet had learned nothing (loss ~0); against ours it swamps L1 (see README, section 3)
-    sync_ramp: int = 2000           # steps over which the sync weight rises from 0: a face must exist before its sync matters
-    sync_clips: int = 2             # clips of the SyncNet's T (5) consecutive frames per step for the sync loss (also in L1)
+    sync_weight: float = 0.0        # [0..] SyncNet loss weight; 0 = off. The reference's 10 only worked because its SyncNet had learned nothing (loss ~0); against ours it swamps L1 (see README, section 3)
+    sync_ramp: int = 2000           # [0..] steps over which the sync weight rises from 0: a face must exist before its sync matters
+    sync_clips: int = 2             # [0..] clips of the SyncNet's T (5) consecutive frames per step for the sync loss (also in L1)
     syncnet: str = ""               # SyncNet checkpoint; default CKPT_ROOT/NAME/syncnet_best.pth (alias --syncnet_checkpoint)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
-    threads: int = 0                # torch CPU threads (0 = torch's default; 1 is faster on a busy machine)
+    threads: int = 0                # [0..] torch CPU threads (0 = torch's default; 1 is faster on a busy machine)
     amp: bool = True                # mixed precision (bf16, else fp16 + loss scaling) on GPU; ignored on CPU
     compile: bool = False           # torch.compile the U-Net (minutes of compiling, then faster steps)
     channels_last: bool = True      # NHWC memory layout: faster convolutions (SPEC §11)
-    log_every: int = 10             # steps between log lines
-    val_every: int = 500            # steps between held-out L1 evaluations (also at the end)
-    val_frames: int = 64            # held-out frames per evaluation (evenly spaced over the tail)
-    preview_every: int = 500        # steps between preview PNGs (also at the end)
-    save_every: int = 500           # steps between last.pth saves (also at the end)
-    snapshot_every: int = 5000      # steps between kept step_XXXXXX.pth copies (0 = none)
+    log_every: int = 10             # [1..] steps between log lines
+    val_every: int = 500            # [1..] steps between held-out L1 evaluations (also at the end)
+    val_frames: int = 64            # [1..] held-out frames per evaluation (evenly spaced over the tail)
+    preview_every: int = 500        # [1..] steps between preview PNGs (also at the end)
+    save_every: int = 500           # [1..] steps between last.pth saves (also at the end)
+    snapshot_every: int = 5000      # [0..] steps between kept step_XXXXXX.pth copies (0 = none)
     tensorboard: bool = False       # also log to OUT_DIR/tb (needs the tensorboard package)
 
 
@@ -228,6 +228,7 @@ def main(cfg, progress=None, should_stop=None):
     """Train; returns dict(step, losses, val_l1, best_loss, last, best, out_dir, stopped, timing).
     progress(step, max_steps, losses) is called after every step; should_stop() ends the run
     cleanly (last.pth saved) when it returns True (single-process only)."""
+    utils.check_config(cfg)
     ds, name, out = resolve_paths(cfg)
     utils.load_meta(ds)
     info = read_feature_info(ds)

@@ -60,15 +60,29 @@ class UserError(Exception):
 
 
 def run_main(main, *args):
-    """Run a script's main(); user errors print one line and exit 2."""
+    """Run a script's main(); user errors print one line and exit 2, as the last line: progress
+    bars still open are closed first, so the line is neither glued to a bar nor followed by one."""
     try:
         return main(*args)
     except UserError as e:
+        _close_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_bars():
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:   # a bar whose stream is gone: nothing more to print
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +99,36 @@ def _field_comments(cls):
         if m:
             out[m.group(1)] = m.group(2).strip()
     return out
+
+
+_RANGE_RE = re.compile(r"^\[(>?)([-+0-9.e]*)\.\.([-+0-9.e]*)\]\s*")
+
+
+def _field_ranges(cls):
+    """{field: (lo, hi, lo_exclusive)} from a leading `[lo..hi]` in a field's comment (either end
+    may be empty; `[>0..]` excludes the lower end): the range a numeric setting must lie in."""
+    out = {}
+    for name, text in _field_comments(cls).items():
+        m = _RANGE_RE.match(text)
+        if m:
+            out[name] = (float(m.group(2)) if m.group(2) else None, float(m.group(3)) if m.group(3) else None,
+                         bool(m.group(1)))
+    return out
+
+
+def check_config(cfg):
+    """UserError naming the first numeric setting of `cfg` (a config dataclass) outside the range
+    its comment gives. Scripts call it at the start of main(), so the server and other callers
+    are checked as the command line is."""
+    for name, (lo, hi, excl) in _field_ranges(type(cfg)).items():
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        fmt = lambda x: f"{x:g}"
+        if lo is not None and (v <= lo if excl else v < lo) or hi is not None and v > hi:
+            want = " and ".join(([f"{'>' if excl else '>='} {fmt(lo)}"] if lo is not None else []) +
+                                ([f"<= {fmt(hi)}"] if hi is not None else []))
+            raise UserError(f"--{name} {v}: must be {want}")
 
 
 def _parse_value(kind, text):
@@ -122,7 +166,13 @@ def parse_config(cls, argv=None, description=None, positional=(), aliases=None, 
             p.add_argument(*names, dest=f.name, default=default, help=h, metavar=kind.__name__.upper(),
                            type=lambda s, k=kind: _parse_value(k, s), **extra)
     ns = p.parse_args(argv)
-    return cls(**vars(ns))
+    cfg = cls(**vars(ns))
+    try:
+        check_config(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return cfg
 
 
 def save_config(cfg, path):

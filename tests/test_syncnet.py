@@ -181,7 +181,7 @@ def test_stop_then_resume_is_exact(tmp_path):
     r = sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), **common),
                 progress=lambda step, total, losses: seen.append((step, total)), should_stop=lambda: len(seen) >= 2)
     assert r["stopped"] and seen == [(1, 4), (2, 4)] and not (ds_root / "toy" / "aud_feat.npy").exists()
-    sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), resume=True, **common))
+    sn.main(sn.Config(ckpt_root=str(tmp_path / "b"), resume="auto", **common))
     a = utils.load_checkpoint(tmp_path / "a" / "toy" / "syncnet_last.pth")
     b = utils.load_checkpoint(tmp_path / "b" / "toy" / "syncnet_last.pth")
     assert a["step"] == b["step"] == 4
@@ -194,7 +194,7 @@ def test_user_errors(tmp_path):
     make_toy_dataset(ds_root, n=120, seed=4)
     base = dict(TOY, data_root=str(ds_root), ckpt_root=str(tmp_path / "ck"))
     with pytest.raises(utils.UserError, match="--resume"):
-        sn.main(sn.Config(name="toy", resume=True, **base))
+        sn.main(sn.Config(name="toy", resume="last", **base))
     with pytest.raises(utils.UserError, match="process.py"):
         sn.main(sn.Config(name="never_processed", **base))
     with pytest.raises(utils.UserError, match="no trained SyncNet"):

@@ -174,6 +174,44 @@ def test_parse_config_overrides_flags_and_rejects_unknown(capsys):
     assert "learning rate" in capsys.readouterr().out
 
 
+@dataclasses.dataclass
+class _Ranged:
+    batch: int = 8           # [1..] frames per step
+    share: float = 0.1       # [0..0.5] held-out share
+    lr: float = 1e-3         # [>0..] learning rate
+    resume: str = ""         # "" new run, auto, last or a path
+
+
+def test_numeric_settings_are_checked_against_the_range_in_their_comment(capsys):
+    utils.check_config(_Ranged())
+    for argv, msg in ((["--batch", "0"], "--batch 0: must be >= 1"), (["--share", "0.6"], "--share 0.6: must be >= 0 and <= 0.5"),
+                      (["--lr", "0"], "--lr 0.0: must be > 0")):
+        with pytest.raises(SystemExit) as e:
+            utils.parse_config(_Ranged, argv)
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == f"error: {msg}"
+    assert "[1..] frames per step" in utils._field_comments(_Ranged)["batch"]    # the range shows in --help
+    import train_328
+    with pytest.raises(UserError, match="--max_steps -5: must be >= 0"):      # callers other than the CLI too
+        train_328.main(train_328.Config(name="x", max_steps=-5))
+    assert utils.parse_config(_Ranged, ["--resume"], bare={"resume": "auto"}).resume == "auto"
+    assert utils.parse_config(_Ranged, ["--resume", "last"], bare={"resume": "auto"}).resume == "last"
+
+
+def test_an_error_under_a_progress_bar_is_the_last_line():
+    import subprocess
+    import sys
+    code = ("import utils, tqdm\n"
+            "def main():\n"
+            "    bar = tqdm.tqdm(total=10, desc='lip-sync')\n"
+            "    bar.update(3)\n"
+            "    raise utils.UserError('the audio is damaged; re-export it')\n"
+            "utils.run_main(main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=utils.REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.rstrip().split("\n")[-1] == "error: the audio is damaged; re-export it"
+    assert "lip-sync" in r.stderr and "\rerror" not in r.stderr      # the bar was closed, on its own line
+
+
 @pytest.mark.parametrize("bad", ["../x", "a/b", "/abs", "", "x y", ".hidden", "a" * 70, "a..b"])
 def test_check_name_refuses_path_tricks(bad):
     with pytest.raises(UserError):
