@@ -632,15 +632,20 @@ def main(cfg):
     if cfg.audio:
         utils.probe(cfg.audio)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     gen_model, gen_desc, step, ckpt_path = make_generator(cfg)   # fails fast on a missing checkpoint
     timing = {}
+    created = not out_dir.exists()      # a refused or failed evaluation leaves no folder it made behind
+    out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lipsync-eval-"))
     try:
         t = time.time()
         ds = prepare_heldout(cfg, work)
         timing["process_s"] = round(time.time() - t, 1)
         result = _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     timing["total_s"] = round(time.time() - t_start, 1)

@@ -37,6 +37,7 @@ with glibc malloc settings (they must be set before the process starts; SPEC §1
 import hashlib
 import os
 import queue
+import re
 import shutil
 import sys
 import tempfile
@@ -661,7 +662,11 @@ def check_output(out_path):
 
 
 def default_output(name, audio_path, checkpoint):
-    return utils.REPO / "result" / f"{name}_{utils.safe_stem(audio_path)}_{Path(checkpoint).stem}.mp4"
+    """result/NAME_AUDIO_CKPT.mp4; audio other than .wav keeps its extension in the name
+    (NAME_AUDIO-mp3_CKPT.mp4), so a.mp3, a.m4a and a.wav do not overwrite each other's video."""
+    ext = re.sub(r"[^a-z0-9]", "", Path(audio_path).suffix.lower())
+    stem = utils.safe_stem(audio_path) + (f"-{ext}" if ext and ext != "wav" else "")
+    return utils.REPO / "result" / f"{name}_{stem}_{Path(checkpoint).stem}.mp4"
 
 
 def maybe_reexec_with_malloc_env(cfg):

@@ -196,7 +196,11 @@ def test_user_errors(tiny_dataset, tmp_path):
     with pytest.raises(utils.UserError, match="baseline"):
         ev.main(ev.Config(name="tiny", video=str(tiny_dataset), baseline="nonsense", out_dir=str(tmp_path)))
     with pytest.raises(utils.UserError, match="checkpoint"):
-        ev.main(ev.Config(name="tiny", video=str(tiny_dataset), ckpt_root=str(tmp_path / "none"), out_dir=str(tmp_path)))
+        ev.main(ev.Config(name="tiny", video=str(tiny_dataset), ckpt_root=str(tmp_path / "none"), out_dir=str(tmp_path / "a")))
+    with pytest.raises(utils.UserError, match="only 5 frames"):
+        ev.main(ev.Config(name="tiny", video=str(tiny_dataset), baseline="template", max_frames=5, syncnet="off",
+                          out_dir=str(tmp_path / "b")))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()    # refused: no folder left behind
 
 
 def test_chance_level_of_r(rng):

@@ -321,3 +321,8 @@ def test_cli_prints_one_line_and_exits_2(setup, tmp_path):
                         str(setup["ckpt_root"]), "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: file not found: {tmp_path / 'nope.wav'}"]
     assert not out.exists()
+
+
+def test_default_outputs_of_audio_in_other_formats_do_not_collide():
+    names = {inf.default_output("anna", f"talk.{ext}", "ck/best.pth").name for ext in ("wav", "mp3", "m4a", "WAV")}
+    assert names == {"anna_talk_best.mp4", "anna_talk-mp3_best.mp4", "anna_talk-m4a_best.mp4"}
