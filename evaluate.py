@@ -400,7 +400,7 @@ def prepare_heldout(cfg, work):
         utils.run_ffmpeg(["-i", src, "-t", f"{cfg.max_frames / FPS:.3f}", "-vf", f"fps={FPS}", "-c:v", "libx264",
                           "-crf", "17", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", video],
                          what="cutting the held-out video")
-    process.main(process.Config(video=str(video), name=name, data_root=str(root), overwrite=True))
+    process.main(process.Config(video=str(video), name=name, data_root=str(root), overwrite=True, min_frames=1))
     marker.write_text(json.dumps(stamp))
     return ds
 

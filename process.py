@@ -17,6 +17,7 @@ dataset/NAME/ gets:
 """
 import json
 import platform
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from tqdm import tqdm
 
 import utils
 from utils import FPS, SR, UserError
+
+
+WARN_SECONDS = 60        # shorter videos are processed with a warning: quality suffers below about a minute
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Config:
     min_face_share: float = 0.5     # [0..1] fail when fewer frames than this share have a face
     smooth_sigma: float = 1.0       # [0..] temporal gaussian on landmarks, frames (removes crop jitter)
     jpeg_quality: int = 95          # [1..100] frames/*.jpg quality
+    min_frames: int = 65            # [1..] refuse shorter videos: SyncNet training needs 65 frames (2.6 s); a warning below WARN_SECONDS
 
 
 def normalise_video(src, info, dst):
@@ -91,6 +96,13 @@ def main(cfg):
         raise UserError(f"{src} has no video stream; give a video of the person speaking")
     if info["audio"] is None:
         raise UserError(f"{src} has no audio track; the model learns from the speech, record with sound")
+    frames_est = int(round((info["duration"] or 0) * FPS))
+    if info["duration"] and frames_est < cfg.min_frames:
+        raise UserError(f"{src} is {info['duration']:.1f} s long; a dataset needs at least {cfg.min_frames / FPS:.1f} s "
+                        f"({cfg.min_frames} frames), and 3-5 minutes of speech make a good avatar")
+    if info["duration"] and info["duration"] < WARN_SECONDS:
+        print(f"warning: {src} is {info['duration']:.0f} s long; the avatar will be rough (3-5 minutes of speech "
+              f"train a far better one, see README: What video to record)", file=sys.stderr)
     if cfg.backend not in landmarks.BACKENDS:
         raise UserError(f"unknown --backend {cfg.backend!r}; choose one of {', '.join(landmarks.BACKENDS)}")
     try:
@@ -122,13 +134,22 @@ def main(cfg):
                 bar.update(1)
                 yield frame
 
-        track = landmarks.track_video(frames(), detector, detect_every=cfg.detect_every, max_side=cfg.max_side)
+        try:
+            track = landmarks.track_video(frames(), detector, detect_every=cfg.detect_every, max_side=cfg.max_side)
+        except BaseException:   # Ctrl-C too: the JPEG writers stop before the temp folder is removed, or they refill it
+            bar.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
         bar.close()
+        pool.shutdown(wait=True)
         if not all(f.result() for f in writes):
             raise UserError(f"could not write frames into {ds}; is the disk full?")
         n = len(track["found"])
         if n == 0:
             raise UserError(f"no frames could be decoded from {src}; the file is damaged or not a video")
+        if n < cfg.min_frames:
+            raise UserError(f"{src} holds only {n} frames; a dataset needs at least {cfg.min_frames} "
+                            f"({cfg.min_frames / FPS:.1f} s), and 3-5 minutes of speech make a good avatar")
         found = track["found"]
         if found.sum() == 0:
             raise UserError(f"no face found in any of the {n} frames of {src}; record the speaker's face, frontal and well lit")

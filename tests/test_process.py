@@ -70,13 +70,14 @@ def bad_inputs(tmp_path_factory, synthetic_clip):
     ffmpeg("-i", synthetic_clip, "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-map", "0:v", "-map", "1:a",
            "-c:v", "copy", "-c:a", "aac", "-shortest", d / "silent.mp4")
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:sample_rate=16000", "-t", "2", d / "audio_only.wav")
+    ffmpeg("-i", synthetic_clip, "-t", "1", "-c:v", "libx264", "-c:a", "aac", d / "short.mp4")
     return d
 
 
 @pytest.mark.parametrize("case,expect", [
     ("missing.mp4", "not found"), ("empty.mp4", "empty"), ("corrupt.mp4", "not a readable"),
     ("noface.mp4", "no face"), ("noaudio.mp4", "no audio track"), ("silent.mp4", "silent"),
-    ("audio_only.wav", "no video stream")])
+    ("audio_only.wav", "no video stream"), ("short.mp4", "needs at least 2.6 s (65 frames)")])
 def test_bad_input_is_one_clear_line(bad_inputs, tmp_path, case, expect):
     rc, err = run_process(bad_inputs / case, "--name", "x", "--data_root", tmp_path)
     assert rc != 0 and "Traceback" not in err
