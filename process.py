@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,19 @@ def _version(dist):
         return None
 
 
+@contextmanager
+def writer_pool(n):
+    """Threads for the frame and crop writes, stopped and joined on leaving: on an error or Ctrl-C
+    their pending writes are cancelled first, so nothing writes into a temp dataset being removed."""
+    pool = ThreadPoolExecutor(n)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def main(cfg):
     utils.check_config(cfg)
     import landmarks
@@ -110,7 +124,8 @@ def main(cfg):
     except landmarks.LandmarkError as e:
         raise UserError(str(e)) from None
 
-    with utils.atomic_dir(final) as ds:
+    # JPEG encoding releases the GIL: two writer threads overlap it with the landmarks
+    with utils.atomic_dir(final) as ds, writer_pool(2) as pool:
         # 1. video at 25 fps and 16 kHz mono audio
         reencoded = normalise_video(src, info, ds / "video.mp4")
         wav = extract_audio(src, ds / "aud.wav")
@@ -125,7 +140,6 @@ def main(cfg):
         quality = [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
         bar = tqdm(total=expect or None, desc="frames+landmarks", unit="f", dynamic_ncols=True)
 
-        pool = ThreadPoolExecutor(2)      # JPEG encoding releases the GIL: overlap it with landmarks
         writes = []
 
         def frames():
@@ -134,14 +148,8 @@ def main(cfg):
                 bar.update(1)
                 yield frame
 
-        try:
-            track = landmarks.track_video(frames(), detector, detect_every=cfg.detect_every, max_side=cfg.max_side)
-        except BaseException:   # Ctrl-C too: the JPEG writers stop before the temp folder is removed, or they refill it
-            bar.close()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        track = landmarks.track_video(frames(), detector, detect_every=cfg.detect_every, max_side=cfg.max_side)
         bar.close()
-        pool.shutdown(wait=True)
         if not all(f.result() for f in writes):
             raise UserError(f"could not write frames into {ds}; is the disk full?")
         n = len(track["found"])

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -115,15 +116,16 @@ class AvatarOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    """With an API key set and not sent, only status and auth_required (the rest says what runs where)."""
     status: str
-    device: str
-    versions: dict
-    queue_length: int
-    running: Optional[str]
     auth_required: bool
-    tts: bool = Field(description="text input is accepted (an offline voice is installed)")
-    limits: dict
-    presets: dict
+    device: Optional[str] = None
+    versions: Optional[dict] = None
+    queue_length: Optional[int] = None
+    running: Optional[str] = None
+    tts: Optional[bool] = Field(None, description="text input is accepted (an offline voice is installed)")
+    limits: Optional[dict] = None
+    presets: Optional[dict] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +293,12 @@ def _version(dist):
 
 # ----------------------------------------------------------------------------------------------
 # The app
+def _short(value, limit=80):
+    """An invalid input as a 422 may quote it: at most `limit` characters of its text."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def create_app(settings=None):
     """The FastAPI app for `settings` (a Config). Nothing starts until the lifespan runs: then the
     job store opens, interrupted jobs are settled, queued ones re-enqueued and the worker started."""
@@ -337,6 +345,13 @@ def create_app(settings=None):
     def user_error(request, exc):
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request, exc):
+        """FastAPI's 422 without echoing the whole input back (a 5000-character field came back whole)."""
+        return JSONResponse({"detail": [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:200],
+                                         **({"input": _short(e["input"])} if "input" in e else {})}
+                                        for e in exc.errors()[:20]]}, status_code=422)
+
     def store() -> JobStore:
         return state["store"]
 
@@ -381,9 +396,12 @@ def create_app(settings=None):
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # -- status ----------------------------------------------------------------------------------
-    @app.get("/health", response_model=HealthOut, tags=["status"])
-    def health():
-        """Liveness, the compute device, versions, the queue, limits and options."""
+    @app.get("/health", response_model=HealthOut, response_model_exclude_none=True, tags=["status"])
+    def health(x_api_key: Optional[str] = Header(None, description="with the server's API key: the full answer")):
+        """Liveness, the compute device, versions, the queue, limits and options (with an API key set:
+        only liveness and auth_required unless the key is sent)."""
+        if s.api_key and not (x_api_key and hmac.compare_digest(x_api_key.encode(), s.api_key.encode())):
+            return HealthOut(status="ok", auth_required=True)
         if "versions" not in state:          # once: torch's import and the package metadata scan are slow
             state["device"] = str(utils.get_device(s.device))
             state["versions"] = {"python": sys.version.split()[0],

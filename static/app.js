@@ -89,6 +89,11 @@ async function loadHealth() {
   try {
     const h = await api("GET", "/health");
     state.health = h;
+    if (!h.device) {   // an API key is set and not (yet) given: the server says no more than that
+      $("#health").textContent = "Server ready; it needs its API key.";
+      $("#key-section").hidden = false;
+      return;
+    }
     $("#health").textContent = `Server ready on ${h.device}. ${h.queue_length} job(s) waiting` +
       (h.running ? ", one running." : ".");
     $("#key-section").hidden = !(h.auth_required && !state.key) && $("#key-section").hidden;

@@ -168,6 +168,13 @@ def test_generate_errors(client, media_files):
     assert not any((Path(client.app.state.settings.data_dir) / "uploads").iterdir())
 
 
+def test_a_422_does_not_echo_a_long_input(client):
+    r = client.get("/api/jobs", params={"status": "x" * 5000})
+    assert r.status_code == 422 and len(r.text) < 1000, len(r.text)
+    (e,) = r.json()["detail"]
+    assert e["loc"] == ["query", "status"] and e["input"].endswith("(5000 characters)") and e["msg"]
+
+
 def test_streamed_upload_over_the_limit_gets_413(client):
     def chunks():                                   # no Content-Length: the limit is counted while reading
         for _ in range(6):
@@ -275,7 +282,9 @@ def test_pipeline_errors_become_one_line_job_errors(tiny_avatar, media_files, tm
 # ---------------------------------------------------------------------------------------------- API key
 def test_api_key(tiny_avatar, media_files, tmp_path):
     with TestClient(server.create_app(settings(tmp_path, tiny_avatar, api_key=KEY))) as client:
-        assert client.get("/health").json()["auth_required"] is True        # health stays open
+        assert client.get("/health").json() == {"status": "ok", "auth_required": True}   # open, but says no more
+        full = client.get("/health", headers={"X-API-Key": KEY}).json()
+        assert full["auth_required"] is True and "torch" in full["versions"] and full["device"] == "cpu"
         assert client.get("/").status_code == 200                           # so does the page
         for headers in ({}, {"X-API-Key": "wrong"}):
             r = client.get("/api/avatars", headers=headers)
