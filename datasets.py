@@ -114,8 +114,8 @@ class LipDataset(torch.utils.data.Dataset):
             raise UserError(f"{ds}/aud_feat.npy was made by audio encoder {info.get('encoder_id')}, not "
                             f"{expected_encoder_id}; re-run: python syncnet_328.py --name {ds.name}")
         self.encoder_id = info.get("encoder_id")
-        n = np.load(ds / "crops.npy", mmap_mode="r").shape[0]   # header only; workers reopen lazily
-        self.feats = np.load(ds / "aud_feat.npy").astype(np.float32, copy=False)   # (>=N, 512)
+        n = utils.load_npy(ds / "crops.npy", mmap=True).shape[0]   # header only; workers reopen lazily
+        self.feats = utils.load_npy(ds / "aud_feat.npy").astype(np.float32, copy=False)   # (>=N, 512)
         if self.feats.ndim != 2 or len(self.feats) < n:
             raise UserError(f"{ds}/aud_feat.npy has shape {self.feats.shape}, fewer rows than the {n} "
                             f"frames; re-run: python syncnet_328.py --name {ds.name}")
@@ -124,10 +124,10 @@ class LipDataset(torch.utils.data.Dataset):
             raise ValueError(f"frames outside 0..{n - 1}")
         self.n, self.clip, self.seed, self.augment, self.ref_gap = n, clip, seed, augment, ref_gap
         self.mel_offsets = tuple(mel_offsets)
-        with np.load(ds / "landmarks.npz") as z:    # per-frame mouth boxes in the 320 crop, for held-out metrics
-            if "lms" not in z:
-                raise UserError(f"{ds}/landmarks.npz holds no landmarks; re-run: python process.py VIDEO --name {ds.name} --overwrite")
-            lm320 = utils.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
+        z = utils.load_npy(ds / "landmarks.npz")    # per-frame mouth boxes in the 320 crop, for held-out metrics
+        if "lms" not in z:
+            raise UserError(f"{ds}/landmarks.npz holds no landmarks; re-run: python process.py VIDEO --name {ds.name} --overwrite")
+        lm320 = utils.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
         self.mouth = np.array([utils.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
         self.mask = None if mask is None else np.asarray(mask, bool)             # (320, 320); None = MASK_RECT
         # Clip starts: every frame of the clip must be in the subset (e.g. stay inside the train split).
@@ -141,7 +141,7 @@ class LipDataset(torch.utils.data.Dataset):
         if clip > 1:
             if not (ds / "mel.npy").is_file():
                 raise UserError(f"{ds} has no mel.npy; run: python process.py VIDEO --name {ds.name}")
-            self.mel = np.load(ds / "mel.npy")                  # (80, T_mel)
+            self.mel = utils.load_npy(ds / "mel.npy")                  # (80, T_mel)
         self.epoch = 0
         self._crops = None
 
@@ -154,7 +154,7 @@ class LipDataset(torch.utils.data.Dataset):
     @property
     def crops(self):
         if self._crops is None:   # opened per process: a memmap must not be pickled into workers
-            self._crops = np.load(self.ds / "crops.npy", mmap_mode="r")   # (N, 328, 328, 3) uint8 BGR
+            self._crops = utils.load_npy(self.ds / "crops.npy", mmap=True)   # (N, 328, 328, 3) uint8 BGR
         return self._crops
 
     def __getstate__(self):
@@ -205,9 +205,9 @@ def generator_mask(ds_dir, frames, kind):
         raise UserError(f"--mask {kind!r}: choose {' or '.join(utils.MASKS)}")
     if kind == "rect":
         return None
-    with np.load(Path(ds_dir) / "landmarks.npz") as z:
-        idx = np.asarray(frames, np.int64)
-        return utils.jaw_mask(utils.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]))
+    z = utils.load_npy(Path(ds_dir) / "landmarks.npz")
+    idx = np.asarray(frames, np.int64)
+    return utils.jaw_mask(utils.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]))
 
 
 def _tensor(a):

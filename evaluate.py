@@ -408,7 +408,7 @@ def prepare_heldout(cfg, work):
 def detector_boxes(ds):
     """Detector-style face boxes [N, 4] of a processed dataset, gaps filled with the nearest box."""
     import landmarks
-    z = np.load(Path(ds) / "landmarks.npz")
+    z = utils.load_npy(Path(ds) / "landmarks.npz")
     boxes = z["boxes"].astype(np.float32)
     ok = np.isfinite(boxes).all(1)
     if not ok.any():

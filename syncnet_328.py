@@ -254,7 +254,7 @@ def audio_windows(wav, n, speed=1.0):
 def face_inputs(crops_path, model, chunk=64):
     """crops.npy [N, 328, 328, 3] -> uint8 [N, 3, h, w] face-tower inputs of `model` (its part of
     the 320 crop, area-downscaled by its own downscale_face), computed once and kept in memory."""
-    crops = np.load(crops_path, mmap_mode="r")
+    crops = utils.load_npy(crops_path, mmap=True)
     out = np.empty((len(crops), 3, *model.face_size), np.uint8)
     for s in tqdm(range(0, len(crops), chunk), desc="faces", unit="chunk", leave=False):
         x = torch.from_numpy(np.ascontiguousarray(crops[s:s + chunk, BORDER:BORDER + INNER, BORDER:BORDER + INNER]))

@@ -54,10 +54,10 @@ class FolderTemplate:
         meta = utils.load_meta(ds)
         if not (ds / "landmarks.npz").is_file() or not (ds / "frames").is_dir():
             raise UserError(f"dataset {ds} is incomplete (no landmarks.npz or frames/); run process.py again with --overwrite")
-        z = np.load(ds / "landmarks.npz")
+        z = utils.load_npy(ds / "landmarks.npz")
         crops = None
         if (ds / "crops.npy").is_file():
-            crops = np.load(ds / "crops.npy", mmap_mode="r")
+            crops = utils.load_npy(ds / "crops.npy", mmap=True)
             if len(crops) != len(z["crop_boxes"]):
                 crops = None
         return cls(ds / "frames", z["lms"], z["crop_boxes"], (meta["width"], meta["height"]), crops, what=f"dataset {ds}")

@@ -276,7 +276,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
                             f"{ckpt.get('encoder_id')}); its audio features changed: start a new run with --overwrite")
 
     # ---- data: a contiguous held-out tail; batches and references are functions of (seed, step)
-    n = np.load(ds / "crops.npy", mmap_mode="r").shape[0]
+    n = utils.load_npy(ds / "crops.npy", mmap=True).shape[0]
     train_idx, val_idx = split_frames(n, cfg.held_out)
     mask = generator_mask(ds, train_idx, cfg.mask)
     if ckpt is not None:

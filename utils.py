@@ -651,7 +651,38 @@ def load_meta(ds):
     meta = ds / "meta.json"
     if not meta.is_file():
         raise UserError(f"no processed dataset at {ds}; run: python process.py VIDEO --name {ds.name}")
-    return json.loads(meta.read_text())
+    try:
+        out = json.loads(meta.read_text())
+    except (ValueError, UnicodeDecodeError):
+        out = None
+    if not isinstance(out, dict):
+        raise UserError(f"{meta} is damaged; rebuild the dataset: python process.py VIDEO --name {ds.name} --overwrite")
+    return out
+
+
+# What rebuilds each file of a dataset, for the error that names a damaged one.
+_REBUILD = {"aud_feat.npy": "python syncnet_328.py --name {name} --features_only"}
+
+
+def load_npy(path, mmap=False):
+    """np.load of a dataset's .npy/.npz file; a truncated or damaged one is a UserError naming the
+    file and the command that rebuilds it (process.py for most, syncnet_328.py for aud_feat.npy)."""
+    path = Path(path)
+    fix = _REBUILD.get(path.name, "python process.py VIDEO --name {name} --overwrite").format(name=path.parent.name)
+    try:
+        out = np.load(path, mmap_mode="r" if mmap else None)
+        if isinstance(out, np.lib.npyio.NpzFile):
+            out = {k: out[k] for k in out.files}   # read now: a damaged member fails here, not later
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; rebuild it: {fix}") from None
+    except (ValueError, OSError, EOFError, zipfile_error()) as e:
+        raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:80]}); rebuild it: {fix}") from None
+    return out
+
+
+def zipfile_error():
+    import zipfile
+    return zipfile.BadZipFile
 
 
 def iter_frames(path, width, height, fps=None):
