@@ -30,6 +30,7 @@ from utils import UserError
 AVATAR_STAGES = (("processing video", 0.10), ("training SyncNet", 0.25), ("training generator", 0.65))
 PROGRESS_EVERY = 0.5            # s between progress writes to the database
 STOP_WAIT = 15.0                # s the shutdown waits for the running job to stop
+SAVE_MINUTES = 1.0              # an avatar job saves last.pth at least this often: a server killed mid-training resumes
 
 # ----------------------------------------------------------------------------------------------
 # Jobs in SQLite
@@ -337,7 +338,7 @@ class Worker:
             **dict(name=name, data_root=s.data_root, ckpt_root=s.ckpt_root, widths=req["widths"],
                    max_steps=req["steps"], batch_size=req["batch_size"], device=s.device,
                    num_workers=s.train_workers, overwrite=not resume, resume="auto" if resume else "",
-                   val_every=every, save_every=every),
+                   val_every=every, save_every=every, save_minutes=SAVE_MINUTES),
             **json_object(s.train_extra, "train_extra")}), progress=prog, should_stop=self.should_stop)
         return None                                         # the avatar itself is the result
 

@@ -77,6 +77,7 @@ class Config:
     val_frames: int = 64            # [1..] held-out frames per evaluation (evenly spaced over the tail)
     preview_every: int = 500        # [1..] steps between preview PNGs (also at the end)
     save_every: int = 500           # [1..] steps between last.pth saves (also at the end)
+    save_minutes: float = 0.0       # [0..] also save last.pth once this many minutes passed since the last save (0 = off): a killed job loses at most that
     snapshot_every: int = 5000      # [0..] steps between kept step_XXXXXX.pth copies (0 = none)
     tensorboard: bool = False       # also log to OUT_DIR/tb (needs the tensorboard package)
 
@@ -385,6 +386,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     # ---- training loop
     losses, val_l1, audio_effect, stopped = {}, None, None, False
     acc, t_data, t_comp, n_seen, t_last, logged = {}, 0.0, 0.0, 0, time.perf_counter(), step
+    t_saved = time.perf_counter()
     first_step, timing = step, [0, 0.0, 0.0, 0.0, 0]   # steps, data s, compute s, compute CPU s, frames (after step 1)
     bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
     model.train()
@@ -469,8 +471,10 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
             if val_l1 < best_loss:
                 best_loss = val_l1
                 save(out / "best.pth", val_l1)
-        if master and (step % cfg.save_every == 0 or end):
+        if master and (step % cfg.save_every == 0 or end or
+                       cfg.save_minutes > 0 and time.perf_counter() - t_saved > 60 * cfg.save_minutes):
             save(last, val_l1)
+            t_saved = time.perf_counter()
         if master and cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save(out / f"step_{step:06d}.pth", val_l1)
         if stopped:

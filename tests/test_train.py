@@ -215,6 +215,20 @@ def test_resume_is_exact(data_root, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_time_based_saves_leave_a_resumable_checkpoint_early(data_root, tmp_path):
+    """save_minutes: a job killed long before save_every still finds a last.pth (the server's case)."""
+    seen = []
+    out = tmp_path / "t"
+    train_328.main(config(data_root, out, max_steps=3, save_every=1000, save_minutes=1e-6),
+                   progress=lambda s, n, losses: seen.append((s, (out / "last.pth").is_file() and
+                                                              utils.load_checkpoint(out / "last.pth")["step"])))
+    assert seen[0] == (1, False) and seen[1] == (2, 1)        # saved right after step 1, before save_every
+    seen.clear()
+    train_328.main(config(data_root, tmp_path / "u", max_steps=3, save_every=1000),
+                   progress=lambda s, n, losses: seen.append((tmp_path / "u" / "last.pth").is_file()))
+    assert seen == [False, False, False]                       # off: only at the end
+
+
 def test_resume_errors_are_one_line(light_run, data_root, tmp_path):
     out, _ = light_run
     with pytest.raises(utils.UserError, match="checkpoint not found"):
