@@ -437,13 +437,17 @@ def create_app(settings=None):
                       video: UploadFile = File(..., description="the person talking, with sound"),
                       preset: Literal["quick", "standard", "full"] = Form("quick"),
                       steps: Optional[int] = Form(None, ge=1, description="generator steps (overrides the preset)"),
-                      syncnet_steps: Optional[int] = Form(None, ge=1, description="SyncNet steps (overrides the preset)")):
+                      syncnet_steps: Optional[int] = Form(None, ge=1, description="SyncNet steps (overrides the preset)"),
+                      replace: bool = Form(False, description="replace an existing avatar or dataset of this name")):
         """Queue an avatar job: process the video, train the SyncNet, train the generator."""
         utils.check_name(name, "avatar name")
 
         def check_free():
-            if list_checkpoints(s, name):
-                raise HTTPException(409, f"avatar {name!r} already exists; choose another name")
+            if not replace and list_checkpoints(s, name):
+                raise HTTPException(409, f"avatar {name!r} already exists; choose another name (or send replace=true)")
+            if not replace and (Path(s.data_root) / name).exists():   # e.g. made by process.py on the command line
+                raise HTTPException(409, f"a dataset {name!r} already exists in the data folder; choose another name "
+                                         f"(or send replace=true to replace it)")
             if other := store().active_for("avatar", name):
                 raise HTTPException(409, f"avatar {name!r} is already being made (job {other})")
 

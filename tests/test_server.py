@@ -402,6 +402,13 @@ def _make_an_avatar(client, synthetic_clip, media_files):
     r = post("tiny", synthetic_clip, steps="2")
     assert r.status_code == 409 and "already exists" in r.json()["detail"]
     assert post("x", synthetic_clip, steps="0").status_code == 422
+    cli = Path(client.app.state.settings.data_root) / "cli_made"                   # a dataset process.py made
+    cli.mkdir()
+    (cli / "meta.json").write_text('{"frames": 150}')
+    r = post("cli_made", synthetic_clip, steps="2")
+    assert r.status_code == 409 and "replace=true" in r.json()["detail"]
+    assert (cli / "meta.json").read_text() == '{"frames": 150}'                   # never replaced without asking
+    shutil.rmtree(cli)
     r = post("made", synthetic_clip, steps="2", syncnet_steps="2", preset="quick")
     assert r.status_code == 202, r.text
     job = r.json()
