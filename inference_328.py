@@ -392,7 +392,7 @@ class LipSyncModel:
     # -- the whole job ---------------------------------------------------------------------------
     def render(self, audio_path, out_path, template, start_frame=0, feather=16, color_match=True,
                reference="closed", silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, crf=18,
-               progress=None, should_stop=None, stats=None):
+               progress=None, should_stop=None, stats=None, tmp_dir=None):
         """Write the lip-synced mp4 for `audio_path` to `out_path` (renamed into place only when
         complete) and return its Path. progress(done, total) after each frame; should_stop()
         returning True aborts with Cancelled and leaves nothing at out_path."""
@@ -403,7 +403,9 @@ class LipSyncModel:
         _add(stats, "load audio", time.perf_counter() - t)
         n = utils.num_frames(len(wav))
         w, h = template.size
-        tmpdir = Path(tempfile.mkdtemp(prefix="lipsync-audio-"))
+        if tmp_dir is not None:
+            Path(tmp_dir).mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix="lipsync-audio-", dir=tmp_dir))   # tmp_dir None: the system's
         try:
             # the original audio track alone: a video or a cover picture in the audio file must
             # not be picked up as the output's video stream

@@ -141,6 +141,23 @@ class JobStore:
 
 
 # ----------------------------------------------------------------------------------------------
+# Start-up clean-up
+def sweep_litter(data_dir, keep_ids):
+    """Remove what jobs killed with the server left in data_dir (call at start-up, before the worker
+    runs): uploads of jobs not in `keep_ids` (the queue), partial results (.NAME.tmp-*) and the
+    scratch folder tmp/. Returns the removed paths."""
+    data = Path(data_dir)
+    gone = [p for p in (data / "uploads").iterdir() if p.name not in keep_ids] if (data / "uploads").is_dir() else []
+    gone += list((data / "results").glob(".*.tmp-*")) + (list((data / "tmp").iterdir()) if (data / "tmp").is_dir() else [])
+    for p in gone:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return gone
+
+
+# ----------------------------------------------------------------------------------------------
 # The pipeline, as the scripts expose it (imported lazily: torch loads in the worker, not at import)
 def _script_config(module, **values):
     """module.Config() with `values`; a key the script does not have is an error, never ignored."""
@@ -375,7 +392,8 @@ class Worker:
         template = templates.open_template(job["avatar"], s.data_root, inp.get("template") or "")
         rel = Path("results") / f"{job['id']}.mp4"
         try:
-            model.render(audio, Path(s.data_dir) / rel, template=template, progress=prog, should_stop=self.should_stop)
+            model.render(audio, Path(s.data_dir) / rel, template=template, progress=prog, should_stop=self.should_stop,
+                         tmp_dir=Path(s.data_dir) / "tmp")
         finally:
             template.close()
         return str(rel)

@@ -37,7 +37,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 import utils
-from jobs import ACTIVE, AVATAR_STAGES, GEN_CKPT, JobStore, Worker, checkpoint_path, json_object, tts_available
+from jobs import (ACTIVE, AVATAR_STAGES, GEN_CKPT, JobStore, Worker, checkpoint_path, json_object, sweep_litter,
+                  tts_available)
 from utils import UserError
 
 STATIC = utils.REPO / "static"
@@ -323,7 +324,11 @@ def create_app(settings=None):
             return (job["kind"] == "avatar" and job["stage"] == AVATAR_STAGES[2][0]
                     and (Path(s.ckpt_root) / job["avatar"] / "last.pth").is_file())
 
-        for job_id in store.recover(resumable):
+        queue = store.recover(resumable)
+        swept = sweep_litter(data, set(queue))   # what a killed server left: old uploads, partial results, tmp/
+        if swept:
+            print(f"start-up: removed {len(swept)} leftover upload(s)/partial file(s) of interrupted jobs", file=sys.stderr)
+        for job_id in queue:
             worker.submit(job_id)
         worker.start()
         try:

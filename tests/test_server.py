@@ -323,7 +323,15 @@ def test_restart_keeps_jobs_and_results(tiny_avatar, media_files, tmp_path):
         up.mkdir(parents=True)
         shutil.copy(media_files / "short.wav", up / "audio.wav")
         store.add("b" * 32, "generate", "tiny", {"audio": "short.wav"}, {"audio": str(up / "audio.wav"), "dir": str(up)})
+        # and the litter of a kill -9: the dead job's upload, a partial result, an audio scratch folder
+        data = Path(cfg.data_dir)
+        (data / "uploads" / ("a" * 32)).mkdir()
+        (data / "uploads" / ("a" * 32) / "audio.wav").write_bytes(b"RIFF")
+        (data / "results" / f".{'a' * 32}.tmp-x1y2.mp4").write_bytes(b"partial")
+        (data / "tmp" / "lipsync-audio-x1y2").mkdir(parents=True)
     with TestClient(server.create_app(cfg)) as client:
+        assert not (data / "uploads" / ("a" * 32)).exists() and not list((data / "results").glob(".*"))
+        assert not list((data / "tmp").iterdir())
         jobs = {j["id"]: j for j in client.get("/api/jobs").json()}
         assert set(jobs) == {done["id"], "a" * 32, "b" * 32}
         assert jobs["a" * 32]["status"] == "failed" and jobs["a" * 32]["error"] == "interrupted by server restart"
@@ -333,6 +341,18 @@ def test_restart_keeps_jobs_and_results(tiny_avatar, media_files, tmp_path):
         assert j["status"] == "done", j["error"]
         assert client.get(j["result_url"]).status_code == 200
     assert torch.get_num_threads() == threads          # the server's thread setting ends with it
+
+
+def test_the_start_up_sweep_keeps_the_queue_and_finished_results(tmp_path):
+    for d in ("uploads/q1", "uploads/dead", "results", "tmp/lipsync-audio-1"):
+        (tmp_path / d).mkdir(parents=True)
+    for f in ("uploads/q1/a.wav", "uploads/dead/a.wav", "results/done.mp4", "results/.job.tmp-1.mp4"):
+        (tmp_path / f).write_bytes(b"x")
+    gone = jobs.sweep_litter(tmp_path, {"q1"})
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in gone) == [
+        "results/.job.tmp-1.mp4", "tmp/lipsync-audio-1", "uploads/dead"]
+    assert (tmp_path / "uploads/q1/a.wav").is_file() and (tmp_path / "results/done.mp4").is_file()
+    assert not (tmp_path / "uploads/dead").exists() and not list((tmp_path / "tmp").iterdir())
 
 
 def test_restart_resumes_generator_training(tiny_avatar, tmp_path, monkeypatch):
