@@ -275,27 +275,6 @@ def cosine(a, b):
 
 # ----------------------------------------------------------------------------------------------
 # Identity: dlib's face-recognition ResNet (ships in face_recognition_models; no download)
-class FaceDescriber:
-    """128-d dlib face descriptors of a face given its 68 landmarks (no detection needed)."""
-
-    def __init__(self):
-        import importlib.util
-        import dlib
-        spec = importlib.util.find_spec("face_recognition_models")
-        path = spec and Path(spec.submodule_search_locations[0]) / "models" / "dlib_face_recognition_resnet_model_v1.dat"
-        if not path or not path.is_file():
-            raise UserError("identity metric needs dlib_face_recognition_resnet_model_v1.dat: pip install face-recognition-models")
-        self.dlib, self.net = dlib, dlib.face_recognition_model_v1(str(path))
-
-    def __call__(self, frame_bgr, lm68):
-        d = self.dlib
-        lm = np.asarray(lm68, np.float64)
-        rect = d.rectangle(*(int(round(v)) for v in (*lm.min(0), *lm.max(0))))
-        shape = d.full_object_detection(rect, [d.point(int(round(x)), int(round(y))) for x, y in lm])
-        rgb = np.ascontiguousarray(frame_bgr[:, :, ::-1])
-        return np.array(self.net.compute_face_descriptor(rgb, shape), np.float64)   # (128,)
-
-
 # ----------------------------------------------------------------------------------------------
 # SyncNet confidence (secondary: our SyncNet was trained on this person, so it is not independent)
 def load_syncnet(path, device):
@@ -691,7 +670,10 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         raise UserError(f"only {n} frames to evaluate; give at least {2 * cfg.max_lag + 3} ({(2 * cfg.max_lag + 3) / FPS:.1f} s)")
     wav = wav[:n * SR // FPS]
     detector = landmarks.make_detector("dlib")
-    describer = FaceDescriber()
+    try:
+        describer = landmarks.FaceDescriber()
+    except landmarks.LandmarkError as e:
+        raise UserError(str(e)) from None
     band = seam_band(cfg.feather, mask=gen_model.mask)
     jbox = jitter_box(template.lms, template.boxes)
     tmpl_idx = np.array([templates.pingpong(k, template.n) for k in range(n)])

@@ -383,3 +383,26 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity
+class FaceDescriber:
+    """128-d dlib face descriptors of a face given its 68 landmarks (no detection needed)."""
+
+    def __init__(self):
+        import importlib.util
+        import dlib
+        spec = importlib.util.find_spec("face_recognition_models")
+        path = spec and Path(spec.submodule_search_locations[0]) / "models" / "dlib_face_recognition_resnet_model_v1.dat"
+        if not path or not path.is_file():
+            raise LandmarkError("face descriptors need dlib_face_recognition_resnet_model_v1.dat: pip install face-recognition-models")
+        self.dlib, self.net = dlib, dlib.face_recognition_model_v1(str(path))
+
+    def __call__(self, frame_bgr, lm68):
+        d = self.dlib
+        lm = np.asarray(lm68, np.float64)
+        rect = d.rectangle(*(int(round(v)) for v in (*lm.min(0), *lm.max(0))))
+        shape = d.full_object_detection(rect, [d.point(int(round(x)), int(round(y))) for x, y in lm])
+        rgb = np.ascontiguousarray(frame_bgr[:, :, ::-1])
+        return np.array(self.net.compute_face_descriptor(rgb, shape), np.float64)   # (128,)

@@ -150,11 +150,34 @@ class VideoTemplate(FolderTemplate):
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+SAME_PERSON = 0.6        # dlib face-descriptor distance below which two faces are the same person (dlib's own rule)
+
+
 def open_template(name=None, data_root=None, template=""):
-    """The template source: --template (image or video) when given, else the avatar's dataset."""
+    """The template source: --template (image or video) when given, else the avatar's dataset.
+    A template face that looks like another person than the avatar's gets a warning."""
     if template:
         p = Path(template)
         if not p.is_file():
             raise UserError(f"template not found: {p}")
-        return ImageTemplate(p) if p.suffix.lower() in IMAGE_EXT else VideoTemplate(p)
+        t = ImageTemplate(p) if p.suffix.lower() in IMAGE_EXT else VideoTemplate(p)
+        ds = utils.dataset_path(name, data_root) if name else None
+        if ds is not None and (ds / "landmarks.npz").is_file():
+            d = identity_distance(t, FolderTemplate.from_dataset(ds))
+            if d is not None and d > SAME_PERSON:
+                print(f"warning: the face in {p.name} looks like another person than avatar {name}'s (face descriptor "
+                      f"distance {d:.2f} > {SAME_PERSON}); the result will mix two faces", file=sys.stderr)
+        return t
     return FolderTemplate.from_dataset(utils.dataset_path(name, data_root))
+
+
+def identity_distance(a, b, k=3):
+    """Distance between the mean dlib face descriptors of k frames of template a and of b (same
+    person: < SAME_PERSON); None when the descriptor model is not installed."""
+    import landmarks
+    try:
+        describe = landmarks.FaceDescriber()
+    except landmarks.LandmarkError:
+        return None
+    mean = lambda t: np.mean([describe(t.read(j), t.lms[j]) for j in np.linspace(0, t.n - 1, min(k, t.n)).astype(int)], 0)
+    return float(np.linalg.norm(mean(a) - mean(b)))

@@ -150,7 +150,8 @@ def test_identity_of_the_same_face():
     import synthetic
     face = synthetic.default_face()
     lm = landmarks.make_detector("dlib").detect(face)[0][0]
-    describe = ev.FaceDescriber()
+    import landmarks
+    describe = landmarks.FaceDescriber()
     d = describe(face, lm)
     assert d.shape == (128,)
     assert ev.cosine(d, d) == pytest.approx(1.0)

@@ -52,3 +52,14 @@ def test_several_faces_pick_the_largest_and_say_so(face, tmp_path, capsys):
     t = templates.open_template(template=str(tmp_path / "two.png"))
     assert "2 faces" in capsys.readouterr().err
     assert t.boxes[0][2] <= 384                                       # the big face, on the left
+
+
+def test_a_photo_of_another_person_gets_a_warning(face, tiny_dataset, tmp_path, capsys):
+    from conftest import media
+    cv2.imwrite(str(tmp_path / "same.png"), face)                      # the avatar's own face (the synthetic actor)
+    templates.open_template("tiny", tiny_dataset.parent, str(tmp_path / "same.png"))
+    assert "another person" not in capsys.readouterr().err
+    other = media("portrait.png")                                       # a real, different person
+    templates.open_template("tiny", tiny_dataset.parent, str(other))
+    err = capsys.readouterr().err
+    assert "warning: the face in portrait.png looks like another person than avatar tiny's" in err
