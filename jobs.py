@@ -133,6 +133,19 @@ class JobStore:
                 self.update(job["id"], status="failed", error="interrupted by server restart", finished=time.time())
         return self.queued_ids()
 
+    def delete(self, job_id):
+        """Remove an ended job's row; False when it is queued or running (or unknown)."""
+        with self.lock:
+            if self.conn is None:
+                return False
+            cur = self.conn.execute("DELETE FROM jobs WHERE id = ? AND status NOT IN ('queued', 'running')", (job_id,))
+            return cur.rowcount == 1
+
+    def ended_before(self, t):
+        """Ended jobs that finished before time t (for the results' retention)."""
+        return [self._row(r) for r in self._exec("SELECT * FROM jobs WHERE status NOT IN ('queued', 'running') "
+                                                 "AND finished IS NOT NULL AND finished < ?", (t,))]
+
     def close(self):
         with self.lock:
             if self.conn is not None:
@@ -360,6 +373,11 @@ class Worker:
         return None                                         # the avatar itself is the result
 
     # -- generate: audio (or text) -> mp4 -------------------------------------------------------
+    def forget_models(self, folder):
+        """Drop cached models loaded from checkpoints in `folder` (an avatar being deleted)."""
+        for key in [k for k in self.models if Path(k[0]).parent == Path(folder)]:
+            del self.models[key]
+
     def model(self, ckpt):
         """The LipSyncModel of a checkpoint file, loaded once and kept (LRU of cache_models)."""
         import inference_328

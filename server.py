@@ -66,6 +66,8 @@ class Config:
     job_nice: int = 10              # niceness of the job thread (Linux): requests are served first, jobs use the rest
     threads: int = 0                # torch CPU threads while serving (0 = torch's default: all cores; 1 on a shared CPU)
     train_workers: int = 0          # DataLoader workers in server training (0: no fork inside a threaded server)
+    keep_results_days: float = 0.0  # [0..] ended jobs and their results are deleted this many days after they ended (0 = kept)
+    token_hours: float = 24.0       # [>0..] a result_url's token (for <video src> with an API key) is valid this long
     keep_alive_s: int = 30          # idle keep-alive connections close after this (longer than any page's poll interval)
     log_level: str = "info"         # uvicorn log level
 
@@ -80,6 +82,7 @@ UPLOAD_CHUNK = 1 << 20          # bytes copied at a time from an upload
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 SAFE_EXT = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
 MB = 1 << 20
+PRUNE_EVERY = 3600.0            # s between retention passes (keep_results_days)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,8 +284,21 @@ def check_image(path, shown):
         raise UserError(bad)
 
 
-def result_token(key, job_id):
-    return hmac.new(key.encode(), job_id.encode(), "sha256").hexdigest()[:32]
+def result_token(key, job_id, hours, now=None):
+    """A token for result_url (a <video src> cannot send a header): expiry time + HMAC of job and expiry."""
+    exp = int((time.time() if now is None else now) + 3600 * hours)
+    return f"{exp:x}-" + hmac.new(key.encode(), f"{job_id}:{exp}".encode(), "sha256").hexdigest()[:32]
+
+
+def token_ok(key, job_id, token, now=None):
+    """True for a result_token of this job that has not expired."""
+    exp_hex, _, _ = (token or "").partition("-")
+    try:
+        exp = int(exp_hex, 16)
+    except ValueError:
+        return False
+    good = f"{exp:x}-" + hmac.new(key.encode(), f"{job_id}:{exp}".encode(), "sha256").hexdigest()[:32]
+    return hmac.compare_digest(token, good) and (time.time() if now is None else now) < exp
 
 
 def _version(dist):
@@ -330,10 +346,20 @@ def create_app(settings=None):
             print(f"start-up: removed {len(swept)} leftover upload(s)/partial file(s) of interrupted jobs", file=sys.stderr)
         for job_id in queue:
             worker.submit(job_id)
+        pruning = threading.Event()
+
+        def prune_hourly():
+            while True:
+                state["prune"]()
+                if pruning.wait(PRUNE_EVERY):
+                    return
+
+        threading.Thread(target=prune_hourly, daemon=True, name="retention").start()
         worker.start()
         try:
             yield
         finally:
+            pruning.set()
             running = worker.current
             if not worker.stop() and running:   # a stage that cannot be interrupted (process.py): settle it now
                 store.transition(running, ACTIVE, status="failed", finished=time.time(),
@@ -370,7 +396,8 @@ def create_app(settings=None):
             eta = round((time.time() - job["started"]) * (1 - p) / p, 1)
         url = None
         if job["status"] == "done" and job["result"]:
-            url = f"/api/jobs/{job['id']}/result" + (f"?token={result_token(s.api_key, job['id'])}" if s.api_key else "")
+            url = f"/api/jobs/{job['id']}/result" + (f"?token={result_token(s.api_key, job['id'], s.token_hours)}"
+                                                     if s.api_key else "")
         pos = None
         if job["status"] == "queued":
             positions = positions if positions is not None else {j: i for i, j in enumerate(store().queued_ids())}
@@ -561,7 +588,7 @@ def create_app(settings=None):
     def job_result(job_id: str, token: Optional[str] = Query(None, description="result_url's token (for <video src>)"),
                    x_api_key: Optional[str] = Header(None)):
         """The finished mp4. With an API key, the header or the token from result_url is needed."""
-        if s.api_key and not (token and hmac.compare_digest(token, result_token(s.api_key, job_id))):
+        if s.api_key and not token_ok(s.api_key, job_id, token):
             require_key(x_api_key)
         job = get_job(job_id)
         if job["status"] != "done" or not job["result"]:
@@ -574,6 +601,44 @@ def create_app(settings=None):
         return FileResponse(path, media_type="video/mp4", filename=f"{job['avatar']}_{job_id[:8]}.mp4",
                             content_disposition_type="inline")
 
+    @app.delete("/api/jobs/{job_id}", status_code=204, tags=["jobs"], dependencies=[Depends(require_key)])
+    def delete_job(job_id: str):
+        """Delete an ended job with its result and uploads (a queued or running one: cancel it first)."""
+        job = get_job(job_id)
+        if job["status"] in ACTIVE:
+            raise HTTPException(409, f"job {job_id} is {job['status']}; cancel it first")
+        remove_job_files(job)
+        store().delete(job_id)
+
+    @app.delete("/api/avatars/{name}", status_code=204, tags=["avatars"], dependencies=[Depends(require_key)])
+    def delete_avatar(name: str):
+        """Delete an avatar: its dataset and its checkpoints (its jobs stay in the list)."""
+        utils.check_name(name, "avatar name")
+        with avatar_lock:
+            if store().active_for("avatar", name) or store().active_for("generate", name):
+                raise HTTPException(409, f"avatar {name!r} has a queued or running job; cancel it first")
+            folders = [Path(s.data_root) / name, Path(s.ckpt_root) / name]
+            if not any(f.exists() for f in folders):
+                raise HTTPException(404, f"no avatar {name!r}")
+            state["worker"].forget_models(folders[1])
+            for f in folders:
+                shutil.rmtree(f, ignore_errors=True)
+
+    def remove_job_files(job):
+        shutil.rmtree(data / "uploads" / job["id"], ignore_errors=True)
+        if job["result"]:
+            path = (data / job["result"]).resolve()
+            if data in path.parents:
+                path.unlink(missing_ok=True)
+
+    def prune():
+        """Retention: ended jobs older than keep_results_days go, with their results."""
+        if s.keep_results_days > 0:
+            for job in store().ended_before(time.time() - 86400 * s.keep_results_days):
+                remove_job_files(job)
+                store().delete(job["id"])
+
+    state["prune"] = prune
     app.state.settings = s
     app.state.jobs = state
     return app

@@ -133,6 +133,8 @@ async function loadAvatars() {
     const facts = d && d.frames ? `${d.frames} frames, ${d.duration} s, ${d.width}x${d.height}` : "no dataset yet";
     const cks = a.checkpoints.map((c) => `${c.file}${c.step != null ? ` (step ${c.step})` : ""}`).join(", ");
     li.textContent = `${a.name}: ${facts}; ` + (a.ready ? `checkpoints ${cks}` : a.job ? "being trained" : "not trained");
+    if (!a.job) li.append(" ", deleteButton(`avatar ${a.name}`, `/api/avatars/${encodeURIComponent(a.name)}`,
+      `Delete avatar ${a.name}: its dataset and checkpoints?`));
     list.append(li);
   }
   if (!avatars.length) list.append(Object.assign(document.createElement("li"), { textContent: "none yet" }));
@@ -155,6 +157,25 @@ function fmtEta(s) {
   if (s == null) return "";
   if (s < 90) return `about ${Math.round(s)} s left`;
   return `about ${Math.round(s / 60)} min left`;
+}
+
+function deleteButton(what, url, question) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "delete";
+  b.textContent = "Delete";
+  b.setAttribute("aria-label", `delete ${what}`);
+  b.onclick = async () => {
+    if (!window.confirm(question)) return;
+    try {
+      await api("DELETE", url);
+      message(`${what} deleted`);
+    } catch (e) {
+      message(e.message);
+    }
+    refresh();
+  };
+  return b;
 }
 
 async function loadJobs() {
@@ -190,6 +211,7 @@ async function loadJobs() {
       dl.download = `${j.avatar}_${j.id.slice(0, 8)}.mp4`;
       dl.textContent = " download";
       td.append(play, dl);
+      td.append(" ", deleteButton(`job ${j.id.slice(0, 8)}`, `/api/jobs/${j.id}`, "Delete this job and its video?"));
     } else if (j.status === "queued" || j.status === "running") {
       const b = document.createElement("button");
       b.type = "button";

@@ -269,6 +269,52 @@ def test_cancel_queued_and_running_jobs(tiny_avatar, media_files, tmp_path, monk
         assert started == [a["id"]]                  # the cancelled queued job never ran
 
 
+def test_delete_jobs_and_avatars(tiny_avatar, media_files, tmp_path):
+    cfg = settings(tmp_path, tiny_avatar)
+    with TestClient(server.create_app(cfg)) as client:
+        done = wait(client, post_generate(client, media_files / "short.wav").json()["id"])
+        result = Path(cfg.data_dir) / client.app.state.jobs["store"].get(done["id"])["result"]
+        assert done["status"] == "done" and result.is_file()
+        assert client.delete(f"/api/jobs/{done['id']}").status_code == 204
+        assert client.get(f"/api/jobs/{done['id']}").status_code == 404 and not result.exists()
+        assert client.delete(f"/api/jobs/{done['id']}").status_code == 404
+        store = client.app.state.jobs["store"]
+        store.add("c" * 32, "generate", "tiny", {}, {})                  # queued: not deletable
+        r = client.delete("/api/jobs/" + "c" * 32)
+        assert r.status_code == 409 and "cancel it first" in r.json()["detail"]
+        assert client.delete("/api/avatars/tiny").status_code == 409     # it has a queued job
+        store.update("c" * 32, status="cancelled")
+        gone_ds, gone_ck = Path(cfg.data_root) / "gone", Path(cfg.ckpt_root) / "gone"
+        gone_ds.mkdir()
+        (gone_ds / "meta.json").write_text("{}")
+        gone_ck.mkdir(parents=True)
+        (gone_ck / "last.pth").write_bytes(b"x")
+        assert client.delete("/api/avatars/gone").status_code == 204
+        assert not gone_ds.exists() and not gone_ck.exists()
+        assert client.delete("/api/avatars/gone").status_code == 404
+        assert client.delete("/api/avatars/..").status_code in (404, 422)
+
+
+def test_retention_and_expiring_result_tokens(tiny_avatar, media_files, tmp_path):
+    t0 = 1_000_000.0
+    tok = server.result_token("k", "j" * 32, 1.0, now=t0)
+    assert server.token_ok("k", "j" * 32, tok, now=t0 + 3599) and not server.token_ok("k", "j" * 32, tok, now=t0 + 3601)
+    assert not server.token_ok("k", "x" * 32, tok, now=t0) and not server.token_ok("other", "j" * 32, tok, now=t0)
+    assert not server.token_ok("k", "j" * 32, "zz-" + tok.split("-")[1], now=t0)
+    cfg = settings(tmp_path, tiny_avatar, keep_results_days=1.0)
+    with TestClient(server.create_app(cfg)) as client:
+        store = client.app.state.jobs["store"]
+        old = Path(cfg.data_dir) / "results" / "old.mp4"
+        old.write_bytes(b"x")
+        store.add("d" * 32, "generate", "tiny", {}, {})
+        store.update("d" * 32, status="done", result="results/old.mp4", finished=time.time() - 2 * 86400)
+        store.add("e" * 32, "generate", "tiny", {}, {})
+        store.update("e" * 32, status="failed", finished=time.time() - 3600)
+        client.app.state.jobs["prune"]()
+        assert client.get("/api/jobs/" + "d" * 32).status_code == 404 and not old.exists()
+        assert client.get("/api/jobs/" + "e" * 32).status_code == 200   # younger than a day: kept
+
+
 def test_pipeline_errors_become_one_line_job_errors(tiny_avatar, media_files, tmp_path, monkeypatch):
     def failing(self, job, prog):
         raise utils.UserError(f"{job['inputs']['audio']}: something the user can fix")
