@@ -39,7 +39,7 @@ import syncnet_328
 import utils
 from utils import UserError
 
-REF_GAP = 5          # frames: a reference is at least this far from every frame of its sample (0.2 s)
+REF_GAP = utils.REF_GAP   # frames: a reference is more than this far from every frame of its sample (0.2 s)
 AUG_GAIN = 0.1       # augmentation: brightness gain in 1 +- this (same for the whole sample)
 AUG_BIAS = 0.04      # augmentation: brightness offset in +- this, in [0, 1] units
 

@@ -110,9 +110,9 @@ def resolve_checkpoint(name, ckpt_root=None, checkpoint=""):
             raise UserError(f"checkpoint not found: {p}")
         return p
     folder = Path(ckpt_root or utils.CHECKPOINT_DIR) / utils.check_name(name, "avatar name")
-    for f in ("best.pth", "last.pth"):
-        if (folder / f).is_file():
-            return folder / f
+    found = utils.default_generator_checkpoint(folder)
+    if found is not None:
+        return found
     raise UserError(f"no checkpoint for {name!r} in {folder} (looked for best.pth and last.pth); "
                     f"train one first: python train_328.py --name {name}")
 
@@ -551,8 +551,7 @@ def speech_weight(db, silence_db, speech_db):
 class References:
     """The reference crop fed beside each masked crop. `closed`: one fixed template frame with the
     most closed mouth (among frames of typical crop size, so not an odd pose); `random`: a random
-    frame at least REF_GAP frames from the target, drawn anew for each output frame (training's rule)."""
-    REF_GAP = 5
+    frame more than utils.REF_GAP frames from the target, drawn anew for each output frame (training's rule)."""
 
     def __init__(self, template, mode="closed", seed=0):
         if mode not in ("closed", "random"):
@@ -566,14 +565,19 @@ class References:
         self.closed = np.ascontiguousarray(utils.inner(template.crop(self.closed_index)))   # (320, 320, 3)
         self.mouth = mouth_region(template.lms, template.boxes)
 
+    def index(self, k, j):
+        """Template frame of the reference for output frame k shown on template frame j."""
+        n = self.template.n
+        g = utils.REF_GAP
+        if self.mode == "closed" or n <= 2 * g + 1:
+            return self.closed_index
+        r = int(self.rng.integers(0, n - 2 * g - 1))
+        return min(r if r < j - g else r + 2 * g + 1, n - 1)                      # skip j-g .. j+g
+
     def crop(self, k, j):
         """Reference 320 crop for output frame k shown on template frame j."""
-        n = self.template.n
-        if self.mode == "closed" or n <= 2 * self.REF_GAP:
-            return self.closed
-        r = int(self.rng.integers(0, n - 2 * self.REF_GAP + 1))
-        r = r if r < j - self.REF_GAP + 1 else r + 2 * self.REF_GAP - 1       # skip j-4 .. j+4
-        return np.ascontiguousarray(utils.inner(self.template.crop(min(r, n - 1))))
+        r = self.index(k, j)
+        return self.closed if r == self.closed_index else np.ascontiguousarray(utils.inner(self.template.crop(r)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -429,7 +429,7 @@ def checkpoint_path(s, name, file=""):
         if not GEN_CKPT.match(file) or not (folder / file).is_file():
             raise UserError(f"avatar {name!r} has no checkpoint {file!r}; GET /api/avatars lists them")
         return folder / file
-    for f in ("best.pth", "last.pth"):
-        if (folder / f).is_file():
-            return folder / f
+    found = utils.default_generator_checkpoint(folder)
+    if found is not None:
+        return found
     raise UserError(f"avatar {name!r} has no trained generator yet (no best.pth or last.pth)")

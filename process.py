@@ -73,14 +73,6 @@ def extract_audio(src, dst):
     return wav
 
 
-def _version(dist):
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 @contextmanager
 def writer_pool(n):
     """Threads for the frame and crop writes, stopped and joined on leaving: on an error or Ctrl-C
@@ -201,7 +193,7 @@ def main(cfg):
             "held_frames": np.flatnonzero(long_gaps).tolist(),
             "fill": f"gaps <= {cfg.max_gap} frames linearly interpolated; longer gaps bridged the same way and listed in held_frames",
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
-                         "dlib": _version("dlib-bin")},
+                         "dlib": utils.package_version("dlib-bin")},
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         (ds / "meta.json").write_text(json.dumps(meta, indent=1))

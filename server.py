@@ -26,7 +26,6 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -301,13 +300,6 @@ def token_ok(key, job_id, token, now=None):
     return hmac.compare_digest(token, good) and (time.time() if now is None else now) < exp
 
 
-def _version(dist):
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 # ----------------------------------------------------------------------------------------------
 # The app
 def _short(value, limit=80):
@@ -437,7 +429,7 @@ def create_app(settings=None):
         if "versions" not in state:          # once: torch's import and the package metadata scan are slow
             state["device"] = str(utils.get_device(s.device))
             state["versions"] = {"python": sys.version.split()[0],
-                                 **{d: _version(d) for d in ("torch", "fastapi", "uvicorn", "onnxruntime", "numpy")}}
+                                 **{d: utils.package_version(d) for d in ("torch", "fastapi", "uvicorn", "onnxruntime", "numpy")}}
         worker = state["worker"]
         return HealthOut(status="ok", device=state["device"], versions=state["versions"],
                          queue_length=store().count("queued"), running=worker.current,

@@ -44,6 +44,7 @@ INNER = 320              # the part of the crop the network sees and paints
 BORDER = (CROP - INNER) // 2          # 4 px ring that always stays original
 MASK_RECT = (5, 5, 315, 310)          # x0, y0, x1, y1 (half-open) of the masked area in the 320 inner crop
 MOUTH = slice(48, 68)    # iBUG-68 mouth points
+REF_GAP = 5              # frames: a reference crop is MORE than this far from every frame it stands beside (training and inference)
 JAW_OUTLINE = list(range(2, 15)) + [35, 34, 33, 32, 31]   # iBUG-68: jaw line cheek to cheek, back along the nose bottom
 JAW_GROW = 0.04          # the jaw mask is grown by this share of the 320 crop (13 px) beyond the outline
 JAW_SHARE = 0.02         # ... after uniting the outlines of all frames, each pixel covered by >= this share of them
@@ -618,6 +619,27 @@ def checkpoint_mask(ckpt):
     (checkpoints from before --mask hold none and were trained with the rectangle)."""
     m = ckpt.get("mask")
     return None if m is None else np.asarray(m.numpy() if hasattr(m, "numpy") else m, bool)
+
+
+GEN_CHECKPOINTS = ("best.pth", "last.pth")   # a generator folder's default checkpoint, in order of preference
+
+
+def default_generator_checkpoint(folder):
+    """The checkpoint a generator folder is used through when none is named: best.pth (lowest
+    held-out L1), else last.pth; None when it holds neither."""
+    for f in GEN_CHECKPOINTS:
+        if (Path(folder) / f).is_file():
+            return Path(folder) / f
+    return None
+
+
+def package_version(dist):
+    """Installed version of a distribution, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def warmup_cosine(step, lr, warmup, end, min_frac):

@@ -210,6 +210,9 @@ def test_pingpong_and_reference_choice(setup):
         j = templates.pingpong(k, t.n)
         r = rnd.crop(k, j)
         assert r.shape == (utils.INNER, utils.INNER, 3)
+    picks = [(j, rnd.index(0, j)) for j in range(t.n) for _ in range(5)]   # training's rule: more than REF_GAP away
+    assert all(abs(r - j) > utils.REF_GAP and 0 <= r < t.n for j, r in picks)
+    assert {r < j for j, r in picks} == {True, False}                        # from both sides
 
 
 def test_silent_audio_gives_a_video_with_the_closed_mouth(setup):
