@@ -2,9 +2,12 @@
 one `error:` line as the LAST line, naming the file and the command that fixes it, no traceback,
 and nothing half-written left behind. (The first part of a sweep; process.py's bad videos are in
 test_process.py, inference's bad audio in test_inference.py, the server's in test_server.py.)"""
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -79,3 +82,26 @@ def test_a_bare_resume_continues_or_starts(fake_root):
     assert rc == 0, err
     rc, _, err = train(fake_root, "--max_steps", "3", "--resume")  # continues the 2 steps
     assert rc == 0 and "resumed from step 2" in (fake_root / "ck" / "fake" / "log.txt").read_text(), err
+
+
+def test_ctrl_c_during_process_leaves_no_dataset_behind(synthetic_clip, tmp_path):
+    """SIGINT at random moments (imports, frames + landmarks, crops, writing): either a complete
+    dataset or nothing -- never a half-written dataset or a temp folder that keeps filling."""
+    rng = random.Random(0)
+    interrupted = 0
+    for k in range(8):
+        root = tmp_path / f"r{k}"
+        root.mkdir()
+        p = subprocess.Popen([sys.executable, "process.py", str(synthetic_clip), "--name", "x", "--data_root", str(root)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(1.5, 7.0))
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=120)[1]
+        time.sleep(0.3)                                            # a stray writer thread would show up now
+        if p.returncode == 0:
+            assert [q.name for q in root.iterdir()] == ["x"] and (root / "x" / "meta.json").is_file()
+        else:
+            interrupted += 1
+            assert p.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-500:]
+            assert list(root.iterdir()) == [], list(root.rglob("*"))[:5]
+    assert interrupted >= 4
