@@ -1,6 +1,6 @@
 """The main job in one command, no user file: a face learns to talk, says a new sentence, is measured.
 
-    python demo.py                     # synthetic actor, about 15 min on a 2-core CPU -> demo_out/
+    python demo.py                     # synthetic actor, 13-18 min on a 2-core CPU -> demo_out/
     python demo.py --video MY.mp4      # the same chain on your own video (its last seconds are held out)
     python demo.py --quick             # CPU smoke run (a few minutes): tiny budgets, proves the chain works
 
@@ -12,7 +12,7 @@ The steps, each one the project's own script (imported, not re-implemented):
      SYNTHETIC: a still photo whose jaw opens with the loudness of the speech (synthetic.py), so
      its lips follow loudness, not phonemes. A training clip and a held-out clip, different text;
   3. process.py on the training clip;  4. syncnet_328.py, briefly (the audio encoder + features);
-  5. train_328.py, briefly, on CPU with the light widths (time-boxed);
+  5. train_328.py, briefly, on CPU with the light widths (a fixed number of steps);
   6. inference_328.py: the face says a DIFFERENT sentence;
   7. evaluate.py on the held-out clip: the model, then the template baseline (ignores audio).
 Minutes of CPU training give a blurry mouth that moves with the audio, not a finished avatar:
