@@ -279,12 +279,15 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     # ---- data: a contiguous held-out tail; batches and references are functions of (seed, step)
     n = utils.load_npy(ds / "crops.npy", mmap=True).shape[0]
     train_idx, val_idx = split_frames(n, cfg.held_out)
-    mask = generator_mask(ds, train_idx, cfg.mask)
-    if ckpt is not None:
-        got = ckpt.get("config", {}).get("mask", "rect")
+    mask_note = ""
+    if ckpt is not None:   # a resumed run keeps the area its checkpoint was trained to repaint
+        got = ckpt.get("config", {}).get("mask", "rect")   # checkpoints from before --mask: the rectangle
         if got != cfg.mask:
-            raise UserError(f"the checkpoint was trained with --mask {got}, not {cfg.mask}; pass the same --mask or start a new run")
+            mask_note = f"; it keeps the checkpoint's --mask {got} (not {cfg.mask})"
+            cfg = dataclasses.replace(cfg, mask=got)
         mask = utils.checkpoint_mask(ckpt)
+    else:
+        mask = generator_mask(ds, train_idx, cfg.mask)
     train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id, mask=mask)
     per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
     max_steps = cfg.max_steps or cfg.epochs * per_epoch
@@ -381,7 +384,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     if ckpt is not None:
         old = ckpt.get("config", {})
         changed = [f"{k} {old[k]} -> {resolved[k]}" for k in RESUME_NOTE if k in old and old[k] != resolved[k]]
-        log(f"resumed from step {step}" + (f"; changed since: {', '.join(changed)}" if changed else ""))
+        log(f"resumed from step {step}" + (f"; changed since: {', '.join(changed)}" if changed else "") + mask_note)
 
     # ---- training loop
     losses, val_l1, audio_effect, stopped = {}, None, None, False

@@ -241,8 +241,11 @@ def test_resume_errors_are_one_line(light_run, data_root, tmp_path):
     utils.save_checkpoint(ck, tmp_path / "broken.pth")
     with pytest.raises(utils.UserError, match="does not fit"):
         train_328.main(config(data_root, tmp_path / "x", resume=str(tmp_path / "broken.pth"), widths="light"))
-    with pytest.raises(utils.UserError, match="--mask jaw, not rect"):
-        train_328.main(config(data_root, tmp_path / "x", resume=str(out / "last.pth"), widths="light", mask="rect"))
+    res = train_328.main(config(data_root, tmp_path / "y", resume=str(out / "last.pth"), widths="light", mask="rect",
+                                max_steps=3))                               # a resume keeps the checkpoint's mask
+    ck = utils.load_checkpoint(tmp_path / "y" / "last.pth")
+    assert res["step"] == 3 and ck["config"]["mask"] == "jaw" and ck["mask"] is not None
+    assert "keeps the checkpoint's --mask jaw (not rect)" in (tmp_path / "y" / "log.txt").read_text()
     with pytest.raises(utils.UserError, match="--resume auto"):                # no silent overwrite of a run
         train_328.main(config(data_root, out, widths="light"))
 
