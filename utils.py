@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -697,14 +698,10 @@ def load_npy(path, mmap=False):
             out = {k: out[k] for k in out.files}   # read now: a damaged member fails here, not later
     except FileNotFoundError:
         raise UserError(f"{path} is missing; rebuild it: {fix}") from None
-    except (ValueError, OSError, EOFError, zipfile_error()) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:80]}); rebuild it: {fix}") from None
     return out
 
-
-def zipfile_error():
-    import zipfile
-    return zipfile.BadZipFile
 
 
 def iter_frames(path, width, height, fps=None):
