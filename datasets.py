@@ -36,6 +36,7 @@ import torch
 
 import audio_features
 import syncnet_328
+import templates
 import utils
 from utils import UserError
 
@@ -99,7 +100,7 @@ def feature_encoder(ds, info):
 class LipDataset(torch.utils.data.Dataset):
     """Item k -> dict(ref, masked, target: float [3, 320, 320] in [0, 1] (BGR), audio [32, 16, 16],
     index: frame number, ref_index: the reference's frame number) for the k-th frame of `frames`.
-    mouth: its mouth box (x0, y0, x1, y1) in the 320 crop. With clip=T > 1 the item is frames
+    mouth: its mouth box (x0, y0, x1, y1) in the 320 crop; opening: its mouth opening (templates.mouth_opening). With clip=T > 1 the item is frames
     k..k+T-1: masked/target (T, 3, 320, 320), audio (T, 32, 16, 16), mouth (T, 4), mel (K, 1, 80,
     16): the SyncNet's audio windows (centre frame + mel_offsets), one shared ref. An item may be
     given as (k, epoch) so DataLoader workers need no shared epoch state. `mask`: the generator's
@@ -129,6 +130,7 @@ class LipDataset(torch.utils.data.Dataset):
             raise UserError(f"{ds}/landmarks.npz holds no landmarks; re-run: python process.py VIDEO --name {ds.name} --overwrite")
         lm320 = utils.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
         self.mouth = np.array([utils.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
+        self.opening = templates.mouth_opening(lm320).astype(np.float32)          # (N,) inner-lip gap / width
         self.mask = None if mask is None else np.asarray(mask, bool)             # (320, 320); None = MASK_RECT
         # Clip starts: every frame of the clip must be in the subset (e.g. stay inside the train split).
         inset = np.zeros(n + clip, bool)
@@ -190,9 +192,11 @@ class LipDataset(torch.utils.data.Dataset):
         masked = utils.mask_inner(cur, self.mask)
         audio = np.stack([utils.feature_window(self.feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
         out = dict(ref=_tensor(ref), masked=_tensor(masked), target=_tensor(cur), audio=torch.from_numpy(audio),
-                   mouth=torch.from_numpy(self.mouth[i:i + self.clip]), index=i, ref_index=j)
+                   mouth=torch.from_numpy(self.mouth[i:i + self.clip]),
+                   opening=torch.from_numpy(self.opening[i:i + self.clip]), index=i, ref_index=j)
         if self.clip == 1:
-            out.update(masked=out["masked"][0], target=out["target"][0], audio=out["audio"][0], mouth=out["mouth"][0])
+            out.update(masked=out["masked"][0], target=out["target"][0], audio=out["audio"][0], mouth=out["mouth"][0],
+                       opening=out["opening"][0])
         else:   # the SyncNet's mel windows around the clip's middle frame
             out["mel"] = torch.from_numpy(syncnet_328.audio_input(self.mel, [i + self.clip // 2], self.mel_offsets)[0])  # (K, 1, 80, 16)
         return out
@@ -290,9 +294,12 @@ def write_fake_dataset(ds_dir, n=40, seed=0):
     t = np.pi - np.pi * np.arange(17) / 16                    # contour 0..16: left cheek, chin, right cheek
     lms[:, :17, 0], lms[:, :17, 1] = 164 + 150 * np.cos(t), 200 + 100 * np.sin(t)
     lms[:, 31:36, 0], lms[:, 31:36, 1] = np.linspace(140, 188, 5), 175
-    ang = np.linspace(0, 2 * np.pi, 20, endpoint=False)
-    lms[:, utils.MOUTH, 0] = 164 + 60 * np.cos(ang)
-    lms[:, utils.MOUTH, 1] = 240 + (4 + 30 * openness[:, None]) * np.sin(ang)
+    # outer lip 48..59 on the ellipse, inner lip 60..67 inside it (the 68-point order: left corner,
+    # upper lip left to right, right corner, lower lip right to left), so mouth_opening follows it
+    for idx, scale in ((np.arange(48, 60), 1.0), (np.arange(60, 68), 0.8)):
+        ang = np.pi - 2 * np.pi * np.arange(len(idx)) / len(idx)
+        lms[:, idx, 0] = 164 + scale * 60 * np.cos(ang)
+        lms[:, idx, 1] = 240 - scale * (4 + 30 * openness[:, None]) * np.sin(ang)
     np.savez(ds / "landmarks.npz", lms=lms, crop_boxes=boxes, found=np.ones(n, bool))
     (ds / "meta.json").write_text(json.dumps({"name": ds.name, "fps": utils.FPS, "frames": n, "fake": True,
                                               "width": utils.CROP, "height": utils.CROP}))

@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+import av_offset
+import templates
 import utils
 from utils import FPS, SR, UserError
 
@@ -50,6 +52,7 @@ class Config:
     smooth_sigma: float = 1.0       # [0..] temporal gaussian on landmarks, frames (removes crop jitter)
     jpeg_quality: int = 95          # [1..100] frames/*.jpg quality
     min_frames: int = 65            # [1..] refuse shorter videos: SyncNet training needs 65 frames (2.6 s); a warning below WARN_SECONDS
+    av_offset: str = "auto"         # audio-video offset: auto = measure it (av_offset.py) and shift the audio when it is clear and >= 2 frames; N = shift the audio N frames earlier (+ = it was late; 0 = keep it as recorded, still measured)
 
 
 def normalise_video(src, info, dst):
@@ -86,8 +89,43 @@ def writer_pool(n):
     pool.shutdown(wait=True)
 
 
+def parse_av_offset(text):
+    """--av_offset -> None (auto) or a whole number of frames."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        n = int(str(text).strip())
+    except ValueError:
+        n = None
+    if n is None or abs(n) > 5 * FPS:
+        raise UserError(f"--av_offset {text!r}: use auto or a whole number of frames within +-{5 * FPS} "
+                        "(+ = the audio is late and moves earlier)")
+    return n
+
+
+def apply_av_offset(wav, opening, mode):
+    """Measure the recording's audio-video offset and shift the audio as `mode` says ->
+    (wav, meta record, message or None)."""
+    av = av_offset.measure(opening, utils.melspectrogram(wav))
+    d, forced = av["frames"], parse_av_offset(mode)
+    clear = d is not None and abs(d) >= av_offset.WARN_FRAMES
+    shift = forced if forced is not None else (d if clear else 0)
+    msg = None
+    if clear:
+        said = (f"the audio is {abs(d)} frames ({40 * abs(d)} ms) {'late' if d > 0 else 'early'} against the lips "
+                f"(held-out r {av['r']:.2f} at that shift, {av['r_at_0']:.2f} unshifted)")
+        msg = (f"warning: {said}; shifted it to match (--av_offset 0 keeps it as recorded)" if forced is None else
+               f"warning: {said}; kept it as recorded: training learns the offset (--av_offset auto shifts it)" if shift == 0
+               else f"warning: {said}; shifted it by {shift} frames as --av_offset asks")
+    elif shift:
+        msg = f"note: audio shifted by {shift} frames as --av_offset asks (measured offset: {d if d is not None else 'unclear'})"
+    record = dict(av, mode=str(mode), applied=int(shift))
+    return (av_offset.shift_audio(wav, shift) if shift else wav), record, msg
+
+
 def main(cfg):
     utils.check_config(cfg)
+    parse_av_offset(cfg.av_offset)
     import landmarks
     t0 = time.time()
     src = Path(cfg.video)
@@ -176,6 +214,9 @@ def main(cfg):
         audio_fix_ms = max(0, round(1000 * (target - len(wav)) / SR))
         if audio_fix_ms:
             wav = np.pad(wav, (0, target - len(wav)))
+        # ... and in step with the lips (av_offset.py)
+        wav, av_record, av_msg = apply_av_offset(wav, templates.mouth_opening(smooth), cfg.av_offset)
+        if audio_fix_ms or av_record["applied"]:
             utils.write_wav(ds / "aud.wav", wav)
         mel = utils.melspectrogram(wav)
         np.save(ds / "mel.npy", mel)
@@ -187,7 +228,7 @@ def main(cfg):
             "source": str(src.resolve()), "name": name, "fps": FPS, "frames": n,
             "duration": round(len(wav) / SR, 3), "audio_samples": int(len(wav)), "sample_rate": SR,
             "width": w, "height": h, "source_fps": info["video"]["fps"], "reencoded": reencoded,
-            "mel_frames": int(mel.shape[1]), "audio_padded_ms": audio_fix_ms, "landmark_backend": detector.name,
+            "mel_frames": int(mel.shape[1]), "audio_padded_ms": audio_fix_ms, "av_offset": av_record, "landmark_backend": detector.name,
             "smooth_sigma": cfg.smooth_sigma, "faces_seen_max": faces_seen,
             "no_face_frames": int((~found).sum()), "interpolated_frames": np.flatnonzero(filled).tolist(),
             "held_frames": np.flatnonzero(long_gaps).tolist(),
@@ -199,6 +240,8 @@ def main(cfg):
         (ds / "meta.json").write_text(json.dumps(meta, indent=1))
 
     dt = time.time() - t0
+    if av_msg:
+        print(av_msg, file=sys.stderr if av_msg.startswith("warning") else sys.stdout)
     if faces_seen > 1:
         print(f"note: up to {faces_seen} faces in a frame; kept the largest one and tracked it")
     if long_gaps.any():

@@ -53,6 +53,7 @@ class Config:
     augment: bool = True            # random brightness gain/offset, the same on reference and target
     mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
+    opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
     num_workers: int = 2            # [0..] DataLoader worker processes per loader and process
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
     epochs: int = 100               # [1..] passes over the training frames (reference: 100); used when max_steps is 0
@@ -83,7 +84,7 @@ class Config:
 
 
 RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
-               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight")   # worth a line when a resume changes them
+               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
 PERCEPTUAL_WEIGHT = {"vgg": 0.01, "msssim": 0.5, "off": 0.0}
 VGG_FILE = "vgg19-dcbb9e9d.pth"    # torchvision's ImageNet VGG19; never downloaded here
@@ -140,6 +141,22 @@ def mouth_l1(pred, target, boxes):
               ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] < b[:, 2, None, None])))   # (B, H, W)
     inside = inside[:, None].float()
     return ((pred - target).abs() * inside).sum() / (3 * inside.sum()).clamp(min=1)
+
+
+class OpeningHead(torch.nn.Module):
+    """Training-only probe: the U-Net's audio-branch map (B, C, 10, 10) -> the frame's mouth opening,
+    standardised over the training frames. Its loss teaches the audio path the quantity the
+    painted mouth must follow; inference never runs it."""
+
+    def __init__(self, channels, mean, std):
+        super().__init__()
+        self.fc = torch.nn.Linear(channels, 1)
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(max(float(std), 1e-6)))
+
+    def loss(self, audio_map, opening):   # (B, C, h, w), (B,) -> scalar MSE in standard units
+        pred = self.fc(audio_map.float().mean(dim=(2, 3)))[:, 0]
+        return F.mse_loss(pred, (opening.float() - self.mean) / self.std)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -312,12 +329,19 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # fused: one kernel for all parameters; on CPU the per-tensor paths are far slower with channels_last
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
+    opening_head = None
+    if cfg.opening_weight > 0:
+        op = train_set.opening[train_idx]
+        opening_head = OpeningHead(widths[-1], op.mean(), op.std()).to(device)
+    params = list(model.parameters()) + (list(opening_head.parameters()) if opening_head is not None else [])
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
     step, best_loss = 0, float("inf")
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
+            if opening_head is not None and ckpt.get("opening_head") is not None:
+                opening_head.load_state_dict(ckpt["opening_head"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"the checkpoint does not fit this U-Net ({str(e).splitlines()[0][:150]})") from None
@@ -327,6 +351,9 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
     raw_model = model
+    audio_map = []   # the audio branch's output of this step's forward, for the opening head
+    if opening_head is not None:
+        raw_model.audio_branch.register_forward_hook(lambda mod, inp, out: audio_map.append(out) if mod.training else None)
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
@@ -375,6 +402,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
                                    scaler=scaler.state_dict(), step=step, epoch=step // per_epoch,
                                    config=resolved, rng=rng_state(device), best_loss=best_loss, val_l1=val_l1,
                                    audio_encoder=audio_encoder, encoder_id=enc_id,
+                                   opening_head=opening_head.state_dict() if opening_head is not None else None,
                                    mask=None if mask is None else torch.from_numpy(mask)), path)
 
     log(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
@@ -419,6 +447,10 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
             if perc_fn is not None:
                 terms["perc"] = perc_fn(pred, target)
             loss = terms["l1"] + cfg.mouth_weight * terms.get("l1_mouth", 0.0) + perc_weight * terms.get("perc", 0.0)
+            if opening_head is not None:
+                opening = torch.cat([b["opening"], c["opening"].flatten(0, 1)]) if c is not None else b["opening"]
+                terms["opening"] = opening_head.loss(audio_map.pop(), opening.to(device))
+                loss = loss + cfg.opening_weight * terms["opening"]
             if c is not None:
                 face = pred[-len(c["ref"]) * T:].reshape(len(c["ref"]), T * 3, *pred.shape[2:])
                 a_emb, v_emb = syncnet(face, c["mel"].to(device))        # face (C, 3T, 320, 320), oldest first
@@ -429,7 +461,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         if device.type == "cuda":

@@ -93,3 +93,48 @@ def test_name_and_overwrite_rules(bad_inputs, tiny_dataset, tmp_path):
     rc, err = run_process(bad_inputs / "noaudio.mp4", "--name", tiny_dataset.name, "--data_root", tiny_dataset.parent)
     assert rc != 0 and "already exists" in err and "--overwrite" in err
     assert (tiny_dataset / "meta.json").exists()                # the old dataset is untouched
+
+
+# ---------------------------------------------------------------------------------------------- A/V offset
+def test_shift_audio_moves_late_audio_earlier_and_keeps_the_length():
+    import av_offset
+    wav = np.arange(16000, dtype=np.float32)            # 1 s = 25 frames, 640 samples each
+    late = av_offset.shift_audio(wav, 2)
+    assert len(late) == len(wav) and late[0] == 1280 and (late[-1280:] == 0).all()
+    early = av_offset.shift_audio(wav, -1)
+    assert len(early) == len(wav) and (early[:640] == 0).all() and early[640] == 0 and early[641] == 1
+
+
+def test_a_clip_in_sync_measures_no_offset_and_keeps_its_audio(tiny_dataset):
+    av = json.loads((tiny_dataset / "meta.json").read_text())["av_offset"]
+    assert av["frames"] in (-1, 0, 1) and av["applied"] == 0 and av["r"] > 0.5, av
+
+
+def test_audio_delayed_by_a_known_amount_is_found_and_shifted(synthetic_clip, tmp_path):
+    """The synthetic clip with its audio 6 frames (240 ms) late: measured as 5-7, shifted by that
+    (re-measuring the dataset then finds ~0); --av_offset 0 measures and warns but keeps it."""
+    import av_offset
+    import process
+    late = tmp_path / "late.mp4"
+    ffmpeg("-i", synthetic_clip, "-af", "adelay=240:all=1", "-c:v", "copy", "-c:a", "aac", late)
+    ds = process.main(process.Config(video=str(late), name="late", data_root=str(tmp_path / "a")))
+    av = json.loads((ds / "meta.json").read_text())["av_offset"]
+    assert av["frames"] in (5, 6, 7) and av["applied"] == av["frames"] and av["r_at_0"] < av["r"] - 0.2, av
+    assert av_offset.measure_dataset(ds)["frames"] in (-1, 0, 1)
+    rc, err = run_process(late, "--name", "kept", "--data_root", tmp_path / "b", "--av_offset", "0")
+    av = json.loads((tmp_path / "b" / "kept" / "meta.json").read_text())["av_offset"]
+    assert rc == 0 and av["applied"] == 0 and av["frames"] in (5, 6, 7), err
+    assert "frames (" in err and "late against the lips" in err and "--av_offset auto shifts it" in err
+    rc, err = run_process(late, "--name", "x", "--data_root", tmp_path / "c", "--av_offset", "soon")
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: --av_offset 'soon'")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_a_real_clip_with_late_audio_is_found():
+    """outdoor_7s.mp4 has its audio ~10 frames late (SPEC §12 says 11 by another measure)."""
+    import process
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = process.main(process.Config(video=str(media("outdoor_7s.mp4")), name="o", data_root=tmp))
+        av = json.loads((ds / "meta.json").read_text())["av_offset"]
+    assert 8 <= av["frames"] <= 12 and av["applied"] == av["frames"], av

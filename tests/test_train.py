@@ -131,6 +131,8 @@ def test_mouth_boxes_follow_the_landmarks(data_root):
     assert x0 < 160 - 60 < 160 + 60 < x1 and y0 < 236 < y1 and 0 <= x0 and x1 <= utils.INNER
     heights = [ds[k]["mouth"][3] - ds[k]["mouth"][1] for k in range(len(ds))]
     assert max(heights) - min(heights) > 30                  # it opens and closes with the fake audio
+    openings = np.array([float(ds[k]["opening"]) for k in range(len(ds))])   # what the opening head learns
+    assert np.corrcoef(openings, heights)[0, 1] > 0.9 and openings.min() >= 0 and openings.max() > 0.2
 
 
 def test_unprocessed_dataset_is_a_user_error(tmp_path, data_root):
@@ -192,16 +194,18 @@ def test_jaw_mask_samples_hide_the_lower_face_only(data_root):
 
 
 def test_resume_is_exact(data_root, tmp_path):
-    """4 steps straight == 2 steps, stop, resume 2 steps: same losses, same weights (sync loss on)."""
+    """4 steps straight == 2 steps, stop, resume 2 steps: same losses, same weights (sync loss and
+    opening head on)."""
     def run(out, stop=None, **kw):
         seen = {}
-        res = train_328.main(config(data_root, out, max_steps=4, sync_weight=0.1, sync_clips=1, sync_ramp=1, **kw),
+        res = train_328.main(config(data_root, out, max_steps=4, sync_weight=0.1, sync_clips=1, sync_ramp=1,
+                                    opening_weight=0.5, **kw),
                              progress=lambda s, n, losses: seen.__setitem__(s, losses), should_stop=stop)
         return seen, res
     for d in ("a", "b"):
         fake_syncnet(tmp_path / d / "syncnet_best.pth")
     straight, _ = run(tmp_path / "a")
-    assert "sync" in straight[1]
+    assert "sync" in straight[1] and "opening" in straight[1]
     calls = iter(range(100))
     _, first = run(tmp_path / "b", stop=lambda: next(calls) >= 1)              # "killed" after step 2
     assert first["stopped"] and first["step"] == 2
@@ -214,6 +218,9 @@ def test_resume_is_exact(data_root, tmp_path):
     wa = utils.load_checkpoint(tmp_path / "a" / "last.pth")["model"]
     wb = utils.load_checkpoint(tmp_path / "b" / "last.pth")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ha = utils.load_checkpoint(tmp_path / "a" / "last.pth")["opening_head"]
+    hb = utils.load_checkpoint(tmp_path / "b" / "last.pth")["opening_head"]
+    assert set(ha) == {"fc.weight", "fc.bias", "mean", "std"} and all(torch.equal(ha[k], hb[k]) for k in ha)
 
 
 def test_time_based_saves_leave_a_resumable_checkpoint_early(data_root, tmp_path):
