@@ -340,12 +340,14 @@ class Baseline:
         if kind not in ("template", "copy"):
             raise UserError(f"--baseline {kind!r}: choose template or copy (or leave it empty for the model)")
         self.kind, self.step, self.mask = kind, None, None   # pastes over MASK_RECT
+        import inference_328 as inf
+        self.vad = inf.use_vad("auto")                       # the same silence gate as the model's
 
     def frames(self, wav, template, start_frame=0, feather=16, color_match=True, reference="closed",
                silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, stats=None):
         import inference_328 as inf
         n = utils.num_frames(len(wav))
-        loud = inf.frame_loudness_db(wav, n)
+        loud = inf.gate_loudness_db(wav, n, self.vad)
         refs = inf.References(template, reference, seed)
         copy = self.kind == "copy"
         for k, (j, frame, box) in enumerate(template.stream(start_frame, n)):

@@ -70,6 +70,7 @@ class Config:
     silence_gate: bool = True      # where the audio is silent, blend the mouth toward the closed reference
     silence_db: float = -45.0      # frame loudness (dB, for speech whose loud frames are at -12 dBFS) at or below which a frame is silent
     speech_db: float = -35.0       # frame loudness (dB, same scale) at or above which the generated mouth is used as is
+    vad: str = "auto"              # speech vs pause for the silence gate: auto = a voice-activity detector (vad.py, Silero) with loudness, when silero-vad is installed; on = insist on it; off = loudness only
     template: str = ""             # optional: an image or a video to animate instead of the avatar's frames
     data_root: str = str(utils.DATASET_DIR)      # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)   # where checkpoints live
@@ -93,6 +94,8 @@ ONNX_CACHE_KEEP = 8               # exported U-Net graphs kept in the cache fold
 NOMINAL_SPEECH_DB = -12.0         # dBFS of the loud frames (95th percentile) of typical speech files
 MAX_LEVEL_SHIFT = 20.0            # dB: the gate adapts to recordings at most this much quieter/louder
 ABS_SILENCE_DB = -60.0            # dBFS below which a frame is silent whatever the recording level
+VAD_PAUSE_DB = 60.0               # dB the gate's level drops where the VAD hears no voice: below any silence threshold
+VAD_MODES = ("auto", "on", "off")
 MAX_AUDIO_HOURS = 10              # longer audio is refused (it would take days on a CPU)
 
 
@@ -260,7 +263,7 @@ class LipSyncModel:
     """A trained avatar generator loaded once from one checkpoint file (UNet328 weights, its
     config with the widths, and the AudioEncoder that made its training features)."""
 
-    def __init__(self, checkpoint, device="auto", backend="auto", batch_size=0):
+    def __init__(self, checkpoint, device="auto", backend="auto", batch_size=0, vad="auto"):
         import torch
         from unet_328 import AudioEncoder, UNet328, fold_bn
         self.device = device if isinstance(device, torch.device) else utils.get_device(device)
@@ -290,6 +293,7 @@ class LipSyncModel:
         self.audio_encoder = fold_bn(enc).to(self.device)
         self.batch_size = batch_size or (CPU_BATCH if self.device.type == "cpu" else GPU_BATCH)
         self.runner = make_runner(self.unet, self.device, backend, self.batch_size, self.path)
+        self.vad = use_vad(vad)     # the silence gate asks a voice-activity detector too
 
     # -- audio -------------------------------------------------------------------------------
     def features(self, wav, start=0, stop=None):
@@ -334,7 +338,7 @@ class LipSyncModel:
         template decoding runs in a reader thread READ_AHEAD frames ahead of the model."""
         n = utils.num_frames(len(wav))
         feats = FeatureStream(self, wav)
-        loud = gate_loudness_db(wav, n)
+        loud = gate_loudness_db(wav, n, self.vad)
         refs = References(template, reference, seed)
         stats = stats if stats is not None else {}
         q = queue.Queue(READ_AHEAD)
@@ -528,15 +532,31 @@ def frame_loudness_db(wav, n, chunk=10_000):
     return pooled
 
 
-def gate_loudness_db(wav, n):
-    """frame_loudness_db shifted so that the audio's loud frames (95th percentile) sit at
-    NOMINAL_SPEECH_DB: the silence thresholds then hold for quiet and loud recordings alike
-    (shift capped at +-MAX_LEVEL_SHIFT dB); below ABS_SILENCE_DB dBFS a frame is always silent."""
+def use_vad(mode):
+    """--vad auto|on|off -> whether the silence gate uses the voice-activity detector."""
+    import vad
+    if mode not in VAD_MODES:
+        raise UserError(f"--vad {mode!r}: choose {', '.join(VAD_MODES)}")
+    if mode == "on" and not vad.available():
+        raise UserError("--vad on needs the silero-vad package (its ONNX model ships in the wheel): "
+                        "pip install -r requirements.txt, or pass --vad auto")
+    return mode != "off" and vad.available()
+
+
+def gate_loudness_db(wav, n, with_vad=False):
+    """The level the silence gate reads per frame: frame_loudness_db shifted so that the audio's
+    loud frames (95th percentile) sit at NOMINAL_SPEECH_DB, so the thresholds hold for quiet and
+    loud recordings alike (shift capped at +-MAX_LEVEL_SHIFT dB); below ABS_SILENCE_DB dBFS a frame
+    is always silent. with_vad: lowered by up to VAD_PAUSE_DB where the voice-activity detector
+    hears no voice, so a music bed or noise under the pauses does not hold the mouth open."""
     db = frame_loudness_db(wav, n)
     loud = float(np.percentile(db, 95)) if n else NOMINAL_SPEECH_DB
     shift = float(np.clip(NOMINAL_SPEECH_DB - loud, -MAX_LEVEL_SHIFT, MAX_LEVEL_SHIFT))
     out = db + np.float32(shift)
     out[db < ABS_SILENCE_DB] = -200.0           # far below any threshold
+    if with_vad and n:
+        import vad
+        out = out - np.float32(VAD_PAUSE_DB) * (1 - vad.speech_weight(vad.frame_speech_prob(wav, n)))
     return out
 
 
@@ -710,9 +730,10 @@ def main(cfg):
         if not 0 <= cfg.start_frame < template.n:
             raise UserError(f"--start_frame {cfg.start_frame} is outside the template's {template.n} frames (0..{template.n - 1})")
         t0 = time.perf_counter()
-        model = LipSyncModel(ckpt, cfg.device, cfg.backend, cfg.batch_size)
+        model = LipSyncModel(ckpt, cfg.device, cfg.backend, cfg.batch_size, cfg.vad)
         print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
-              f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s")
+              f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
+              f"silence gate: {'voice activity + loudness' if model.vad else 'loudness'}")
         bar = tqdm(unit="f", desc="lip-sync", dynamic_ncols=True)
 
         def progress(done, total):

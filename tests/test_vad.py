@@ -1,0 +1,81 @@
+"""The silence gate's voice-activity detector (vad.py): a voice over a music-and-noise bed at
+10-20 dB SNR keeps the mouth closed in the pauses, where loudness alone holds it open."""
+import numpy as np
+import pytest
+
+import inference_328 as inf
+import utils
+import vad
+from conftest import media
+
+SR = utils.SR
+
+
+def music_bed(n, seed=0):
+    """A chord with a slow swell plus low-passed noise: loud where the voice pauses."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / SR
+    chord = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) for f in (220, 277, 330, 440, 554))
+    chord *= 0.6 + 0.4 * np.sin(2 * np.pi * 0.5 * t)
+    noise = np.cumsum(rng.normal(0, 1, n))
+    noise -= np.convolve(noise, np.ones(400) / 400, "same")
+    x = chord / chord.std() + 0.5 * noise / noise.std()
+    return (x / x.std()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def voice_with_pauses():
+    """3 s of real speech, 1.6 s pause, x3 -> (wav, pause-interior frames, speech frames)."""
+    sp = utils.load_audio(media("speech_en_ad_10s.wav"))
+    pause = np.zeros(int(1.6 * SR), np.float32)
+    parts, flags = [pause], [np.ones(len(pause), bool)]
+    for a in (0.0, 3.5, 6.5):
+        parts += [sp[int(a * SR):int((a + 3) * SR)], pause]
+        flags += [np.zeros(int(3 * SR), bool), np.ones(len(pause), bool)]
+    wav, is_pause = np.concatenate(parts), np.concatenate(flags)
+    n = utils.num_frames(len(wav))
+    hop = SR // utils.FPS
+    pause_frames = np.array([is_pause[i * hop:(i + 1) * hop].all() for i in range(n)])
+    interior = pause_frames.copy()                    # 3 frames away from any speech
+    for d in range(1, 4):
+        interior[d:] &= pause_frames[:-d]
+        interior[:-d] &= pause_frames[d:]
+    return wav, interior, ~pause_frames
+
+
+def gate(wav, with_vad):
+    n = utils.num_frames(len(wav))
+    return inf.speech_weight(inf.gate_loudness_db(wav, n, with_vad), -45.0, -35.0)   # inference's defaults
+
+
+@pytest.mark.parametrize("snr_db", [20, 15, 10])
+def test_a_sound_bed_does_not_hold_the_mouth_open_in_pauses(voice_with_pauses, snr_db):
+    wav, pauses, speech = voice_with_pauses
+    rms = np.sqrt(np.mean(wav[np.repeat(speech, SR // utils.FPS)[:len(wav)]] ** 2))
+    mixed = wav + music_bed(len(wav)) * rms / 10 ** (snr_db / 20)
+    loud, voiced = gate(mixed, False), gate(mixed, True)
+    assert (loud[pauses] < 0.5).mean() <= 0.5                        # the fault: loudness hears the bed
+    assert (voiced[pauses] < 0.5).mean() >= 0.9                      # closed in the pauses
+    assert (voiced[speech] >= 0.5).mean() >= 0.8                     # and still open while he speaks
+    clean = gate(wav, True)
+    assert (clean[pauses] < 0.5).mean() >= 0.95 and (clean[speech] >= 0.5).mean() >= 0.8
+
+
+def test_the_detector_hears_no_voice_in_silence_or_noise():
+    rng = np.random.default_rng(0)
+    quiet = np.zeros(2 * SR, np.float32)
+    hum = (0.1 * np.sin(2 * np.pi * 100 * np.arange(2 * SR) / SR) + 0.01 * rng.normal(size=2 * SR)).astype(np.float32)
+    for wav in (quiet, hum):
+        p = vad.frame_speech_prob(wav, 50)
+        assert p.shape == (50,) and p.max() < vad.PROB_PAUSE
+    assert vad.chunk_probs(np.zeros(0, np.float32)).shape == (0,)
+
+
+def test_vad_modes(monkeypatch):
+    assert inf.use_vad("off") is False and inf.use_vad("auto") is True and inf.use_vad("on") is True
+    with pytest.raises(utils.UserError, match="--vad 'maybe': choose auto, on, off"):
+        inf.use_vad("maybe")
+    monkeypatch.setattr(vad, "model_path", lambda: None)           # the package missing
+    assert inf.use_vad("auto") is False
+    with pytest.raises(utils.UserError, match="needs the silero-vad package"):
+        inf.use_vad("on")
