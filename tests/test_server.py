@@ -489,3 +489,101 @@ def _make_an_avatar(client, synthetic_clip, media_files):
     assert made["ready"] and made["job"] is None and made["dataset"]["frames"] == 150
     assert {c["file"]: c["step"] for c in made["checkpoints"]}["last.pth"] == 2
     assert "made" in [a["name"] for a in client.get("/api/avatars").json()]
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+def test_a_real_kill_9_during_generate_and_during_training(tiny_avatar, synthetic_clip, tmp_path):
+    """The server as users run it (`python server.py`), killed with SIGKILL twice: while a generate
+    job makes frames (restart: that job failed with the reason, its upload and partial mp4 gone,
+    the earlier result still downloads) and while an avatar job trains its generator (restart: the
+    training resumes from its last.pth and finishes)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    data_root, ckpt_root = tiny_avatar
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base, data = f"http://127.0.0.1:{port}", tmp_path / "srv"
+    speech = tmp_path / "speech.wav"
+    write_speech(speech, 0.6)
+    write_speech(tmp_path / "long.wav", 25.0)
+    own_ckpt = tmp_path / "ck"                                    # the avatar job writes here, not the shared root
+    shutil.copytree(ckpt_root, own_ckpt)
+    cmd = [sys.executable, str(server.__file__), "--port", str(port), "--data_dir", str(data),
+           "--data_root", str(tmp_path / "data"), "--ckpt_root", str(own_ckpt), "--device", "cpu",
+           "--backend", "eager", "--threads", "1", "--log_level", "warning", "--max_audio_s", "60",
+           "--train_extra", TRAIN_EXTRA[:-1] + ', "save_every": 5}', "--syncnet_extra", SYNCNET_EXTRA]
+    shutil.copytree(data_root, tmp_path / "data")
+
+    def start():
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    return p
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        p.kill()
+        raise AssertionError("the server did not start")
+
+    def job(job_id):
+        for _ in range(5):   # a 2-core machine shared with other work can hold a request up for a while
+            try:
+                return httpx.get(f"{base}/api/jobs/{job_id}", timeout=30).json()
+            except httpx.TimeoutException:
+                pass
+        raise AssertionError("the server stopped answering")
+
+    def until(job_id, cond, timeout=300):
+        t = time.time()
+        while time.time() - t < timeout:
+            j = job(job_id)
+            if cond(j):
+                return j
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id}: {job(job_id)}")
+
+    def post(path, **data):
+        field = "audio" if path.suffix == ".wav" else "video"
+        with open(path, "rb") as f:
+            r = httpx.post(base + ("/api/generate" if field == "audio" else "/api/avatars"), data=data,
+                           files={field: (path.name, f)}, timeout=60)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    p = start()
+    try:
+        first = until(post(speech, avatar="tiny"), lambda j: j["status"] in ("done", "failed"))
+        assert first["status"] == "done", first["error"]
+        gen = post(tmp_path / "long.wav", avatar="tiny")
+        until(gen, lambda j: j["status"] == "running" and j["progress"] > 0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert list((data / "uploads").iterdir())                  # the litter a kill leaves ...
+        p = start()
+        j = job(gen)
+        assert j["status"] == "failed" and j["error"] == "interrupted by server restart"
+        assert not list((data / "uploads").iterdir()) and not list((data / "results").glob(".*"))   # ... is gone
+        assert not (data / "tmp").exists() or not list((data / "tmp").iterdir())
+        r = httpx.get(base + first["result_url"], timeout=30)
+        assert r.status_code == 200 and r.content[4:8] == b"ftyp"
+
+        made = post(synthetic_clip, name="made", steps="60", syncnet_steps="2")
+        last = own_ckpt / "made" / "last.pth"
+        until(made, lambda j: j["stage"] == "training generator" and last.is_file(), timeout=600)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        step = utils.load_checkpoint(last)["step"]
+        assert 0 < step < 60
+        p = start()
+        j = until(made, lambda j: j["status"] in ("done", "failed"), timeout=600)
+        assert j["status"] == "done", j["error"]
+        assert utils.load_checkpoint(last)["step"] == 60
+        assert f"resumed from step {step}" in (own_ckpt / "made" / "log.txt").read_text()
+    finally:
+        p.kill()
+        p.wait()
