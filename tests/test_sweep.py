@@ -32,8 +32,9 @@ def clips(synthetic_clip, tmp_path_factory):
     ffmpeg("-i", synthetic_clip, *cut, "-vf", "pad=iw:ih*16/9:0:(oh-ih)/2", "-c:v", "libx264", "-c:a", "aac",
            d / "vertical.mp4")
     # a second, smaller face beside the speaker: the larger one is tracked
+    w, h = (utils.probe(synthetic_clip)["video"][k] for k in ("width", "height"))
     ffmpeg("-i", synthetic_clip, *cut, "-filter_complex",
-           "[0:v]split[a][b];[b]scale=iw*0.55:ih*0.55,pad=iw/0.55:ih/0.55:0:0[c];[a][c]hstack",
+           f"[0:v]split[a][b];[b]scale={w * 3 // 4}:{h * 3 // 4},pad={w}:{h}:0:0[c];[a][c]hstack",
            "-c:v", "libx264", "-c:a", "aac", d / "two_faces.mp4")
     ffmpeg("-i", synthetic_clip, *cut, "-c", "copy", d / "-my talk (ü).mp4")
     return d
@@ -110,7 +111,7 @@ def test_ctrl_c_during_inference_leaves_no_video(avatar, tmp_path):
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # a background CI job ignores SIGINT
     err = b""
-    while b"lip-sync:" not in err and p.poll() is None:                  # frames are being made
+    while err.count(b"lip-sync:") < 3 and p.poll() is None:             # frames are being made (the bar moved)
         err += p.stderr.read1(4096)
     p.send_signal(signal.SIGINT)
     err = (err + p.communicate(timeout=120)[1]).decode(errors="replace")
