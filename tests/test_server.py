@@ -512,12 +512,12 @@ def test_a_real_kill_9_during_generate_and_during_training(tiny_avatar, syntheti
     write_speech(speech, 0.6)
     write_speech(tmp_path / "long.wav", 25.0)
     own_ckpt = tmp_path / "ck"                                    # the avatar job writes here, not the shared root
-    shutil.copytree(ckpt_root, own_ckpt)
+    shutil.copytree(ckpt_root / "tiny", own_ckpt / "tiny")
     cmd = [sys.executable, str(server.__file__), "--port", str(port), "--data_dir", str(data),
            "--data_root", str(tmp_path / "data"), "--ckpt_root", str(own_ckpt), "--device", "cpu",
            "--backend", "eager", "--threads", "1", "--log_level", "warning", "--max_audio_s", "60",
            "--train_extra", TRAIN_EXTRA[:-1] + ', "save_every": 5}', "--syncnet_extra", SYNCNET_EXTRA]
-    shutil.copytree(data_root, tmp_path / "data")
+    shutil.copytree(data_root / "tiny", tmp_path / "data" / "tiny")     # only the avatar this test uses
 
     def start():
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -572,8 +572,8 @@ def test_a_real_kill_9_during_generate_and_during_training(tiny_avatar, syntheti
         r = httpx.get(base + first["result_url"], timeout=30)
         assert r.status_code == 200 and r.content[4:8] == b"ftyp"
 
-        made = post(synthetic_clip, name="made", steps="60", syncnet_steps="2")
-        last = own_ckpt / "made" / "last.pth"
+        made = post(synthetic_clip, name="killed", steps="60", syncnet_steps="2")   # a name no other test uses
+        last = own_ckpt / "killed" / "last.pth"
         until(made, lambda j: j["stage"] == "training generator" and last.is_file(), timeout=600)
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -583,7 +583,7 @@ def test_a_real_kill_9_during_generate_and_during_training(tiny_avatar, syntheti
         j = until(made, lambda j: j["status"] in ("done", "failed"), timeout=600)
         assert j["status"] == "done", j["error"]
         assert utils.load_checkpoint(last)["step"] == 60
-        assert f"resumed from step {step}" in (own_ckpt / "made" / "log.txt").read_text()
+        assert f"resumed from step {step}" in (own_ckpt / "killed" / "log.txt").read_text()
     finally:
         p.kill()
         p.wait()
