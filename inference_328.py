@@ -20,9 +20,9 @@ gap / mouth width, from landmarks.npz). Against a random other frame per output 
 rule, --reference random) it gives the generator a constant identity input (consecutive random
 references differ by 18.5 grey levels per pixel on the anchor clip: flicker) and a closed-mouth
 prior (mouth opening 0.021 vs 0.105 on average for random frames), so any mouth motion has to come
-from the audio. Silence: a per-frame loudness gate (levels normalised to the recording's loud
-frames) blends the lips and jaw of that closed reference over the generated ones where the audio
-is silent; with a generator that ignores audio (the template's own talking mouth) it brings the
+from the audio. Silence: a per-frame gate (loudness normalised to the recording's loud frames,
+and a voice-activity detector, vad.py, so a music or noise bed does not count as speech) blends
+the lips and jaw of that closed reference over the generated ones in the pauses; with a generator that ignores audio (the template's own talking mouth) it brings the
 dlib mouth opening in silent stretches from 0.091 to 0.016 (closed reference: 0.021) and leaves
 speech frames untouched (0.109 vs 0.109).
 
