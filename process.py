@@ -164,6 +164,7 @@ def main(cfg):
         vinfo = utils.probe(ds / "video.mp4")
         w, h = vinfo["video"]["width"], vinfo["video"]["height"]
         expect = int(round((vinfo["duration"] or info["duration"] or 0) * FPS))
+        announced = int(round((info["duration"] or 0) * FPS))    # what the source's header says (a cut file: more than it holds)
 
         # 2. frames to JPEG, landmarks tracked on the same pass
         (ds / "frames").mkdir()
@@ -228,7 +229,7 @@ def main(cfg):
             "source": str(src.resolve()), "name": name, "fps": FPS, "frames": n,
             "duration": round(len(wav) / SR, 3), "audio_samples": int(len(wav)), "sample_rate": SR,
             "width": w, "height": h, "source_fps": info["video"]["fps"], "reencoded": reencoded,
-            "mel_frames": int(mel.shape[1]), "audio_padded_ms": audio_fix_ms, "av_offset": av_record, "landmark_backend": detector.name,
+            "mel_frames": int(mel.shape[1]), "audio_padded_ms": audio_fix_ms, "av_offset": av_record, "frames_announced": announced, "landmark_backend": detector.name,
             "smooth_sigma": cfg.smooth_sigma, "faces_seen_max": faces_seen,
             "no_face_frames": int((~found).sum()), "interpolated_frames": np.flatnonzero(filled).tolist(),
             "held_frames": np.flatnonzero(long_gaps).tolist(),
@@ -242,6 +243,9 @@ def main(cfg):
     dt = time.time() - t0
     if av_msg:
         print(av_msg, file=sys.stderr if av_msg.startswith("warning") else sys.stdout)
+    if announced and n < announced - max(5, announced // 20):
+        print(f"warning: {src} ends after {n} frames ({n / FPS:.1f} s) although its header announces {announced} "
+              f"({announced / FPS:.1f} s): the file looks truncated; the dataset holds what could be decoded", file=sys.stderr)
     if faces_seen > 1:
         print(f"note: up to {faces_seen} faces in a frame; kept the largest one and tracked it")
     if long_gaps.any():

@@ -62,6 +62,19 @@ def test_awkward_videos_become_datasets(clips, clip, tmp_path):
         assert meta["height"] > meta["width"]
 
 
+def test_a_truncated_video_gives_what_it_holds_with_a_warning(synthetic_clip, tmp_path):
+    data = synthetic_clip.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[:int(len(data) * 0.75)])                       # a download that stopped early
+    rc, out, err = process_cli(cut, tmp_path / "d", "--name", "cut")
+    assert rc == 0, err[-800:]
+    meta = json.loads((tmp_path / "d" / "cut" / "meta.json").read_text())
+    assert 65 <= meta["frames"] < 140 and meta["frames_announced"] == 150
+    assert "looks truncated" in err
+    whole_rc, _, whole_err = process_cli(synthetic_clip, tmp_path / "e", "--name", "whole")
+    assert whole_rc == 0 and "truncated" not in whole_err
+
+
 def test_an_odd_file_name_gives_a_safe_dataset_name(clips, tmp_path):
     rc, out, err = process_cli(clips / "-my talk (ü).mp4", tmp_path)
     assert rc == 0, err[-800:]
