@@ -105,8 +105,9 @@ def parse_av_offset(text):
 
 def apply_av_offset(wav, opening, mode):
     """Measure the recording's audio-video offset and shift the audio as `mode` says ->
-    (wav, meta record, message or None)."""
-    av = av_offset.measure(opening, utils.melspectrogram(wav))
+    (wav, its mel, meta record, message or None); the mel is computed again only when shifted."""
+    mel = utils.melspectrogram(wav)
+    av = av_offset.measure(opening, mel)
     d, forced = av["frames"], parse_av_offset(mode)
     clear = d is not None and abs(d) >= av_offset.WARN_FRAMES
     shift = forced if forced is not None else (d if clear else 0)
@@ -120,7 +121,10 @@ def apply_av_offset(wav, opening, mode):
     elif shift:
         msg = f"note: audio shifted by {shift} frames as --av_offset asks (measured offset: {d if d is not None else 'unclear'})"
     record = dict(av, mode=str(mode), applied=int(shift))
-    return (av_offset.shift_audio(wav, shift) if shift else wav), record, msg
+    if shift:
+        wav = av_offset.shift_audio(wav, shift)
+        mel = utils.melspectrogram(wav)
+    return wav, mel, record, msg
 
 
 def main(cfg):
@@ -216,10 +220,9 @@ def main(cfg):
         if audio_fix_ms:
             wav = np.pad(wav, (0, target - len(wav)))
         # ... and in step with the lips (av_offset.py)
-        wav, av_record, av_msg = apply_av_offset(wav, templates.mouth_opening(smooth), cfg.av_offset)
+        wav, mel, av_record, av_msg = apply_av_offset(wav, templates.mouth_opening(smooth), cfg.av_offset)
         if audio_fix_ms or av_record["applied"]:
             utils.write_wav(ds / "aud.wav", wav)
-        mel = utils.melspectrogram(wav)
         np.save(ds / "mel.npy", mel)
         np.savez(ds / "landmarks.npz", lms=smooth, lms_raw=track["lms"].astype(np.float32),
                  boxes=track["boxes"].astype(np.float32), found=found, filled=filled | long_gaps,
