@@ -270,7 +270,10 @@ class LipSyncModel:
         self.path = Path(checkpoint)
         ckpt = utils.load_checkpoint(self.path, "cpu")
         self.widths = _widths_of(ckpt, self.path)
-        unet = UNet328(self.widths)
+        try:
+            unet = UNet328(self.widths, base=(ckpt.get("config") or {}).get("base", "none"))
+        except ValueError as e:
+            raise UserError(f"{self.path}: {e}; it was written by a newer train_328.py") from None
         try:
             unet.load_state_dict(ckpt["model"])
         except (RuntimeError, TypeError, AttributeError) as e:

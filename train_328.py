@@ -34,7 +34,7 @@ from tqdm import tqdm
 import utils
 import syncnet_328
 from datasets import LipDataset, StepBatches, feature_encoder, generator_mask, read_feature_info, split_frames
-from unet_328 import WIDTHS, UNet328, count_params
+from unet_328 import BASES, WIDTHS, UNet328, count_params
 from utils import UserError
 
 
@@ -51,6 +51,7 @@ class Config:
     batch_size: int = 8             # [1..] frames per step per process (reference: 8)
     held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
+    base: str = "none"              # none: the U-Net paints the whole crop (reference); ref: it paints a change over the reference in the hole (unet_328.UNet328)
     mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
@@ -251,6 +252,8 @@ def main(cfg, progress=None, should_stop=None):
     utils.load_meta(ds)
     info = read_feature_info(ds)
     widths = parse_widths(cfg.widths)
+    if cfg.base not in BASES:
+        raise UserError(f"--base {cfg.base!r}: choose {' or '.join(BASES)}")
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = utils.get_device(cfg.device)
@@ -289,6 +292,9 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         if got is not None and list(got) != widths:
             raise UserError(f"the checkpoint was trained with --widths {','.join(map(str, got))}, not "
                             f"{','.join(map(str, widths))}; pass the same --widths or start a new run")
+        got = ckpt.get("config", {}).get("base", "none")
+        if got != cfg.base:
+            raise UserError(f"the checkpoint was trained with --base {got}, not {cfg.base}; pass the same --base or start a new run")
         if ckpt.get("encoder_id") != enc_id:
             raise UserError(f"{ds}/aud_feat.npy was remade (encoder {enc_id}) since the checkpoint (encoder "
                             f"{ckpt.get('encoder_id')}); its audio features changed: start a new run with --overwrite")
@@ -325,7 +331,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
 
     # ---- model + optimizer
     torch.manual_seed(cfg.seed)
-    model = UNet328(widths).to(device)
+    model = UNet328(widths, base=cfg.base).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # fused: one kernel for all parameters; on CPU the per-tensor paths are far slower with channels_last

@@ -22,6 +22,7 @@ from utils import FEAT_DIM, FEAT_WIN, INNER, MEL_WIN, N_MELS
 WIDTHS = {"full": (32, 32, 64, 128, 256, 512), "light": (16, 16, 32, 64, 128, 256)}
 EXPAND = 2                      # inverted-residual expansion; 2 gives the reference 12.2 M params
 IMG_CHANNELS = 6                # reference crop (3) + masked current crop (3)
+BASES = ("none", "ref")         # what the output starts from: nothing (paint the whole crop) or the reference in the hole
 AUDIO_SHAPE = (32, 16, 16)      # FEAT_WIN vectors of FEAT_DIM, reshaped (SPEC §5)
 assert AUDIO_SHAPE[0] * AUDIO_SHAPE[1] * AUDIO_SHAPE[2] == FEAT_WIN * FEAT_DIM
 
@@ -106,14 +107,22 @@ class Up(nn.Module):
 # The generator.
 class UNet328(nn.Module):
     """[reference | masked] crop (B, 6, 320, 320) in [0, 1] + audio (B, 32, 16, 16)
-    -> painted crop (B, 3, 320, 320) in (0, 1)."""
+    -> painted crop (B, 3, 320, 320) in (0, 1).
 
-    def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0]):
+    base "none": the last conv paints the whole crop (the reference design). base "ref": the last
+    conv's output is added, in logit space, to a base image: the masked crop with its hole (the
+    pixels that are 0 in all channels) filled from the reference crop. The last conv starts at
+    zero, so an untrained model already returns the reference's skin and texture in the hole and
+    training learns what must change there (the mouth) instead of repainting everything."""
+
+    def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0], base="none"):
         super().__init__()
         if len(widths) != 6:
             raise ValueError(f"widths: need 6 encoder widths (320 .. 10 px), got {widths}")
+        if base not in BASES:
+            raise ValueError(f"base: choose one of {BASES}, got {base!r}")
         w0, w1, w2, w3, w4, w5 = widths
-        self.widths, self.audio_channels = tuple(widths), audio_channels
+        self.widths, self.audio_channels, self.base = tuple(widths), audio_channels, base
         # Encoder: full resolution, then five stride-2 stages 320 -> 10 px.
         self.inc = DoubleConv(IMG_CHANNELS, w0)
         self.down = nn.ModuleList([DoubleConv(a, b, stride=2) for a, b in zip(widths[:-1], widths[1:])])
@@ -137,6 +146,9 @@ class UNet328(nn.Module):
             Up(w0, w0, w0 // 2),   # 160 -> 320
         ])
         self.outc = nn.Conv2d(w0 // 2, 3, 1)
+        if base == "ref":
+            nn.init.zeros_(self.outc.weight)
+            nn.init.zeros_(self.outc.bias)
 
     def forward(self, img, audio):
         check_shape(img, (IMG_CHANNELS, INNER, INNER), "UNet328 image")
@@ -148,7 +160,18 @@ class UNet328(nn.Module):
         x = self.fuse(torch.cat([skips.pop(), a], dim=1))   # (B, w4, 10, 10)
         for up in self.up:
             x = up(x, skips.pop())                  # (B, w3, 20, 20) ... (B, w0/2, 320, 320)
+        if self.base == "ref":
+            return torch.sigmoid(self.outc(x) + base_logit(img))
         return torch.sigmoid(self.outc(x))          # (B, 3, 320, 320)
+
+
+def base_logit(img, eps=1.0 / 512):
+    """img (B, 6, H, W) = [reference | masked] -> logit of the base image (B, 3, H, W): the masked
+    crop, its hole (0 in all three channels) filled from the reference."""
+    ref, masked = img[:, :3], img[:, 3:]
+    hole = masked.amax(dim=1, keepdim=True) <= 0
+    b = torch.where(hole, ref, masked).clamp(eps, 1 - eps)
+    return torch.log(b) - torch.log1p(-b)
 
 
 # ----------------------------------------------------------------------------------------------

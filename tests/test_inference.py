@@ -113,6 +113,31 @@ def test_a_jaw_mask_checkpoint_repaints_only_its_mask(setup, tmp_path):
         assert seam_gradient(out, t.boxes[j], 16, mask) <= 3 * seam_gradient(tpl, t.boxes[j], 16, mask) + 2
 
 
+def test_a_base_ref_checkpoint_starts_from_its_reference(setup, tmp_path):
+    """--base ref travels in the checkpoint's config: an untrained base-ref U-Net (last conv at 0)
+    returns the reference crop in the hole and the masked crop elsewhere, through every runtime."""
+    ck = utils.load_checkpoint(random_light_checkpoint(tmp_path / "none.pth"))
+    unet = unet_328.UNet328(unet_328.WIDTHS["light"], base="ref")
+    sd = dict(ck["model"], **{k: v for k, v in unet.state_dict().items() if k.startswith("outc")})
+    utils.save_checkpoint(dict(ck, model=sd, config=dict(ck["config"], base="ref")), tmp_path / "ref.pth")
+    rng = np.random.default_rng(0)
+    ref = rng.integers(1, 255, (2, 320, 320, 3), dtype=np.uint8)
+    masked = utils.mask_inner(rng.integers(1, 255, (2, 320, 320, 3), dtype=np.uint8))
+    hole = masked.max(-1) == 0
+    aud = rng.normal(size=(2, 32, 16, 16)).astype(np.float32)
+    for backend in ("eager", "auto"):
+        out = inf.LipSyncModel(tmp_path / "ref.pth", "cpu", backend=backend).generate_crops(ref, masked, aud)
+        assert hole.mean() > 0.3
+        assert np.abs(out[hole].astype(int) - ref[hole]).max() <= 1
+        assert np.abs(out[~hole].astype(int) - masked[~hole]).max() <= 1
+    plain = setup["model"].generate_crops(ref, masked, aud)                    # old checkpoints: base none
+    assert np.abs(plain[hole].astype(int) - ref[hole]).mean() > 20
+    bad = tmp_path / "future.pth"
+    utils.save_checkpoint(dict(ck, config=dict(ck["config"], base="template")), bad)
+    with pytest.raises(utils.UserError, match="base"):
+        inf.LipSyncModel(bad, "cpu")
+
+
 def seam_gradient(img, box, feather, mask=None):
     """Mean gradient magnitude in a thin band around the outer edge of the paste alpha (frame px)."""
     x0, y0, x1, y1 = (int(v) for v in box)

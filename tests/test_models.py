@@ -56,6 +56,34 @@ def test_unet_output_shape_and_range():
     assert 0 < y.min() and y.max() < 1
 
 
+def test_base_ref_starts_from_the_reference_in_the_hole_and_learns_a_change():
+    ref, masked = torch.rand(2, 3, 320, 320), torch.rand(2, 3, 320, 320)
+    masked[:, :, 150:300, 80:240] = 0                          # the hole the generator repaints
+    audio = torch.randn(2, 32, 16, 16)
+    m = UNet328(WIDTHS["light"], base="ref").eval()
+    with torch.no_grad():
+        y = m(torch.cat([ref, masked], 1), audio)
+    hole = torch.zeros(320, 320, dtype=torch.bool)
+    hole[150:300, 80:240] = True
+    assert (y[:, :, hole] - ref[:, :, hole].clamp(1 / 512, 1 - 1 / 512)).abs().max() < 1e-5    # untrained: the reference's pixels
+    assert (y[:, :, ~hole] - masked[:, :, ~hole].clamp(1 / 512, 1 - 1 / 512)).abs().max() < 1e-5
+    target = torch.cat([ref, masked], 1)[:, :3].flip(-1)       # something else to learn: one step moves it
+    opt = torch.optim.Adam(m.train().parameters(), 1e-2)
+    losses = []
+    for _ in range(3):
+        loss = F.l1_loss(m(torch.cat([ref, masked], 1), audio), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[2] < losses[0]
+    folded = fold_bn(randomise_bn(m))                          # BN folding keeps the base
+    with torch.no_grad():
+        assert torch.allclose(folded(torch.cat([ref, masked], 1), audio), m(torch.cat([ref, masked], 1), audio), atol=1e-5)
+    with pytest.raises(ValueError, match="base"):
+        UNet328(WIDTHS["light"], base="template")
+
+
 @pytest.mark.parametrize("img_shape, audio_shape", [
     ((1, 6, 328, 328), (1, 32, 16, 16)),   # the full crop instead of its 320 centre
     ((1, 3, 320, 320), (1, 32, 16, 16)),   # reference crop missing

@@ -255,6 +255,11 @@ def test_resume_errors_are_one_line(light_run, data_root, tmp_path):
     assert "keeps the checkpoint's --mask jaw (not rect)" in (tmp_path / "y" / "log.txt").read_text()
     with pytest.raises(utils.UserError, match="--resume auto"):                # no silent overwrite of a run
         train_328.main(config(data_root, out, widths="light"))
+    with pytest.raises(utils.UserError, match="--base"):                       # a model that starts from another base
+        train_328.main(config(data_root, tmp_path / "z", resume=str(out / "last.pth"), widths="light",
+                              base="ref" if ck["config"]["base"] == "none" else "none"))
+    with pytest.raises(utils.UserError, match="--base 'template'"):
+        train_328.main(config(data_root, tmp_path / "z", base="template"))
 
 
 def test_reference_flags_are_accepted():
