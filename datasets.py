@@ -214,6 +214,25 @@ def generator_mask(ds_dir, frames, kind):
     return utils.jaw_mask(utils.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]))
 
 
+REFERENCES = ("random", "closed")   # training's reference pool: any training frame, or the closed-mouth share
+CLOSED_SHARE = 0.1                 # --reference closed: the 10% of training frames with the most closed mouth
+
+
+def reference_pool(ds_dir, frames, kind):
+    """The frames a training sample's reference is drawn from: all `frames` (random, the reference
+    design), or the CLOSED_SHARE of them that templates.closed_score ranks best (closed), so that
+    training sees references like inference's default one (the template's most closed mouth)."""
+    if kind not in REFERENCES:
+        raise UserError(f"--reference {kind!r}: choose {' or '.join(REFERENCES)}")
+    frames = np.asarray(frames, np.int64)
+    if kind == "random":
+        return frames
+    z = utils.load_npy(Path(ds_dir) / "landmarks.npz")
+    score = templates.closed_score(z["lms"][frames], z["crop_boxes"][frames])
+    keep = max(2, int(round(CLOSED_SHARE * len(frames))))
+    return np.sort(frames[np.argsort(score, kind="stable")[:keep]])
+
+
 def _tensor(a):
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(a)).movedim(-1, -3).float().div_(255)

@@ -50,7 +50,7 @@ import cv2
 import numpy as np
 
 import utils
-from templates import mouth_opening, open_template
+from templates import closed_score, open_template
 from utils import BORDER, FEAT_WIN, FPS, HOP, INNER, MEL_FPS, MEL_WIN, SR, UserError
 
 
@@ -581,10 +581,7 @@ class References:
             raise UserError(f"--reference {mode!r}: choose closed or random")
         self.template, self.mode = template, mode
         self.rng = np.random.default_rng(seed)
-        side = template.boxes[:, 2] - template.boxes[:, 0]
-        typical = np.abs(side / np.median(side) - 1) < 0.1
-        score = mouth_opening(template.lms) + 10.0 * ~typical          # atypical sizes lose
-        self.closed_index = int(np.argmin(score))
+        self.closed_index = int(np.argmin(closed_score(template.lms, template.boxes)))
         self.closed = np.ascontiguousarray(utils.inner(template.crop(self.closed_index)))   # (320, 320, 3)
         self.mouth = mouth_region(template.lms, template.boxes)
 

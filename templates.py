@@ -31,6 +31,16 @@ def mouth_opening(lms):
     return gap / np.maximum(width, 1e-6)
 
 
+def closed_score(lms, boxes):
+    """How suitable each frame is as a closed-mouth reference, lower = better: its mouth opening,
+    plus 10 for a crop box more than 10% off the median size (an odd pose or a bad detection).
+    [N, 68, 2], [N, 4] -> [N]. Inference's default reference is the argmin; training's
+    `--reference closed` draws from the lowest share of it."""
+    side = np.asarray(boxes, np.float64)[:, 2] - np.asarray(boxes, np.float64)[:, 0]
+    typical = np.abs(side / np.median(side) - 1) < 0.1
+    return mouth_opening(lms) + 10.0 * ~typical
+
+
 def pingpong(k, n):
     """Template frame index of output frame k: 0, 1, .., n-1, n-2, .., 1, 0, 1, ..."""
     if n <= 1:

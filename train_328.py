@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import utils
 import syncnet_328
-from datasets import LipDataset, StepBatches, feature_encoder, generator_mask, read_feature_info, split_frames
+from datasets import LipDataset, StepBatches, feature_encoder, generator_mask, read_feature_info, reference_pool, split_frames
 from unet_328 import BASES, WIDTHS, UNet328, count_params
 from utils import UserError
 
@@ -52,6 +52,7 @@ class Config:
     held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
     base: str = "none"              # none: the U-Net paints the whole crop (reference); ref: it paints a change over the reference in the hole (unet_328.UNet328)
+    reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the 10% with the most closed mouth, like inference's default reference
     mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
@@ -85,7 +86,7 @@ class Config:
 
 
 RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
-               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight")   # worth a line when a resume changes them
+               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight", "reference")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
 PERCEPTUAL_WEIGHT = {"vgg": 0.01, "msssim": 0.5, "off": 0.0}
 VGG_FILE = "vgg19-dcbb9e9d.pth"    # torchvision's ImageNet VGG19; never downloaded here
@@ -311,7 +312,8 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         mask = utils.checkpoint_mask(ckpt)
     else:
         mask = generator_mask(ds, train_idx, cfg.mask)
-    train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id, mask=mask)
+    refs = reference_pool(ds, train_idx, cfg.reference)
+    train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id, mask=mask, ref_frames=refs)
     per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
     max_steps = cfg.max_steps or cfg.epochs * per_epoch
 
@@ -370,13 +372,13 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
                                            pin_memory=device.type == "cuda", persistent_workers=False)
     batches = iter(loader(train_set, StepBatches(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)))
     if syncnet is not None:
-        clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=T, ref_frames=train_idx,
+        clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=T, ref_frames=refs,
                               mel_offsets=syncnet.audio_offsets, mask=mask)
         clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, step, rank, world, salt=1)))
     val_loader = None
     if master and len(val_idx):
         val_sub = val_idx[np.linspace(0, len(val_idx) - 1, min(cfg.val_frames, len(val_idx))).round().astype(int)]
-        val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=train_idx, mask=mask)   # references never show held-out mouths
+        val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=refs, mask=mask)   # references never show held-out mouths
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)
 
     # ---- run record

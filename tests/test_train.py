@@ -18,6 +18,7 @@ import torch
 import audio_features
 import datasets
 import syncnet_328
+import templates
 import train_328
 import utils
 from unet_328 import WIDTHS, AudioEncoder
@@ -191,6 +192,20 @@ def test_jaw_mask_samples_hide_the_lower_face_only(data_root):
     assert m[lips[:, 1], lips[:, 0]].all()
     with pytest.raises(utils.UserError, match="--mask"):
         datasets.generator_mask(data_root / "fake", range(36), "oval")
+
+
+def test_closed_reference_pool_matches_inference_choice(data_root):
+    frames = np.arange(36)
+    assert np.array_equal(datasets.reference_pool(data_root / "fake", frames, "random"), frames)
+    pool = datasets.reference_pool(data_root / "fake", frames, "closed")
+    with np.load(data_root / "fake" / "landmarks.npz") as z:
+        score = templates.closed_score(z["lms"][:36], z["crop_boxes"][:36])
+    assert len(pool) == 4 and score[pool].max() <= np.delete(score, pool).min()      # the most closed 10%
+    assert int(np.argmin(score)) in pool                                             # inference's default reference
+    s = datasets.LipDataset(data_root / "fake", frames=frames, ref_frames=pool)
+    assert {s[k]["ref_index"] for k in range(36)} <= set(pool.tolist())
+    with pytest.raises(utils.UserError, match="--reference"):
+        datasets.reference_pool(data_root / "fake", frames, "open")
 
 
 def test_resume_is_exact(data_root, tmp_path):
