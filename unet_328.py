@@ -111,7 +111,7 @@ class UNet328(nn.Module):
 
     base "none": the last conv paints the whole crop (the reference design). base "ref": the last
     conv's output is added, in logit space, to a base image: the masked crop with its hole (the
-    pixels that are 0 in all channels) filled from the reference crop. The last conv starts at
+    pixels that are 0 in all channels) filled from the reference crop, colour-matched (base_logit). The last conv starts at
     zero, so an untrained model already returns the reference's skin and texture in the hole and
     training learns what must change there (the mouth) instead of repainting everything."""
 
@@ -167,10 +167,20 @@ class UNet328(nn.Module):
 
 def base_logit(img, eps=1.0 / 512):
     """img (B, 6, H, W) = [reference | masked] -> logit of the base image (B, 3, H, W): the masked
-    crop, its hole (0 in all three channels) filled from the reference."""
+    crop, its hole (0 in all three channels) filled from the reference, whose colours are first
+    mapped to the current frame's (per channel: mean and spread over the pixels both show, gain
+    kept in 1/2..2), so a reference from another light or white balance does not tint the hole."""
     ref, masked = img[:, :3], img[:, 3:]
-    hole = masked.amax(dim=1, keepdim=True) <= 0
-    b = torch.where(hole, ref, masked).clamp(eps, 1 - eps)
+    hole = masked.amax(dim=1, keepdim=True) <= 0                       # (B, 1, H, W)
+    w = (~hole).to(img.dtype)
+    n = w.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+
+    def stats(x):
+        m = (x * w).sum(dim=(2, 3), keepdim=True) / n
+        return m, (((x - m) * w).square().sum(dim=(2, 3), keepdim=True) / n).add(1e-6).sqrt()
+    (m_r, s_r), (m_c, s_c) = stats(ref), stats(masked)
+    matched = (ref - m_r) * (s_c / s_r).clamp(0.5, 2.0) + m_c
+    b = torch.where(hole, matched, masked).clamp(eps, 1 - eps)
     return torch.log(b) - torch.log1p(-b)
 
 
