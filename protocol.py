@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import train_328
 import utils
 from utils import UserError
 
@@ -33,9 +34,11 @@ class Config:
     steps: int = 500               # [1..] generator optimizer steps (budget A on CPU: the README's recipe)
     widths: str = "light"          # U-Net widths: light on CPU, full on a GPU
     batch_size: int = 4            # [0..] generator frames per step; 0 = sized to the GPU's memory (auto_batch)
-    lr: float = 2e-3               # [>0..] generator peak learning rate (train_328's default)
+    lr: float = train_328.Config.lr            # [>0..] generator peak learning rate (train_328's default)
+    base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
+    reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
-    mask: str = "jaw"              # generator mask (train_328 --mask)
+    mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
     threads: int = 0               # [0..] torch CPU threads (0 = torch's default)
@@ -92,7 +95,6 @@ def main(cfg):
     import torch
     import evaluate
     import syncnet_328
-    import train_328
     for v in (cfg.train_video, cfg.heldout_video):
         if not Path(v).is_file():
             raise UserError(f"video not found: {v} (give --train_video and --heldout_video)")
@@ -124,13 +126,14 @@ def main(cfg):
     widths = train_328.parse_widths(cfg.widths)
     batch = cfg.batch_size or (auto_batch(widths, device) if device.type == "cuda" else 4)
     label = cfg.label or (f"{cfg.widths}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
-                          + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else ""))
+                          + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "")
+                          + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
     workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
-        lr=cfg.lr, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, device=cfg.device, threads=cfg.threads,
+        lr=cfg.lr, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, device=cfg.device, threads=cfg.threads,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
         preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))
     times["train_s"] = round(time.time() - t, 1)
