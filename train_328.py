@@ -60,7 +60,7 @@ class Config:
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
     epochs: int = 100               # [1..] passes over the training frames (reference: 100); used when max_steps is 0
     max_steps: int = 0              # [0..] optimizer steps; 0 = epochs x steps per epoch
-    lr: float = 2e-3                # [>0..] Adam peak learning rate (reference: 1e-3; 2e-3 with a 50-step warm-up measured better at 500 CPU steps, README "Generator recipes")
+    lr: float = 4e-3                # [>0..] Adam peak learning rate (reference: 1e-3; with a 50-step warm-up 2e-3 and then 4e-3 measured better at 500 CPU steps, README "Generator recipes")
     warmup_steps: int = 50          # [0..] linear lr warm-up, steps (before: 200)
     min_lr_frac: float = 0.1        # [0..1] the cosine decay ends at lr x this
     grad_clip: float = 1.0          # [0..] gradient-norm clip (0 = off): guards against sync-loss spikes
