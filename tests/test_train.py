@@ -312,3 +312,23 @@ def test_held_out_audio_effect_is_zero_only_for_a_model_that_ignores_audio(data_
     torch.manual_seed(0)
     l1, effect = train_328.evaluate(UNet328(train_328.parse_widths(TINY)).eval(), loader, torch.device("cpu"), cfg)
     assert effect > 0 and 0 < l1 < 1        # audio reaches the mouth box, in 0-255 levels
+
+
+def test_msssim_loss_is_exact_under_bf16_autocast():
+    """Mixed precision must not reach the MS-SSIM term: in bf16 its variances cancel and its
+    gradient points anywhere (a full-width GPU run collapsed to a dark frame)."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 1, 1, generator=g) * 0.5 + 0.25 + 0.05 * torch.rand(2, 3, 200, 200, generator=g)
+    blur = torch.nn.functional.avg_pool2d(target, 5, 1, 2, count_include_pad=False)
+    grads = []
+    for bf16 in (False, True):
+        pred = blur.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = train_328.msssim_loss(pred.to(torch.bfloat16) if bf16 else pred, target)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        grads.append((float(loss), pred.grad.flatten()))
+    (l32, g32), (l16, g16) = grads
+    assert 0.001 < l32 < 0.5
+    assert abs(l16 - l32) < 0.02 * l32 + 1e-3        # only the bf16 rounding of the input remains
+    assert float(torch.nn.functional.cosine_similarity(g16, g32, 0)) > 0.9
