@@ -2,7 +2,8 @@
 held-out video, beside the template baseline, with the training speed.
 
     python protocol.py                                            # CPU, budget A: grid_s1_5min -> grid_s1_heldout_1min
-    python protocol.py --device cuda --widths full --batch_size 0 --steps 6000   # GPU: full widths, batch sized to the card
+    python protocol.py --device cuda --widths full --batch_size 64 --lr 2e-3 --warmup_steps 40 --steps 800   # GPU: the measured 4-minute H200 recipe (README)
+    python protocol.py --device cuda --widths full --batch_size 0 --steps 6000   # GPU: batch sized to the card
     python protocol.py --train_video a.mp4 --heldout_video b.mp4 --sync_steps 8 --steps 4 --eval_frames 60   # CPU smoke run
 
 Datasets and the SyncNet are made once under OUT_DIR and reused by later runs (same videos, same
@@ -35,6 +36,7 @@ class Config:
     widths: str = "light"          # U-Net widths: light on CPU, full on a GPU
     batch_size: int = 4            # [0..] generator frames per step; 0 = sized to the GPU's memory (auto_batch)
     lr: float = train_328.Config.lr            # [>0..] generator peak learning rate (train_328's default)
+    warmup_steps: int = train_328.Config.warmup_steps   # [0..] generator lr warm-up steps (train_328's default)
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
@@ -127,13 +129,14 @@ def main(cfg):
     batch = cfg.batch_size or (auto_batch(widths, device) if device.type == "cuda" else 4)
     label = cfg.label or (f"{cfg.widths}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
                           + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "")
+                          + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
                           + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
     workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
-        lr=cfg.lr, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, device=cfg.device, threads=cfg.threads,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, device=cfg.device, threads=cfg.threads,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
         preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))
     times["train_s"] = round(time.time() - t, 1)
