@@ -28,11 +28,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
 import syncnet_328
+from losses import PERCEPTUAL_WEIGHT, Objective, OpeningHead, make_perceptual, train_step
 from datasets import LipDataset, StepBatches, feature_encoder, generator_mask, read_feature_info, reference_pool, split_frames
 from unet_328 import BASES, WIDTHS, UNet328, count_params
 from utils import UserError
@@ -88,81 +88,6 @@ class Config:
 RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
                "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight", "reference")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
-PERCEPTUAL_WEIGHT = {"vgg": 0.01, "msssim": 0.5, "off": 0.0}
-VGG_FILE = "vgg19-dcbb9e9d.pth"    # torchvision's ImageNet VGG19; never downloaded here
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # RGB
-
-
-# ---------------------------------------------------------------------------------------------- losses
-class VGGLoss(torch.nn.Module):
-    """L1 between frozen VGG19 conv3_3 (after ReLU) features of prediction and target."""
-
-    def __init__(self, weights_file):
-        import torchvision
-        super().__init__()
-        vgg = torchvision.models.vgg19()
-        vgg.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
-        self.features = vgg.features[:16].eval().requires_grad_(False)   # up to relu3_3
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def forward(self, pred, target):   # (B, 3, H, W) BGR in [0, 1]
-        f = lambda x: self.features((x.flip(1) - self.mean) / self.std)   # VGG wants RGB
-        with torch.no_grad():
-            t = f(target)
-        return F.l1_loss(f(pred), t)
-
-
-def msssim_loss(pred, target):
-    """1 - MS-SSIM, always in fp32: SSIM's variances (E[x^2] - E[x]^2) cancel catastrophically in
-    bf16, and under autocast its Gaussian filters would run in bf16 (measured: loss 4x off, gradient
-    uncorrelated with the true one; full-width training on an H200 collapsed to a dark frame)."""
-    from pytorch_msssim import ms_ssim
-    with torch.autocast(pred.device.type, enabled=False):
-        return 1 - ms_ssim(pred.float(), target.float(), data_range=1.0)
-
-
-def make_perceptual(kind, device):
-    """-> (name, loss fn or None). auto picks VGG only when its weights are already on disk."""
-    vgg_path = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
-    if kind == "auto":
-        kind = "vgg" if vgg_path.is_file() else "msssim"
-    if kind == "vgg":
-        if not vgg_path.is_file():
-            raise UserError(f"--perceptual vgg needs {vgg_path} (torchvision's ImageNet VGG19); use --perceptual msssim")
-        return kind, VGGLoss(vgg_path).to(device)
-    if kind == "msssim":
-        return kind, msssim_loss
-    if kind == "off":
-        return kind, None
-    raise UserError(f"--perceptual {kind!r}: choose auto, vgg, msssim or off")
-
-
-def mouth_l1(pred, target, boxes):
-    """Mean L1 inside each sample's mouth box (x0, y0, x1, y1) of the 320 crop: (B, 3, H, W) x2, (B, 4)."""
-    h, w = pred.shape[-2:]
-    ys, xs = torch.arange(h, device=pred.device), torch.arange(w, device=pred.device)
-    b = boxes.to(pred.device)
-    inside = (((ys[None, :, None] >= b[:, 1, None, None]) & (ys[None, :, None] < b[:, 3, None, None])) &
-              ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] < b[:, 2, None, None])))   # (B, H, W)
-    inside = inside[:, None].float()
-    return ((pred - target).abs() * inside).sum() / (3 * inside.sum()).clamp(min=1)
-
-
-class OpeningHead(torch.nn.Module):
-    """Training-only probe: the U-Net's audio-branch map (B, C, 10, 10) -> the frame's mouth opening,
-    standardised over the training frames. Its loss teaches the audio path the quantity the
-    painted mouth must follow; inference never runs it."""
-
-    def __init__(self, channels, mean, std):
-        super().__init__()
-        self.fc = torch.nn.Linear(channels, 1)
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(max(float(std), 1e-6)))
-
-    def loss(self, audio_map, opening):   # (B, C, h, w), (B,) -> scalar MSE in standard units
-        pred = self.fc(audio_map.float().mean(dim=(2, 3)))[:, 0]
-        return F.mse_loss(pred, (opening.float() - self.mean) / self.std)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -210,7 +135,7 @@ def save_preview(path, ref, masked, pred, target, rows=2):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, cfg):
+def validate(model, loader, device, cfg):
     """Held-out frames (eval-mode BatchNorm) -> (mean L1, audio effect): the mean |prediction with
     the frame's own audio - prediction with the audio of the held-out frame half the set away|
     inside each frame's mouth box, in 0-255 levels. A generator that ignores audio scores 0; with
@@ -245,6 +170,32 @@ def resolve_paths(cfg):
     name = utils.check_name(cfg.name or ds.name, "dataset name")
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_root) / name
     return ds, name, out
+
+
+def resume_point(cfg, out, ds, widths, enc_id):
+    """The checkpoint --resume names (None for a new run), checked against this run's widths, base
+    and audio features; a UserError when out_dir holds a run that neither --resume nor --overwrite
+    addresses."""
+    last, ckpt = out / "last.pth", None
+    if cfg.resume:
+        path = last if cfg.resume in ("auto", "last") else Path(cfg.resume)
+        if cfg.resume != "auto" or path.is_file():
+            ckpt = utils.load_checkpoint(path, "cpu")   # UserError when missing or damaged
+    if ckpt is None and last.is_file() and not cfg.overwrite:
+        raise UserError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start again")
+    if ckpt is None:
+        return None
+    got = ckpt.get("config", {}).get("widths")
+    if got is not None and list(got) != widths:
+        raise UserError(f"the checkpoint was trained with --widths {','.join(map(str, got))}, not "
+                        f"{','.join(map(str, widths))}; pass the same --widths or start a new run")
+    got = ckpt.get("config", {}).get("base", "none")
+    if got != cfg.base:
+        raise UserError(f"the checkpoint was trained with --base {got}, not {cfg.base}; pass the same --base or start a new run")
+    if ckpt.get("encoder_id") != enc_id:
+        raise UserError(f"{ds}/aud_feat.npy was remade (encoder {enc_id}) since the checkpoint (encoder "
+                        f"{ckpt.get('encoder_id')}); its audio features changed: start a new run with --overwrite")
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -282,27 +233,9 @@ def main(cfg, progress=None, should_stop=None):
 
 
 def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop):
-    # ---- the audio encoder the features must come from, and the resume point
     audio_encoder, enc_id = feature_encoder(ds, info)
     last = out / "last.pth"
-    ckpt = None
-    if cfg.resume:
-        path = last if cfg.resume in ("auto", "last") else Path(cfg.resume)
-        if cfg.resume != "auto" or path.is_file():
-            ckpt = utils.load_checkpoint(path, "cpu")   # UserError when missing or damaged
-    if ckpt is None and last.is_file() and not cfg.overwrite:
-        raise UserError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start again")
-    if ckpt is not None:
-        got = ckpt.get("config", {}).get("widths")
-        if got is not None and list(got) != widths:
-            raise UserError(f"the checkpoint was trained with --widths {','.join(map(str, got))}, not "
-                            f"{','.join(map(str, widths))}; pass the same --widths or start a new run")
-        got = ckpt.get("config", {}).get("base", "none")
-        if got != cfg.base:
-            raise UserError(f"the checkpoint was trained with --base {got}, not {cfg.base}; pass the same --base or start a new run")
-        if ckpt.get("encoder_id") != enc_id:
-            raise UserError(f"{ds}/aud_feat.npy was remade (encoder {enc_id}) since the checkpoint (encoder "
-                            f"{ckpt.get('encoder_id')}); its audio features changed: start a new run with --overwrite")
+    ckpt = resume_point(cfg, out, ds, widths, enc_id)
 
     # ---- data: a contiguous held-out tail; batches and references are functions of (seed, step)
     n = utils.load_npy(ds / "crops.npy", mmap=True).shape[0]
@@ -363,9 +296,9 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
     raw_model = model
-    audio_map = []   # the audio branch's output of this step's forward, for the opening head
     if opening_head is not None:
-        raw_model.audio_branch.register_forward_hook(lambda mod, inp, out: audio_map.append(out) if mod.training else None)
+        opening_head.watch(raw_model)
+    objective = Objective(perc_fn, perc_weight, cfg.mouth_weight, opening_head, cfg.opening_weight, syncnet, sync_weight, cfg.sync_ramp)
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
@@ -441,41 +374,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         b = next(batches)
         c = next(clips) if syncnet is not None else None
         t1, c1 = time.perf_counter(), time.process_time()
-        ref, masked, target, audio = (b[k] for k in ("ref", "masked", "target", "audio"))
-        if c is not None:   # clip frames join the batch; each clip shares one reference
-            ref = torch.cat([ref, c["ref"].repeat_interleave(T, 0)])
-            masked, target, audio = (torch.cat([x, c[k].flatten(0, 1)]) for x, k in
-                                     ((masked, "masked"), (target, "target"), (audio, "audio")))
-        x = torch.cat([ref, masked], 1).to(device, non_blocking=True)   # (B, 6, 320, 320)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        target, audio = target.to(device, non_blocking=True), audio.to(device, non_blocking=True)
-        with utils.autocast(device, cfg.amp):
-            pred = model(x, audio)                                       # (B, 3, 320, 320)
-            terms = {"l1": (pred.float() - target).abs().mean()}
-            if cfg.mouth_weight > 0:
-                terms["l1_mouth"] = mouth_l1(pred.float(), target, torch.cat([b["mouth"], c["mouth"].flatten(0, 1)])
-                                             if c is not None else b["mouth"])
-            if perc_fn is not None:
-                terms["perc"] = perc_fn(pred, target)
-            loss = terms["l1"] + cfg.mouth_weight * terms.get("l1_mouth", 0.0) + perc_weight * terms.get("perc", 0.0)
-            if opening_head is not None:
-                opening = torch.cat([b["opening"], c["opening"].flatten(0, 1)]) if c is not None else b["opening"]
-                terms["opening"] = opening_head.loss(audio_map.pop(), opening.to(device))
-                loss = loss + cfg.opening_weight * terms["opening"]
-            if c is not None:
-                face = pred[-len(c["ref"]) * T:].reshape(len(c["ref"]), T * 3, *pred.shape[2:])
-                a_emb, v_emb = syncnet(face, c["mel"].to(device))        # face (C, 3T, 320, 320), oldest first
-                logits = syncnet.logits(a_emb, v_emb).float()
-                terms["sync"] = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-                loss = loss + sync_weight * min(1.0, (step + 1) / max(cfg.sync_ramp, 1)) * terms["sync"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        pred, terms = train_step(model, objective, optimizer, scaler, b, c, step, device, cfg.amp, cfg.channels_last, cfg.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step += 1
@@ -483,7 +382,6 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         t_data, t_comp, n_seen = t_data + t1 - t0, t_comp + t2 - t1, n_seen + len(pred) * world
         if step > first_step + 1:   # the first step pays for worker start-up and allocator warm-up
             timing = [u + v for u, v in zip(timing, (1, t1 - t0, t2 - t1, c2 - c1, len(pred) * world))]
-        terms["total"] = loss
         for k, v in terms.items():
             acc[k] = acc.get(k, 0.0) + v.detach().float()
         bar.update(1)
@@ -507,9 +405,9 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
             acc, t_data, t_comp, n_seen, t_last, logged = {}, 0.0, 0.0, 0, time.perf_counter(), step
         if master and (step % cfg.preview_every == 0 or end):
             (out / "previews").mkdir(exist_ok=True)
-            save_preview(out / "previews" / f"step_{step:06d}.png", ref, masked, pred, target)
+            save_preview(out / "previews" / f"step_{step:06d}.png", b["ref"], b["masked"], pred, b["target"])
         if master and val_loader is not None and (step % cfg.val_every == 0 or end):
-            val_l1, audio_effect = evaluate(raw_model, val_loader, device, cfg)
+            val_l1, audio_effect = validate(raw_model, val_loader, device, cfg)
             log(f"step {step}: held-out L1 {val_l1:.4f}, audio effect {audio_effect:.2f} (mean |own - other audio| "
                 f"in the mouth box, 0-255)" + (" (best)" if val_l1 < best_loss else ""))
             if writer:

@@ -17,11 +17,12 @@ import torch
 
 import audio_features
 import datasets
+import losses
 import syncnet_328
 import templates
 import train_328
 import utils
-from unet_328 import WIDTHS, AudioEncoder
+from unet_328 import WIDTHS, AudioEncoder, UNet328
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "4,4,8,8,16,16"     # a U-Net small enough for many CPU steps; same code paths as light
@@ -307,10 +308,10 @@ def test_held_out_audio_effect_is_zero_only_for_a_model_that_ignores_audio(data_
     class Deaf(torch.nn.Module):            # paints the masked input back, whatever the audio
         def forward(self, x, audio):
             return x[:, 3:]
-    l1, effect = train_328.evaluate(Deaf(), loader, torch.device("cpu"), cfg)
+    l1, effect = train_328.validate(Deaf(), loader, torch.device("cpu"), cfg)
     assert effect == 0.0 and 0 < l1 < 1
     torch.manual_seed(0)
-    l1, effect = train_328.evaluate(UNet328(train_328.parse_widths(TINY)).eval(), loader, torch.device("cpu"), cfg)
+    l1, effect = train_328.validate(UNet328(train_328.parse_widths(TINY)).eval(), loader, torch.device("cpu"), cfg)
     assert effect > 0 and 0 < l1 < 1        # audio reaches the mouth box, in 0-255 levels
 
 
@@ -324,11 +325,40 @@ def test_msssim_loss_is_exact_under_bf16_autocast():
     for bf16 in (False, True):
         pred = blur.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = train_328.msssim_loss(pred.to(torch.bfloat16) if bf16 else pred, target)
+            loss = losses.msssim_loss(pred.to(torch.bfloat16) if bf16 else pred, target)
         assert loss.dtype == torch.float32
         loss.backward()
-        grads.append((float(loss), pred.grad.flatten()))
+        grads.append((loss.item(), pred.grad.flatten()))
     (l32, g32), (l16, g16) = grads
     assert 0.001 < l32 < 0.5
     assert abs(l16 - l32) < 0.02 * l32 + 1e-3        # only the bf16 rounding of the input remains
     assert float(torch.nn.functional.cosine_similarity(g16, g32, 0)) > 0.9
+
+
+def test_objective_sums_its_weighted_terms():
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.rand(2, 3, 320, 320, generator=g), torch.rand(2, 3, 320, 320, generator=g)
+    mouth = torch.tensor([[100, 200, 220, 260], [90, 190, 230, 270]])
+    loss, terms = losses.Objective(mouth_weight=2.0)(pred, target, step=0, mouth=mouth)
+    l1 = (pred - target).abs().mean()
+    inside = torch.cat([(pred - target)[i, :, y0:y1, x0:x1].abs().flatten() for i, (x0, y0, x1, y1) in enumerate(mouth.tolist())]).mean()
+    assert set(terms) == {"l1", "l1_mouth"}
+    assert torch.allclose(terms["l1"], l1) and torch.allclose(terms["l1_mouth"], inside, atol=1e-6)
+    assert torch.allclose(loss, l1 + 2.0 * inside, atol=1e-6)
+
+
+def test_train_step_fits_a_fixed_batch(data_root):
+    """train_step is the whole optimizer step: repeated on one batch, the L1 it reports falls."""
+    ds = datasets.LipDataset(data_root / "fake", frames=range(30), seed=0)
+    b = torch.utils.data.default_collate([ds[k] for k in (3, 11)])
+    torch.manual_seed(0)
+    model = UNet328(train_328.parse_widths(TINY)).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    objective = losses.Objective()
+    seen = []
+    for step in range(12):
+        pred, terms = losses.train_step(model, objective, opt, scaler, b, None, step, torch.device("cpu"))
+        seen.append(terms["l1"].item())
+    assert pred.shape == (2, 3, 320, 320) and set(terms) == {"l1", "total"}
+    assert seen[-1] < 0.7 * seen[0], seen

@@ -1,0 +1,165 @@
+"""What the generator minimises, and one optimizer step of it (train_328.py's inner loop).
+
+Loss = L1 over the crop + mouth_weight x L1 inside each frame's mouth box + perceptual weight x
+(VGG19 conv3_3 L1, or 1 - MS-SSIM) + opening_weight x the opening head's MSE + the ramped sync
+weight x the frozen SyncNet's BCE on clips of T consecutive predicted frames. `Objective` holds the
+terms a run uses; `train_step` runs forward, loss, backward, clip and optimizer step on one batch.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import utils
+from utils import UserError
+
+PERCEPTUAL_WEIGHT = {"vgg": 0.01, "msssim": 0.5, "off": 0.0}
+VGG_FILE = "vgg19-dcbb9e9d.pth"    # torchvision's ImageNet VGG19; never downloaded here
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # RGB
+
+
+class VGGLoss(torch.nn.Module):
+    """L1 between frozen VGG19 conv3_3 (after ReLU) features of prediction and target."""
+
+    def __init__(self, weights_file):
+        import torchvision
+        super().__init__()
+        vgg = torchvision.models.vgg19()
+        vgg.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+        self.features = vgg.features[:16].eval().requires_grad_(False)   # up to relu3_3
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, pred, target):   # (B, 3, H, W) BGR in [0, 1]
+        f = lambda x: self.features((x.flip(1) - self.mean) / self.std)   # VGG wants RGB
+        with torch.no_grad():
+            t = f(target)
+        return F.l1_loss(f(pred), t)
+
+
+def msssim_loss(pred, target):
+    """1 - MS-SSIM, always in fp32: SSIM's variances (E[x^2] - E[x]^2) cancel catastrophically in
+    bf16, and under autocast its Gaussian filters would run in bf16 (measured: loss 4x off, gradient
+    uncorrelated with the true one; full-width training on an H200 collapsed to a dark frame)."""
+    from pytorch_msssim import ms_ssim
+    with torch.autocast(pred.device.type, enabled=False):
+        return 1 - ms_ssim(pred.float(), target.float(), data_range=1.0)
+
+
+def make_perceptual(kind, device):
+    """-> (name, loss fn or None). auto picks VGG only when its weights are already on disk."""
+    vgg_path = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
+    if kind == "auto":
+        kind = "vgg" if vgg_path.is_file() else "msssim"
+    if kind == "vgg":
+        if not vgg_path.is_file():
+            raise UserError(f"--perceptual vgg needs {vgg_path} (torchvision's ImageNet VGG19); use --perceptual msssim")
+        return kind, VGGLoss(vgg_path).to(device)
+    if kind == "msssim":
+        return kind, msssim_loss
+    if kind == "off":
+        return kind, None
+    raise UserError(f"--perceptual {kind!r}: choose auto, vgg, msssim or off")
+
+
+def mouth_l1(pred, target, boxes):
+    """Mean L1 inside each sample's mouth box (x0, y0, x1, y1) of the 320 crop: (B, 3, H, W) x2, (B, 4)."""
+    h, w = pred.shape[-2:]
+    ys, xs = torch.arange(h, device=pred.device), torch.arange(w, device=pred.device)
+    b = boxes.to(pred.device)
+    inside = (((ys[None, :, None] >= b[:, 1, None, None]) & (ys[None, :, None] < b[:, 3, None, None])) &
+              ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] < b[:, 2, None, None])))   # (B, H, W)
+    inside = inside[:, None].float()
+    return ((pred - target).abs() * inside).sum() / (3 * inside.sum()).clamp(min=1)
+
+
+class OpeningHead(torch.nn.Module):
+    """Training-only probe: the U-Net's audio-branch map (B, C, 10, 10) -> the frame's mouth opening,
+    standardised over the training frames. Its loss teaches the audio path the quantity the
+    painted mouth must follow; inference never runs it."""
+
+    def __init__(self, channels, mean, std):
+        super().__init__()
+        self.fc = torch.nn.Linear(channels, 1)
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(max(float(std), 1e-6)))
+
+    def loss(self, audio_map, opening):   # (B, C, h, w), (B,) -> scalar MSE in standard units
+        pred = self.fc(audio_map.float().mean(dim=(2, 3)))[:, 0]
+        return F.mse_loss(pred, (opening.float() - self.mean) / self.std)
+
+    def watch(self, model):
+        """Hook the U-Net's audio branch: each training forward leaves its map in self.maps."""
+        self.maps = []
+        model.audio_branch.register_forward_hook(lambda mod, inp, out: self.maps.append(out) if mod.training else None)
+        return self
+
+
+@dataclass
+class Objective:
+    """The loss terms of a run (train_328.Config's weights, the perceptual fn, optional heads)."""
+    perc_fn: object = None            # (pred, target) -> scalar, or None
+    perc_weight: float = 0.0
+    mouth_weight: float = 0.0
+    opening_head: OpeningHead = None  # with opening_weight > 0; it must watch() the U-Net
+    opening_weight: float = 0.0
+    syncnet: object = None            # frozen SyncNet for the sync term, or None
+    sync_weight: float = 0.0
+    sync_ramp: int = 0
+
+    def __call__(self, pred, target, step, mouth=None, opening=None, clip_mel=None, n_clips=0):
+        """pred/target (B, 3, 320, 320); the last n_clips x T rows of the batch are clip frames
+        -> (total loss, {term: value})."""
+        terms = {"l1": (pred.float() - target).abs().mean()}
+        if self.mouth_weight > 0:
+            terms["l1_mouth"] = mouth_l1(pred.float(), target, mouth)
+        if self.perc_fn is not None:
+            terms["perc"] = self.perc_fn(pred, target)
+        loss = terms["l1"] + self.mouth_weight * terms.get("l1_mouth", 0.0) + self.perc_weight * terms.get("perc", 0.0)
+        if self.opening_head is not None:
+            terms["opening"] = self.opening_head.loss(self.opening_head.maps.pop(), opening.to(pred.device))
+            loss = loss + self.opening_weight * terms["opening"]
+        if n_clips:
+            T = self.syncnet.T
+            face = pred[-n_clips * T:].reshape(n_clips, T * 3, *pred.shape[2:])
+            a_emb, v_emb = self.syncnet(face, clip_mel.to(pred.device))        # face (C, 3T, 320, 320), oldest first
+            logits = self.syncnet.logits(a_emb, v_emb).float()
+            terms["sync"] = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            loss = loss + self.sync_weight * min(1.0, (step + 1) / max(self.sync_ramp, 1)) * terms["sync"]
+        return loss, terms
+
+
+def step_inputs(b, c, T, device, channels_last):
+    """A batch of single frames b (+ clips c of T frames, each sharing one reference) -> the U-Net's
+    inputs and the loss's per-row extras: x (B, 6, 320, 320), target, audio, mouth, opening, n_clips."""
+    ref, masked, target, audio, mouth, opening = (b[k] for k in ("ref", "masked", "target", "audio", "mouth", "opening"))
+    n_clips = 0
+    if c is not None:
+        n_clips = len(c["ref"])
+        ref = torch.cat([ref, c["ref"].repeat_interleave(T, 0)])
+        masked, target, audio, mouth, opening = (torch.cat([x, c[k].flatten(0, 1)]) for x, k in (
+            (masked, "masked"), (target, "target"), (audio, "audio"), (mouth, "mouth"), (opening, "opening")))
+    x = torch.cat([ref, masked], 1).to(device, non_blocking=True)   # (B, 6, 320, 320)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, target.to(device, non_blocking=True), audio.to(device, non_blocking=True), mouth, opening, n_clips
+
+
+def train_step(model, objective, optimizer, scaler, b, c, step, device, amp=True, channels_last=True, grad_clip=1.0):
+    """One optimizer step on batch b (+ sync clips c): forward under autocast, loss, backward,
+    gradient clip, step. -> (pred, {term: value, "total": loss})."""
+    T = objective.syncnet.T if c is not None else 0
+    x, target, audio, mouth, opening, n_clips = step_inputs(b, c, T, device, channels_last)
+    with utils.autocast(device, amp):
+        pred = model(x, audio)                                       # (B, 3, 320, 320)
+        loss, terms = objective(pred, target, step, mouth, opening, c["mel"] if c is not None else None, n_clips)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    terms["total"] = loss
+    return pred, terms
