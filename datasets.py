@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import audio_features
-import syncnet_328
+import syncnet_model
 import templates
 import utils
 from utils import UserError
@@ -198,7 +198,7 @@ class LipDataset(torch.utils.data.Dataset):
             out.update(masked=out["masked"][0], target=out["target"][0], audio=out["audio"][0], mouth=out["mouth"][0],
                        opening=out["opening"][0])
         else:   # the SyncNet's mel windows around the clip's middle frame
-            out["mel"] = torch.from_numpy(syncnet_328.audio_input(self.mel, [i + self.clip // 2], self.mel_offsets)[0])  # (K, 1, 80, 16)
+            out["mel"] = torch.from_numpy(syncnet_model.audio_input(self.mel, [i + self.clip // 2], self.mel_offsets)[0])  # (K, 1, 80, 16)
         return out
 
 

@@ -278,9 +278,9 @@ def cosine(a, b):
 # ----------------------------------------------------------------------------------------------
 # SyncNet confidence (secondary: our SyncNet was trained on this person, so it is not independent)
 def load_syncnet(path, device):
-    """syncnet_328's loader -> the SyncNet in eval mode."""
-    import syncnet_328
-    net = syncnet_328.load_syncnet(path, device)
+    """syncnet_model's loader -> the SyncNet in eval mode."""
+    import syncnet_model
+    net = syncnet_model.load_syncnet(path, device)
     return net[0] if isinstance(net, tuple) else net
 
 
@@ -294,6 +294,7 @@ def sync_confidence(net, crops320, mel, device, max_offset=SYNC_MAX_OFFSET, batc
     import torch
 
     import syncnet_328
+    import syncnet_model
     T = net.T
     n = len(crops320)
     starts = np.arange(0, n - T + 1)
@@ -306,7 +307,7 @@ def sync_confidence(net, crops320, mel, device, max_offset=SYNC_MAX_OFFSET, batc
             clip = np.stack([np.concatenate([crops320[i + t] for t in range(T)], -1) for i in idx])  # (B, 320, 320, 3T)
             face = torch.from_numpy(clip).permute(0, 3, 1, 2).float().div_(255).to(device)      # (B, 3T, 320, 320)
             v.append(net.embed_face(face))
-            mel_w = torch.from_numpy(syncnet_328.audio_input(mel, idx + T // 2, net.audio_offsets)).to(device)  # (B, K, 1, 80, 16)
+            mel_w = torch.from_numpy(syncnet_model.audio_input(mel, idx + T // 2, net.audio_offsets)).to(device)  # (B, K, 1, 80, 16)
             a.append(net.embed_audio(mel_w))
         v, a = torch.cat(v), torch.cat(a)
         lags = np.arange(-max_offset, max_offset + 1)

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import utils
-import syncnet_328
+import syncnet_model
 from losses import PERCEPTUAL_WEIGHT, Objective, OpeningHead, make_perceptual, train_step
 from datasets import LipDataset, StepBatches, feature_encoder, generator_mask, read_feature_info, reference_pool, split_frames
 from unet_328 import BASES, WIDTHS, UNet328, count_params
@@ -258,7 +258,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     sync_path = Path(cfg.syncnet) if cfg.syncnet else out / "syncnet_best.pth"
     syncnet, sync_weight, T = None, cfg.sync_weight, 0
     if sync_weight > 0 and cfg.sync_clips > 0 and (cfg.syncnet or sync_path.is_file()):
-        syncnet = syncnet_328.load_syncnet(sync_path, device)[0].requires_grad_(False)   # frozen, eval mode
+        syncnet = syncnet_model.load_syncnet(sync_path, device)[0].requires_grad_(False)   # frozen, eval mode
         T = syncnet.T
     elif sync_weight > 0:
         sync_weight = 0.0

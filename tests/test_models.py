@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from syncnet_328 import SYNC_WIDTHS, SyncNet, sync_logits
+from syncnet_model import SYNC_WIDTHS, SyncNet, sync_logits
 from unet_328 import WIDTHS, AudioEncoder, UNet328, count_params, fold_bn
 
 # Face-tower widths for the training test: tiny, so its steps take a fraction of a second.

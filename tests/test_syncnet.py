@@ -14,6 +14,7 @@ import torch
 
 import audio_features
 import syncnet_328 as sn
+import syncnet_model as sm
 import utils
 from unet_328 import AudioEncoder
 
@@ -75,7 +76,7 @@ def test_training_writes_checkpoints_and_features(trained):
     feats = np.load(ds / "aud_feat.npy")
     assert feats.shape == (N_FRAMES, utils.FEAT_DIM) and feats.dtype == np.float32
     info = json.loads((ds / "aud_feat.json").read_text())
-    model, _ = sn.load_syncnet(ck / "syncnet_best.pth")
+    model, _ = sm.load_syncnet(ck / "syncnet_best.pth")
     assert info["encoder_id"] == audio_features.encoder_id(model.audio_encoder) and len(info["encoder_id"]) == 12
     assert info["source"].endswith("syncnet_best.pth") and info["num_frames"] == N_FRAMES
 
@@ -96,7 +97,7 @@ def test_video_sync_check_with_own_and_unrelated_audio(trained):
     at offset ~0 and passes the 1 s check; the same frames with another clip's audio do not."""
     import evaluate
     cfg, ds, ck, result = trained
-    net, _ = sn.load_syncnet(ck / "syncnet_best.pth")
+    net, _ = sm.load_syncnet(ck / "syncnet_best.pth")
     crops = np.load(ds / "crops.npy")[:, utils.BORDER:utils.BORDER + utils.INNER, utils.BORDER:utils.BORDER + utils.INNER]
     own = evaluate.sync_confidence(net, crops, np.load(ds / "mel.npy"), "cpu")
     other_ds = make_toy_dataset(ds.parent.parent / "other", seed=11)
@@ -132,7 +133,7 @@ def test_stretch_accuracy_averages_out_per_window_noise():
 
 def test_encode_audio_equals_written_features(trained):
     cfg, ds, ck, result = trained
-    enc = sn.load_syncnet(ck / "syncnet_best.pth")[0].audio_encoder
+    enc = sm.load_syncnet(ck / "syncnet_best.pth")[0].audio_encoder
     written = np.load(ds / "aud_feat.npy")
     from_path = audio_features.encode_audio(ds / "aud.wav", enc, "cpu")
     from_wav = audio_features.encode_audio(audio_features.read_wav(ds), enc, "cpu", batch=64)
@@ -163,9 +164,9 @@ def test_face_downscale_matches_the_resize_convention():
     crop = np.random.default_rng(1).integers(0, 256, (utils.INNER, utils.INNER, 3), dtype=np.uint8)
     want = utils.resize(crop[utils.INNER // 2:], (160, 80)).astype(np.float32) / 255   # INTER_AREA
     x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
-    got = sn.downscale_face(x, (80, 160))[0].permute(1, 2, 0).numpy()
+    got = sm.downscale_face(x, (80, 160))[0].permute(1, 2, 0).numpy()
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6
-    net = sn.SyncNet(sn.SYNC_WIDTHS["light"], face_size=(80, 160)).eval()
+    net = sm.SyncNet(sm.SYNC_WIDTHS["light"], face_size=(80, 160)).eval()
     with torch.no_grad():   # full 320 crops and prepared inputs give the same embedding
         full = torch.rand(2, 3 * net.T, 320, 320)
         assert torch.allclose(net.embed_face(full), net.embed_face(net.prepare_face(full)), atol=1e-6)
@@ -235,20 +236,20 @@ def test_threshold_is_the_best_cut_between_the_two_kinds():
 
 def test_audio_input_is_k_windows_around_the_centre():
     mel = np.random.default_rng(3).uniform(-4, 4, (utils.N_MELS, 400)).astype(np.float32)
-    offs = sn.audio_offsets(3, 4)
-    assert offs == (-4, 0, 4) and sn.audio_offsets(1, 4) == (0,)
-    x = sn.audio_input(mel, np.array([10, 50]), offs)
+    offs = sm.audio_offsets(3, 4)
+    assert offs == (-4, 0, 4) and sm.audio_offsets(1, 4) == (0,)
+    x = sm.audio_input(mel, np.array([10, 50]), offs)
     assert x.shape == (2, 3, 1, utils.N_MELS, utils.MEL_WIN) and x.dtype == np.float32
     for k, o in enumerate(offs):
         np.testing.assert_array_equal(x[1, k], utils.mel_windows(mel, [50 + o])[0])
-    net = sn.SyncNet(sn.SYNC_WIDTHS["light"], T=13, face_size=(32, 32), audio_k=3).eval()
+    net = sm.SyncNet(sm.SYNC_WIDTHS["light"], T=13, face_size=(32, 32), audio_k=3).eval()
     with torch.no_grad():
         a, v = net(torch.rand(2, 39, utils.INNER, utils.INNER), torch.from_numpy(x))
-        assert a.shape == v.shape == (2, sn.EMB_DIM)
+        assert a.shape == v.shape == (2, sm.EMB_DIM)
         assert torch.allclose(a.norm(dim=1), torch.ones(2)) and torch.allclose(v.norm(dim=1), torch.ones(2))
         with pytest.raises(ValueError, match="SyncNet mel"):
             net.embed_audio(torch.from_numpy(x[:, :1]))       # one window for a 3-window net
-        one = sn.SyncNet(sn.SYNC_WIDTHS["light"], T=5, face_size=(32, 32), audio_k=1).eval()
+        one = sm.SyncNet(sm.SYNC_WIDTHS["light"], T=5, face_size=(32, 32), audio_k=1).eval()
         w = torch.from_numpy(x[:, 1])                         # (2, 1, 80, 16): the K = 1 shape of old checkpoints
         assert torch.equal(one.embed_audio(w), one.embed_audio(w[:, None]))
 
@@ -265,7 +266,7 @@ def test_mel_augmentation_keeps_shape_and_range():
 def test_best_checkpoint_carries_its_held_out_threshold(trained):
     cfg, ds, ck, result = trained
     best = utils.load_checkpoint(ck / "syncnet_best.pth")
-    model, _ = sn.load_syncnet(ck / "syncnet_best.pth")
+    model, _ = sm.load_syncnet(ck / "syncnet_best.pth")
     clip = sn.Clip(ds, model)
     train_hi, val_lo = sn.split(clip.n, cfg)
     pairs = sn.eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift, cfg.frames)
@@ -275,10 +276,10 @@ def test_best_checkpoint_carries_its_held_out_threshold(trained):
 
 
 def test_checkpoints_from_before_audio_windows_still_load(tmp_path):
-    args = dict(widths=sn.SYNC_WIDTHS["light"], face_size=(32, 32), T=5)     # no audio_k: one mel window
-    net = sn.SyncNet(**args, audio_k=1).eval()
+    args = dict(widths=sm.SYNC_WIDTHS["light"], face_size=(32, 32), T=5)     # no audio_k: one mel window
+    net = sm.SyncNet(**args, audio_k=1).eval()
     utils.save_checkpoint({"model": net.state_dict(), "config": {"model_args": args}, "step": 1}, tmp_path / "old.pth")
-    old, _ = sn.load_syncnet(tmp_path / "old.pth")
+    old, _ = sm.load_syncnet(tmp_path / "old.pth")
     assert old.audio_offsets == (0,) and old.T == 5
     mel = torch.randn(2, 1, utils.N_MELS, utils.MEL_WIN)
     with torch.no_grad():

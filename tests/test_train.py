@@ -18,7 +18,7 @@ import torch
 import audio_features
 import datasets
 import losses
-import syncnet_328
+import syncnet_model
 import templates
 import train_328
 import utils
@@ -55,8 +55,8 @@ def config(data_root, out, **kw):
 def fake_syncnet(path):
     """A random light SyncNet checkpoint, so the sync-loss path runs (3 mel windows); clips of T=2 frames keep it cheap."""
     torch.manual_seed(1)
-    args = dict(widths=syncnet_328.SYNC_WIDTHS["light"], face_size=(80, 160), T=2, audio_k=3)
-    net = syncnet_328.SyncNet(**args)
+    args = dict(widths=syncnet_model.SYNC_WIDTHS["light"], face_size=(80, 160), T=2, audio_k=3)
+    net = syncnet_model.SyncNet(**args)
     utils.save_checkpoint({"model": net.state_dict(), "config": {"model_args": args}, "step": 0}, path)
 
 
