@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import evaluate as ev
+import metrics
 import utils
 
 
@@ -21,128 +22,128 @@ def smooth_track(rng, n=200):
 # ---------------------------------------------------------------------------------------------- images
 def test_identical_frames_are_perfect(rng):
     img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    assert ev.psnr(img, img) == math.inf
-    assert ev.ssim(img, img) == pytest.approx(1.0)
+    assert metrics.psnr(img, img) == math.inf
+    assert metrics.ssim(img, img) == pytest.approx(1.0)
     noisy = np.clip(img.astype(int) + rng.integers(-10, 11, img.shape), 0, 255).astype(np.uint8)
-    assert 25 < ev.psnr(img, noisy) < 40 and ev.ssim(img, noisy) < 1
-    assert ev.mean_finite([math.inf, 30.0, 40.0]) == 35.0 and ev.mean_finite([math.inf]) == math.inf
+    assert 25 < metrics.psnr(img, noisy) < 40 and metrics.ssim(img, noisy) < 1
+    assert metrics.mean_finite([math.inf, 30.0, 40.0]) == 35.0 and metrics.mean_finite([math.inf]) == math.inf
 
 
 def test_psnr_known_value():
     a = np.zeros((10, 10, 3), np.uint8)
     b = np.full((10, 10, 3), 255, np.uint8)
-    assert ev.psnr(a, b) == pytest.approx(0.0)                  # mse = 255^2
-    assert ev.psnr(a, a + 1) == pytest.approx(10 * np.log10(255 ** 2))
+    assert metrics.psnr(a, b) == pytest.approx(0.0)                  # mse = 255^2
+    assert metrics.psnr(a, a + 1) == pytest.approx(10 * np.log10(255 ** 2))
 
 
 def test_lmd_and_crop_coordinates(rng):
     lms = rng.uniform(100, 200, (5, 68, 2))
-    assert ev.lmd(lms, lms) == 0.0
-    assert ev.lmd(lms, lms + [7.0, -3.0]) == pytest.approx(0.0, abs=1e-9)   # placement does not count
+    assert metrics.lmd(lms, lms) == 0.0
+    assert metrics.lmd(lms, lms + [7.0, -3.0]) == pytest.approx(0.0, abs=1e-9)   # placement does not count
     moved = lms.copy()
     moved[:, 66, 1] += 20.0                                      # lower inner lip 20 px down
     # mean-centring spreads the 20 px: point 66 moves 19 px, each of the other 19 points 1 px
-    assert ev.lmd(moved, lms) == pytest.approx((19 + 19 * 1) / 20)
+    assert metrics.lmd(moved, lms) == pytest.approx((19 + 19 * 1) / 20)
     box = np.array([[100, 50, 264, 214]])                        # 164 px -> 328: 2x
     pts = np.array([[[100 + 2, 50 + 2], [182, 132]]], np.float64)
-    out = ev.to_crop_coords(pts, box)[0]
+    out = utils.to_crop_coords(pts, box)[0]
     assert np.allclose(out[0], [0, 0]) and np.allclose(out[1], [160, 160])   # (2 px -> 4 px) - 4 px border
 
 
 def test_mouth_box_is_inside_the_crop():
     lm = np.zeros((68, 2))
     lm[48:68] = [[150, 220], [190, 240]] * 10
-    x0, y0, x1, y1 = ev.mouth_box(lm)
+    x0, y0, x1, y1 = utils.mouth_box(lm)
     assert (x0, x1) == (150 - 12, 190 + 12 + 1) and y0 == 220 - 12 and y1 == 240 + 12 + 1
     lm[48:68] = [[0, 300], [319, 319]] * 10
-    assert ev.mouth_box(lm) == (0, 204, 320, 320)
+    assert utils.mouth_box(lm) == (0, 204, 320, 320)
 
 
 # ---------------------------------------------------------------------------------------------- time series
 def test_pearson_and_lag(rng):
     a = smooth_track(rng)
-    assert ev.pearson(a, a) == pytest.approx(1.0)
-    assert ev.pearson(a, -a) == pytest.approx(-1.0)
-    assert ev.pearson(a, np.full_like(a, 0.2)) == 0.0            # a mouth that never moves scores 0
+    assert metrics.pearson(a, a) == pytest.approx(1.0)
+    assert metrics.pearson(a, -a) == pytest.approx(-1.0)
+    assert metrics.pearson(a, np.full_like(a, 0.2)) == 0.0            # a mouth that never moves scores 0
     late = np.roll(a, 3)                                         # late[t] = a[t - 3]
-    assert ev.best_lag(late, a, 10)[0] == 3
-    assert ev.best_lag(a, late, 10)[0] == -3
-    lags, r = ev.lag_curve(late, a, 10)
+    assert metrics.best_lag(late, a, 10)[0] == 3
+    assert metrics.best_lag(a, late, 10)[0] == -3
+    lags, r = metrics.lag_curve(late, a, 10)
     assert len(lags) == 21 and r[lags == 3][0] == pytest.approx(1.0)
 
 
 def test_width_ratio_says_how_wide_the_mouth_moves(rng):
     a = smooth_track(rng)
-    assert ev.width_ratio(a, a) == pytest.approx(1.0)
-    assert ev.width_ratio(a.mean() + (a - a.mean()) / 3, a) == pytest.approx(1 / 3)   # opens a third as wide
-    assert ev.width_ratio(np.roll(a, 7), a) == pytest.approx(1.0)                    # late but as wide
-    assert math.isnan(ev.width_ratio(a, np.full_like(a, 0.2)))                       # a still truth: undefined
+    assert metrics.width_ratio(a, a) == pytest.approx(1.0)
+    assert metrics.width_ratio(a.mean() + (a - a.mean()) / 3, a) == pytest.approx(1 / 3)   # opens a third as wide
+    assert metrics.width_ratio(np.roll(a, 7), a) == pytest.approx(1.0)                    # late but as wide
+    assert math.isnan(metrics.width_ratio(a, np.full_like(a, 0.2)))                       # a still truth: undefined
 
 
 def test_mouth_opening_closed_and_open():
     lm = np.zeros((2, 68, 2))
     lm[:, 60], lm[:, 64] = [0, 0], [40, 0]                        # inner corners 40 px apart
     lm[1, [67, 66, 65], 1] = 10                                   # second frame: inner lips 10 px apart
-    assert ev.mouth_opening(lm) == pytest.approx([0.0, 0.25])
+    assert metrics.mouth_opening(lm) == pytest.approx([0.0, 0.25])
 
 
 def test_silence_detection_and_score():
     db = np.concatenate([np.full(20, -80.0), np.full(20, -20.0), np.full(20, -80.0)])
-    silent, thresh = ev.silent_frames(db)
-    assert thresh == pytest.approx(-60 + ev.SILENCE_FLOOR_DB)
+    silent, thresh = metrics.silent_frames(db)
+    assert thresh == pytest.approx(-60 + metrics.SILENCE_FLOOR_DB)
     # quiet frames 0-19 and 40-59, minus SILENCE_HOLD frames next to the speech
     expect = np.zeros(60, bool)
-    expect[:20 - ev.SILENCE_HOLD] = True
-    expect[40 + ev.SILENCE_HOLD:] = True
+    expect[:20 - metrics.SILENCE_HOLD] = True
+    expect[40 + metrics.SILENCE_HOLD:] = True
     assert np.array_equal(silent, expect)
     opening = np.where(np.arange(60) < 30, 0.05, 0.4)            # closed in the first pause, open in the second
-    assert ev.silence_score(opening, silent, 0.1) == pytest.approx(18 / 36)
-    assert math.isnan(ev.silence_score(opening, np.zeros(60, bool), 0.1))
+    assert metrics.silence_score(opening, silent, 0.1) == pytest.approx(18 / 36)
+    assert math.isnan(metrics.silence_score(opening, np.zeros(60, bool), 0.1))
     flat = np.full(60, -30.0)                                    # no contrast: no silence measured
-    assert not ev.silent_frames(flat)[0].any()
+    assert not metrics.silent_frames(flat)[0].any()
 
 
 def test_speech_frames_exclude_pauses():
     db = np.array([-80.0, -20.0, -50.0, -20.0])
-    assert ev.speech_frames(db, -54.0).tolist() == [False, True, True, True]
-    assert ev.speech_frames(db, math.nan).all()                  # no silence threshold: every frame
+    assert metrics.speech_frames(db, -54.0).tolist() == [False, True, True, True]
+    assert metrics.speech_frames(db, math.nan).all()                  # no silence threshold: every frame
 
 
 def test_closed_threshold_from_truth():
     o = np.concatenate([np.full(50, 0.1), np.full(50, 0.5)])
-    assert ev.closed_threshold(o) == pytest.approx(0.1 + ev.CLOSED_SHARE * 0.4)
+    assert metrics.closed_threshold(o) == pytest.approx(0.1 + metrics.CLOSED_SHARE * 0.4)
 
 
 def test_loudness_of_silence_and_tone():
     t = np.arange(utils.SR) / utils.SR
     wav = np.where(t < 0.5, 0.0, 0.5 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
-    db = ev.loudness_db(wav, 25)
+    db = metrics.loudness_db(wav, 25)
     assert db[:11].max() < -100 and db[14:].min() == pytest.approx(20 * np.log10(0.5 / np.sqrt(2)), abs=0.1)
 
 
 # ---------------------------------------------------------------------------------------------- jitter, seam, identity
 def test_jitter_ratio(rng):
     regs = rng.integers(0, 256, (10, 20, 30, 3), dtype=np.uint8)
-    assert ev.jitter_ratio(regs, regs) == pytest.approx(1.0)
+    assert metrics.jitter_ratio(regs, regs) == pytest.approx(1.0)
     still = np.repeat(regs[:1], 10, 0)
-    assert ev.jitter_ratio(still, regs) == 0.0
+    assert metrics.jitter_ratio(still, regs) == 0.0
     half = (regs.astype(np.float32) * 0.5).astype(np.uint8)
-    assert ev.motion_energy(half) < ev.motion_energy(regs)
+    assert metrics.motion_energy(half) < metrics.motion_energy(regs)
 
 
 def test_seam_ratio(rng):
     import cv2
-    band = ev.seam_band(16)
+    band = metrics.seam_band(16)
     assert band.shape == (utils.CROP, utils.CROP) and 0.05 < band.mean() < 0.5
     x0, y0, x1, y1 = (v + utils.BORDER for v in utils.MASK_RECT)
-    hard = ev.seam_band(0)
+    hard = metrics.seam_band(0)
     assert hard[y0, x0 + 100] and hard[y0 - 3, x0 + 100] and not hard[y0 + 10, x0 + 100]
     true = cv2.GaussianBlur(rng.integers(0, 256, (utils.CROP, utils.CROP, 3), dtype=np.uint8), (0, 0), 4)
-    assert ev.seam_ratio(true, true, band) == 1.0
-    assert ev.seam_ratio(np.stack([true, true]), np.stack([true, true]), band) == 1.0
+    assert metrics.seam_ratio(true, true, band) == 1.0
+    assert metrics.seam_ratio(np.stack([true, true]), np.stack([true, true]), band) == 1.0
     pasted = true.copy()
     pasted[y0:y1, x0:x1] = np.clip(pasted[y0:y1, x0:x1].astype(int) + 60, 0, 255)   # a hard, brighter rectangle
-    assert ev.seam_ratio(pasted, true, hard) > 2
+    assert metrics.seam_ratio(pasted, true, hard) > 2
 
 
 def test_identity_of_the_same_face():
@@ -154,10 +155,10 @@ def test_identity_of_the_same_face():
     describe = landmarks.FaceDescriber()
     d = describe(face, lm)
     assert d.shape == (128,)
-    assert ev.cosine(d, d) == pytest.approx(1.0)
+    assert metrics.cosine(d, d) == pytest.approx(1.0)
     brighter = np.clip(face.astype(int) + 15, 0, 255).astype(np.uint8)
-    assert ev.cosine(describe(brighter, lm), d) > 0.98
-    assert ev.cosine(np.stack([d, d]), np.stack([d, -d])) == pytest.approx([1.0, -1.0])
+    assert metrics.cosine(describe(brighter, lm), d) > 0.98
+    assert metrics.cosine(np.stack([d, d]), np.stack([d, -d])) == pytest.approx([1.0, -1.0])
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -206,9 +207,9 @@ def test_user_errors(tiny_dataset, tmp_path):
 
 def test_chance_level_of_r(rng):
     a, b = smooth_track(rng, 300), smooth_track(rng, 300)
-    c = ev.chance_r(a, b)
+    c = metrics.chance_r(a, b)
     assert 0.02 < c < 0.3                                        # smooth series: r of unrelated tracks spreads
-    assert math.isnan(ev.chance_r(a[:40], b[:40]))               # too short for shifts of >= 1 s
+    assert math.isnan(metrics.chance_r(a[:40], b[:40]))               # too short for shifts of >= 1 s
 
 
 def test_unseen_audio_mode(tiny_dataset, tmp_path):

@@ -93,15 +93,15 @@ def test_heldout_accuracy_beats_chance(trained):
 
 
 def test_video_sync_check_with_own_and_unrelated_audio(trained):
-    """evaluate.sync_confidence, the video-level judge: the toy clip with its own audio is in sync
+    """metrics.sync_confidence, the video-level judge: the toy clip with its own audio is in sync
     at offset ~0 and passes the 1 s check; the same frames with another clip's audio do not."""
-    import evaluate
+    import metrics
     cfg, ds, ck, result = trained
     net, _ = sm.load_syncnet(ck / "syncnet_best.pth")
     crops = np.load(ds / "crops.npy")[:, utils.BORDER:utils.BORDER + utils.INNER, utils.BORDER:utils.BORDER + utils.INNER]
-    own = evaluate.sync_confidence(net, crops, np.load(ds / "mel.npy"), "cpu")
+    own = metrics.sync_confidence(net, crops, np.load(ds / "mel.npy"), "cpu")
     other_ds = make_toy_dataset(ds.parent.parent / "other", seed=11)
-    other = evaluate.sync_confidence(net, crops, np.load(other_ds / "mel.npy"), "cpu")
+    other = metrics.sync_confidence(net, crops, np.load(other_ds / "mel.npy"), "cpu")
     assert abs(own["offset"]) <= 2 and own["stretch_acc"] > 0.9 and own["stretches"] > 40, own
     assert other["stretch_acc"] < 0.75 and other["conf"] < own["conf"], (other, own)
 
