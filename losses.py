@@ -3,7 +3,8 @@
 Loss = L1 over the crop + mouth_weight x L1 inside each frame's mouth box + perceptual weight x
 (VGG19 conv3_3 L1, or 1 - MS-SSIM) + opening_weight x the opening head's MSE + the ramped sync
 weight x the frozen SyncNet's BCE on clips of T consecutive predicted frames. `Objective` holds the
-terms a run uses; `train_step` runs forward, loss, backward, clip and optimizer step on one batch.
+terms a run uses; `train_step` runs forward, loss, backward, clip and optimizer step on one batch;
+`validate` measures held-out frames (L1, and how much the mouth follows the audio).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,3 +164,32 @@ def train_step(model, objective, optimizer, scaler, b, c, step, device, amp=True
     scaler.update()
     terms["total"] = loss
     return pred, terms
+
+
+@torch.no_grad()
+def validate(model, loader, device, cfg):
+    """Held-out frames (eval-mode BatchNorm) -> (mean L1, audio effect): the mean |prediction with
+    the frame's own audio - prediction with the audio of the held-out frame half the set away|
+    inside each frame's mouth box, in 0-255 levels. A generator that ignores audio scores 0; with
+    a single held-out frame there is no other audio and the effect is nan."""
+    model.eval()
+    batches = list(loader)
+    other = torch.cat([b["audio"] for b in batches])
+    other = other.roll(len(other) // 2, 0)                  # (V, 32, 16, 16): another moment's audio
+
+    def predict(x, audio):
+        with utils.autocast(device, cfg.amp):
+            return model(x, audio.to(device)).float()        # (B, 3, 320, 320)
+    l1, effect, n = 0.0, 0.0, 0
+    for b in batches:
+        x = torch.cat([b["ref"], b["masked"]], 1).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = predict(x, b["audio"])
+        l1 += (pred - b["target"].to(device)).abs().mean(dim=(1, 2, 3)).sum().item()
+        diff = (pred - predict(x, other[n:n + len(pred)])).abs().mean(dim=1)   # (B, 320, 320)
+        for d, (x0, y0, x1, y1) in zip(diff, b["mouth"].tolist()):
+            effect += 255 * d[y0:y1, x0:x1].mean().item()
+        n += len(pred)
+    model.train()
+    return l1 / max(n, 1), (effect / n if n > 1 else float("nan"))

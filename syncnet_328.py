@@ -381,17 +381,7 @@ RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "motion_only", "e
 
 
 def parse_widths(w):
-    if isinstance(w, (tuple, list)):
-        return tuple(int(x) for x in w)
-    if w in SYNC_WIDTHS:
-        return SYNC_WIDTHS[w]
-    try:
-        widths = tuple(int(x) for x in str(w).split(","))
-        if widths and min(widths) > 0:
-            return widths
-    except ValueError:
-        pass
-    raise UserError(f"--widths {w!r}: use light, full or a comma list of positive ints like 16,32,64,128,256")
+    return tuple(utils.parse_widths(w, SYNC_WIDTHS))
 
 
 def model_args_from(cfg):

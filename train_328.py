@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import utils
 import syncnet_model
-from losses import PERCEPTUAL_WEIGHT, Objective, OpeningHead, make_perceptual, train_step
+from losses import PERCEPTUAL_WEIGHT, Objective, OpeningHead, make_perceptual, train_step, validate
 from datasets import LipDataset, StepBatches, feature_encoder, generator_mask, read_feature_info, reference_pool, split_frames
 from unet_328 import BASES, WIDTHS, UNet328, count_params
 from utils import UserError
@@ -98,15 +98,7 @@ def lr_at(step, cfg, max_steps):
 
 
 def parse_widths(text):
-    if text in WIDTHS:
-        return list(WIDTHS[text])
-    try:
-        w = [int(x) for x in str(text).replace("(", "").replace(")", "").split(",")]
-    except ValueError:
-        w = []
-    if len(w) != 6 or min(w) < 2:
-        raise UserError(f"--widths {text!r}: use {' or '.join(WIDTHS)} or 6 comma-separated ints")
-    return w
+    return utils.parse_widths(text, WIDTHS, count=6, least=2)
 
 
 def rng_state(device):
@@ -135,35 +127,6 @@ def save_preview(path, ref, masked, pred, target, rows=2):
         cv2.imwrite(str(tmp), grid)
 
 
-@torch.no_grad()
-def validate(model, loader, device, cfg):
-    """Held-out frames (eval-mode BatchNorm) -> (mean L1, audio effect): the mean |prediction with
-    the frame's own audio - prediction with the audio of the held-out frame half the set away|
-    inside each frame's mouth box, in 0-255 levels. A generator that ignores audio scores 0; with
-    a single held-out frame there is no other audio and the effect is nan."""
-    model.eval()
-    batches = list(loader)
-    other = torch.cat([b["audio"] for b in batches])
-    other = other.roll(len(other) // 2, 0)                  # (V, 32, 16, 16): another moment's audio
-
-    def predict(x, audio):
-        with utils.autocast(device, cfg.amp):
-            return model(x, audio.to(device)).float()        # (B, 3, 320, 320)
-    l1, effect, n = 0.0, 0.0, 0
-    for b in batches:
-        x = torch.cat([b["ref"], b["masked"]], 1).to(device)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        pred = predict(x, b["audio"])
-        l1 += (pred - b["target"].to(device)).abs().mean(dim=(1, 2, 3)).sum().item()
-        diff = (pred - predict(x, other[n:n + len(pred)])).abs().mean(dim=1)   # (B, 320, 320)
-        for d, (x0, y0, x1, y1) in zip(diff, b["mouth"].tolist()):
-            effect += 255 * d[y0:y1, x0:x1].mean().item()
-        n += len(pred)
-    model.train()
-    return l1 / max(n, 1), (effect / n if n > 1 else float("nan"))
-
-
 def resolve_paths(cfg):
     if not (cfg.name or cfg.dataset):
         raise UserError("no dataset given: python train_328.py --name NAME (a folder made by process.py)")
@@ -171,6 +134,64 @@ def resolve_paths(cfg):
     name = utils.check_name(cfg.name or ds.name, "dataset name")
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_root) / name
     return ds, name, out
+
+
+class RunLog:
+    """A run's log: lines to the console (tqdm-safe) and out/log.txt, optional TensorBoard scalars,
+    and the speed of the steps since the last report (data vs compute time, samples/s); only the
+    master process writes."""
+
+    def __init__(self, out, master, tensorboard=False):
+        self.out, self.master, self.writer = out, master, None
+        if master and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(out / "tb"))
+        self.timing = [0, 0.0, 0.0, 0.0, 0]   # whole run after its first step: steps, data s, compute s, compute CPU s, frames
+        self._window(0)
+
+    def _window(self, step):
+        self.acc, self.t_data, self.t_comp, self.n_seen, self.t_last, self.logged = {}, 0.0, 0.0, 0, time.perf_counter(), step
+
+    def line(self, msg):
+        if self.master:
+            tqdm.write(msg)
+            with open(self.out / "log.txt", "a") as f:
+                f.write(msg + "\n")
+
+    def scalars(self, prefix, values, step):
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def add(self, terms, data_s, comp_s, cpu_s, frames, count):
+        """One step's loss terms and times; `count` False for the first step of a process (worker
+        start-up and allocator warm-up), which stays out of the run's timing."""
+        self.t_data, self.t_comp, self.n_seen = self.t_data + data_s, self.t_comp + comp_s, self.n_seen + frames
+        if count:
+            self.timing = [u + v for u, v in zip(self.timing, (1, data_s, comp_s, cpu_s, frames))]
+        for k, v in terms.items():
+            self.acc[k] = self.acc.get(k, 0.0) + v.detach().float()
+
+    def report(self, step, max_steps, per_epoch, lr):
+        ns, dt = step - self.logged, time.perf_counter() - self.t_last
+        avg = {term: (v / ns).item() for term, v in self.acc.items()}
+        self.line(f"step {step}/{max_steps} ep {step // per_epoch} | " + " ".join(f"{t} {v:.4f}" for t, v in avg.items()) +
+                  f" | lr {lr:.2e} | {self.n_seen / dt:.1f} samples/s | {1e3 * dt / ns:.0f} ms/step "
+                  f"(data {1e3 * self.t_data / ns:.0f}, compute {1e3 * self.t_comp / ns:.0f})")
+        self.scalars("train", dict(avg, lr=lr), step)
+        self._window(step)
+
+    def summary(self):
+        ns, td, tc, cc, frames = self.timing
+        return dict(steps=ns, data_ms=1e3 * td / max(ns, 1), compute_ms=1e3 * tc / max(ns, 1),
+                    compute_cpu_ms=1e3 * cc / max(ns, 1), samples_per_s=frames / max(td + tc, 1e-9))
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
 
 
 def resume_point(cfg, out, ds, widths, enc_id):
@@ -233,34 +254,32 @@ def main(cfg, progress=None, should_stop=None):
             dist.destroy_process_group()
 
 
-def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop):
-    audio_encoder, enc_id = feature_encoder(ds, info)
-    last = out / "last.pth"
-    ckpt = resume_point(cfg, out, ds, widths, enc_id)
-
-    # ---- data: a contiguous held-out tail; batches and references are functions of (seed, step)
+def _data(cfg, ds, ckpt, enc_id, world):
+    """A contiguous held-out tail; the mask to repaint (a resumed run keeps its checkpoint's); the
+    reference pool; the training set. -> (cfg, note, train_idx, val_idx, mask, refs, train_set)."""
     n = utils.load_npy(ds / "crops.npy", mmap=True).shape[0]
     train_idx, val_idx = split_frames(n, cfg.held_out)
-    mask_note = ""
-    if ckpt is not None:   # a resumed run keeps the area its checkpoint was trained to repaint
+    note = ""
+    if ckpt is not None:
         got = ckpt.get("config", {}).get("mask", "rect")   # checkpoints from before --mask: the rectangle
         if got != cfg.mask:
-            mask_note = f"; it keeps the checkpoint's --mask {got} (not {cfg.mask})"
+            note = f"; it keeps the checkpoint's --mask {got} (not {cfg.mask})"
             cfg = dataclasses.replace(cfg, mask=got)
         mask = utils.checkpoint_mask(ckpt)
     else:
         mask = generator_mask(ds, train_idx, cfg.mask)
     refs = reference_pool(ds, train_idx, cfg.reference)
     train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id, mask=mask, ref_frames=refs)
-    per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
-    max_steps = cfg.max_steps or cfg.epochs * per_epoch
+    return cfg, note, train_idx, val_idx, mask, refs, train_set
 
-    # ---- SyncNet (optional) and the perceptual term
+
+def _objective(cfg, out, name, device):
+    """The loss terms: perceptual kind and weight, the optional frozen SyncNet. -> (Objective,
+    perceptual kind, SyncNet path, a line for the log)."""
     sync_path = Path(cfg.syncnet) if cfg.syncnet else out / "syncnet_best.pth"
-    syncnet, sync_weight, T = None, cfg.sync_weight, 0
+    syncnet, sync_weight = None, cfg.sync_weight
     if sync_weight > 0 and cfg.sync_clips > 0 and (cfg.syncnet or sync_path.is_file()):
         syncnet = syncnet_model.load_syncnet(sync_path, device)[0].requires_grad_(False)   # frozen, eval mode
-        T = syncnet.T
     elif sync_weight > 0:
         sync_weight = 0.0
     sync_note = (f"sync loss weight {sync_weight} (SyncNet {sync_path}, ramp {cfg.sync_ramp} steps)" if syncnet is not None
@@ -268,26 +287,29 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
                  if cfg.sync_weight > 0 and cfg.sync_clips > 0 else "sync loss OFF (--sync_weight 0 or --sync_clips 0)")
     perc_kind, perc_fn = make_perceptual(cfg.perceptual, device)
     perc_weight = PERCEPTUAL_WEIGHT[perc_kind] if cfg.perceptual_weight < 0 else cfg.perceptual_weight
+    objective = Objective(perc_fn, perc_weight, cfg.mouth_weight, None, cfg.opening_weight, syncnet, sync_weight, cfg.sync_ramp)
+    return objective, perc_kind, sync_path, f"perceptual: {perc_kind} (weight {perc_weight}); {sync_note}"
 
-    # ---- model + optimizer
+
+def _model(cfg, widths, device, ckpt, opening):
+    """U-Net (+ the opening head when --opening_weight > 0, from the training frames' `opening`),
+    Adam, the loss scaler, restored from ckpt when resuming. -> (model, head, optimizer, scaler,
+    step, best loss)."""
     torch.manual_seed(cfg.seed)
     model = UNet328(widths, base=cfg.base).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    head = OpeningHead(widths[-1], opening.mean(), opening.std()).to(device) if cfg.opening_weight > 0 else None
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     # fused: one kernel for all parameters; on CPU the per-tensor paths are far slower with channels_last
-    opening_head = None
-    if cfg.opening_weight > 0:
-        op = train_set.opening[train_idx]
-        opening_head = OpeningHead(widths[-1], op.mean(), op.std()).to(device)
-    params = list(model.parameters()) + (list(opening_head.parameters()) if opening_head is not None else [])
     optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
     step, best_loss = 0, float("inf")
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
-            if opening_head is not None and ckpt.get("opening_head") is not None:
-                opening_head.load_state_dict(ckpt["opening_head"])
+            if head is not None and ckpt.get("opening_head") is not None:
+                head.load_state_dict(ckpt["opening_head"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"the checkpoint does not fit this U-Net ({str(e).splitlines()[0][:150]})") from None
@@ -296,12 +318,23 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         step, best_loss = int(ckpt["step"]), float(ckpt.get("best_loss", float("inf")))
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
-    raw_model = model
-    if opening_head is not None:
-        opening_head.watch(raw_model)
-    objective = Objective(perc_fn, perc_weight, cfg.mouth_weight, opening_head, cfg.opening_weight, syncnet, sync_weight, cfg.sync_ramp)
-    if cfg.compile:
-        model = torch.compile(model)
+    if head is not None:
+        head.watch(model)
+    return model, head, optimizer, scaler, step, best_loss
+
+
+def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop):
+    audio_encoder, enc_id = feature_encoder(ds, info)
+    last = out / "last.pth"
+    ckpt = resume_point(cfg, out, ds, widths, enc_id)
+    cfg, mask_note, train_idx, val_idx, mask, refs, train_set = _data(cfg, ds, ckpt, enc_id, world)
+    per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
+    max_steps = cfg.max_steps or cfg.epochs * per_epoch
+    objective, perc_kind, sync_path, loss_note = _objective(cfg, out, name, device)
+    syncnet = objective.syncnet
+    raw_model, opening_head, optimizer, scaler, step, best_loss = _model(cfg, widths, device, ckpt, train_set.opening[train_idx])
+    objective.opening_head = opening_head
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -310,7 +343,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
                                            pin_memory=device.type == "cuda", persistent_workers=False)
     batches = iter(loader(train_set, StepBatches(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)))
     if syncnet is not None:
-        clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=T, ref_frames=refs,
+        clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=syncnet.T, ref_frames=refs,
                               mel_offsets=syncnet.audio_offsets, mask=mask)
         clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, step, rank, world, salt=1)))
     val_loader = None
@@ -322,26 +355,15 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     # ---- run record
     resolved = dict(dataclasses.asdict(cfg), name=name, dataset=str(ds), out_dir=str(out), widths=widths,
                     widths_preset=cfg.widths if cfg.widths in WIDTHS else "custom", perceptual=perc_kind,
-                    perceptual_weight=perc_weight, sync_weight=sync_weight, syncnet=str(sync_path) if syncnet else "",
+                    perceptual_weight=objective.perc_weight, sync_weight=objective.sync_weight, syncnet=str(sync_path) if syncnet else "",
                     max_steps=max_steps, steps_per_epoch=per_epoch, world_size=world,
                     train_frames=len(train_idx), val_frames=int(len(val_idx)), encoder_id=enc_id)
-    writer = None
     if master:
         out.mkdir(parents=True, exist_ok=True)
         with utils.atomic_file(out / "config.json") as tmp:
             tmp.write_text(json.dumps(resolved, indent=2))
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            writer = SummaryWriter(str(out / "tb"))
-
-    def log(msg):
-        if master:
-            tqdm.write(msg)
-            with open(out / "log.txt", "a") as f:
-                f.write(msg + "\n")
+    run_log = RunLog(out, master, cfg.tensorboard)
+    log = run_log.line
 
     def save(path, val_l1=None):
         utils.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
@@ -354,7 +376,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     log(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
         f"({count_params(raw_model) / 1e6:.2f} M params) on {device} x{world}, batch {cfg.batch_size}, "
         f"{per_epoch} steps/epoch, steps {step} -> {max_steps}")
-    log(f"perceptual: {perc_kind} (weight {perc_weight}); {sync_note}")
+    log(loss_note)
     if ckpt is not None:
         old = ckpt.get("config", {})
         changed = [f"{k} {old[k]} -> {resolved[k]}" for k in RESUME_NOTE if k in old and old[k] != resolved[k]]
@@ -362,9 +384,8 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
 
     # ---- training loop
     losses, val_l1, audio_effect, stopped = {}, None, None, False
-    acc, t_data, t_comp, n_seen, t_last, logged = {}, 0.0, 0.0, 0, time.perf_counter(), step
-    t_saved = time.perf_counter()
-    first_step, timing = step, [0, 0.0, 0.0, 0.0, 0]   # steps, data s, compute s, compute CPU s, frames (after step 1)
+    first_step, t_saved = step, time.perf_counter()
+    run_log._window(step)
     bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
     model.train()
     while step < max_steps:
@@ -379,12 +400,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step += 1
-        t2, c2 = time.perf_counter(), time.process_time()
-        t_data, t_comp, n_seen = t_data + t1 - t0, t_comp + t2 - t1, n_seen + len(pred) * world
-        if step > first_step + 1:   # the first step pays for worker start-up and allocator warm-up
-            timing = [u + v for u, v in zip(timing, (1, t1 - t0, t2 - t1, c2 - c1, len(pred) * world))]
-        for k, v in terms.items():
-            acc[k] = acc.get(k, 0.0) + v.detach().float()
+        run_log.add(terms, t1 - t0, time.perf_counter() - t1, time.process_time() - c1, len(pred) * world, step > first_step + 1)
         bar.update(1)
         stopped = should_stop is not None and bool(should_stop())
         end = step == max_steps or stopped
@@ -394,16 +410,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
             progress(step, max_steps, losses)
 
         if master and (step % cfg.log_every == 0 or end):
-            ns, dt = step - logged, time.perf_counter() - t_last
-            avg = {term: (v / ns).item() for term, v in acc.items()}
-            log(f"step {step}/{max_steps} ep {step // per_epoch} | " + " ".join(f"{t} {v:.4f}" for t, v in avg.items()) +
-                f" | lr {lr:.2e} | {n_seen / dt:.1f} samples/s | {1e3 * dt / ns:.0f} ms/step "
-                f"(data {1e3 * t_data / ns:.0f}, compute {1e3 * t_comp / ns:.0f})")
-            if writer:
-                for t, v in avg.items():
-                    writer.add_scalar(f"train/{t}", v, step)
-                writer.add_scalar("train/lr", lr, step)
-            acc, t_data, t_comp, n_seen, t_last, logged = {}, 0.0, 0.0, 0, time.perf_counter(), step
+            run_log.report(step, max_steps, per_epoch, lr)
         if master and (step % cfg.preview_every == 0 or end):
             (out / "previews").mkdir(exist_ok=True)
             save_preview(out / "previews" / f"step_{step:06d}.png", b["ref"], b["masked"], pred, b["target"])
@@ -411,9 +418,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
             val_l1, audio_effect = validate(raw_model, val_loader, device, cfg)
             log(f"step {step}: held-out L1 {val_l1:.4f}, audio effect {audio_effect:.2f} (mean |own - other audio| "
                 f"in the mouth box, 0-255)" + (" (best)" if val_l1 < best_loss else ""))
-            if writer:
-                writer.add_scalar("val/l1", val_l1, step)
-                writer.add_scalar("val/audio_effect", audio_effect, step)
+            run_log.scalars("val", {"l1": val_l1, "audio_effect": audio_effect}, step)
             if val_l1 < best_loss:
                 best_loss = val_l1
                 save(out / "best.pth", val_l1)
@@ -429,13 +434,9 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     bar.close()
     if world > 1:
         torch.distributed.barrier()
-    if master:
-        log(f"done: step {step}, last {last}" + (f", best held-out L1 {best_loss:.4f}" if val_loader is not None else ""))
-        if writer:
-            writer.close()
-    ns, td, tc, cc, frames = timing
-    timing = dict(steps=ns, data_ms=1e3 * td / max(ns, 1), compute_ms=1e3 * tc / max(ns, 1),
-                  compute_cpu_ms=1e3 * cc / max(ns, 1), samples_per_s=frames / max(td + tc, 1e-9))
+    log(f"done: step {step}, last {last}" + (f", best held-out L1 {best_loss:.4f}" if val_loader is not None else ""))
+    run_log.close()
+    timing = run_log.summary()
     return dict(step=step, losses=losses, val_l1=val_l1, audio_effect=audio_effect, best_loss=best_loss, last=str(last), timing=timing,
                 best=str(out / "best.pth") if (out / "best.pth").is_file() else None, out_dir=str(out), stopped=stopped)
 

@@ -212,6 +212,23 @@ def autocast(device, enabled=True):
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def parse_widths(text, presets, count=None, least=1):
+    """--widths of a network: a preset name, or comma-separated ints (a list or tuple is taken as
+    it is) -> list of ints. count: how many (None = any number); least: the smallest width allowed."""
+    if isinstance(text, (tuple, list)):
+        w = [int(x) for x in text]
+    elif text in presets:
+        w = list(presets[text])
+    else:
+        try:
+            w = [int(x) for x in str(text).replace("(", "").replace(")", "").split(",")]
+        except ValueError:
+            w = []
+    if not w or (count is not None and len(w) != count) or min(w) < least:
+        raise UserError(f"--widths {text!r}: use {' or '.join(presets)} or {count or 'some'} comma-separated ints >= {least}")
+    return w
+
+
 def check_name(name, what="name"):
     """Avatar/dataset names become folder names: no path tricks, no odd characters."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:

@@ -308,10 +308,10 @@ def test_held_out_audio_effect_is_zero_only_for_a_model_that_ignores_audio(data_
     class Deaf(torch.nn.Module):            # paints the masked input back, whatever the audio
         def forward(self, x, audio):
             return x[:, 3:]
-    l1, effect = train_328.validate(Deaf(), loader, torch.device("cpu"), cfg)
+    l1, effect = losses.validate(Deaf(), loader, torch.device("cpu"), cfg)
     assert effect == 0.0 and 0 < l1 < 1
     torch.manual_seed(0)
-    l1, effect = train_328.validate(UNet328(train_328.parse_widths(TINY)).eval(), loader, torch.device("cpu"), cfg)
+    l1, effect = losses.validate(UNet328(train_328.parse_widths(TINY)).eval(), loader, torch.device("cpu"), cfg)
     assert effect > 0 and 0 < l1 < 1        # audio reaches the mouth box, in 0-255 levels
 
 
