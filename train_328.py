@@ -254,7 +254,7 @@ def main(cfg, progress=None, should_stop=None):
             dist.destroy_process_group()
 
 
-def _data(cfg, ds, ckpt, enc_id, world):
+def _data(cfg, ds, ckpt, enc_id):
     """A contiguous held-out tail; the mask to repaint (a resumed run keeps its checkpoint's); the
     reference pool; the training set. -> (cfg, note, train_idx, val_idx, mask, refs, train_set)."""
     n = utils.load_npy(ds / "crops.npy", mmap=True).shape[0]
@@ -327,7 +327,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     audio_encoder, enc_id = feature_encoder(ds, info)
     last = out / "last.pth"
     ckpt = resume_point(cfg, out, ds, widths, enc_id)
-    cfg, mask_note, train_idx, val_idx, mask, refs, train_set = _data(cfg, ds, ckpt, enc_id, world)
+    cfg, mask_note, train_idx, val_idx, mask, refs, train_set = _data(cfg, ds, ckpt, enc_id)
     per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
     max_steps = cfg.max_steps or cfg.epochs * per_epoch
     objective, perc_kind, sync_path, loss_note = _objective(cfg, out, name, device)
