@@ -408,9 +408,9 @@ def _clean(v):
     return v
 
 
-def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
-    template = templates.FolderTemplate.from_dataset(ds)
-    det_boxes = detector_boxes(ds)
+def _audio(cfg, ds, template):
+    """The audio to drive the model (the held-out clip's own, or --audio) cut to the frames measured
+    -> (wav, n frames, self-reenactment?)."""
     self_mode = not cfg.audio
     wav = utils.load_audio(cfg.audio) if cfg.audio else utils.load_audio(ds / "aud.wav")
     n = utils.num_frames(len(wav))
@@ -420,37 +420,24 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         n = min(n, cfg.max_frames)
     if n < 2 * cfg.max_lag + 3:
         raise UserError(f"only {n} frames to evaluate; give at least {2 * cfg.max_lag + 3} ({(2 * cfg.max_lag + 3) / FPS:.1f} s)")
-    wav = wav[:n * SR // FPS]
-    detector = landmarks.make_detector("dlib")
-    try:
-        describer = landmarks.FaceDescriber()
-    except landmarks.LandmarkError as e:
-        raise UserError(str(e)) from None
-    band = seam_band(cfg.feather, mask=gen_model.mask)
-    jbox = jitter_box(template.lms, template.boxes)
-    tmpl_idx = np.array([templates.pingpong(k, template.n) for k in range(n)])
-    opening_prior = mouth_opening(template.lms[tmpl_idx])           # smoothed dataset landmarks, for picking the strip
-    strip_idx = sorted({int(i) for i in np.argsort(opening_prior)[np.linspace(0, n - 1, STRIP_FRAMES).astype(int)]})
-    id_idx = set(np.linspace(0, n - 1, min(cfg.id_frames, n)).astype(int).tolist())
-    gen_kw = dict(start_frame=0, feather=cfg.feather, color_match=cfg.color_match, reference=cfg.reference,
-                  silence_gate=cfg.silence_gate, seed=cfg.seed)
+    return wav[:n * SR // FPS], n, self_mode
 
-    # SyncNet (optional)
-    sync_path = None
+
+def _syncnet_path(cfg):
+    """--syncnet: auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off/""; or a file that must exist."""
     if cfg.syncnet == "auto":
         p = Path(cfg.ckpt_root) / cfg.name / "syncnet_best.pth" if cfg.name else None
-        sync_path = p if p is not None and p.is_file() else None
-    elif cfg.syncnet not in ("", "off"):
-        sync_path = Path(cfg.syncnet)
-        if not sync_path.is_file():
-            raise UserError(f"--syncnet {sync_path}: file not found (use --syncnet off to skip the SyncNet score)")
-    keep = None
-    if sync_path is not None:
-        shape = (n, INNER, INNER, 3)
-        keep = (np.lib.format.open_memmap(work / "gen320.npy", "w+", np.uint8, shape),
-                np.lib.format.open_memmap(work / "true320.npy", "w+", np.uint8, shape))
+        return p if p is not None and p.is_file() else None
+    if cfg.syncnet in ("", "off"):
+        return None
+    if not Path(cfg.syncnet).is_file():
+        raise UserError(f"--syncnet {cfg.syncnet}: file not found (use --syncnet off to skip the SyncNet score)")
+    return Path(cfg.syncnet)
 
-    outputs = {}
+
+def _main_pass(cfg, gen_model, wav, template, det_boxes, n, self_mode, out_dir, work, outputs, **kw):
+    """The generated frames measured against the truth, the side-by-side mp4 written on the way
+    when --video_out (removed again if the pass fails)."""
     vw, writer = None, None
     if cfg.video_out:
         w, h = template.size
@@ -461,18 +448,87 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         vw = utils.VideoWriter(out_dir / "side_by_side.mp4", 2 * size[0], size[1], audio=audio_wav)
         writer = side_by_side_writer(vw, size, "truth" if self_mode else "template")
     try:
-        t = time.time()
-        main_pass = run_pass(gen_model.frames(wav, template, **gen_kw), template, det_boxes, n, detector=detector,
-                             describer=describer, id_idx=id_idx, strip_idx=strip_idx, jbox=jbox, band=band,
-                             writer=writer, keep_crops=keep, desc="generate+measure")
-        timing["main_pass_s"] = round(time.time() - t, 1)
+        main_pass = run_pass(gen_model.frames(wav, template, **kw.pop("gen_kw")), template, det_boxes, n,
+                             writer=writer, desc="generate+measure", **kw)
         if vw is not None:
             vw.close()
             outputs["side_by_side"] = str(out_dir / "side_by_side.mp4")
+        return main_pass
     except BaseException:
         if vw is not None:
             vw.abort()
         raise
+
+
+def _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, silence_db, other_pass):
+    """Self-reenactment only (the truth is known): image and landmark quality, the opening track
+    against the truth, and the ablation (other_pass() = the same frames with another moment's
+    audio) -> the other opening track."""
+    true320 = to_crop_coords(main_pass["true_lms"], template.boxes[tmpl_idx])
+    gen320 = to_crop_coords(main_pass["gen_lms"], template.boxes[tmpl_idx])
+    m.update(psnr_crop=mean_finite(main_pass["psnr"]), ssim_crop=float(np.mean(main_pass["ssim"])),
+             psnr_mouth=mean_finite(main_pass["psnr_m"]), ssim_mouth=float(np.mean(main_pass["ssim_m"])),
+             lmd_mouth_px=lmd(gen320, true320))
+    m["opening_r"] = pearson(g_open, t_open)
+    m["opening_lag"], m["opening_r_at_lag"] = best_lag(g_open, t_open, cfg.max_lag)
+    m["opening_r_chance"] = chance_r(g_open, t_open)
+    m["opening_width_ratio"] = width_ratio(g_open, t_open)
+    other_open = mouth_opening(other_pass()["gen_lms"])
+    m["opening_r_other_audio"] = pearson(other_open, t_open)
+    m["ablation_gap"] = m["opening_r"] - m["opening_r_other_audio"]
+    sp = speech_frames(db, silence_db)
+    m["speech_frames"] = int(sp.sum())
+    m["opening_r_speech"] = pearson(g_open[sp], t_open[sp])
+    m["ablation_gap_speech"] = m["opening_r_speech"] - pearson(other_open[sp], t_open[sp])
+    return other_open
+
+
+def _sync_metrics(cfg, m, sync_path, keep, wav, timing):
+    """Our SyncNet on the kept generated and true 320 crops -> its per-side readings (also into m)."""
+    sync = {}
+    t = time.time()
+    device = utils.get_device(cfg.device)
+    net = load_syncnet(sync_path, device)
+    mel = utils.melspectrogram(wav)
+    for side, crops in (("gen", keep[0]), ("true", keep[1])):
+        s = sync_confidence(net, crops, mel, device)
+        if s is not None:
+            sync[side] = s
+            m[f"sync_conf_{side}"], m[f"sync_offset_{side}"] = s["conf"], s["offset"]
+            m[f"sync_p_{side}"], m[f"sync_stretch_acc_{side}"] = s["p_sync"], s["stretch_acc"]
+    timing["syncnet_s"] = round(time.time() - t, 1)
+    return sync
+
+
+def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
+    template = templates.FolderTemplate.from_dataset(ds)
+    det_boxes = detector_boxes(ds)
+    wav, n, self_mode = _audio(cfg, ds, template)
+    detector = landmarks.make_detector("dlib")
+    try:
+        describer = landmarks.FaceDescriber()
+    except landmarks.LandmarkError as e:
+        raise UserError(str(e)) from None
+    jbox = jitter_box(template.lms, template.boxes)
+    tmpl_idx = np.array([templates.pingpong(k, template.n) for k in range(n)])
+    opening_prior = mouth_opening(template.lms[tmpl_idx])           # smoothed dataset landmarks, for picking the strip
+    strip_idx = sorted({int(i) for i in np.argsort(opening_prior)[np.linspace(0, n - 1, STRIP_FRAMES).astype(int)]})
+    id_idx = set(np.linspace(0, n - 1, min(cfg.id_frames, n)).astype(int).tolist())
+    gen_kw = dict(start_frame=0, feather=cfg.feather, color_match=cfg.color_match, reference=cfg.reference,
+                  silence_gate=cfg.silence_gate, seed=cfg.seed)
+    sync_path = _syncnet_path(cfg)
+    keep = None
+    if sync_path is not None:
+        shape = (n, INNER, INNER, 3)
+        keep = (np.lib.format.open_memmap(work / "gen320.npy", "w+", np.uint8, shape),
+                np.lib.format.open_memmap(work / "true320.npy", "w+", np.uint8, shape))
+
+    outputs = {}
+    t = time.time()
+    main_pass = _main_pass(cfg, gen_model, wav, template, det_boxes, n, self_mode, out_dir, work, outputs, gen_kw=gen_kw,
+                           detector=detector, describer=describer, id_idx=id_idx, strip_idx=strip_idx, jbox=jbox,
+                           band=seam_band(cfg.feather, mask=gen_model.mask), keep_crops=keep)
+    timing["main_pass_s"] = round(time.time() - t, 1)
 
     g_open = mouth_opening(main_pass["gen_lms"])
     t_open = mouth_opening(main_pass["true_lms"])
@@ -482,29 +538,14 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     m = {}
     other_open = None
     if self_mode:
-        true320 = to_crop_coords(main_pass["true_lms"], template.boxes[tmpl_idx])
-        gen320 = to_crop_coords(main_pass["gen_lms"], template.boxes[tmpl_idx])
-        m.update(psnr_crop=mean_finite(main_pass["psnr"]), ssim_crop=float(np.mean(main_pass["ssim"])),
-                 psnr_mouth=mean_finite(main_pass["psnr_m"]), ssim_mouth=float(np.mean(main_pass["ssim_m"])),
-                 lmd_mouth_px=lmd(gen320, true320))
-        m["opening_r"] = pearson(g_open, t_open)
-        m["opening_lag"], m["opening_r_at_lag"] = best_lag(g_open, t_open, cfg.max_lag)
-        m["opening_r_chance"] = chance_r(g_open, t_open)
-        m["opening_width_ratio"] = width_ratio(g_open, t_open)
-        # the ablation: the same frames driven by the audio of another moment of the clip
-        shift = int(round(cfg.ablation_shift * n)) % n or n // 2
-        wav_other = np.roll(wav, shift * SR // FPS)
-        t = time.time()
-        other = run_pass(gen_model.frames(wav_other, template, **gen_kw), template, det_boxes, n, detector=detector,
-                         truth=main_pass, full=False, desc="ablation (other audio)")
-        timing["ablation_pass_s"] = round(time.time() - t, 1)
-        other_open = mouth_opening(other["gen_lms"])
-        m["opening_r_other_audio"] = pearson(other_open, t_open)
-        m["ablation_gap"] = m["opening_r"] - m["opening_r_other_audio"]
-        sp = speech_frames(db, silence_db)
-        m["speech_frames"] = int(sp.sum())
-        m["opening_r_speech"] = pearson(g_open[sp], t_open[sp])
-        m["ablation_gap_speech"] = m["opening_r_speech"] - pearson(other_open[sp], t_open[sp])
+        def other_pass():   # the same frames driven by the audio of another moment of the clip
+            shift = int(round(cfg.ablation_shift * n)) % n or n // 2
+            t = time.time()
+            other = run_pass(gen_model.frames(np.roll(wav, shift * SR // FPS), template, **gen_kw), template, det_boxes, n,
+                             detector=detector, truth=main_pass, full=False, desc="ablation (other audio)")
+            timing["ablation_pass_s"] = round(time.time() - t, 1)
+            return other
+        other_open = _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, silence_db, other_pass)
     m["env_lag_gen"], m["env_r_gen"] = best_lag(g_open, db, cfg.max_lag)
     m["env_lag_true"], m["env_r_true"] = best_lag(t_open, db, cfg.max_lag)
     m["silent_frames"] = int(silent.sum())
@@ -515,20 +556,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     m["seam_ratio"] = float(eg / et) if et > 0 else math.nan
     if main_pass["gen_id"]:
         m["identity_cos"] = float(np.mean(cosine(np.stack(main_pass["gen_id"]), np.stack(main_pass["true_id"]))))
-    sync = {}
-    if keep is not None:
-        t = time.time()
-        device = utils.get_device(cfg.device)
-        net = load_syncnet(sync_path, device)
-        mel = utils.melspectrogram(wav)
-        for side, crops in (("gen", keep[0]), ("true", keep[1])):
-            s = sync_confidence(net, crops, mel, device)
-            if s is not None:
-                sync[side] = s
-                m[f"sync_conf_{side}"], m[f"sync_offset_{side}"] = s["conf"], s["offset"]
-                m[f"sync_p_{side}"], m[f"sync_stretch_acc_{side}"] = s["p_sync"], s["stretch_acc"]
-        timing["syncnet_s"] = round(time.time() - t, 1)
-        del net
+    sync = _sync_metrics(cfg, m, sync_path, keep, wav, timing) if keep is not None else {}
     if cfg.plot:
         labels = ("truth", "generated", "generated, other audio") if self_mode else ("template", "generated", "")
         write_plot(out_dir / "plot.png", t_open, g_open, other_open, db, silent, thresh, main_pass["strip"], labels)
