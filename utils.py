@@ -756,6 +756,7 @@ class VideoWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.tmp-", suffix=".mp4", dir=self.path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o644)            # as atomic_file: an output video is an ordinary file, not owner-only
         self.tmp = Path(tmp)
         self.size = (width, height)
         args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",

@@ -251,6 +251,7 @@ def test_video_writer_round_trip_and_abort(tmp_path):
     with utils.VideoWriter(tmp_path / "v.mp4", 66, 50, audio=tmp_path / "a.wav") as w:
         for i in range(50):
             w.write(np.full((50, 66, 3), i * 5, np.uint8))
+    assert (tmp_path / "v.mp4").stat().st_mode & 0o777 == 0o644      # readable by others, like every output
     info = utils.probe(tmp_path / "v.mp4")
     assert info["video"]["fps"] == 25 and info["audio"] is not None
     assert abs(info["duration"] - 2.0) < 0.1
