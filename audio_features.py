@@ -5,7 +5,7 @@ writes dataset/NAME/aud_feat.npy), generator training, inference, evaluation and
     python -c "import audio_features as af, unet_328; print(af.encode_audio('speech.wav', unet_328.AudioEncoder()).shape)"
 
 A feature is the AudioEncoder's 512-d output for the 0.2 s mel window (80 x 16) centred on a video
-frame (utils.mel_windows); `encoder_id` names the encoder that made a set of features, so that a
+frame (media_io.mel_windows); `encoder_id` names the encoder that made a set of features, so that a
 generator is never fed features of another encoder.
 """
 import hashlib
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import media_io
 import utils
 from unet_328 import AudioEncoder
 from utils import FEAT_DIM, N_MELS, UserError
@@ -40,13 +41,13 @@ def encoder_id(audio_encoder):
 def encode_audio(wav_or_mel, audio_encoder, device="cpu", batch=256, n_frames=None):
     """Audio -> one 512-d feature per video frame, float32 [n_frames, 512]. Accepts a path (any
     audio/video ffmpeg reads), a float32 16 kHz mono wav [S] or a mel [80, T]; n_frames defaults
-    to utils.num_frames(S) (for a mel, the frames its length covers)."""
+    to media_io.num_frames(S) (for a mel, the frames its length covers)."""
     if isinstance(wav_or_mel, (str, Path)):
-        wav_or_mel = utils.load_audio(wav_or_mel)
+        wav_or_mel = media_io.load_audio(wav_or_mel)
     x = np.asarray(wav_or_mel, np.float32)
     if x.ndim == 1:
-        mel = utils.melspectrogram(x)
-        n = utils.num_frames(len(x)) if n_frames is None else n_frames
+        mel = media_io.melspectrogram(x)
+        n = media_io.num_frames(len(x)) if n_frames is None else n_frames
     elif x.ndim == 2 and x.shape[0] == N_MELS:
         mel = x
         n = int(round((x.shape[1] - 1) * utils.FPS / utils.MEL_FPS)) if n_frames is None else n_frames
@@ -57,7 +58,7 @@ def encode_audio(wav_or_mel, audio_encoder, device="cpu", batch=256, n_frames=No
     audio_encoder.eval().to(device)
     out = np.zeros((n, FEAT_DIM), np.float32)
     for s in range(0, n, batch):
-        win = utils.mel_windows(mel, np.arange(s, min(s + batch, n)))          # (b, 1, 80, 16)
+        win = media_io.mel_windows(mel, np.arange(s, min(s + batch, n)))          # (b, 1, 80, 16)
         out[s:s + len(win)] = audio_encoder(torch.from_numpy(win).to(device)).float().cpu().numpy()
     audio_encoder.train(was_training)
     return out
@@ -69,15 +70,15 @@ def write_features(ds_dir, audio_encoder, source, device="cpu"):
     ds_dir = Path(ds_dir)
     meta = utils.load_meta(ds_dir)
     wav = read_wav(ds_dir)
-    n = max(int(meta.get("frames", 0)), utils.num_frames(len(wav)))
+    n = max(int(meta.get("frames", 0)), media_io.num_frames(len(wav)))
     feats = encode_audio(wav, audio_encoder, device, n_frames=n)
     # the json is the stamp that says which encoder made the npy: drop it first, write it last
-    (ds_dir / "aud_feat.json").unlink(missing_ok=True)
-    with utils.atomic_file(ds_dir / "aud_feat.npy") as tmp:
+    (ds_dir / utils.AUD_FEAT_INFO).unlink(missing_ok=True)
+    with utils.atomic_file(ds_dir / utils.AUD_FEAT) as tmp:
         np.save(tmp, feats)
     info = {"encoder_id": encoder_id(audio_encoder), "source": str(source), "num_frames": n,
-            "feat_dim": FEAT_DIM, "audio": "aud.wav", "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    with utils.atomic_file(ds_dir / "aud_feat.json") as tmp:
+            "feat_dim": FEAT_DIM, "audio": utils.AUDIO_WAV, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with utils.atomic_file(ds_dir / utils.AUD_FEAT_INFO) as tmp:
         tmp.write_text(json.dumps(info, indent=1))
     return feats, info
 
@@ -97,7 +98,7 @@ def load_reference_encoder(path):
 
 def read_wav(ds_dir):
     import soundfile as sf
-    wav, sr = sf.read(str(Path(ds_dir) / "aud.wav"), dtype="float32", always_2d=True)
+    wav, sr = sf.read(str(Path(ds_dir) / utils.AUDIO_WAV), dtype="float32", always_2d=True)
     if sr != utils.SR:
         raise UserError(f"{ds_dir}/aud.wav is {sr} Hz, not {utils.SR}; re-run process.py on the video")
     return wav.mean(axis=1)

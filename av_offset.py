@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import templates
+import media_io
 import utils
 from utils import FPS, MEL_FPS, SR
 
@@ -107,9 +108,9 @@ def shift_audio(wav, frames):
 def measure_dataset(ds_dir):
     """The offset of a processed dataset (its aud.wav against its landmarks)."""
     ds = Path(ds_dir)
-    z = utils.load_npy(ds / "landmarks.npz")
+    z = utils.load_npy(ds / utils.LANDMARKS)
     import audio_features
-    return measure(templates.mouth_opening(z["lms"]), utils.melspectrogram(audio_features.read_wav(ds)))
+    return measure(templates.mouth_opening(z["lms"]), media_io.melspectrogram(audio_features.read_wav(ds)))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import templates
+import media_io
 import utils
 from utils import SR, UserError
 
@@ -84,7 +85,7 @@ def ensure_dataset(cfg):
     if cfg.name:
         return cfg.name, cfg.data_root
     root = Path(cfg.work) / "dataset"
-    if not (root / "anchor" / "meta.json").is_file():
+    if not (root / "anchor" / utils.META).is_file():
         clip = MEDIA / "german_anchor_20s.mp4"
         if not clip.is_file():
             raise UserError(f"{clip} is absent: pass --name NAME of a processed dataset")
@@ -102,12 +103,12 @@ def speech(seconds, work):
     if not path.is_file():
         src = MEDIA / "speech_en_radio_8s.wav"
         if src.is_file():
-            base = utils.load_audio(src)
+            base = media_io.load_audio(src)
         else:
             import synthetic
             base = synthetic.synth_speech(8.0)
         n = int(seconds * SR)
-        utils.write_wav(path, np.resize(base, n))
+        media_io.write_wav(path, np.resize(base, n))
     return path
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+import media_io
 import utils
 from utils import UserError
 
@@ -60,7 +61,7 @@ def write_random_checkpoint(folder, widths=TINY_WIDTHS, seed=0, step=0):
     widths = WIDTHS[widths] if isinstance(widths, str) else tuple(widths)
     torch.manual_seed(seed)
     enc = AudioEncoder()
-    path = Path(folder) / "last.pth"
+    path = Path(folder) / utils.LAST
     utils.save_checkpoint(dict(model=UNet328(widths).state_dict(), optimizer=None, scaler=None, step=step,
                                epoch=0, config={"widths": list(widths)}, rng=None, best_loss=None,
                                audio_encoder=enc.state_dict(), encoder_id=encoder_id(enc)), path)
@@ -81,7 +82,7 @@ def make_tiny_avatar(root, name="tiny", seconds=4.0):
 
 def write_speech(path, seconds, seed=0):
     import synthetic
-    utils.write_wav(path, synthetic.synth_speech(seconds, seed, lead_silence=min(0.2, seconds / 4)))
+    media_io.write_wav(path, synthetic.synth_speech(seconds, seed, lead_silence=min(0.2, seconds / 4)))
     return path
 
 
@@ -203,7 +204,7 @@ def main(cfg):
     print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"server device {cfg.device}, backend {cfg.backend}")
     print(f"load: {cfg.clients} clients polling every {cfg.poll_interval} s, {cfg.jobs} generate jobs of "
-          f"{cfg.audio_s:g} s speech ({utils.num_frames(int(cfg.audio_s * utils.SR))} frames each); submitted in {t_sub:.1f} s")
+          f"{cfg.audio_s:g} s speech ({media_io.num_frames(int(cfg.audio_s * utils.SR))} frames each); submitted in {t_sub:.1f} s")
     if len(base_lat):
         print(f"no job running : {len(base_lat)} requests in {cfg.baseline_s:g} s ({len(base_lat) / cfg.baseline_s:.0f}/s), "
               f"latency ms p50 {np.percentile(base_lat, 50):.1f}  p95 {np.percentile(base_lat, 95):.1f}  max {base_lat.max():.1f}")

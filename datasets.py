@@ -37,6 +37,8 @@ import torch
 import audio_features
 import syncnet_model
 import templates
+import geometry
+import media_io
 import utils
 from utils import UserError
 
@@ -60,10 +62,10 @@ def split_frames(n, held_out=0.1, block=25):
 
 
 def _check_dataset(ds):
-    for f in ("crops.npy", "meta.json", "landmarks.npz"):
+    for f in (utils.CROPS, utils.META, utils.LANDMARKS):
         if not (ds / f).is_file():
             raise UserError(f"{ds} has no {f}: it is not a processed dataset; run: python process.py VIDEO --name {ds.name}")
-    for f in ("aud_feat.npy", "aud_feat.json"):
+    for f in (utils.AUD_FEAT, utils.AUD_FEAT_INFO):
         if not (ds / f).is_file():
             raise UserError(f"{ds} has no {f} (audio features); run: python syncnet_328.py --name {ds.name} first")
 
@@ -72,7 +74,7 @@ def read_feature_info(ds_dir):
     """aud_feat.json of a dataset (encoder_id, source, ...), with the same errors as LipDataset."""
     ds = Path(ds_dir)
     _check_dataset(ds)
-    return json.loads((ds / "aud_feat.json").read_text())
+    return json.loads((ds / utils.AUD_FEAT_INFO).read_text())
 
 
 def feature_encoder(ds, info):
@@ -104,7 +106,7 @@ class LipDataset(torch.utils.data.Dataset):
     k..k+T-1: masked/target (T, 3, 320, 320), audio (T, 32, 16, 16), mouth (T, 4), mel (K, 1, 80,
     16): the SyncNet's audio windows (centre frame + mel_offsets), one shared ref. An item may be
     given as (k, epoch) so DataLoader workers need no shared epoch state. `mask`: the generator's
-    masked area (utils.jaw_mask), None = MASK_RECT."""
+    masked area (geometry.jaw_mask), None = MASK_RECT."""
 
     def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
                  clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,), mask=None):
@@ -115,8 +117,8 @@ class LipDataset(torch.utils.data.Dataset):
             raise UserError(f"{ds}/aud_feat.npy was made by audio encoder {info.get('encoder_id')}, not "
                             f"{expected_encoder_id}; re-run: python syncnet_328.py --name {ds.name}")
         self.encoder_id = info.get("encoder_id")
-        n = utils.load_npy(ds / "crops.npy", mmap=True).shape[0]   # header only; workers reopen lazily
-        self.feats = utils.load_npy(ds / "aud_feat.npy").astype(np.float32, copy=False)   # (>=N, 512)
+        n = utils.load_npy(ds / utils.CROPS, mmap=True).shape[0]   # header only; workers reopen lazily
+        self.feats = utils.load_npy(ds / utils.AUD_FEAT).astype(np.float32, copy=False)   # (>=N, 512)
         if self.feats.ndim != 2 or len(self.feats) < n:
             raise UserError(f"{ds}/aud_feat.npy has shape {self.feats.shape}, fewer rows than the {n} "
                             f"frames; re-run: python syncnet_328.py --name {ds.name}")
@@ -125,11 +127,11 @@ class LipDataset(torch.utils.data.Dataset):
             raise ValueError(f"frames outside 0..{n - 1}")
         self.n, self.clip, self.seed, self.augment, self.ref_gap = n, clip, seed, augment, ref_gap
         self.mel_offsets = tuple(mel_offsets)
-        z = utils.load_npy(ds / "landmarks.npz")    # per-frame mouth boxes in the 320 crop, for held-out metrics
+        z = utils.load_npy(ds / utils.LANDMARKS)    # per-frame mouth boxes in the 320 crop, for held-out metrics
         if "lms" not in z:
             raise UserError(f"{ds}/landmarks.npz holds no landmarks; re-run: python process.py VIDEO --name {ds.name} --overwrite")
-        lm320 = utils.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
-        self.mouth = np.array([utils.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
+        lm320 = geometry.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
+        self.mouth = np.array([geometry.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
         self.opening = templates.mouth_opening(lm320).astype(np.float32)          # (N,) inner-lip gap / width
         self.mask = None if mask is None else np.asarray(mask, bool)             # (320, 320); None = MASK_RECT
         # Clip starts: every frame of the clip must be in the subset (e.g. stay inside the train split).
@@ -156,7 +158,7 @@ class LipDataset(torch.utils.data.Dataset):
     @property
     def crops(self):
         if self._crops is None:   # opened per process: a memmap must not be pickled into workers
-            self._crops = utils.load_npy(self.ds / "crops.npy", mmap=True)   # (N, 328, 328, 3) uint8 BGR
+            self._crops = utils.load_npy(self.ds / utils.CROPS, mmap=True)   # (N, 328, 328, 3) uint8 BGR
         return self._crops
 
     def __getstate__(self):
@@ -183,14 +185,14 @@ class LipDataset(torch.utils.data.Dataset):
         i = int(self.items[k])
         rng = np.random.default_rng([self.seed, epoch, i])
         j = self.pick_reference(i, rng)
-        ref = utils.inner(self.load_crop(j))                                                # (320, 320, 3)
-        cur = np.stack([utils.inner(self.load_crop(f)) for f in range(i, i + self.clip)])  # (T, 320, 320, 3)
+        ref = geometry.inner(self.load_crop(j))                                                # (320, 320, 3)
+        cur = np.stack([geometry.inner(self.load_crop(f)) for f in range(i, i + self.clip)])  # (T, 320, 320, 3)
         if self.augment:   # a lighting change of the whole scene, applied before masking as at inference
             gain = np.float32(1 + rng.uniform(-AUG_GAIN, AUG_GAIN))
             bias = np.float32(255 * rng.uniform(-AUG_BIAS, AUG_BIAS) + 0.5)   # + 0.5: round, not floor
             ref, cur = (np.clip(x * gain + bias, 0, 255).astype(np.uint8) for x in (ref, cur))
-        masked = utils.mask_inner(cur, self.mask)
-        audio = np.stack([utils.feature_window(self.feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
+        masked = geometry.mask_inner(cur, self.mask)
+        audio = np.stack([media_io.feature_window(self.feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
         out = dict(ref=_tensor(ref), masked=_tensor(masked), target=_tensor(cur), audio=torch.from_numpy(audio),
                    mouth=torch.from_numpy(self.mouth[i:i + self.clip]),
                    opening=torch.from_numpy(self.opening[i:i + self.clip]), index=i, ref_index=j)
@@ -204,14 +206,14 @@ class LipDataset(torch.utils.data.Dataset):
 
 def generator_mask(ds_dir, frames, kind):
     """The masked area (bool (320, 320), or None for MASK_RECT) a generator of mask `kind` trains
-    and runs with, from the landmarks of the dataset's `frames` (utils.jaw_mask)."""
+    and runs with, from the landmarks of the dataset's `frames` (geometry.jaw_mask)."""
     if kind not in utils.MASKS:
         raise UserError(f"--mask {kind!r}: choose {' or '.join(utils.MASKS)}")
     if kind == "rect":
         return None
-    z = utils.load_npy(Path(ds_dir) / "landmarks.npz")
+    z = utils.load_npy(Path(ds_dir) / utils.LANDMARKS)
     idx = np.asarray(frames, np.int64)
-    return utils.jaw_mask(utils.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]))
+    return geometry.jaw_mask(geometry.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]))
 
 
 REFERENCES = ("random", "closed")   # training's reference pool: any training frame, or the closed-mouth share
@@ -227,7 +229,7 @@ def reference_pool(ds_dir, frames, kind):
     frames = np.asarray(frames, np.int64)
     if kind == "random":
         return frames
-    z = utils.load_npy(Path(ds_dir) / "landmarks.npz")
+    z = utils.load_npy(Path(ds_dir) / utils.LANDMARKS)
     score = templates.closed_score(z["lms"][frames], z["crop_boxes"][frames])
     keep = max(2, int(round(CLOSED_SHARE * len(frames))))
     return np.sort(frames[np.argsort(score, kind="stable")[:keep]])
@@ -243,10 +245,10 @@ class JpegLipDataset(LipDataset):
 
     def __init__(self, ds_dir, *args, **kw):
         super().__init__(ds_dir, *args, **kw)
-        self.boxes = np.load(self.ds / "landmarks.npz")["crop_boxes"]
+        self.boxes = np.load(self.ds / utils.LANDMARKS)["crop_boxes"]
 
     def load_crop(self, i):
-        return utils.crop_face(cv2.imread(str(self.ds / "frames" / f"{i:06d}.jpg")), self.boxes[i])
+        return geometry.crop_face(cv2.imread(str(utils.frame_file(self.ds / utils.FRAMES_DIR, i))), self.boxes[i])
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -297,16 +299,16 @@ def write_fake_dataset(ds_dir, n=40, seed=0):
         mouth = ((xx - 164) / 60) ** 2 + ((yy - 240) / (4 + 30 * openness[i])) ** 2 < 1
         img[mouth] = (40, 30, 90)
         crops[i] = np.clip(img, 0, 255).astype(np.uint8)
-    np.save(ds / "crops.npy", crops)
+    np.save(ds / utils.CROPS, crops)
     n_mel = n * utils.MEL_FPS // utils.FPS + 1
     np.save(ds / "mel.npy", rng.uniform(-4, 4, (utils.N_MELS, n_mel)).astype(np.float32))
     direction = rng.normal(0, 1, utils.FEAT_DIM).astype(np.float32)
     feats = openness[:, None] * direction[None] + rng.normal(0, 0.1, (n, utils.FEAT_DIM)).astype(np.float32)
-    np.save(ds / "aud_feat.npy", feats.astype(np.float32))
+    np.save(ds / utils.AUD_FEAT, feats.astype(np.float32))
     torch.manual_seed(seed)
     enc = AudioEncoder()
     utils.save_checkpoint({"model": enc.state_dict()}, ds / "fake_encoder.pth")
-    (ds / "aud_feat.json").write_text(json.dumps({"encoder_id": encoder_id(enc), "source": str(ds / "fake_encoder.pth"),
+    (ds / utils.AUD_FEAT_INFO).write_text(json.dumps({"encoder_id": encoder_id(enc), "source": str(ds / "fake_encoder.pth"),
                                                   "frames": n, "fake": True}))
     boxes = np.tile(np.array([0, 0, utils.CROP, utils.CROP]), (n, 1))
     lms = np.zeros((n, 68, 2), np.float32)                   # the mouth on the drawn ellipse, a jaw line and nose bottom around it
@@ -319,8 +321,8 @@ def write_fake_dataset(ds_dir, n=40, seed=0):
         ang = np.pi - 2 * np.pi * np.arange(len(idx)) / len(idx)
         lms[:, idx, 0] = 164 + scale * 60 * np.cos(ang)
         lms[:, idx, 1] = 240 - scale * (4 + 30 * openness[:, None]) * np.sin(ang)
-    np.savez(ds / "landmarks.npz", lms=lms, crop_boxes=boxes, found=np.ones(n, bool))
-    (ds / "meta.json").write_text(json.dumps({"name": ds.name, "fps": utils.FPS, "frames": n, "fake": True,
+    np.savez(ds / utils.LANDMARKS, lms=lms, crop_boxes=boxes, found=np.ones(n, bool))
+    (ds / utils.META).write_text(json.dumps({"name": ds.name, "fps": utils.FPS, "frames": n, "fake": True,
                                               "width": utils.CROP, "height": utils.CROP}))
     return ds
 
@@ -353,14 +355,14 @@ def main(cfg):
     ds = utils.dataset_path(cfg.name, cfg.data_root)
     meta = utils.load_meta(ds)
     with tempfile.TemporaryDirectory() as tmp:
-        if not (ds / "aud_feat.npy").is_file():   # the benchmark reads crops, features may be random
-            n = np.load(ds / "crops.npy", mmap_mode="r").shape[0]
+        if not (ds / utils.AUD_FEAT).is_file():   # the benchmark reads crops, features may be random
+            n = np.load(ds / utils.CROPS, mmap_mode="r").shape[0]
             fake = Path(tmp) / ds.name
             fake.mkdir()
-            for f in ("crops.npy", "meta.json", "landmarks.npz", "frames"):
+            for f in (utils.CROPS, utils.META, utils.LANDMARKS, utils.FRAMES_DIR):
                 (fake / f).symlink_to(ds / f)
-            np.save(fake / "aud_feat.npy", np.zeros((n, utils.FEAT_DIM), np.float32))
-            (fake / "aud_feat.json").write_text(json.dumps({"encoder_id": "none"}))
+            np.save(fake / utils.AUD_FEAT, np.zeros((n, utils.FEAT_DIM), np.float32))
+            (fake / utils.AUD_FEAT_INFO).write_text(json.dumps({"encoder_id": "none"}))
             ds = fake
         torch.set_num_threads(1)            # as in a DataLoader worker
         (cache, cache_ms), (jpeg, jpeg_ms) = _rate(LipDataset(ds), cfg), _rate(JpegLipDataset(ds), cfg)

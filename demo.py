@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+import media_io
 import utils
 from utils import SR, UserError
 
@@ -94,7 +95,7 @@ def _to_16k(wav, sr, tmp):
     import soundfile as sf
     p = Path(tmp) / "resample.wav"
     sf.write(str(p), np.asarray(wav, np.float32), sr, subtype="FLOAT")
-    return utils.load_audio(p)
+    return media_io.load_audio(p)
 
 
 class Speaker:
@@ -134,7 +135,7 @@ class Speaker:
         p = Path(tmp) / "espeak.wav"
         subprocess.run([self._espeak, "-v", "en-us", "-s", "150", "-w", str(p), text], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        return utils.load_audio(p)
+        return media_io.load_audio(p)
 
     def speech(self, sentences, seconds=None, seed=0):
         """Sentences (cycled until `seconds` when given) with pauses between and silence around."""
@@ -164,7 +165,7 @@ class Speaker:
 def cut(src, dst, start, length):
     """[start, start + length) s of a video, re-encoded (exact cut points, 25 fps kept by process.py)."""
     args = ["-ss", f"{start:.3f}", "-i", src] if start > 0 else ["-i", src]
-    utils.run_ffmpeg([*args, "-t", f"{length:.3f}", "-c:v", "libx264", "-crf", "17", "-preset", "veryfast",
+    media_io.run_ffmpeg([*args, "-t", f"{length:.3f}", "-c:v", "libx264", "-crf", "17", "-preset", "veryfast",
                       "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "160k", dst], what=f"cutting {src}")
     return dst
 
@@ -224,9 +225,9 @@ def main(cfg):
 
     def make_media():
         render_wav = media / "render.wav"
-        utils.write_wav(render_wav, speaker.speech(RENDER_TEXT, seed=cfg.seed + 2))
+        media_io.write_wav(render_wav, speaker.speech(RENDER_TEXT, seed=cfg.seed + 2))
         if cfg.video:
-            info = utils.probe(cfg.video)
+            info = media_io.probe(cfg.video)
             if info["video"] is None or info["audio"] is None or not info["duration"]:
                 raise UserError(f"{cfg.video} needs a video and an audio track (one person talking)")
             dur = info["duration"]

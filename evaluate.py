@@ -38,13 +38,16 @@ import cv2
 import numpy as np
 
 import templates
+import geometry
+import media_io
 import utils
 from metrics import (CLOSED_SHARE, JITTER_MARGIN, SEAM_PAD, SILENCE_CONTRAST_DB, SILENCE_FLOOR_DB,
                      SILENCE_HOLD, SILENCE_MIN_DB, best_lag, chance_r, closed_threshold, cosine,
                      gradient_energy, jitter_ratio, lmd, load_syncnet, loudness_db, mean_finite,
                      mouth_opening, pearson, psnr, seam_band, silence_score, silent_frames, speech_frames,
                      ssim, sync_confidence, width_ratio)
-from utils import FPS, INNER, MOUTH, MOUTH_MARGIN, SR, UserError, mouth_box, to_crop_coords
+from utils import FPS, INNER, MOUTH, MOUTH_MARGIN, SR, UserError
+from geometry import mouth_box, to_crop_coords
 
 
 @dataclass
@@ -96,13 +99,13 @@ class Baseline:
     def frames(self, wav, template, start_frame=0, feather=16, color_match=True, reference="closed",
                silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, stats=None):
         import inference_328 as inf
-        n = utils.num_frames(len(wav))
+        n = media_io.num_frames(len(wav))
         loud = inf.gate_loudness_db(wav, n, self.vad)
         refs = inf.References(template, reference, seed)
         copy = self.kind == "copy"
         for k, (j, frame, box) in enumerate(template.stream(start_frame, n)):
-            crop = utils.crop_face(frame, box)
-            gen = np.ascontiguousarray(utils.inner(crop)) if copy else refs.crop(k, j)
+            crop = geometry.crop_face(frame, box)
+            gen = np.ascontiguousarray(geometry.inner(crop)) if copy else refs.crop(k, j)
             yield inf.compose((frame, box, crop, gen, refs.closed, loud[k]), feather,
                               color_match and not copy, silence_gate and not copy, silence_db, speech_db)
 
@@ -122,13 +125,13 @@ def prepare_heldout(cfg, work):
     src = Path(cfg.video).resolve()
     stamp = {"video": str(src), "bytes": src.stat().st_size, "mtime": src.stat().st_mtime, "max_frames": cfg.max_frames}
     marker = ds / "eval_source.json"
-    if marker.is_file() and (ds / "crops.npy").is_file() and json.loads(marker.read_text()) == stamp:
+    if marker.is_file() and (ds / utils.CROPS).is_file() and json.loads(marker.read_text()) == stamp:
         print(f"held-out data: reusing {ds}")
         return ds
     video = src
     if cfg.max_frames:
         video = work / f"{name}.mp4"
-        utils.run_ffmpeg(["-i", src, "-t", f"{cfg.max_frames / FPS:.3f}", "-vf", f"fps={FPS}", "-c:v", "libx264",
+        media_io.run_ffmpeg(["-i", src, "-t", f"{cfg.max_frames / FPS:.3f}", "-vf", f"fps={FPS}", "-c:v", "libx264",
                           "-crf", "17", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", video],
                          what="cutting the held-out video")
     process.main(process.Config(video=str(video), name=name, data_root=str(root), overwrite=True, min_frames=1))
@@ -139,7 +142,7 @@ def prepare_heldout(cfg, work):
 def detector_boxes(ds):
     """Detector-style face boxes [N, 4] of a processed dataset, gaps filled with the nearest box."""
     import landmarks
-    z = utils.load_npy(Path(ds) / "landmarks.npz")
+    z = utils.load_npy(Path(ds) / utils.LANDMARKS)
     boxes = z["boxes"].astype(np.float32)
     ok = np.isfinite(boxes).all(1)
     if not ok.any():
@@ -179,8 +182,8 @@ def run_pass(gen_frames, template, det_boxes, n, *, detector, describer=None, tr
         if not full:
             continue
         box = template.boxes[j]
-        g328, t328 = utils.crop_face(gen, box), utils.crop_face(true, box)
-        g, t = utils.inner(g328), utils.inner(t328)
+        g328, t328 = geometry.crop_face(gen, box), geometry.crop_face(true, box)
+        g, t = geometry.inner(g328), geometry.inner(t328)
         r["psnr"].append(psnr(g, t))
         r["ssim"].append(ssim(g, t))
         tl = truth["true_lms"][k] if truth is not None else r["true_lms"][-1]
@@ -216,7 +219,7 @@ def side_by_side_writer(vw, size, left="truth"):
     def write(true, gen):
         pair = []
         for img, label in ((true, left), (gen, "generated")):
-            img = utils.resize(img, size) if img.shape[1::-1] != size else img.copy()
+            img = geometry.resize(img, size) if img.shape[1::-1] != size else img.copy()
             cv2.putText(img, label, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
             pair.append(img)
         vw.write(np.concatenate(pair, 1))
@@ -359,9 +362,9 @@ def main(cfg):
     if cfg.name:
         utils.check_name(cfg.name, "avatar name")
     if not Path(cfg.video).is_dir():
-        utils.probe(cfg.video)
+        media_io.probe(cfg.video)
     if cfg.audio:
-        utils.probe(cfg.audio)
+        media_io.probe(cfg.audio)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
     gen_model, gen_desc, step, ckpt_path = make_generator(cfg)   # fails fast on a missing checkpoint
     timing = {}
@@ -412,8 +415,8 @@ def _audio(cfg, ds, template):
     """The audio to drive the model (the held-out clip's own, or --audio) cut to the frames measured
     -> (wav, n frames, self-reenactment?)."""
     self_mode = not cfg.audio
-    wav = utils.load_audio(cfg.audio) if cfg.audio else utils.load_audio(ds / "aud.wav")
-    n = utils.num_frames(len(wav))
+    wav = media_io.load_audio(cfg.audio) if cfg.audio else media_io.load_audio(ds / utils.AUDIO_WAV)
+    n = media_io.num_frames(len(wav))
     if self_mode:
         n = min(n, template.n)
     if cfg.max_frames:
@@ -426,7 +429,7 @@ def _audio(cfg, ds, template):
 def _syncnet_path(cfg):
     """--syncnet: auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off/""; or a file that must exist."""
     if cfg.syncnet == "auto":
-        p = Path(cfg.ckpt_root) / cfg.name / "syncnet_best.pth" if cfg.name else None
+        p = Path(cfg.ckpt_root) / cfg.name / utils.SYNCNET_BEST if cfg.name else None
         return p if p is not None and p.is_file() else None
     if cfg.syncnet in ("", "off"):
         return None
@@ -444,8 +447,8 @@ def _main_pass(cfg, gen_model, wav, template, det_boxes, n, self_mode, out_dir, 
         s = min(1.0, SIDE_MAX_H / h)
         size = (int(round(w * s)) // 2 * 2, int(round(h * s)) // 2 * 2)
         audio_wav = work / "audio.wav"
-        utils.write_wav(audio_wav, wav)
-        vw = utils.VideoWriter(out_dir / "side_by_side.mp4", 2 * size[0], size[1], audio=audio_wav)
+        media_io.write_wav(audio_wav, wav)
+        vw = media_io.VideoWriter(out_dir / "side_by_side.mp4", 2 * size[0], size[1], audio=audio_wav)
         writer = side_by_side_writer(vw, size, "truth" if self_mode else "template")
     try:
         main_pass = run_pass(gen_model.frames(wav, template, **kw.pop("gen_kw")), template, det_boxes, n,
@@ -489,7 +492,7 @@ def _sync_metrics(cfg, m, sync_path, keep, wav, timing):
     t = time.time()
     device = utils.get_device(cfg.device)
     net = load_syncnet(sync_path, device)
-    mel = utils.melspectrogram(wav)
+    mel = media_io.melspectrogram(wav)
     for side, crops in (("gen", keep[0]), ("true", keep[1])):
         s = sync_confidence(net, crops, mel, device)
         if s is not None:

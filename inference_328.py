@@ -9,8 +9,8 @@ avatar's own frames played forward then backward from --start_frame, or a still 
 video), its smoothed crop box, the 328 crop; generator input = [reference crop of ANOTHER frame
 than the target, as in training, masked crop]; audio = the encoder vectors of frames k-8..k+7;
 the painted 320 centre goes back into the 328 crop, colour-matched to the template near the seam,
-and is blended into the frame through a feathered alpha (utils.paste_back). Frames go straight
-into one ffmpeg (utils.VideoWriter), which muxes the original audio track and renames into place
+and is blended into the frame through a feathered alpha (geometry.paste_back). Frames go straight
+into one ffmpeg (media_io.VideoWriter), which muxes the original audio track and renames into place
 only on success. Decode/crop runs in a reader thread, the U-Net in the caller, paste/encode in a
 writer thread; features (chunks of 10 s) and frames are streamed, so memory does not grow with
 the audio's length (only the 16 kHz wav itself is held: 230 MB for an hour).
@@ -49,6 +49,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import geometry
+import media_io
 import utils
 from templates import closed_score, open_template
 from utils import BORDER, FEAT_WIN, FPS, HOP, INNER, MEL_FPS, MEL_WIN, SR, UserError
@@ -304,7 +306,7 @@ class LipSyncModel:
         (float32 16 kHz mono), equal to those of the whole wav but computed from the samples
         around those frames only, so long audio is processed in constant memory."""
         from audio_features import encode_audio
-        n = utils.num_frames(len(wav))
+        n = media_io.num_frames(len(wav))
         stop = n if stop is None else min(stop, n)
         if stop <= start:
             return np.zeros((0, utils.FEAT_DIM), np.float32)
@@ -313,10 +315,10 @@ class LipSyncModel:
         base = max(0, (start - 5) // 5 * 5)                       # >= 5 frames of context before start
         m0 = base * MEL_FPS // FPS
         t_mel = len(wav) // HOP + 1                               # mel frames of the whole wav
-        m1 = min(t_mel, int(utils.mel_window_starts([stop + 5])[0]) + MEL_WIN)
+        m1 = min(t_mel, int(media_io.mel_window_starts([stop + 5])[0]) + MEL_WIN)
         s0 = max(0, (m0 - MEL_MARGIN) * HOP)
         s1 = min(len(wav), (m1 + MEL_MARGIN) * HOP)
-        mel = utils.melspectrogram(wav[s0:s1])[:, m0 - s0 // HOP:m1 - s0 // HOP]   # (80, m1 - m0)
+        mel = media_io.melspectrogram(wav[s0:s1])[:, m0 - s0 // HOP:m1 - s0 // HOP]   # (80, m1 - m0)
         feats = encode_audio(mel, self.audio_encoder, self.device, batch=256, n_frames=stop - base)   # (stop - base, 512)
         return np.asarray(feats[start - base:], np.float32)
 
@@ -339,7 +341,7 @@ class LipSyncModel:
     def _generate(self, wav, template, start_frame, reference, seed, stats):
         """Streams (frame, box, crop328, generated320, closed_ref320, loudness_db, mouth region) per output frame;
         template decoding runs in a reader thread READ_AHEAD frames ahead of the model."""
-        n = utils.num_frames(len(wav))
+        n = media_io.num_frames(len(wav))
         feats = FeatureStream(self, wav)
         loud = gate_loudness_db(wav, n, self.vad)
         refs = References(template, reference, seed)
@@ -351,7 +353,7 @@ class LipSyncModel:
             try:
                 for k, (j, frame, box) in enumerate(template.stream(start_frame, n)):
                     t = time.perf_counter()
-                    crop = utils.crop_face(frame, box)                                  # (328, 328, 3)
+                    crop = geometry.crop_face(frame, box)                                  # (328, 328, 3)
                     item = (frame, box, crop, refs.crop(k, j))
                     _add(stats, "decode+crop", time.perf_counter() - t)
                     while not stop.is_set():
@@ -386,7 +388,7 @@ class LipSyncModel:
                 aud = np.stack([feats.window(k + i) for i in range(len(batch))])      # (B, 32, 16, 16)
                 _add(stats, "audio features", time.perf_counter() - t)
                 t = time.perf_counter()
-                masked = utils.mask_inner(np.stack([utils.inner(b[2]) for b in batch]), self.mask)
+                masked = geometry.mask_inner(np.stack([geometry.inner(b[2]) for b in batch]), self.mask)
                 gen = self.generate_crops(np.stack([b[3] for b in batch]), masked, aud)
                 _add(stats, "model", time.perf_counter() - t)
                 for i, (frame, box, crop, _) in enumerate(batch):
@@ -408,7 +410,7 @@ class LipSyncModel:
         t = time.perf_counter()
         wav = load_speech(audio_path)
         _add(stats, "load audio", time.perf_counter() - t)
-        n = utils.num_frames(len(wav))
+        n = media_io.num_frames(len(wav))
         w, h = template.size
         if tmp_dir is not None:
             Path(tmp_dir).mkdir(parents=True, exist_ok=True)
@@ -418,11 +420,11 @@ class LipSyncModel:
             # not be picked up as the output's video stream
             audio_only = tmpdir / "audio.mka"             # Matroska takes any codec: a copy, no re-encode
             try:
-                utils.run_ffmpeg(["-i", audio_path, "-map", "0:a:0", "-vn", "-c:a", "copy", audio_only],
+                media_io.run_ffmpeg(["-i", audio_path, "-map", "0:a:0", "-vn", "-c:a", "copy", audio_only],
                                  what="extracting the audio track")
             except UserError:
                 audio_only = tmpdir / "audio.wav"
-                utils.run_ffmpeg(["-i", audio_path, "-map", "0:a:0", "-vn", "-c:a", "pcm_s16le", audio_only],
+                media_io.run_ffmpeg(["-i", audio_path, "-map", "0:a:0", "-vn", "-c:a", "pcm_s16le", audio_only],
                                  what="extracting the audio track")
             q = queue.Queue(WRITE_BEHIND)
             err = []
@@ -441,7 +443,7 @@ class LipSyncModel:
                     while q.get() is not None:     # drain so the producer never blocks
                         pass
 
-            with utils.VideoWriter(out_path, w, h, audio=audio_only, crf=crf) as vw:
+            with media_io.VideoWriter(out_path, w, h, audio=audio_only, crf=crf) as vw:
                 th = threading.Thread(target=writer, args=(vw,), daemon=True, name="paste-writer")
                 th.start()
                 try:
@@ -486,9 +488,9 @@ def _add(stats, key, dt):
 # ----------------------------------------------------------------------------------------------
 # Audio: loading, streamed features, loudness
 def load_speech(path):
-    """utils.load_audio plus the checks inference needs: not empty, not absurdly long."""
-    wav = utils.load_audio(path)
-    if utils.num_frames(len(wav)) < 1:
+    """media_io.load_audio plus the checks inference needs: not empty, not absurdly long."""
+    wav = media_io.load_audio(path)
+    if media_io.num_frames(len(wav)) < 1:
         raise UserError(f"{path}: the audio is {len(wav) / SR * 1000:.0f} ms long, shorter than one video frame (40 ms)")
     if len(wav) > MAX_AUDIO_HOURS * 3600 * SR:
         raise UserError(f"{path}: the audio is {len(wav) / SR / 3600:.1f} h long; split it into parts under {MAX_AUDIO_HOURS} h")
@@ -501,7 +503,7 @@ class FeatureStream:
 
     def __init__(self, model, wav, chunk=FEATURE_CHUNK):
         self.model, self.wav, self.chunk = model, wav, chunk
-        self.n = utils.num_frames(len(wav))
+        self.n = media_io.num_frames(len(wav))
         self.lo, self.buf = 0, np.zeros((0, utils.FEAT_DIM), np.float32)   # buf holds frames lo..lo+len-1
 
     def window(self, i):
@@ -514,7 +516,7 @@ class FeatureStream:
             self.buf, self.lo = self.buf[drop:], self.lo + drop
         # buf starts at frame 0 or at i-8, and ends at frame n or past i+7, so the zero padding of
         # feature_window falls exactly outside the audio, as for the whole-wav features
-        return utils.feature_window(self.buf, i - self.lo)
+        return media_io.feature_window(self.buf, i - self.lo)
 
 
 def frame_loudness_db(wav, n, chunk=10_000):
@@ -582,7 +584,7 @@ class References:
         self.template, self.mode = template, mode
         self.rng = np.random.default_rng(seed)
         self.closed_index = int(np.argmin(closed_score(template.lms, template.boxes)))
-        self.closed = np.ascontiguousarray(utils.inner(template.crop(self.closed_index)))   # (320, 320, 3)
+        self.closed = np.ascontiguousarray(geometry.inner(template.crop(self.closed_index)))   # (320, 320, 3)
         self.mouth = mouth_region(template.lms, template.boxes)
 
     def index(self, k, j):
@@ -597,7 +599,7 @@ class References:
     def crop(self, k, j):
         """Reference 320 crop for output frame k shown on template frame j."""
         r = self.index(k, j)
-        return self.closed if r == self.closed_index else np.ascontiguousarray(utils.inner(self.template.crop(r)))
+        return self.closed if r == self.closed_index else np.ascontiguousarray(geometry.inner(self.template.crop(r)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,9 +613,9 @@ DEFAULT_MOUTH = (150.0, 80.0, 80.0, 240.0)
 def seam_mask(feather, mask=None):
     """Where colour statistics are compared: the band of the paste alpha near its edge (where a
     seam would show), or the whole pasted area when there is no feather."""
-    key = (feather, utils.mask_key(mask))
+    key = (feather, geometry.mask_key(mask))
     if key not in _SEAM_MASK:
-        a = utils.paste_alpha(feather, mask)
+        a = geometry.paste_alpha(feather, mask)
         band = (a > 0.02) & (a < 0.98)
         _SEAM_MASK[key] = (band if band.sum() > 1000 else a > 0.5).astype(np.float32)
     return _SEAM_MASK[key]
@@ -664,8 +666,8 @@ def compose(item, feather=16, color_match=True, silence_gate=True, silence_db=-4
             gen = (gen * (1 - a) + closed * a + 0.5).astype(np.uint8)
     out[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = gen
     if color_match:
-        out = utils.match_color(out, crop, seam_mask(feather, mask))
-    return utils.paste_back(frame, box, out, feather, mask)
+        out = geometry.match_color(out, crop, seam_mask(feather, mask))
+    return geometry.paste_back(frame, box, out, feather, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -724,7 +726,7 @@ def main(cfg):
     ckpt = resolve_checkpoint(cfg.name, cfg.ckpt_root, cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else default_output(cfg.name or "template", cfg.audio_path, ckpt)
     check_output(out)
-    utils.probe(cfg.audio_path)            # a bad audio file fails now, not after loading the model
+    media_io.probe(cfg.audio_path)            # a bad audio file fails now, not after loading the model
     template = open_template(cfg.name, cfg.data_root, cfg.template)
     try:
         if not 0 <= cfg.start_frame < template.n:

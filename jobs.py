@@ -23,6 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import templates
+import media_io
 import utils
 from utils import UserError
 
@@ -399,7 +400,7 @@ class Worker:
         if inp.get("text"):
             prog.stage("synthesising speech", 0.0, 0.02)
             audio = str(synthesize_speech(inp["text"], Path(inp["dir"]) / "speech.wav"))
-            dur = utils.probe(audio)["duration"] or 0
+            dur = media_io.probe(audio)["duration"] or 0
             if dur > s.max_audio_s:
                 raise UserError(f"the synthesised speech is {dur:.0f} s long; the limit is {s.max_audio_s:g} s: shorten the text")
         prog.stage("loading model", 0.02, 0.05)

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 import templates
+import geometry
 import utils
 from utils import MOUTH
 
@@ -179,7 +180,7 @@ def jitter_ratio(gen_regions, true_regions):
 def seam_band(feather, pad=SEAM_PAD, mask=None):
     """Bool [328, 328]: where a paste seam can show -- the paste alpha's transition zone (or its
     edge, for a hard paste) grown by `pad` px each way; `mask`: the generator's masked area."""
-    a = utils.paste_alpha(feather, mask)
+    a = geometry.paste_alpha(feather, mask)
     k = np.ones((2 * pad + 1, 2 * pad + 1), np.uint8)
     outer = cv2.dilate((a > 1e-3).astype(np.uint8), k)
     core = cv2.erode((a > 1 - 1e-3).astype(np.uint8), k)

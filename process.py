@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 import av_offset
 import templates
+import geometry
+import media_io
 import utils
 from utils import FPS, SR, UserError
 
@@ -60,15 +62,15 @@ def normalise_video(src, info, dst):
     v = info["video"]
     cfr25 = v["fps"] is not None and abs(v["fps"] - FPS) < 0.01 and (v["tbr"] is None or abs(v["tbr"] - FPS) < 0.01)
     if cfr25 and not v["rotation"] and v["codec"] in ("h264", "hevc", "mpeg4"):
-        utils.run_ffmpeg(["-i", src, "-map", "0:v:0", "-c:v", "copy", "-an", dst], what="copying the video")
+        media_io.run_ffmpeg(["-i", src, "-map", "0:v:0", "-c:v", "copy", "-an", dst], what="copying the video")
         return False
-    utils.run_ffmpeg(["-i", src, "-map", "0:v:0", "-vf", f"fps={FPS}", "-c:v", "libx264", "-crf", "17",
+    media_io.run_ffmpeg(["-i", src, "-map", "0:v:0", "-vf", f"fps={FPS}", "-c:v", "libx264", "-crf", "17",
                       "-preset", "veryfast", "-pix_fmt", "yuv420p", "-an", dst], what="re-encoding to 25 fps")
     return True
 
 
 def extract_audio(src, dst):
-    utils.run_ffmpeg(["-i", src, "-map", "0:a:0", "-vn", "-ac", "1", "-ar", SR, "-c:a", "pcm_s16le", dst],
+    media_io.run_ffmpeg(["-i", src, "-map", "0:a:0", "-vn", "-ac", "1", "-ar", SR, "-c:a", "pcm_s16le", dst],
                      what="extracting audio")
     import soundfile as sf
     wav, sr = sf.read(str(dst), dtype="float32")
@@ -106,7 +108,7 @@ def parse_av_offset(text):
 def apply_av_offset(wav, opening, mode):
     """Measure the recording's audio-video offset and shift the audio as `mode` says ->
     (wav, its mel, meta record, message or None); the mel is computed again only when shifted."""
-    mel = utils.melspectrogram(wav)
+    mel = media_io.melspectrogram(wav)
     av = av_offset.measure(opening, mel)
     d, forced = av["frames"], parse_av_offset(mode)
     clear = d is not None and abs(d) >= av_offset.WARN_FRAMES
@@ -123,7 +125,7 @@ def apply_av_offset(wav, opening, mode):
     record = dict(av, mode=str(mode), applied=int(shift))
     if shift:
         wav = av_offset.shift_audio(wav, shift)
-        mel = utils.melspectrogram(wav)
+        mel = media_io.melspectrogram(wav)
     return wav, mel, record, msg
 
 
@@ -139,7 +141,7 @@ def main(cfg):
     final = Path(cfg.data_root) / name
     if final.exists() and not cfg.overwrite:
         raise UserError(f"dataset {final} already exists; pass --overwrite to replace it or choose another --name")
-    info = utils.probe(src)
+    info = media_io.probe(src)
     if info["video"] is None or not info["video"]["width"]:
         raise UserError(f"{src} has no video stream; give a video of the person speaking")
     if info["audio"] is None:
@@ -162,24 +164,24 @@ def main(cfg):
     with utils.atomic_dir(final) as ds, writer_pool(2) as pool:
         # 1. video at 25 fps and 16 kHz mono audio
         reencoded = normalise_video(src, info, ds / "video.mp4")
-        wav = extract_audio(src, ds / "aud.wav")
-        if utils.is_silent(wav):
+        wav = extract_audio(src, ds / utils.AUDIO_WAV)
+        if media_io.is_silent(wav):
             raise UserError(f"the audio of {src} is silent; the model learns lip motion from speech, so record with sound")
-        vinfo = utils.probe(ds / "video.mp4")
+        vinfo = media_io.probe(ds / "video.mp4")
         w, h = vinfo["video"]["width"], vinfo["video"]["height"]
         expect = int(round((vinfo["duration"] or info["duration"] or 0) * FPS))
         announced = int(round((info["duration"] or 0) * FPS))    # what the source's header says (a cut file: more than it holds)
 
         # 2. frames to JPEG, landmarks tracked on the same pass
-        (ds / "frames").mkdir()
+        (ds / utils.FRAMES_DIR).mkdir()
         quality = [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
         bar = tqdm(total=expect or None, desc="frames+landmarks", unit="f", dynamic_ncols=True)
 
         writes = []
 
         def frames():
-            for i, frame in enumerate(utils.iter_frames(ds / "video.mp4", w, h)):
-                writes.append(pool.submit(cv2.imwrite, str(ds / "frames" / f"{i:06d}.jpg"), frame, quality))
+            for i, frame in enumerate(media_io.iter_frames(ds / "video.mp4", w, h)):
+                writes.append(pool.submit(cv2.imwrite, str(utils.frame_file(ds / utils.FRAMES_DIR, i)), frame, quality))
                 bar.update(1)
                 yield frame
 
@@ -200,13 +202,13 @@ def main(cfg):
             raise UserError(f"a face was found in only {found.sum()} of {n} frames ({100 * found.mean():.0f}%); "
                             f"at least {100 * cfg.min_face_share:.0f}% are needed: trim the parts without the face")
         smooth, filled, long_gaps = landmarks.clean_track(track["lms"], found, cfg.max_gap, cfg.smooth_sigma)
-        boxes = np.stack([utils.crop_box(l) for l in smooth])
+        boxes = np.stack([geometry.crop_box(l) for l in smooth])
 
         # 3. crop cache: the training set reads 328 crops, never the full frames
-        crops = np.lib.format.open_memmap(ds / "crops.npy", mode="w+", dtype=np.uint8, shape=(n, utils.CROP, utils.CROP, 3))
+        crops = np.lib.format.open_memmap(ds / utils.CROPS, mode="w+", dtype=np.uint8, shape=(n, utils.CROP, utils.CROP, 3))
 
         def crop(i):
-            crops[i] = utils.crop_face(cv2.imread(str(ds / "frames" / f"{i:06d}.jpg")), boxes[i])
+            crops[i] = geometry.crop_face(cv2.imread(str(utils.frame_file(ds / utils.FRAMES_DIR, i))), boxes[i])
 
         for _ in tqdm(pool.map(crop, range(n)), total=n, desc="crops", unit="f", dynamic_ncols=True):
             pass
@@ -222,9 +224,9 @@ def main(cfg):
         # ... and in step with the lips (av_offset.py)
         wav, mel, av_record, av_msg = apply_av_offset(wav, templates.mouth_opening(smooth), cfg.av_offset)
         if audio_fix_ms or av_record["applied"]:
-            utils.write_wav(ds / "aud.wav", wav)
+            media_io.write_wav(ds / utils.AUDIO_WAV, wav)
         np.save(ds / "mel.npy", mel)
-        np.savez(ds / "landmarks.npz", lms=smooth, lms_raw=track["lms"].astype(np.float32),
+        np.savez(ds / utils.LANDMARKS, lms=smooth, lms_raw=track["lms"].astype(np.float32),
                  boxes=track["boxes"].astype(np.float32), found=found, filled=filled | long_gaps,
                  crop_boxes=boxes)
         faces_seen = int(np.max(track["n_faces"])) if len(track["n_faces"]) else 0
@@ -241,7 +243,7 @@ def main(cfg):
                          "dlib": utils.package_version("dlib-bin")},
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        (ds / "meta.json").write_text(json.dumps(meta, indent=1))
+        (ds / utils.META).write_text(json.dumps(meta, indent=1))
 
     dt = time.time() - t0
     if av_msg:

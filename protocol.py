@@ -87,7 +87,7 @@ def prepare(video, data_root):
     import process
     name = utils.safe_stem(video)
     ds = Path(data_root) / name
-    if not (ds / "crops.npy").is_file():
+    if not (ds / utils.CROPS).is_file():
         process.main(process.Config(video=str(video), name=name, data_root=str(data_root)))
     return ds
 
@@ -116,7 +116,7 @@ def main(cfg):
     stamp = dict(steps=cfg.sync_steps, seed=cfg.seed)
     stamp_file = sync_dir / "protocol_syncnet.json"
     t = time.time()
-    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and (train_ds / "aud_feat.npy").is_file()):
+    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and (train_ds / utils.AUD_FEAT).is_file()):
         syncnet_328.main(syncnet_328.Config(name=name, data_root=str(data_root), ckpt_root=str(ckpt_root),
                                             max_steps=cfg.sync_steps, device=cfg.device, seed=cfg.seed))
         stamp_file.write_text(json.dumps(stamp))
@@ -145,7 +145,7 @@ def main(cfg):
     ev = dict(name=name, video=str(held_ds), ckpt_root=str(ckpt_root), device=cfg.device, max_frames=cfg.eval_frames,
               video_out=cfg.video_out)
     t = time.time()
-    res = evaluate.main(evaluate.Config(**ev, checkpoint=str(run / "last.pth"), out_dir=str(run / "eval")))
+    res = evaluate.main(evaluate.Config(**ev, checkpoint=str(run / utils.LAST), out_dir=str(run / "eval")))
     times["eval_s"] = round(time.time() - t, 1)
     base = None
     if cfg.baseline:

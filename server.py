@@ -35,6 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+import media_io
 import utils
 from jobs import (ACTIVE, AVATAR_STAGES, GEN_CKPT, JobStore, Worker, checkpoint_path, json_object, sweep_litter,
                   tts_available)
@@ -172,9 +173,9 @@ DATASET_FACTS = ("frames", "duration", "fps", "width", "height", "source_fps", "
 def avatar_info(s, name, store):
     ds = Path(s.data_root) / name
     facts = None
-    if (ds / "meta.json").is_file():
+    if (ds / utils.META).is_file():
         try:
-            meta = json.loads((ds / "meta.json").read_text())
+            meta = json.loads((ds / utils.META).read_text())
             facts = {k: meta[k] for k in DATASET_FACTS if k in meta}
         except (OSError, ValueError):
             facts = {"error": "meta.json unreadable"}
@@ -184,7 +185,7 @@ def avatar_info(s, name, store):
 
 def avatar_names(s):
     names = set()
-    for root, marker in ((Path(s.data_root), "meta.json"), (Path(s.ckpt_root), None)):
+    for root, marker in ((Path(s.data_root), utils.META), (Path(s.ckpt_root), None)):
         if root.is_dir():
             for d in root.iterdir():
                 if d.is_dir() and not d.name.startswith(".") and (
@@ -248,7 +249,7 @@ def shown_name(upload, default):
 def probe_upload(path, shown, need_video, need_audio, max_s, what):
     """Probe a saved upload; UserError (-> 422) names the user's file, not the server path."""
     try:
-        info = utils.probe(path)
+        info = media_io.probe(path)
     except UserError as e:
         raise UserError(str(e).replace(str(path), shown)) from None
     if need_video and (info["video"] is None or not info["video"]["width"]):
@@ -257,7 +258,7 @@ def probe_upload(path, shown, need_video, need_audio, max_s, what):
         raise UserError(f"{shown} has no audio stream; {what}")
     dur = info["duration"]
     if dur is None and need_audio and not need_video:      # a raw stream without a duration: decode it
-        dur = len(utils.load_audio(path)) / utils.SR
+        dur = len(media_io.load_audio(path)) / utils.SR
     dur = dur or 0.0
     if dur > max_s:
         raise UserError(f"{shown} is {dur:.1f} s long; the limit is {max_s:g} s (server setting); use a shorter file")
@@ -272,7 +273,7 @@ def check_image(path, shown):
     import cv2
     bad = f"{shown} is not a readable image (use a PNG or JPEG photo of one face)"
     try:
-        v = utils.probe(path)["video"]
+        v = media_io.probe(path)["video"]
     except UserError:
         raise UserError(bad) from None
     if v is None or not v["width"]:
@@ -330,7 +331,7 @@ def create_app(settings=None):
         state.update(store=store, worker=worker, tts=tts_available())
         def resumable(job):                  # generator training with a saved step continues after a restart
             return (job["kind"] == "avatar" and job["stage"] == AVATAR_STAGES[2][0]
-                    and (Path(s.ckpt_root) / job["avatar"] / "last.pth").is_file())
+                    and (Path(s.ckpt_root) / job["avatar"] / utils.LAST).is_file())
 
         queue = store.recover(resumable)
         swept = sweep_litter(data, set(queue))   # what a killed server left: old uploads, partial results, tmp/
@@ -518,12 +519,12 @@ def create_app(settings=None):
             if len(text) > s.max_text_chars:
                 raise UserError(f"the text is {len(text)} characters; the limit is {s.max_text_chars}")
         if not list_checkpoints(s, avatar):
-            if not (Path(s.data_root) / avatar / "meta.json").is_file() and not store().active_for("avatar", avatar):
+            if not (Path(s.data_root) / avatar / utils.META).is_file() and not store().active_for("avatar", avatar):
                 raise HTTPException(404, f"no avatar {avatar!r}; GET /api/avatars lists them")
             raise HTTPException(409, f"avatar {avatar!r} has no trained generator yet; wait for its avatar job")
         if checkpoint:
             checkpoint_path(s, avatar, checkpoint)
-        if not (Path(s.data_root) / avatar / "meta.json").is_file() and not (template and template.filename):
+        if not (Path(s.data_root) / avatar / utils.META).is_file() and not (template and template.filename):
             raise UserError(f"avatar {avatar!r} has no dataset frames to animate; upload a template photo")
         job_id, folder = new_job_dir()
         inputs, request = {"dir": str(folder), "shown": {}}, {"checkpoint": checkpoint or ""}

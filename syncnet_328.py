@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import media_io
 import utils
 from audio_features import SOURCE_REFERENCE, load_reference_encoder, read_wav, write_features
 from syncnet_model import (AUDIO_K, AUDIO_STRIDE, EMB_DIM, MAX_SCALE, SYNC_T, SYNC_WIDTHS, SyncNet, audio_offsets,
@@ -87,7 +88,7 @@ class Config:
 # ---- data ------------------------------------------------------------------------------------
 def check_dataset(ds_dir):
     meta = utils.load_meta(ds_dir)
-    for f in ("crops.npy", "aud.wav"):
+    for f in (utils.CROPS, utils.AUDIO_WAV):
         if not (Path(ds_dir) / f).is_file():
             raise UserError(f"dataset {ds_dir} has no {f}; re-run: python process.py VIDEO --name {Path(ds_dir).name} --overwrite")
     return meta
@@ -111,7 +112,7 @@ def audio_windows(wav, n, speed=1.0):
     """Mel windows [n, 1, 80, 16] centred on video frames 0..n-1 of a wav played `speed` times
     faster: the window centre stays on the frame, the window spans 0.2 s * speed of the original."""
     frames = (np.arange(n) + 0.5) / speed - 0.5                        # fractional frames in the resampled audio
-    return utils.mel_windows(utils.melspectrogram(wav), frames)
+    return media_io.mel_windows(media_io.melspectrogram(wav), frames)
 
 
 def face_inputs(crops_path, model, chunk=64):
@@ -135,9 +136,9 @@ class Clip:
     def __init__(self, ds_dir, model, aug_variants=0, aug_cfg=None, seed=0):
         self.ds_dir = Path(ds_dir)
         self.meta = check_dataset(ds_dir)
-        self.faces = face_inputs(self.ds_dir / "crops.npy", model)
+        self.faces = face_inputs(self.ds_dir / utils.CROPS, model)
         wav = read_wav(ds_dir)
-        self.n = min(len(self.faces), utils.num_frames(len(wav)))
+        self.n = min(len(self.faces), media_io.num_frames(len(wav)))
         rng = np.random.default_rng([seed, 1])
         wins = [audio_windows(wav, self.n)]
         for _ in range(aug_variants):
@@ -422,7 +423,7 @@ def split(n, cfg):
 
 def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
-    last_path, best_path = ckpt_dir / "syncnet_last.pth", ckpt_dir / "syncnet_best.pth"
+    last_path, best_path = ckpt_dir / utils.SYNCNET_LAST, ckpt_dir / utils.SYNCNET_BEST
     ckpt = None
     mode = "last" if cfg.resume is True else str(cfg.resume or "")   # True: the old yes/no flag
     path = last_path if mode in ("auto", "last") else Path(mode)
@@ -551,7 +552,7 @@ def main(cfg, progress=None, should_stop=None):
         raise UserError("no dataset given: python syncnet_328.py --name NAME (the --name given to process.py)")
     ds_dir = utils.dataset_path(cfg.name, cfg.data_root)
     ckpt_dir = Path(cfg.ckpt_root) / cfg.name
-    best_path = ckpt_dir / "syncnet_best.pth"
+    best_path = ckpt_dir / utils.SYNCNET_BEST
     device = utils.get_device(cfg.device)
     check_dataset(ds_dir)
     before = torch.get_num_threads()                # torch's default: the usable cores

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import media_io
 import utils
 from unet_328 import AudioEncoder, Conv2dBlock, check_shape
 from utils import FEAT_DIM, INNER, MEL_WIN, N_MELS, UserError
@@ -49,7 +50,7 @@ def audio_input(mel, centres, offsets):
     the 0.2 s windows centred on frames centre + offset (silence outside the audio). THE audio
     geometry of the sync expert, shared by generator training and evaluation."""
     frames = np.asarray(centres)[:, None] + np.asarray(offsets)[None]          # (N, K)
-    return utils.mel_windows(mel, frames.reshape(-1)).reshape(len(frames), len(offsets), 1, N_MELS, MEL_WIN)
+    return media_io.mel_windows(mel, frames.reshape(-1)).reshape(len(frames), len(offsets), 1, N_MELS, MEL_WIN)
 
 
 def downscale_face(face, face_size, lower_half=True, region=None):
@@ -106,7 +107,7 @@ class SyncNet(nn.Module):
 
     def prepare_face(self, face):
         """Full crops (B, 3T, 320, 320) -> face-tower input (B, 3T, *face_size): the region (or
-        lower half), area-downscaled (integer factors: the same pixels as utils.resize's INTER_AREA)."""
+        lower half), area-downscaled (integer factors: the same pixels as geometry.resize's INTER_AREA)."""
         check_shape(face, (3 * self.T, INNER, INNER), "SyncNet face")
         return downscale_face(face, self.face_size, self.lower_half, self.region)
 

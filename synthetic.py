@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import media_io
 import utils
 from utils import FPS, SR
 
@@ -97,14 +98,14 @@ def make_talking_clip(out_path, wav=None, face=None, seconds=8.0, seed=0, drift_
     if not faces:
         raise utils.UserError("no face found in the image given to the synthetic actor")
     lm = faces[0][0]
-    n = utils.num_frames(len(wav))
+    n = media_io.num_frames(len(wav))
     op = opening_track(wav, n)
     out_path = Path(out_path)
     wav_path = out_path.with_suffix(".tmp.wav")
-    utils.write_wav(wav_path, wav)
+    media_io.write_wav(wav_path, wav)
     try:
         h, w = face.shape[:2]
-        with utils.VideoWriter(out_path, w, h, audio=wav_path, crf=16) as vw:
+        with media_io.VideoWriter(out_path, w, h, audio=wav_path, crf=16) as vw:
             for k in range(n):
                 t = k / FPS
                 drift = (drift_px * np.sin(2 * np.pi * 0.13 * t), 0.5 * drift_px * np.sin(2 * np.pi * 0.07 * t))
@@ -116,5 +117,5 @@ def make_talking_clip(out_path, wav=None, face=None, seconds=8.0, seed=0, drift_
 
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "synthetic.mp4"
-    wav = utils.load_audio(sys.argv[sys.argv.index("--wav") + 1]) if "--wav" in sys.argv else None
+    wav = media_io.load_audio(sys.argv[sys.argv.index("--wav") + 1]) if "--wav" in sys.argv else None
     print(utils.run_main(make_talking_clip, out, wav))

@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import geometry
+import media_io
 import utils
 from utils import FPS, UserError
 
@@ -62,27 +64,27 @@ class FolderTemplate:
     def from_dataset(cls, ds):
         ds = Path(ds)
         meta = utils.load_meta(ds)
-        if not (ds / "landmarks.npz").is_file() or not (ds / "frames").is_dir():
+        if not (ds / utils.LANDMARKS).is_file() or not (ds / utils.FRAMES_DIR).is_dir():
             raise UserError(f"dataset {ds} is incomplete (no landmarks.npz or frames/); run process.py again with --overwrite")
-        z = utils.load_npy(ds / "landmarks.npz")
+        z = utils.load_npy(ds / utils.LANDMARKS)
         crops = None
-        if (ds / "crops.npy").is_file():
-            crops = utils.load_npy(ds / "crops.npy", mmap=True)
+        if (ds / utils.CROPS).is_file():
+            crops = utils.load_npy(ds / utils.CROPS, mmap=True)
             if len(crops) != len(z["crop_boxes"]):
                 crops = None
-        return cls(ds / "frames", z["lms"], z["crop_boxes"], (meta["width"], meta["height"]), crops, what=f"dataset {ds}")
+        return cls(ds / utils.FRAMES_DIR, z["lms"], z["crop_boxes"], (meta["width"], meta["height"]), crops, what=f"dataset {ds}")
 
     def read(self, j):
-        frame = cv2.imread(str(self.folder / f"{j:06d}.jpg"))
+        frame = cv2.imread(str(utils.frame_file(self.folder, j)))
         if frame is None:
-            raise UserError(f"{self.what}: frame {j} ({self.folder / f'{j:06d}.jpg'}) is missing or unreadable")
+            raise UserError(f"{self.what}: frame {j} ({utils.frame_file(self.folder, j)}) is missing or unreadable")
         return frame
 
     def crop(self, j):
         """The 328 face crop of template frame j (from the crop cache when there is one)."""
         if self._crops is not None:
             return np.asarray(self._crops[j])
-        return utils.crop_face(self.read(j), self.boxes[j])
+        return geometry.crop_face(self.read(j), self.boxes[j])
 
     def stream(self, start, count):
         """(template index, BGR frame, crop box) for `count` output frames from `start`."""
@@ -110,7 +112,7 @@ class ImageTemplate(FolderTemplate):
         if len(faces) > 1:
             print(f"note: {len(faces)} faces in template {path}; animating the largest one", file=sys.stderr)
         lm = np.asarray(faces[0][0], np.float32)
-        box = utils.crop_box(lm)
+        box = geometry.crop_box(lm)
         if box[2] - box[0] < MIN_TEMPLATE_BOX:
             raise UserError(f"the face in template {path} is too small: its crop is {box[2] - box[0]} px wide, at least "
                             f"{MIN_TEMPLATE_BOX} px are needed (a face about {MIN_TEMPLATE_BOX * 5 // 4} px wide); "
@@ -129,7 +131,7 @@ class VideoTemplate(FolderTemplate):
 
     def __init__(self, path, max_gap=12, smooth_sigma=1.0):
         import landmarks
-        info = utils.probe(path)
+        info = media_io.probe(path)
         v = info["video"]
         if v is None or not v["width"]:
             raise UserError(f"template {path} has no video stream")
@@ -140,8 +142,8 @@ class VideoTemplate(FolderTemplate):
                 w, h = h, w
 
             def frames():
-                for i, f in enumerate(utils.iter_frames(path, w, h, fps=FPS)):
-                    cv2.imwrite(str(tmp / f"{i:06d}.jpg"), f, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                for i, f in enumerate(media_io.iter_frames(path, w, h, fps=FPS)):
+                    cv2.imwrite(str(utils.frame_file(tmp, i)), f, [cv2.IMWRITE_JPEG_QUALITY, 95])
                     yield f
 
             tr = landmarks.track_video(frames(), landmarks.make_detector("dlib"))
@@ -151,7 +153,7 @@ class VideoTemplate(FolderTemplate):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        super().__init__(tmp, lms, np.stack([utils.crop_box(l) for l in lms]), (w, h), what=f"template {path}")
+        super().__init__(tmp, lms, np.stack([geometry.crop_box(l) for l in lms]), (w, h), what=f"template {path}")
 
     def close(self):
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -172,7 +174,7 @@ def open_template(name=None, data_root=None, template=""):
             raise UserError(f"template not found: {p}")
         t = ImageTemplate(p) if p.suffix.lower() in IMAGE_EXT else VideoTemplate(p)
         ds = utils.dataset_path(name, data_root) if name else None
-        if ds is not None and (ds / "landmarks.npz").is_file():
+        if ds is not None and (ds / utils.LANDMARKS).is_file():
             d = identity_distance(t, FolderTemplate.from_dataset(ds))
             if d is not None and d > SAME_PERSON:
                 print(f"warning: the face in {p.name} looks like another person than avatar {name}'s (face descriptor "

@@ -198,7 +198,7 @@ def resume_point(cfg, out, ds, widths, enc_id):
     """The checkpoint --resume names (None for a new run), checked against this run's widths, base
     and audio features; a UserError when out_dir holds a run that neither --resume nor --overwrite
     addresses."""
-    last, ckpt = out / "last.pth", None
+    last, ckpt = out / utils.LAST, None
     if cfg.resume:
         path = last if cfg.resume in ("auto", "last") else Path(cfg.resume)
         if cfg.resume != "auto" or path.is_file():
@@ -257,7 +257,7 @@ def main(cfg, progress=None, should_stop=None):
 def _data(cfg, ds, ckpt, enc_id):
     """A contiguous held-out tail; the mask to repaint (a resumed run keeps its checkpoint's); the
     reference pool; the training set. -> (cfg, note, train_idx, val_idx, mask, refs, train_set)."""
-    n = utils.load_npy(ds / "crops.npy", mmap=True).shape[0]
+    n = utils.load_npy(ds / utils.CROPS, mmap=True).shape[0]
     train_idx, val_idx = split_frames(n, cfg.held_out)
     note = ""
     if ckpt is not None:
@@ -276,7 +276,7 @@ def _data(cfg, ds, ckpt, enc_id):
 def _objective(cfg, out, name, device):
     """The loss terms: perceptual kind and weight, the optional frozen SyncNet. -> (Objective,
     perceptual kind, SyncNet path, a line for the log)."""
-    sync_path = Path(cfg.syncnet) if cfg.syncnet else out / "syncnet_best.pth"
+    sync_path = Path(cfg.syncnet) if cfg.syncnet else out / utils.SYNCNET_BEST
     syncnet, sync_weight = None, cfg.sync_weight
     if sync_weight > 0 and cfg.sync_clips > 0 and (cfg.syncnet or sync_path.is_file()):
         syncnet = syncnet_model.load_syncnet(sync_path, device)[0].requires_grad_(False)   # frozen, eval mode
@@ -325,7 +325,7 @@ def _model(cfg, widths, device, ckpt, opening):
 
 def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop):
     audio_encoder, enc_id = feature_encoder(ds, info)
-    last = out / "last.pth"
+    last = out / utils.LAST
     ckpt = resume_point(cfg, out, ds, widths, enc_id)
     cfg, mask_note, train_idx, val_idx, mask, refs, train_set = _data(cfg, ds, ckpt, enc_id)
     per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
@@ -421,7 +421,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
             run_log.scalars("val", {"l1": val_l1, "audio_effect": audio_effect}, step)
             if val_l1 < best_loss:
                 best_loss = val_l1
-                save(out / "best.pth", val_l1)
+                save(out / utils.BEST, val_l1)
         if master and (step % cfg.save_every == 0 or end or
                        cfg.save_minutes > 0 and time.perf_counter() - t_saved > 60 * cfg.save_minutes):
             save(last, val_l1)
@@ -438,7 +438,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     run_log.close()
     timing = run_log.summary()
     return dict(step=step, losses=losses, val_l1=val_l1, audio_effect=audio_effect, best_loss=best_loss, last=str(last), timing=timing,
-                best=str(out / "best.pth") if (out / "best.pth").is_file() else None, out_dir=str(out), stopped=stopped)
+                best=str(out / utils.BEST) if (out / utils.BEST).is_file() else None, out_dir=str(out), stopped=stopped)
 
 
 if __name__ == "__main__":

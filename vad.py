@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+import media_io
 from utils import FPS, SR
 
 CHUNK = 512             # samples per VAD step at 16 kHz (32 ms): the model's fixed input
@@ -94,15 +95,14 @@ def speech_weight(prob):
 
 
 if __name__ == "__main__":
-    import utils
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__.strip().splitlines()[-1].strip())
         sys.exit(0)
     if not available():
         sys.exit("error: the silero-vad package is not installed: pip install -r requirements.txt")
-    wav = utils.load_audio(sys.argv[1])
+    wav = media_io.load_audio(sys.argv[1])
     t = time.perf_counter()
-    p = frame_speech_prob(wav, utils.num_frames(len(wav)))
+    p = frame_speech_prob(wav, media_io.num_frames(len(wav)))
     dt = time.perf_counter() - t
     print(f"{sys.argv[1]}: {len(wav) / SR:.1f} s, speech in {100 * (p >= PROB_SPEECH).mean():.0f}% of frames, "
           f"{1000 * dt / max(len(wav) / SR, 1e-9):.1f} ms per second of audio")

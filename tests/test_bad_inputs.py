@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import datasets
+import media_io
 import utils
 from conftest import ROOT
 
@@ -69,7 +70,7 @@ def test_numeric_settings_out_of_range_are_refused(fake_root, args, expect):
 
 def test_syncnet_on_a_truncated_crop_cache(fake_root):
     d = fake_root / "data" / "fake"
-    utils.write_wav(d / "aud.wav", np.random.default_rng(0).uniform(-0.3, 0.3, 40 * utils.SR // utils.FPS).astype(np.float32))
+    media_io.write_wav(d / "aud.wav", np.random.default_rng(0).uniform(-0.3, 0.3, 40 * utils.SR // utils.FPS).astype(np.float32))
     truncate(d / "crops.npy")
     rc, last, err = run("syncnet_328.py", "--name", "fake", "--data_root", fake_root / "data", "--ckpt_root",
                         fake_root / "ck", "--max_steps", "2", "--device", "cpu")

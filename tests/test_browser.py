@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import utils
+import media_io
 from bench_server import free_port, start_server, write_random_checkpoint, write_speech
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -81,7 +81,7 @@ def test_page_generates_and_plays_a_video(browser, live_server, speech, tmp_path
     page.wait_for_selector("#result:not([hidden])", timeout=600000)   # a safety net, not a speed check: a loaded 2-core box renders slowly
     page.wait_for_function("document.querySelector('#result-video').readyState >= 1", timeout=30000)
     duration = page.eval_on_selector("#result-video", "v => v.duration")
-    expected = utils.probe(speech)["duration"]
+    expected = media_io.probe(speech)["duration"]
     assert abs(duration - expected) < 0.1, (duration, expected)
     # frames really decode (H.264 in this chromium): seek into the clip and read the picture size
     size = page.evaluate("""() => new Promise((ok, fail) => {

@@ -10,6 +10,8 @@ import pytest
 
 import evaluate as ev
 import metrics
+import geometry
+import media_io
 import utils
 
 
@@ -46,17 +48,17 @@ def test_lmd_and_crop_coordinates(rng):
     assert metrics.lmd(moved, lms) == pytest.approx((19 + 19 * 1) / 20)
     box = np.array([[100, 50, 264, 214]])                        # 164 px -> 328: 2x
     pts = np.array([[[100 + 2, 50 + 2], [182, 132]]], np.float64)
-    out = utils.to_crop_coords(pts, box)[0]
+    out = geometry.to_crop_coords(pts, box)[0]
     assert np.allclose(out[0], [0, 0]) and np.allclose(out[1], [160, 160])   # (2 px -> 4 px) - 4 px border
 
 
 def test_mouth_box_is_inside_the_crop():
     lm = np.zeros((68, 2))
     lm[48:68] = [[150, 220], [190, 240]] * 10
-    x0, y0, x1, y1 = utils.mouth_box(lm)
+    x0, y0, x1, y1 = geometry.mouth_box(lm)
     assert (x0, x1) == (150 - 12, 190 + 12 + 1) and y0 == 220 - 12 and y1 == 240 + 12 + 1
     lm[48:68] = [[0, 300], [319, 319]] * 10
-    assert utils.mouth_box(lm) == (0, 204, 320, 320)
+    assert geometry.mouth_box(lm) == (0, 204, 320, 320)
 
 
 # ---------------------------------------------------------------------------------------------- time series
@@ -180,7 +182,7 @@ def test_template_baseline_end_to_end(tiny_dataset, tmp_path):
     assert m["opening_width_ratio"] < 0.5                       # a pasted still mouth hardly moves
     for f in ("plot.png", "strip.png", "side_by_side.mp4", "tracks.npz"):
         assert (out / f).stat().st_size > 0
-    info = utils.probe(out / "side_by_side.mp4")
+    info = media_io.probe(out / "side_by_side.mp4")
     assert info["audio"] is not None and abs(info["duration"] - 3.0) < 0.2
 
 
@@ -217,7 +219,7 @@ def test_unseen_audio_mode(tiny_dataset, tmp_path):
     silence, jitter, seam and identity are reported."""
     import synthetic
     wav = tmp_path / "other.wav"
-    utils.write_wav(wav, synthetic.synth_speech(1.6, seed=7, lead_silence=0.4))
+    media_io.write_wav(wav, synthetic.synth_speech(1.6, seed=7, lead_silence=0.4))
     res = ev.main(ev.Config(name="tiny", video=str(tiny_dataset), audio=str(wav), baseline="template",
                             out_dir=str(tmp_path / "out"), id_frames=2, syncnet="off", video_out=False))
     m = res["metrics"]

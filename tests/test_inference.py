@@ -13,6 +13,8 @@ import torch
 import inference_328 as inf
 import templates
 import unet_328
+import geometry
+import media_io
 import utils
 from conftest import ROOT
 
@@ -47,7 +49,7 @@ def setup(tiny_dataset, tmp_path_factory):
     template = templates.open_template("tiny", tiny_dataset.parent)
     wav = synthetic.synth_speech(1.2, seed=3, lead_silence=0.2)
     wav_path = tmp / "speech.wav"
-    utils.write_wav(wav_path, wav)
+    media_io.write_wav(wav_path, wav)
     yield dict(root=tiny_dataset.parent, ckpt_root=tmp / "ck", model=model, template=template,
                wav_path=wav_path, wav=wav, tmp=tmp)
     if old_cache is None:
@@ -57,8 +59,8 @@ def setup(tiny_dataset, tmp_path_factory):
 
 
 def count_frames(path):
-    info = utils.probe(path)
-    return sum(1 for _ in utils.iter_frames(path, info["video"]["width"], info["video"]["height"])), info
+    info = media_io.probe(path)
+    return sum(1 for _ in media_io.iter_frames(path, info["video"]["width"], info["video"]["height"])), info
 
 
 def test_render_writes_mp4_with_both_streams_as_long_as_the_audio(setup):
@@ -66,7 +68,7 @@ def test_render_writes_mp4_with_both_streams_as_long_as_the_audio(setup):
     seen = []
     path = setup["model"].render(setup["wav_path"], out, setup["template"], progress=lambda d, t: seen.append((d, t)))
     n, info = count_frames(path)
-    expect = utils.num_frames(len(setup["wav"]))
+    expect = media_io.num_frames(len(setup["wav"]))
     assert info["video"]["codec"] == "h264" and abs(info["video"]["fps"] - 25) < 0.01
     assert info["audio"]["codec"] == "aac"
     assert abs(n - expect) <= 1 and abs(info["duration"] - len(setup["wav"]) / utils.SR) <= 0.08
@@ -96,7 +98,7 @@ def test_a_jaw_mask_checkpoint_repaints_only_its_mask(setup, tmp_path):
     """A generator trained with --mask jaw carries its mask: inference zeroes exactly that area of
     the template crop and pastes nothing outside it (the nose and the box's corners stay original)."""
     t = setup["template"]
-    mask = utils.jaw_mask(utils.to_crop_coords(t.lms, t.boxes))
+    mask = geometry.jaw_mask(geometry.to_crop_coords(t.lms, t.boxes))
     ck = utils.load_checkpoint(random_light_checkpoint(tmp_path / "rect.pth"))
     utils.save_checkpoint(dict(ck, mask=torch.from_numpy(mask), config=dict(ck["config"], mask="jaw")), tmp_path / "jaw.pth")
     model = inf.LipSyncModel(tmp_path / "jaw.pth", "cpu", backend="eager")
@@ -106,7 +108,7 @@ def test_a_jaw_mask_checkpoint_repaints_only_its_mask(setup, tmp_path):
         j = templates.pingpong(k, t.n)
         tpl, out = t.read(j), frames[k]
         x0, y0, x1, y1 = (int(v) for v in t.boxes[j])
-        a = utils.resize(utils.paste_alpha(16, mask), (x1 - x0, y1 - y0))
+        a = geometry.resize(geometry.paste_alpha(16, mask), (x1 - x0, y1 - y0))
         box_out, box_tpl = out[y0:y1, x0:x1], tpl[y0:y1, x0:x1]
         assert np.array_equal(box_out[a == 0], box_tpl[a == 0])                 # outside the mask: untouched
         assert (a == 0).mean() > 0.2 and np.abs(box_out[a > 0.9].astype(int) - box_tpl[a > 0.9]).mean() > 5
@@ -123,7 +125,7 @@ def test_a_base_ref_checkpoint_starts_from_its_reference(setup, tmp_path):
     rng = np.random.default_rng(0)
     ref = rng.integers(40, 200, (2, 320, 320, 3), dtype=np.uint8)
     lit = (ref * np.float32([0.8, 1.1, 1.0]) + np.float32([20, -10, 0]) + 0.5).astype(np.uint8)   # another light
-    masked = utils.mask_inner(lit)
+    masked = geometry.mask_inner(lit)
     hole = masked.max(-1) == 0
     aud = rng.normal(size=(2, 32, 16, 16)).astype(np.float32)
     for backend in ("eager", "auto"):
@@ -142,7 +144,7 @@ def test_a_base_ref_checkpoint_starts_from_its_reference(setup, tmp_path):
 def seam_gradient(img, box, feather, mask=None):
     """Mean gradient magnitude in a thin band around the outer edge of the paste alpha (frame px)."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    a = utils.resize(utils.paste_alpha(feather, mask), (x1 - x0, y1 - y0))
+    a = geometry.resize(geometry.paste_alpha(feather, mask), (x1 - x0, y1 - y0))
     ring = (a > 0.001) & (a < 0.05)                                      # where the blend meets the frame
     g = cv2_grad(img)[y0:y1, x0:x1]
     return float(g[ring].mean())
@@ -161,8 +163,8 @@ def test_feathered_colour_matched_paste_is_seamless(setup):
     t = setup["template"]
     j = 5
     tpl = t.read(j)
-    crop = utils.crop_face(tpl, t.boxes[j])
-    gen = np.clip(utils.inner(crop).astype(int) + 40, 0, 255).astype(np.uint8)
+    crop = geometry.crop_face(tpl, t.boxes[j])
+    gen = np.clip(geometry.inner(crop).astype(int) + 40, 0, 255).astype(np.uint8)
     item = (tpl, t.boxes[j], crop, gen, gen, 0.0)
     soft = inf.compose(item, feather=16, color_match=True, silence_gate=False)
     hard = inf.compose(item, feather=0, color_match=False, silence_gate=False)
@@ -214,13 +216,13 @@ def test_fast_runtimes_equal_eager(setup):
 def test_streamed_features_equal_whole_wav_features(setup):
     model, wav = setup["model"], setup["wav"][:utils.SR]
     whole = model.features(wav)
-    n = utils.num_frames(len(wav))
+    n = media_io.num_frames(len(wav))
     assert whole.shape == (n, utils.FEAT_DIM)
     for a, b in ((0, 7), (11, 19), (17, n)):
         assert np.allclose(model.features(wav, a, b), whole[a:b], atol=1e-5)
     stream = inf.FeatureStream(model, wav, chunk=7)
     for i in range(n):
-        assert np.allclose(stream.window(i), utils.feature_window(whole, i), atol=1e-5)
+        assert np.allclose(stream.window(i), media_io.feature_window(whole, i), atol=1e-5)
         assert len(stream.buf) <= 7 + 2 * utils.FEAT_WIN                # memory stays bounded
 
 
@@ -243,7 +245,7 @@ def test_pingpong_and_reference_choice(setup):
 
 def test_silent_audio_gives_a_video_with_the_closed_mouth(setup):
     out = setup["tmp"] / "silent.mp4"
-    utils.write_wav(setup["tmp"] / "silent.wav", np.zeros(utils.SR // 2, np.float32))
+    media_io.write_wav(setup["tmp"] / "silent.wav", np.zeros(utils.SR // 2, np.float32))
     setup["model"].render(setup["tmp"] / "silent.wav", out, setup["template"])
     assert abs(count_frames(out)[0] - 12) <= 1
     # in silence the gate puts the closed reference's mouth and jaw over the generated ones
@@ -252,7 +254,7 @@ def test_silent_audio_gives_a_video_with_the_closed_mouth(setup):
     assert db < -100
     gated = inf.compose(item, color_match=False)
     x0, y0, x1, y1 = (int(v) for v in box)
-    centre = utils.inner(utils.resize(gated[y0:y1, x0:x1], (utils.CROP, utils.CROP))).astype(int)
+    centre = geometry.inner(geometry.resize(gated[y0:y1, x0:x1], (utils.CROP, utils.CROP))).astype(int)
     alpha = inf.mouth_alpha(region)[..., 0]
     lm = setup["template"].lms[0]
     lips = (lm[utils.MOUTH] - box[:2]) * utils.CROP / (x1 - x0) - utils.BORDER       # lips in crop pixels
@@ -279,7 +281,7 @@ def test_still_image_and_video_templates(setup, tmp_path):
     assert all(np.array_equal(f[keep], t.read(0)[keep]) for f in frames)
 
     clip = tmp_path / "other.mp4"
-    with utils.VideoWriter(clip, *t.size, crf=12) as vw:
+    with media_io.VideoWriter(clip, *t.size, crf=12) as vw:
         for j in range(20):
             vw.write(t.read(j))
     vt = templates.open_template(template=str(clip))
@@ -333,7 +335,7 @@ def test_bad_inputs_end_in_one_clear_error(setup, tmp_path):
     empty.write_bytes(b"")
     expect_user_error(cfg(audio_path=str(empty)), "empty", out)
     zero = tmp_path / "zero.wav"
-    utils.write_wav(zero, np.zeros(0, np.float32))
+    media_io.write_wav(zero, np.zeros(0, np.float32))
     expect_user_error(cfg(audio_path=str(zero)), "empty|shorter than one video frame|not a readable", out)
     expect_user_error(cfg(audio_path=str(tmp_path / "missing.wav")), "not found", out)
     blocker = tmp_path / "file"

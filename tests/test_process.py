@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-import utils
+import geometry
+import media_io
 from conftest import ROOT, media
 
 
@@ -16,7 +17,7 @@ def check_dataset(ds, seconds, tol_frames=2):
     n = meta["frames"]
     assert meta["fps"] == 25 and abs(n - seconds * 25) <= tol_frames
     assert len(list((ds / "frames").glob("*.jpg"))) == n
-    info = utils.probe(ds / "video.mp4")
+    info = media_io.probe(ds / "video.mp4")
     assert abs(info["video"]["fps"] - 25) < 0.01
     import soundfile as sf
     wav, sr = sf.read(str(ds / "aud.wav"))
@@ -35,7 +36,7 @@ def test_synthetic_clip_becomes_a_dataset(tiny_dataset):
     meta, lm = check_dataset(tiny_dataset, 6.0)
     assert meta["no_face_frames"] == 0 and meta["landmark_backend"].startswith("dlib")
     # smoothing: the crop box moves less frame to frame than the raw landmarks would make it
-    raw = np.stack([utils.crop_box(l) for l in lm["lms_raw"]])
+    raw = np.stack([geometry.crop_box(l) for l in lm["lms_raw"]])
     assert np.abs(np.diff(lm["crop_boxes"], axis=0)).mean() <= np.abs(np.diff(raw, axis=0)).mean()
 
 
@@ -56,7 +57,7 @@ def run_process(*args):
 
 
 def ffmpeg(*args):
-    subprocess.run([utils.ffmpeg_exe(), "-loglevel", "error", "-y", *map(str, args)], check=True)
+    subprocess.run([media_io.ffmpeg_exe(), "-loglevel", "error", "-y", *map(str, args)], check=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 import jobs
 import server
+import media_io
 import utils
 from bench_server import write_random_checkpoint, write_speech
 
@@ -32,7 +33,7 @@ def media_files(tmp_path_factory):
     write_speech(d / "short.wav", 0.6)                      # 15 frames: a generate job in a few seconds
     write_speech(d / "long.wav", 3.0)                       # over the 2 s limit of the settings below
     (d / "notes.txt").write_text("this is not audio\n" * 20)
-    utils.run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-t", "1", "-pix_fmt", "yuv420p",
+    media_io.run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-t", "1", "-pix_fmt", "yuv420p",
                       d / "silent_video.mp4"], what="test video")
     (d / "big.wav").write_bytes(b"\0" * (3 * server.MB))   # over the 2 MB upload limit
     return d
@@ -137,7 +138,7 @@ def test_generate_job_end_to_end_with_range_requests(client, media_files):
     assert part.status_code == 206 and len(part.content) == 100 and part.content == full.content[:100]
     assert part.headers["content-range"] == f"bytes 0-99/{len(full.content)}"
     out = Path(client.app.state.settings.data_dir) / "results" / f"{job['id']}.mp4"
-    info = utils.probe(out)
+    info = media_io.probe(out)
     assert abs(info["duration"] - 0.6) < 0.1 and info["video"]["width"] == 384 and info["audio"]
     assert not (Path(client.app.state.settings.data_dir) / "uploads" / job["id"]).exists()   # uploads cleaned
     listed = client.get("/api/jobs").json()
@@ -217,7 +218,7 @@ def test_generate_on_a_photo_template(client, media_files, tmp_path):
     assert r.json()["request"]["template"] == "me.png"
     j = wait(client, r.json()["id"])
     assert j["status"] == "done", j["error"]
-    info = utils.probe(Path(client.app.state.settings.data_dir) / "results" / f"{j['id']}.mp4")
+    info = media_io.probe(Path(client.app.state.settings.data_dir) / "results" / f"{j['id']}.mp4")
     assert (info["video"]["width"], info["video"]["height"]) == (320, 320)
 
 
@@ -232,7 +233,7 @@ def test_text_input(client):
     assert r.status_code == 202 and r.json()["request"]["text"] == "Hello there."
     j = wait(client, r.json()["id"])
     assert j["status"] == "done", j["error"]
-    assert utils.probe(Path(client.app.state.settings.data_dir) / "results" / f"{j['id']}.mp4")["duration"] > 0.3
+    assert media_io.probe(Path(client.app.state.settings.data_dir) / "results" / f"{j['id']}.mp4")["duration"] > 0.3
 
 
 # ---------------------------------------------------------------------------------------------- cancel

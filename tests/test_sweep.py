@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 import inference_328 as inf
+import media_io
 import utils
 from conftest import ROOT
 from test_inference import random_light_checkpoint
 
 
 def ffmpeg(*args):
-    subprocess.run([utils.ffmpeg_exe(), "-loglevel", "error", "-y", *map(str, args)], check=True)
+    subprocess.run([media_io.ffmpeg_exe(), "-loglevel", "error", "-y", *map(str, args)], check=True)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def clips(synthetic_clip, tmp_path_factory):
     ffmpeg("-i", synthetic_clip, *cut, "-vf", "pad=iw:ih*16/9:0:(oh-ih)/2", "-c:v", "libx264", "-c:a", "aac",
            d / "vertical.mp4")
     # a second, smaller face beside the speaker: the larger one is tracked
-    w, h = (utils.probe(synthetic_clip)["video"][k] for k in ("width", "height"))
+    w, h = (media_io.probe(synthetic_clip)["video"][k] for k in ("width", "height"))
     ffmpeg("-i", synthetic_clip, *cut, "-filter_complex",
            f"[0:v]split[a][b];[b]scale={w * 3 // 4}:{h * 3 // 4},pad={w}:{h}:0:0[c];[a][c]hstack",
            "-c:v", "libx264", "-c:a", "aac", d / "two_faces.mp4")
@@ -101,12 +102,12 @@ def test_audio_in_any_common_format_and_rate(avatar, name, args, tmp_path):
     import synthetic
     root, ckpt, _ = avatar
     src = tmp_path / "src.wav"
-    utils.write_wav(src, synthetic.synth_speech(1.5, seed=2, lead_silence=0.2))
+    media_io.write_wav(src, synthetic.synth_speech(1.5, seed=2, lead_silence=0.2))
     ffmpeg("-i", src, *args, tmp_path / name)
     out = tmp_path / "out.mp4"
     inf.main(inf.Config(name="tiny", audio_path=str(tmp_path / name), checkpoint=str(ckpt), out=str(out),
                         data_root=str(root), device="cpu", backend="eager", malloc_tune=False))
-    info = utils.probe(out)
+    info = media_io.probe(out)
     assert info["video"] and info["audio"] and abs(info["duration"] - 1.5) <= 0.1, info
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src.wav", name, "out.mp4"])
 
@@ -116,7 +117,7 @@ def test_ctrl_c_during_inference_leaves_no_video(avatar, tmp_path):
     partial file at the output folder."""
     import synthetic
     root, ckpt, _ = avatar
-    utils.write_wav(tmp_path / "long.wav", synthetic.synth_speech(20.0, seed=4))
+    media_io.write_wav(tmp_path / "long.wav", synthetic.synth_speech(20.0, seed=4))
     out_dir = tmp_path / "out"
     p = subprocess.Popen([sys.executable, str(ROOT / "inference_328.py"), "--name", "tiny", "--audio_path",
                           str(tmp_path / "long.wav"), "--checkpoint", str(ckpt), "--out", str(out_dir / "v.mp4"),

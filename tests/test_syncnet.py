@@ -15,6 +15,8 @@ import torch
 import audio_features
 import syncnet_328 as sn
 import syncnet_model as sm
+import geometry
+import media_io
 import utils
 from unet_328 import AudioEncoder
 
@@ -40,8 +42,8 @@ def make_toy_dataset(root, name="toy", n=N_FRAMES, seed=0):
     ds = root / name
     ds.mkdir(parents=True)
     np.save(ds / "crops.npy", crops)
-    utils.write_wav(ds / "aud.wav", wav)
-    np.save(ds / "mel.npy", utils.melspectrogram(wav))
+    media_io.write_wav(ds / "aud.wav", wav)
+    np.save(ds / "mel.npy", media_io.melspectrogram(wav))
     (ds / "meta.json").write_text(json.dumps({"name": name, "fps": utils.FPS, "frames": n,
                                               "audio_samples": len(wav), "sample_rate": utils.SR}))
     return ds
@@ -162,7 +164,7 @@ def test_negatives_are_really_shifted():
 
 def test_face_downscale_matches_the_resize_convention():
     crop = np.random.default_rng(1).integers(0, 256, (utils.INNER, utils.INNER, 3), dtype=np.uint8)
-    want = utils.resize(crop[utils.INNER // 2:], (160, 80)).astype(np.float32) / 255   # INTER_AREA
+    want = geometry.resize(crop[utils.INNER // 2:], (160, 80)).astype(np.float32) / 255   # INTER_AREA
     x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
     got = sm.downscale_face(x, (80, 160))[0].permute(1, 2, 0).numpy()
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6
@@ -241,7 +243,7 @@ def test_audio_input_is_k_windows_around_the_centre():
     x = sm.audio_input(mel, np.array([10, 50]), offs)
     assert x.shape == (2, 3, 1, utils.N_MELS, utils.MEL_WIN) and x.dtype == np.float32
     for k, o in enumerate(offs):
-        np.testing.assert_array_equal(x[1, k], utils.mel_windows(mel, [50 + o])[0])
+        np.testing.assert_array_equal(x[1, k], media_io.mel_windows(mel, [50 + o])[0])
     net = sm.SyncNet(sm.SYNC_WIDTHS["light"], T=13, face_size=(32, 32), audio_k=3).eval()
     with torch.no_grad():
         a, v = net(torch.rand(2, 39, utils.INNER, utils.INNER), torch.from_numpy(x))

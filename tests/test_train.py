@@ -21,6 +21,8 @@ import losses
 import syncnet_model
 import templates
 import train_328
+import geometry
+import media_io
 import utils
 from unet_328 import WIDTHS, AudioEncoder, UNet328
 
@@ -86,8 +88,8 @@ def test_sample_shapes_mask_and_reference(data_root):
     assert s["masked"][:, y0:y1, x0:x1].abs().max() == 0                       # the lower face is hidden
     assert torch.equal(s["masked"][:, :y0], s["target"][:, :y0])                # the rest is the truth
     crop = np.load(data_root / "fake" / "crops.npy", mmap_mode="r")
-    assert torch.equal(s["target"], torch.from_numpy(np.ascontiguousarray(utils.inner(crop[7]))).permute(2, 0, 1) / 255)
-    assert torch.equal(s["audio"], torch.from_numpy(utils.feature_window(np.load(data_root / "fake" / "aud_feat.npy"), 7)))
+    assert torch.equal(s["target"], torch.from_numpy(np.ascontiguousarray(geometry.inner(crop[7]))).permute(2, 0, 1) / 255)
+    assert torch.equal(s["audio"], torch.from_numpy(media_io.feature_window(np.load(data_root / "fake" / "aud_feat.npy"), 7)))
     for k in range(0, len(ds), 3):   # the reference is never the frame itself nor a near neighbour
         i, j = ds[k]["index"], ds[k]["ref_index"]
         assert abs(i - j) > utils.REF_GAP and j < 30
@@ -118,11 +120,11 @@ def test_clip_samples_feed_syncnet(data_root):
     assert s["masked"].shape == s["target"].shape == (5, 3, 320, 320) and s["audio"].shape == (5, 32, 16, 16)
     assert s["mel"].shape == (1, 1, 80, 16) and abs(s["ref_index"] - 3) > utils.REF_GAP
     mel = np.load(data_root / "fake" / "mel.npy")   # the 0.2 s window centred on the middle frame, as SyncNet learnt
-    assert torch.equal(s["mel"][0], torch.from_numpy(utils.mel_windows(mel, [3 + 5 // 2])[0]))
+    assert torch.equal(s["mel"][0], torch.from_numpy(media_io.mel_windows(mel, [3 + 5 // 2])[0]))
     # a 3-window SyncNet gets its 3 windows around the clip's middle frame
     s = datasets.LipDataset(data_root / "fake", frames=range(36), clip=5, mel_offsets=(-4, 0, 4))[3]
     assert s["mel"].shape == (3, 1, 80, 16)
-    assert torch.equal(s["mel"][2, 0], torch.from_numpy(utils.mel_windows(mel, [3 + 5 // 2 + 4])[0, 0]))
+    assert torch.equal(s["mel"][2, 0], torch.from_numpy(media_io.mel_windows(mel, [3 + 5 // 2 + 4])[0, 0]))
     assert s["mouth"].shape == (5, 4)
 
 
@@ -189,7 +191,7 @@ def test_jaw_mask_samples_hide_the_lower_face_only(data_root):
     m = torch.from_numpy(mask)
     assert s["masked"][:, m].abs().max() == 0 and torch.equal(s["masked"][:, ~m], s["target"][:, ~m])
     with np.load(data_root / "fake" / "landmarks.npz") as z:                   # every lip point of every frame is repainted
-        lips = utils.to_crop_coords(z["lms"], z["crop_boxes"])[:, utils.MOUTH].reshape(-1, 2).round().astype(int)
+        lips = geometry.to_crop_coords(z["lms"], z["crop_boxes"])[:, utils.MOUTH].reshape(-1, 2).round().astype(int)
     assert m[lips[:, 1], lips[:, 0]].all()
     with pytest.raises(utils.UserError, match="--mask"):
         datasets.generator_mask(data_root / "fake", range(36), "oval")

@@ -5,6 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
+import geometry
+import media_io
 import utils
 from utils import CROP, INNER, MASK_RECT, UserError
 
@@ -21,17 +23,17 @@ def face_landmarks(x0=100, y0=80, w=120):
 
 
 def test_crop_box_rule_is_square_from_contour_and_nose():
-    box = utils.crop_box(face_landmarks(100, 80, 120))
+    box = geometry.crop_box(face_landmarks(100, 80, 120))
     assert box.tolist() == [100, 80, 220, 200]
 
 
 def test_crop_then_paste_back_round_trips(rng):
     frame = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
     frame = np.ascontiguousarray(np.repeat(np.repeat(frame[::10, ::10], 10, 0), 10, 1))  # smooth-ish blocks
-    box = utils.crop_box(face_landmarks(100, 80, 164))          # 164 px box, resized to 328 (x2)
-    crop = utils.crop_face(frame, box)
+    box = geometry.crop_box(face_landmarks(100, 80, 164))          # 164 px box, resized to 328 (x2)
+    crop = geometry.crop_face(frame, box)
     assert crop.shape == (CROP, CROP, 3)
-    out = utils.paste_back(frame, box, crop, feather=16)
+    out = geometry.paste_back(frame, box, crop, feather=16)
     outside = np.ones(frame.shape[:2], bool)
     outside[box[1]:box[3], box[0]:box[2]] = False
     assert np.array_equal(out[outside], frame[outside])        # nothing outside the box changes
@@ -42,17 +44,17 @@ def test_crop_then_paste_back_round_trips(rng):
 def test_crop_outside_frame_is_edge_padded_and_paste_clips():
     frame = np.full((100, 100, 3), 77, np.uint8)
     box = np.array([-20, 50, 60, 130])
-    crop = utils.crop_face(frame, box)
+    crop = geometry.crop_face(frame, box)
     assert crop.shape == (CROP, CROP, 3) and (crop == 77).all()
     gen = np.zeros((CROP, CROP, 3), np.uint8)
-    out = utils.paste_back(frame, box, gen, feather=0)
+    out = geometry.paste_back(frame, box, gen, feather=0)
     assert out.shape == frame.shape and out[:50].min() == 77    # rows above the box untouched
     assert out[90, 20].max() == 0                              # inside the masked rectangle: generated
 
 
 def test_mask_is_exactly_the_rectangle():
     img = np.full((INNER, INNER, 3), 200, np.uint8)
-    m = utils.mask_inner(img)
+    m = geometry.mask_inner(img)
     x0, y0, x1, y1 = MASK_RECT
     assert (m[y0:y1, x0:x1] == 0).all()
     keep = np.ones((INNER, INNER), bool)
@@ -62,7 +64,7 @@ def test_mask_is_exactly_the_rectangle():
 
 
 def test_paste_alpha_is_soft_and_zero_outside_the_mask():
-    a = utils.paste_alpha(16)
+    a = geometry.paste_alpha(16)
     x0, y0, x1, y1 = (v + utils.BORDER for v in MASK_RECT)
     assert a.shape == (CROP, CROP) and a.max() == pytest.approx(1.0) and a.min() == 0
     assert a[:y0].max() == 0 and a[:, :x0].max() == 0 and a[y1:].max() == 0
@@ -84,48 +86,48 @@ def jaw_track(n=30):
 
 def test_jaw_mask_covers_every_frames_mouth_and_chin_but_not_the_nose():
     lm = jaw_track()
-    m = utils.jaw_mask(lm)
+    m = geometry.jaw_mask(lm)
     assert m.shape == (INNER, INNER) and m.dtype == bool
     for p in lm:                                                # the widest-open chin and every lip point are hidden
         for x, y in np.round(p[list(range(2, 15)) + list(range(48, 68))]).astype(int):
             assert m[min(y, MASK_RECT[3] - 1), x]
     assert not m[:60].any()                                     # the nose (above its bottom at y 90, less the margin) stays visible
-    assert not (m & ~utils.rect_mask()).any()                   # never outside the reference's rectangle
-    assert 0.3 < m.mean() < utils.rect_mask().mean()
+    assert not (m & ~geometry.rect_mask()).any()                   # never outside the reference's rectangle
+    assert 0.3 < m.mean() < geometry.rect_mask().mean()
     lm = jaw_track(100)                                         # (>= 2% of frames must agree)
-    m, bad = utils.jaw_mask(lm), lm.copy()
+    m, bad = geometry.jaw_mask(lm), lm.copy()
     bad[0, :17, 1] += 150                                       # one frame with wild landmarks does not widen it
-    assert np.array_equal(utils.jaw_mask(bad), m)
+    assert np.array_equal(geometry.jaw_mask(bad), m)
 
 
 def test_mask_inner_and_paste_alpha_follow_a_given_mask():
-    m = utils.jaw_mask(jaw_track())
+    m = geometry.jaw_mask(jaw_track())
     img = np.full((2, INNER, INNER, 3), 200, np.uint8)
-    out = utils.mask_inner(img, m)
+    out = geometry.mask_inner(img, m)
     assert (out[:, m] == 0).all() and (out[:, ~m] == 200).all()
-    a = utils.paste_alpha(16, m)
+    a = geometry.paste_alpha(16, m)
     inner = a[utils.BORDER:utils.BORDER + INNER, utils.BORDER:utils.BORDER + INNER]
     assert inner[~m].max() == 0 and a.max() == pytest.approx(1.0)   # outside the mask the frame keeps its pixels
     edge = m & ~cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     assert inner[150, 160] > 0.99 and inner[edge].max() < 0.1  # 1 over the mouth, fading to ~0 at the mask's edge
-    assert np.array_equal(utils.paste_alpha(16, None), utils.paste_alpha(16, utils.rect_mask()))
+    assert np.array_equal(geometry.paste_alpha(16, None), geometry.paste_alpha(16, geometry.rect_mask()))
 
 
 def test_resize_uses_one_convention():
     img = np.zeros((100, 100, 3), np.uint8)
     img[:, 50:] = 255
-    up, down = utils.resize(img, (200, 200)), utils.resize(img, (50, 50))
+    up, down = geometry.resize(img, (200, 200)), geometry.resize(img, (50, 50))
     assert up.shape == (200, 200, 3) and down.shape == (50, 50, 3)
     assert down[:, 24].mean() < 128 < down[:, 26].mean()
 
 
 def test_frame_audio_index_mapping():
-    assert utils.num_frames(8 * utils.SR) == 200
-    starts = utils.mel_window_starts(np.arange(3))
+    assert media_io.num_frames(8 * utils.SR) == 200
+    starts = media_io.mel_window_starts(np.arange(3))
     assert list(starts) == [-6, -3, 0]                          # centred on each frame
-    assert utils.mel_window_starts(np.array([25]))[0] + 8 == 82  # 1.02 s = frame 25's centre
+    assert media_io.mel_window_starts(np.array([25]))[0] + 8 == 82  # 1.02 s = frame 25's centre
     mel = np.arange(80 * 100, dtype=np.float32).reshape(80, 100)
-    w = utils.mel_windows(mel, np.array([0, 10, 40]))
+    w = media_io.mel_windows(mel, np.array([0, 10, 40]))
     assert w.shape == (3, 1, 80, 16)
     assert (w[0, 0, :, :6] == -utils.MEL_MAX).all()             # before the audio: silence
     assert np.array_equal(w[1, 0], mel[:, 26:42])
@@ -134,7 +136,7 @@ def test_frame_audio_index_mapping():
 
 def test_feature_window_zero_pads():
     feats = np.arange(8 * 512, dtype=np.float32).reshape(8, 512) + 1
-    w = utils.feature_window(feats, 2)
+    w = media_io.feature_window(feats, 2)
     assert w.shape == (32, 16, 16)
     flat = w.reshape(16, 512)
     assert (flat[:6] == 0).all() and np.array_equal(flat[6], feats[0]) and (flat[-1] == 0).all()
@@ -143,16 +145,16 @@ def test_feature_window_zero_pads():
 def test_mel_matches_librosa_and_spec():
     librosa = pytest.importorskip("librosa")
     wav = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
-    mel = utils.melspectrogram(wav)
+    mel = media_io.melspectrogram(wav)
     assert mel.shape == (80, 16000 // 200 + 1)                  # 80 mel frames per second
     assert mel.min() >= -4 and mel.max() <= 4
     basis = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600)
-    assert np.allclose(basis, utils.mel_basis(), atol=1e-7)
+    assert np.allclose(basis, media_io.mel_basis(), atol=1e-7)
     x = np.concatenate([wav[:1], wav[1:] - 0.97 * wav[:-1]])
     spec = np.abs(librosa.stft(x, n_fft=800, hop_length=200, win_length=800))
     ref = np.clip(8 * (20 * np.log10(np.maximum(1e-5, basis @ spec)) - 20 + 100) / 100 - 4, -4, 4)
     assert np.abs(ref - mel).max() < 1e-3
-    assert utils.melspectrogram(np.zeros(1600, np.float32)).max() == -4   # silence is the floor
+    assert media_io.melspectrogram(np.zeros(1600, np.float32)).max() == -4   # silence is the floor
 
 
 @dataclasses.dataclass
@@ -247,18 +249,18 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
 def test_video_writer_round_trip_and_abort(tmp_path):
     wav = np.zeros(utils.SR * 2, np.float32)
     wav[::50] = 0.3
-    utils.write_wav(tmp_path / "a.wav", wav)
-    with utils.VideoWriter(tmp_path / "v.mp4", 66, 50, audio=tmp_path / "a.wav") as w:
+    media_io.write_wav(tmp_path / "a.wav", wav)
+    with media_io.VideoWriter(tmp_path / "v.mp4", 66, 50, audio=tmp_path / "a.wav") as w:
         for i in range(50):
             w.write(np.full((50, 66, 3), i * 5, np.uint8))
     assert (tmp_path / "v.mp4").stat().st_mode & 0o777 == 0o644      # readable by others, like every output
-    info = utils.probe(tmp_path / "v.mp4")
+    info = media_io.probe(tmp_path / "v.mp4")
     assert info["video"]["fps"] == 25 and info["audio"] is not None
     assert abs(info["duration"] - 2.0) < 0.1
-    frames = list(utils.iter_frames(tmp_path / "v.mp4", 66, 50))
+    frames = list(media_io.iter_frames(tmp_path / "v.mp4", 66, 50))
     assert len(frames) == 50 and abs(int(frames[40].mean()) - 200) < 4
     with pytest.raises(ValueError):
-        with utils.VideoWriter(tmp_path / "x.mp4", 66, 50) as w:
+        with media_io.VideoWriter(tmp_path / "x.mp4", 66, 50) as w:
             w.write(np.zeros((50, 66, 3), np.uint8))
             raise ValueError("stop")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "v.mp4"]
@@ -266,16 +268,16 @@ def test_video_writer_round_trip_and_abort(tmp_path):
 
 def test_probe_and_load_audio_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        utils.probe(tmp_path / "nope.mp4")
+        media_io.probe(tmp_path / "nope.mp4")
     (tmp_path / "empty.wav").write_bytes(b"")
     with pytest.raises(UserError, match="empty"):
-        utils.load_audio(tmp_path / "empty.wav")
+        media_io.load_audio(tmp_path / "empty.wav")
     (tmp_path / "junk.wav").write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(UserError, match="not a readable"):
-        utils.load_audio(tmp_path / "junk.wav")
-    utils.write_wav(tmp_path / "s.wav", np.zeros(8000, np.float32), sr=8000)
-    wav = utils.load_audio(tmp_path / "s.wav")                 # resampled to 16 kHz
-    assert wav.dtype == np.float32 and abs(len(wav) - 16000) < 50 and utils.is_silent(wav)
+        media_io.load_audio(tmp_path / "junk.wav")
+    media_io.write_wav(tmp_path / "s.wav", np.zeros(8000, np.float32), sr=8000)
+    wav = media_io.load_audio(tmp_path / "s.wav")                 # resampled to 16 kHz
+    assert wav.dtype == np.float32 and abs(len(wav) - 16000) < 50 and media_io.is_silent(wav)
 
 
 def test_warmup_cosine_schedule():

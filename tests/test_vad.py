@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import inference_328 as inf
+import media_io
 import utils
 import vad
 from conftest import media
@@ -26,14 +27,14 @@ def music_bed(n, seed=0):
 @pytest.fixture(scope="module")
 def voice_with_pauses():
     """3 s of real speech, 1.6 s pause, x3 -> (wav, pause-interior frames, speech frames)."""
-    sp = utils.load_audio(media("speech_en_ad_10s.wav"))
+    sp = media_io.load_audio(media("speech_en_ad_10s.wav"))
     pause = np.zeros(int(1.6 * SR), np.float32)
     parts, flags = [pause], [np.ones(len(pause), bool)]
     for a in (0.0, 3.5, 6.5):
         parts += [sp[int(a * SR):int((a + 3) * SR)], pause]
         flags += [np.zeros(int(3 * SR), bool), np.ones(len(pause), bool)]
     wav, is_pause = np.concatenate(parts), np.concatenate(flags)
-    n = utils.num_frames(len(wav))
+    n = media_io.num_frames(len(wav))
     hop = SR // utils.FPS
     pause_frames = np.array([is_pause[i * hop:(i + 1) * hop].all() for i in range(n)])
     interior = pause_frames.copy()                    # 3 frames away from any speech
@@ -44,7 +45,7 @@ def voice_with_pauses():
 
 
 def gate(wav, with_vad):
-    n = utils.num_frames(len(wav))
+    n = media_io.num_frames(len(wav))
     return inf.speech_weight(inf.gate_loudness_db(wav, n, with_vad), -45.0, -35.0)   # inference's defaults
 
 
