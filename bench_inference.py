@@ -42,7 +42,7 @@ class Config:
     long_seconds: float = 600.0    # length of the long (memory) case, s; 0 skips it
     mid_seconds: float = 30.0      # a middle case for the memory comparison, s; 0 skips it
     long_model: str = "stub"       # U-Net in the long cases: stub (pass-through) or real
-    backend: str = "auto"          # U-Net runtime for the end-to-end cases (see inference_328.BACKENDS)
+    backend: str = "auto"          # U-Net runtime for the end-to-end cases (see runner.BACKENDS)
     iters: int = 10                # timed U-Net calls per runtime
     compile: bool = True           # include torch.compile in the U-Net comparison (~1-2 min to compile)
     malloc_compare: bool = True    # also run the U-Net and the short case without the malloc settings
@@ -117,13 +117,13 @@ def speech(seconds, work):
 def case_unet(arg):
     """The U-Net alone at batch 1 in each runtime: frames/s and max |out - eager|."""
     import torch
-    import inference_328 as inf
+    import runner
     import unet_328
     load0 = os.getloadavg()[0]
     ckpt = utils.load_checkpoint(arg["ckpt"])
     unet = unet_328.UNet328(tuple(ckpt["config"]["widths"])).eval()
     unet.load_state_dict(ckpt["model"])
-    x, a = inf._fresh_inputs(1, seed=2)
+    x, a = runner.fresh_inputs(1, seed=2)
     xn, an = x.numpy(), a.numpy()
     res = {}
 
@@ -147,11 +147,11 @@ def case_unet(arg):
         res["eager"] = (timeit(lambda: unet(x, a), max(2, arg["iters"] // 2)), 0.0)
         res["eager channels_last"] = (timeit(lambda: unfolded_cl(xc, a), max(2, arg["iters"] // 2)),
                                       float(np.abs(unfolded_cl(xc, a).numpy() - ref).max()))
-        r = inf.UNetRunner(folded, torch.device("cpu"), "eager")
+        r = runner.UNetRunner(folded, torch.device("cpu"), "eager")
         res["BN folded + channels_last"] = (timeit(lambda: r(xn, an), arg["iters"]), float(np.abs(r(xn, an) - ref).max()))
     try:
         t0 = time.perf_counter()
-        r = inf.UNetRunner(folded, torch.device("cpu"), "ort")
+        r = runner.UNetRunner(folded, torch.device("cpu"), "ort")
         setup = time.perf_counter() - t0
         res[f"onnxruntime (BN folded; export {setup:.0f} s)"] = (timeit(lambda: r(xn, an), arg["iters"]),
                                                                  float(np.abs(r(xn, an) - ref).max()))
@@ -159,7 +159,7 @@ def case_unet(arg):
         res["onnxruntime"] = ((float("nan"),) * 2, f"unavailable: {type(e).__name__}: {str(e)[:80]}")
     if arg["compile"]:
         try:
-            r = inf.UNetRunner(folded, torch.device("cpu"), "compile")
+            r = runner.UNetRunner(folded, torch.device("cpu"), "compile")
             t0 = time.perf_counter()
             out = r(xn, an)
             setup = time.perf_counter() - t0

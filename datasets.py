@@ -78,10 +78,9 @@ def read_feature_info(ds_dir):
 
 
 def feature_encoder(ds, info):
-    """(state dict, id) of the AudioEncoder named as aud_feat.npy's maker (aud_feat.json "source":
-    a SyncNet checkpoint or "reference:PATH"). The generator checkpoint carries it, so inference
-    computes exactly the features the generator was trained on."""
-    from unet_328 import AudioEncoder
+    """(state dict, id, feature source) of the audio encoder named as aud_feat.npy's maker
+    (aud_feat.json "source": a SyncNet checkpoint or "reference:PATH"). The generator checkpoint
+    carries it, so inference computes exactly the features the generator was trained on."""
     ds = Path(ds)
     src = str(info.get("source", ""))
     ref = src.startswith(audio_features.SOURCE_REFERENCE + ":")
@@ -92,11 +91,17 @@ def feature_encoder(ds, info):
     if ref:
         enc = audio_features.load_reference_encoder(path)
     else:
+        ckpt = utils.load_checkpoint(path)
         try:
-            enc = AudioEncoder().load_reference_state_dict(utils.load_checkpoint(path)["model"])
+            enc = audio_features.encoder_from_state(ckpt["model"], syncnet_source(ckpt))
         except ValueError as e:
             raise UserError(f"{path} holds no usable audio encoder ({e})") from None
-    return enc.state_dict(), audio_features.encoder_id(enc)
+    return enc.state_dict(), audio_features.encoder_id(enc), audio_features.source_of(enc)
+
+
+def syncnet_source(ckpt):
+    """The audio feature source of a SyncNet checkpoint (those from before sources: mel)."""
+    return ckpt.get("config", {}).get("model_args", {}).get("audio_source", "mel")
 
 
 class LipDataset(torch.utils.data.Dataset):
@@ -104,12 +109,12 @@ class LipDataset(torch.utils.data.Dataset):
     index: frame number, ref_index: the reference's frame number) for the k-th frame of `frames`.
     mouth: its mouth box (x0, y0, x1, y1) in the 320 crop; opening: its mouth opening (templates.mouth_opening). With clip=T > 1 the item is frames
     k..k+T-1: masked/target (T, 3, 320, 320), audio (T, 32, 16, 16), mouth (T, 4), mel (K, 1, 80,
-    16): the SyncNet's audio windows (centre frame + mel_offsets), one shared ref. An item may be
+    16) (a speech SyncNet's: (K, 96)): the SyncNet's audio windows (centre frame + mel_offsets), one shared ref. An item may be
     given as (k, epoch) so DataLoader workers need no shared epoch state. `mask`: the generator's
     masked area (geometry.jaw_mask), None = MASK_RECT."""
 
     def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
-                 clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,), mask=None):
+                 clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,), mask=None, audio_source="mel"):
         ds = Path(ds_dir)
         self.ds = ds
         info = read_feature_info(ds)
@@ -142,7 +147,9 @@ class LipDataset(torch.utils.data.Dataset):
         if len(self.ref_pool) < 2:
             raise UserError(f"{ds}: need at least 2 frames to draw reference frames from")
         self.mel = None
-        if clip > 1:
+        if clip > 1 and audio_source == "speech":      # a speech SyncNet reads speech embeddings, not the mel
+            self.mel = audio_features.sync_inputs(audio_features.read_wav(ds), "speech")      # (n_frames, 96)
+        elif clip > 1:
             if not (ds / "mel.npy").is_file():
                 raise UserError(f"{ds} has no mel.npy; run: python process.py VIDEO --name {ds.name}")
             self.mel = utils.load_npy(ds / "mel.npy")                  # (80, T_mel)

@@ -199,11 +199,6 @@ def pick_threads(requested):
 
 
 def main(cfg):
-    import evaluate
-    import inference_328
-    import process
-    import syncnet_328
-    import train_328
     if cfg.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
@@ -222,66 +217,23 @@ def main(cfg):
     if speaker.note:
         print(f"WARNING: {speaker.note}")
         notes.append(speaker.note)
-
-    def make_media():
-        render_wav = media / "render.wav"
-        media_io.write_wav(render_wav, speaker.speech(RENDER_TEXT, seed=cfg.seed + 2))
-        if cfg.video:
-            info = media_io.probe(cfg.video)
-            if info["video"] is None or info["audio"] is None or not info["duration"]:
-                raise UserError(f"{cfg.video} needs a video and an audio track (one person talking)")
-            dur = info["duration"]
-            held = min(cfg.heldout_seconds, 0.3 * dur)
-            if dur - held < 5:
-                raise UserError(f"{cfg.video} is {dur:.1f} s long; the demo needs at least ~8 s (5 s to train, the rest held out)")
-            train = cut(cfg.video, media / "train.mp4", 0, dur - held)
-            heldout = cut(cfg.video, media / "heldout.mp4", dur - held, held)
-            return train, heldout, render_wav
-        import synthetic
-        train_wav = speaker.speech(TRAIN_TEXT, cfg.train_seconds, seed=cfg.seed)
-        held_wav = speaker.speech(HELDOUT_TEXT, cfg.heldout_seconds, seed=cfg.seed + 1)
-        train = synthetic.make_talking_clip(media / "train.mp4", wav=train_wav, seed=cfg.seed)
-        heldout = synthetic.make_talking_clip(media / "heldout.mp4", wav=held_wav, seed=cfg.seed + 1)
-        return train, heldout, render_wav
-
     what = f"cut {cfg.video} into training and held-out parts" if cfg.video else \
         "synthetic actor (astronaut photo, jaw follows loudness): training and held-out clips"
-    train_mp4, heldout_mp4, render_wav = stages(what, make_media)
+    train_mp4, heldout_mp4, render_wav = stages(what, make_media, cfg, speaker, media)
 
     # 3-5: the project's own pipeline
-    stages("process.py (frames, landmarks, crops, mel)", process.main,
-           process.Config(video=str(train_mp4), name=cfg.name, data_root=str(data), overwrite=True))
-    stages(f"syncnet_328.py ({cfg.sync_steps} steps: audio encoder + features)", syncnet_328.main,
-           syncnet_328.Config(name=cfg.name, data_root=str(data), ckpt_root=str(ckpt), max_steps=cfg.sync_steps,
-                              batch_size=cfg.sync_batch, val_every=max(cfg.sync_steps // 2, 1),
-                              warmup_steps=min(30, max(cfg.sync_steps // 5, 1)), device=cfg.device, seed=cfg.seed))
-    def train():
-        # sync loss off: it triples the cost of a step, and a few hundred steps are spent on the face
-        return train_328.main(train_328.Config(
-            name=cfg.name, data_root=str(data), ckpt_root=str(ckpt), widths=cfg.widths, batch_size=cfg.batch_size,
-            max_steps=cfg.train_steps, warmup_steps=min(50, max(cfg.train_steps // 10, 1)), sync_weight=0.0,
-            num_workers=0, log_every=10, val_every=100, preview_every=100, save_every=100, snapshot_every=0,
-            overwrite=True, device=cfg.device, seed=cfg.seed))
-
-    tr = stages(f"train_328.py ({cfg.train_steps} steps, {cfg.widths} widths)", train)
+    tr = train_avatar(cfg, stages, train_mp4, data, ckpt)
     print(f"generator: {tr['step']} steps, last held-out L1 {tr['val_l1']}")
 
     # 6: the product: the face says a sentence it never heard
+    import inference_328
     render_mp4 = out / f"{cfg.name}_says_new_sentence.mp4"
     stages("inference_328.py: a DIFFERENT sentence", inference_328.main,
            inference_328.Config(name=cfg.name, audio_path=str(render_wav), out=str(render_mp4), data_root=str(data),
                                 ckpt_root=str(ckpt), device=cfg.device))
 
     # 7-8: measured on held-out seconds
-    eval_kw = dict(name=cfg.name, video=str(heldout_mp4), ckpt_root=str(ckpt), eval_root=str(out / "eval_data"),
-                   device=cfg.device)
-    res = stages("evaluate.py: the model on the held-out clip", evaluate.main,
-                 evaluate.Config(**eval_kw, out_dir=str(out / "eval_model")))
-    base = None
-    if cfg.baseline:
-        base = stages("evaluate.py: the template baseline (ignores audio)", evaluate.main,
-                      evaluate.Config(**eval_kw, baseline="template", out_dir=str(out / "eval_baseline")))
-
+    res, base = evaluate_heldout(cfg, stages, heldout_mp4, ckpt, out)
     strip = None
     if res["outputs"].get("strip"):   # truth | generated crops of the held-out clip, next to the mp4
         strip = out / f"{cfg.name}_heldout_strip.png"
@@ -296,6 +248,71 @@ def main(cfg):
     }
     with utils.atomic_file(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
+    print_summary(cfg, out, speaker, tr, render_mp4, res, base, strip, total)
+    return summary
+
+
+def make_media(cfg, speaker, media):
+    """Steps 1-2: the sentence to render, and the training and held-out clips: the synthetic actor
+    speaking TRAIN_TEXT and HELDOUT_TEXT, or --video cut into its first part and its last seconds.
+    -> (train mp4, held-out mp4, render wav)."""
+    render_wav = media / "render.wav"
+    media_io.write_wav(render_wav, speaker.speech(RENDER_TEXT, seed=cfg.seed + 2))
+    if cfg.video:
+        info = media_io.probe(cfg.video)
+        if info["video"] is None or info["audio"] is None or not info["duration"]:
+            raise UserError(f"{cfg.video} needs a video and an audio track (one person talking)")
+        dur = info["duration"]
+        held = min(cfg.heldout_seconds, 0.3 * dur)
+        if dur - held < 5:
+            raise UserError(f"{cfg.video} is {dur:.1f} s long; the demo needs at least ~8 s (5 s to train, the rest held out)")
+        train = cut(cfg.video, media / "train.mp4", 0, dur - held)
+        heldout = cut(cfg.video, media / "heldout.mp4", dur - held, held)
+        return train, heldout, render_wav
+    import synthetic
+    train_wav = speaker.speech(TRAIN_TEXT, cfg.train_seconds, seed=cfg.seed)
+    held_wav = speaker.speech(HELDOUT_TEXT, cfg.heldout_seconds, seed=cfg.seed + 1)
+    train = synthetic.make_talking_clip(media / "train.mp4", wav=train_wav, seed=cfg.seed)
+    heldout = synthetic.make_talking_clip(media / "heldout.mp4", wav=held_wav, seed=cfg.seed + 1)
+    return train, heldout, render_wav
+
+
+def train_avatar(cfg, stages, train_mp4, data, ckpt):
+    """Steps 3-5: process.py, syncnet_328.py (the audio encoder + features), train_328.py, each
+    briefly. -> train_328.main's result."""
+    import process
+    import syncnet_328
+    import train_328
+    stages("process.py (frames, landmarks, crops, mel)", process.main,
+           process.Config(video=str(train_mp4), name=cfg.name, data_root=str(data), overwrite=True))
+    stages(f"syncnet_328.py ({cfg.sync_steps} steps: audio encoder + features)", syncnet_328.main,
+           syncnet_328.Config(name=cfg.name, data_root=str(data), ckpt_root=str(ckpt), max_steps=cfg.sync_steps,
+                              batch_size=cfg.sync_batch, val_every=max(cfg.sync_steps // 2, 1),
+                              warmup_steps=min(30, max(cfg.sync_steps // 5, 1)), device=cfg.device, seed=cfg.seed))
+    # sync loss off: it triples the cost of a step, and a few hundred steps are spent on the face
+    return stages(f"train_328.py ({cfg.train_steps} steps, {cfg.widths} widths)", train_328.main, train_328.Config(
+        name=cfg.name, data_root=str(data), ckpt_root=str(ckpt), widths=cfg.widths, batch_size=cfg.batch_size,
+        max_steps=cfg.train_steps, warmup_steps=min(50, max(cfg.train_steps // 10, 1)), sync_weight=0.0,
+        num_workers=0, log_every=10, val_every=100, preview_every=100, save_every=100, snapshot_every=0,
+        overwrite=True, device=cfg.device, seed=cfg.seed))
+
+
+def evaluate_heldout(cfg, stages, heldout_mp4, ckpt, out):
+    """Steps 7-8: evaluate.py on the held-out clip: the model, then (--baseline) the template
+    baseline. -> (the model's result, the baseline's or None)."""
+    import evaluate
+    eval_kw = dict(name=cfg.name, video=str(heldout_mp4), ckpt_root=str(ckpt), eval_root=str(out / "eval_data"),
+                   device=cfg.device)
+    res = stages("evaluate.py: the model on the held-out clip", evaluate.main,
+                 evaluate.Config(**eval_kw, out_dir=str(out / "eval_model")))
+    base = None
+    if cfg.baseline:
+        base = stages("evaluate.py: the template baseline (ignores audio)", evaluate.main,
+                      evaluate.Config(**eval_kw, baseline="template", out_dir=str(out / "eval_baseline")))
+    return res, base
+
+
+def print_summary(cfg, out, speaker, tr, render_mp4, res, base, strip, total):
     print("\n" + "=" * 78)
     if not cfg.video:
         print("The actor is SYNTHETIC: a real photo (scikit-image's astronaut) whose jaw is warped open with\n"
@@ -317,7 +334,6 @@ def main(cfg):
     print(line)
     print(f"summary:        {out / 'summary.json'}")
     print(f"wall time:      {total / 60:.1f} min")
-    return summary
 
 
 if __name__ == "__main__":

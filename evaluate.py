@@ -23,7 +23,8 @@ default: it correlates the mouth with the audio by itself (a 27-step, untrained 
 ablation gap of 0.43 with it and 0.04 without), so with it on the sync numbers credit the rule, not
 the network. `--silence_gate` measures the product as it ships.
 
-Every metric is a pure numpy function of arrays, in metrics.py.
+Every metric is a pure numpy function of arrays, in metrics.py; the generation passes they are
+computed from (the model or a baseline, measured frame by frame) are in eval_passes.py.
 Conventions: lag > 0 means the generated mouth moves LATER than the truth (or than the audio).
 """
 import json
@@ -37,195 +38,56 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import templates
 import geometry
 import media_io
+import templates
 import utils
+from audio_features import sync_inputs
+from compose import RenderOptions
+from eval_passes import detector_boxes, make_generator, measure_generated, prepare_heldout, run_pass
+from geometry import to_crop_coords
 from metrics import (CLOSED_SHARE, JITTER_MARGIN, SEAM_PAD, SILENCE_CONTRAST_DB, SILENCE_FLOOR_DB,
                      SILENCE_HOLD, SILENCE_MIN_DB, best_lag, chance_r, closed_threshold, cosine,
-                     gradient_energy, jitter_ratio, lmd, load_syncnet, loudness_db, mean_finite,
-                     mouth_opening, pearson, psnr, seam_band, silence_score, silent_frames, speech_frames,
-                     ssim, sync_confidence, width_ratio)
-from utils import FPS, INNER, MOUTH, MOUTH_MARGIN, SR, UserError
-from geometry import mouth_box, to_crop_coords
+                     jitter_ratio, lmd, load_syncnet, loudness_db, mean_finite, mouth_opening, pearson,
+                     seam_band, silence_score, silent_frames, speech_frames, sync_confidence, width_ratio)
+from utils import FPS, INNER, MOUTH_MARGIN, SR, UserError
 
 
+# reference, feather, color_match and seed take inference's defaults (compose.RenderOptions); the
+# silence gate is off here on purpose (see above)
 @dataclass
 class Config:
-    name: str = ""                 # avatar (checkpoint) name
-    video: str = ""                # held-out video of the same person (never used in training), or a folder process.py made from one
-    audio: str = ""                # optional other audio (unseen voice): the held-out frames become templates, no ground truth
-    json: str = ""                 # metrics JSON; default OUT_DIR/metrics.json
-    out_dir: str = ""              # where metrics, plot and side-by-side mp4 go; default result/eval/NAME_VIDEO[_AUDIO][_BASELINE]
-    checkpoint: str = ""           # generator checkpoint; default CKPT_ROOT/NAME/best.pth, else last.pth
-    ckpt_root: str = str(utils.CHECKPOINT_DIR)  # where checkpoints live (SyncNet: CKPT_ROOT/NAME/syncnet_best.pth)
-    eval_root: str = ""            # where the held-out video is processed; "" = a temp folder, removed at the end; an existing copy there is reused
-    max_frames: int = 0            # [0..] evaluate only the first N frames (0 = all)
-    baseline: str = ""             # "" = the model; template = paste the reference back (ignores audio); copy = paste the template back
-    device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda, mps
-    backend: str = "auto"          # U-Net runtime for inference (auto, ort, compile, eager)
-    reference: str = "closed"      # reference crop rule, as in inference_328 (closed or random)
-    feather: int = 16              # [0..64] paste feather, px in the 328 crop (as inference)
-    color_match: bool = True       # colour-match the generated crop near the seam (as inference)
-    silence_gate: bool = False     # inference's silence gate; off so the metrics judge the network (--silence_gate: the product as shipped)
-    ablation_shift: float = 0.5    # [>0..1] the "other moment" audio: rolled by this share of the clip
-    max_lag: int = 10              # [1..] frames searched each way for the best opening lag
-    id_frames: int = 12            # [0..] frames (evenly spaced) on which identity descriptors are computed (~0.15 s each)
-    syncnet: str = "auto"          # SyncNet checkpoint for the secondary score; auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off
-    plot: bool = True              # write plot.png (opening over time + truth|generated strip) and strip.png (the strip at full size)
-    video_out: bool = True         # write side_by_side.mp4 (truth | generated, with the audio)
-    seed: int = 0                  # [0..] seed of a random reference choice
+    name: str = ""                                 # avatar (checkpoint) name
+    video: str = ""                                # held-out video of the same person (never used in training), or a folder process.py made from one
+    audio: str = ""                                # optional other audio (unseen voice): the held-out frames become templates, no ground truth
+    json: str = ""                                 # metrics JSON; default OUT_DIR/metrics.json
+    out_dir: str = ""                              # where metrics, plot and side-by-side mp4 go; default result/eval/NAME_VIDEO[_AUDIO][_BASELINE]
+    checkpoint: str = ""                           # generator checkpoint; default CKPT_ROOT/NAME/best.pth, else last.pth
+    ckpt_root: str = str(utils.CHECKPOINT_DIR)     # where checkpoints live (SyncNet: CKPT_ROOT/NAME/syncnet_best.pth)
+    eval_root: str = ""                            # where the held-out video is processed; "" = a temp folder, removed at the end; an existing copy there is reused
+    max_frames: int = 0                            # [0..] evaluate only the first N frames (0 = all)
+    baseline: str = ""                             # "" = the model; template = paste the reference back (ignores audio); copy = paste the template back
+    device: str = "auto"                           # auto (cuda -> mps -> cpu), cpu, cuda, mps
+    backend: str = "auto"                          # U-Net runtime for inference (auto, ort, compile, eager)
+    reference: str = RenderOptions.reference       # reference crop rule, as in inference_328 (closed or random)
+    feather: int = RenderOptions.feather           # [0..64] paste feather, px in the 328 crop (as inference)
+    color_match: bool = RenderOptions.color_match  # colour-match the generated crop near the seam (as inference)
+    silence_gate: bool = False                     # inference's silence gate; off so the metrics judge the network (--silence_gate: the product as shipped)
+    ablation_shift: float = 0.5                    # [>0..1] the "other moment" audio: rolled by this share of the clip
+    max_lag: int = 10                              # [1..] frames searched each way for the best opening lag
+    id_frames: int = 12                            # [0..] frames (evenly spaced) on which identity descriptors are computed (~0.15 s each)
+    syncnet: str = "auto"                          # SyncNet checkpoint for the secondary score; auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off
+    plot: bool = True                              # write plot.png (opening over time + truth|generated strip) and strip.png (the strip at full size)
+    video_out: bool = True                         # write side_by_side.mp4 (truth | generated, with the audio)
+    seed: int = RenderOptions.seed                 # [0..] seed of a random reference choice
 
 
 # ----------------------------------------------------------------------------------------------
 STRIP_FRAMES = 6         # sample frames in the plot's strip, chosen from closed to wide open
-SIDE_MAX_H = 512         # px: the side-by-side mp4 is scaled down to this height when taller
-
-
-# ----------------------------------------------------------------------------------------------
-# Generators: the trained model, or a baseline that ignores audio
-class Baseline:
-    """A stand-in with LipSyncModel.frames()'s signature. template: the reference crop the model
-    would be given, pasted back unchanged (the output of a generator that ignores audio); copy: the
-    template frame's own crop pasted back (a model that copies the template mouth)."""
-
-    def __init__(self, kind):
-        if kind not in ("template", "copy"):
-            raise UserError(f"--baseline {kind!r}: choose template or copy (or leave it empty for the model)")
-        self.kind, self.step, self.mask = kind, None, None   # pastes over MASK_RECT
-        import inference_328 as inf
-        self.vad = inf.use_vad("auto")                       # the same silence gate as the model's
-
-    def frames(self, wav, template, start_frame=0, feather=16, color_match=True, reference="closed",
-               silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, stats=None):
-        import inference_328 as inf
-        n = media_io.num_frames(len(wav))
-        loud = inf.gate_loudness_db(wav, n, self.vad)
-        refs = inf.References(template, reference, seed)
-        copy = self.kind == "copy"
-        for k, (j, frame, box) in enumerate(template.stream(start_frame, n)):
-            crop = geometry.crop_face(frame, box)
-            gen = np.ascontiguousarray(geometry.inner(crop)) if copy else refs.crop(k, j)
-            yield inf.compose((frame, box, crop, gen, refs.closed, loud[k]), feather,
-                              color_match and not copy, silence_gate and not copy, silence_db, speech_db)
 
 
 # ----------------------------------------------------------------------------------------------
 # Measuring one generation pass against the truth (or the templates)
-def prepare_heldout(cfg, work):
-    """process.py on the held-out video (first max_frames only) -> dataset folder. A folder
-    given as --video is taken as an already processed dataset."""
-    import process
-    if Path(cfg.video).is_dir():
-        utils.load_meta(cfg.video)                       # a clear error when it is not a dataset
-        return Path(cfg.video)
-    root = Path(cfg.eval_root) if cfg.eval_root else work / "data"
-    name = utils.safe_stem(cfg.video) + (f"_first{cfg.max_frames}" if cfg.max_frames else "")
-    ds = root / name
-    src = Path(cfg.video).resolve()
-    stamp = {"video": str(src), "bytes": src.stat().st_size, "mtime": src.stat().st_mtime, "max_frames": cfg.max_frames}
-    marker = ds / "eval_source.json"
-    if marker.is_file() and (ds / utils.CROPS).is_file() and json.loads(marker.read_text()) == stamp:
-        print(f"held-out data: reusing {ds}")
-        return ds
-    video = src
-    if cfg.max_frames:
-        video = work / f"{name}.mp4"
-        media_io.run_ffmpeg(["-i", src, "-t", f"{cfg.max_frames / FPS:.3f}", "-vf", f"fps={FPS}", "-c:v", "libx264",
-                          "-crf", "17", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", video],
-                         what="cutting the held-out video")
-    process.main(process.Config(video=str(video), name=name, data_root=str(root), overwrite=True, min_frames=1))
-    marker.write_text(json.dumps(stamp))
-    return ds
-
-
-def detector_boxes(ds):
-    """Detector-style face boxes [N, 4] of a processed dataset, gaps filled with the nearest box."""
-    import landmarks
-    z = utils.load_npy(Path(ds) / utils.LANDMARKS)
-    boxes = z["boxes"].astype(np.float32)
-    ok = np.isfinite(boxes).all(1)
-    if not ok.any():
-        raise UserError(f"{ds}: no face box in any frame")
-    return landmarks.fill_gaps(boxes, ok, len(boxes))[0]
-
-
-def jitter_box(lms, crop_boxes):
-    """One fixed mouth box in the 320 crop for the whole clip (the crops are face-aligned, so the
-    mouth stays put): the 5-95 percentile extent of the mouth points, grown by JITTER_MARGIN."""
-    m = to_crop_coords(np.asarray(lms)[:, MOUTH], crop_boxes)        # (N, 20, 2)
-    lo = np.percentile(m.min(1), 5, axis=0)
-    hi = np.percentile(m.max(1), 95, axis=0)
-    fake = np.zeros((68, 2))
-    fake[MOUTH] = np.concatenate([np.repeat(lo[None], 10, 0), np.repeat(hi[None], 10, 0)])
-    return mouth_box(fake, JITTER_MARGIN)
-
-
-def run_pass(gen_frames, template, det_boxes, n, *, detector, describer=None, truth=None, full=True,
-             id_idx=(), strip_idx=(), jbox=None, band=None, writer=None, keep_crops=None, desc="measure"):
-    """Consume n generated frames; per frame fit landmarks on the generated (and, first time, the
-    true/template) frame inside the truth's detector box and collect what the metrics need.
-    `truth`: a previous pass's result whose true-side values are reused. Returns a dict of arrays."""
-    from tqdm import tqdm
-    r = {k: [] for k in ("gen_lms", "true_lms", "psnr", "ssim", "psnr_m", "ssim_m", "seam_g", "seam_t")}
-    r.update(gen_reg=[], true_reg=[], gen_id=[], true_id=[], strip={})
-    id_idx, strip_idx = set(id_idx), set(strip_idx)
-    for k, gen in enumerate(tqdm(gen_frames, total=n, desc=desc, unit="f", dynamic_ncols=True, leave=False)):
-        if k >= n:
-            break
-        j = templates.pingpong(k, template.n)
-        true = template.read(j)
-        img = detector.prepare(gen)
-        r["gen_lms"].append(detector.fit(img, det_boxes[j]))
-        if truth is None:
-            r["true_lms"].append(detector.fit(detector.prepare(true), det_boxes[j]))
-        if not full:
-            continue
-        box = template.boxes[j]
-        g328, t328 = geometry.crop_face(gen, box), geometry.crop_face(true, box)
-        g, t = geometry.inner(g328), geometry.inner(t328)
-        r["psnr"].append(psnr(g, t))
-        r["ssim"].append(ssim(g, t))
-        tl = truth["true_lms"][k] if truth is not None else r["true_lms"][-1]
-        x0, y0, x1, y1 = mouth_box(to_crop_coords(tl[None], box[None])[0])
-        r["psnr_m"].append(psnr(g[y0:y1, x0:x1], t[y0:y1, x0:x1]))
-        r["ssim_m"].append(ssim(g[y0:y1, x0:x1], t[y0:y1, x0:x1]))
-        r["seam_g"].append(gradient_energy(g328, band))
-        r["seam_t"].append(gradient_energy(t328, band))
-        x0, y0, x1, y1 = jbox
-        r["gen_reg"].append(g[y0:y1, x0:x1].copy())
-        r["true_reg"].append(t[y0:y1, x0:x1].copy())
-        if describer is not None and k in id_idx:
-            r["gen_id"].append(describer(gen, r["gen_lms"][-1]))
-            r["true_id"].append(describer(true, tl))
-        if k in strip_idx:
-            r["strip"][k] = (t.copy(), g.copy())
-        if keep_crops is not None:
-            keep_crops[0][k] = g
-            keep_crops[1][k] = t
-        if writer is not None:
-            writer(true, gen)
-    for k in ("gen_lms", "true_lms"):
-        r[k] = np.array(r[k], np.float64).reshape(-1, 68, 2)
-    if truth is not None:
-        r["true_lms"] = truth["true_lms"]
-    if len(r["gen_lms"]) < n:
-        raise UserError(f"the generator produced {len(r['gen_lms'])} frames for {n} video frames of audio")
-    return r
-
-
-def side_by_side_writer(vw, size, left="truth"):
-    """A callable writing truth | generated frames, scaled to SIDE_MAX_H and labelled."""
-    def write(true, gen):
-        pair = []
-        for img, label in ((true, left), (gen, "generated")):
-            img = geometry.resize(img, size) if img.shape[1::-1] != size else img.copy()
-            cv2.putText(img, label, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
-            pair.append(img)
-        vw.write(np.concatenate(pair, 1))
-    return write
-
-
 # ----------------------------------------------------------------------------------------------
 # Reports
 def write_strip(path, strip):
@@ -341,16 +203,6 @@ def default_out_dir(cfg):
     return utils.REPO / "result" / "eval" / "_".join(parts)
 
 
-def make_generator(cfg):
-    """-> (generator with .frames(), description, step)."""
-    if cfg.baseline:
-        return Baseline(cfg.baseline), f"baseline {cfg.baseline}", None, None
-    import inference_328 as inf
-    ckpt = inf.resolve_checkpoint(cfg.name, cfg.ckpt_root, cfg.checkpoint)
-    model = inf.LipSyncModel(ckpt, cfg.device, cfg.backend)
-    return model, f"model {ckpt} (step {model.step})", model.step, str(ckpt)
-
-
 def main(cfg):
     utils.check_config(cfg)
     import landmarks
@@ -438,31 +290,6 @@ def _syncnet_path(cfg):
     return Path(cfg.syncnet)
 
 
-def _main_pass(cfg, gen_model, wav, template, det_boxes, n, self_mode, out_dir, work, outputs, **kw):
-    """The generated frames measured against the truth, the side-by-side mp4 written on the way
-    when --video_out (removed again if the pass fails)."""
-    vw, writer = None, None
-    if cfg.video_out:
-        w, h = template.size
-        s = min(1.0, SIDE_MAX_H / h)
-        size = (int(round(w * s)) // 2 * 2, int(round(h * s)) // 2 * 2)
-        audio_wav = work / "audio.wav"
-        media_io.write_wav(audio_wav, wav)
-        vw = media_io.VideoWriter(out_dir / "side_by_side.mp4", 2 * size[0], size[1], audio=audio_wav)
-        writer = side_by_side_writer(vw, size, "truth" if self_mode else "template")
-    try:
-        main_pass = run_pass(gen_model.frames(wav, template, **kw.pop("gen_kw")), template, det_boxes, n,
-                             writer=writer, desc="generate+measure", **kw)
-        if vw is not None:
-            vw.close()
-            outputs["side_by_side"] = str(out_dir / "side_by_side.mp4")
-        return main_pass
-    except BaseException:
-        if vw is not None:
-            vw.abort()
-        raise
-
-
 def _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, silence_db, other_pass):
     """Self-reenactment only (the truth is known): image and landmark quality, the opening track
     against the truth, and the ablation (other_pass() = the same frames with another moment's
@@ -492,7 +319,7 @@ def _sync_metrics(cfg, m, sync_path, keep, wav, timing):
     t = time.time()
     device = utils.get_device(cfg.device)
     net = load_syncnet(sync_path, device)
-    mel = media_io.melspectrogram(wav)
+    mel = sync_inputs(wav, net.audio_source)         # what its audio tower reads: the mel or speech embeddings
     for side, crops in (("gen", keep[0]), ("true", keep[1])):
         s = sync_confidence(net, crops, mel, device)
         if s is not None:
@@ -501,6 +328,16 @@ def _sync_metrics(cfg, m, sync_path, keep, wav, timing):
             m[f"sync_p_{side}"], m[f"sync_stretch_acc_{side}"] = s["p_sync"], s["stretch_acc"]
     timing["syncnet_s"] = round(time.time() - t, 1)
     return sync
+
+
+def _thresholds(cfg, silence_db, thresh, jbox):
+    """The thresholds and rules behind the metrics, as metrics.json reports them."""
+    return {"silence_db": _clean(silence_db), "closed_opening": round(thresh, 4),
+            "silence_rule": f"loudness <= noise floor (p2, >= {SILENCE_MIN_DB} dBFS) + {SILENCE_FLOOR_DB} dB, "
+                            f">= {SILENCE_CONTRAST_DB} dB below p95, held {SILENCE_HOLD} frames each side",
+            "closed_rule": f"opening < p10 + {CLOSED_SHARE} x (p90 - p10) of the truth/template opening",
+            "mouth_box_margin": MOUTH_MARGIN, "seam_band": f"paste alpha transition +- {SEAM_PAD} px",
+            "jitter_box_320": list(jbox), "max_lag": cfg.max_lag}
 
 
 def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
@@ -512,13 +349,12 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         describer = landmarks.FaceDescriber()
     except landmarks.LandmarkError as e:
         raise UserError(str(e)) from None
-    jbox = jitter_box(template.lms, template.boxes)
+    jbox = geometry.mouth_box_of_clip(to_crop_coords(template.lms, template.boxes), JITTER_MARGIN)   # one fixed box: the crops are face-aligned
     tmpl_idx = np.array([templates.pingpong(k, template.n) for k in range(n)])
     opening_prior = mouth_opening(template.lms[tmpl_idx])           # smoothed dataset landmarks, for picking the strip
     strip_idx = sorted({int(i) for i in np.argsort(opening_prior)[np.linspace(0, n - 1, STRIP_FRAMES).astype(int)]})
     id_idx = set(np.linspace(0, n - 1, min(cfg.id_frames, n)).astype(int).tolist())
-    gen_kw = dict(start_frame=0, feather=cfg.feather, color_match=cfg.color_match, reference=cfg.reference,
-                  silence_gate=cfg.silence_gate, seed=cfg.seed)
+    opts = RenderOptions.from_config(cfg)          # the render options evaluate.py sets; the rest as inference's defaults
     sync_path = _syncnet_path(cfg)
     keep = None
     if sync_path is not None:
@@ -528,9 +364,9 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
 
     outputs = {}
     t = time.time()
-    main_pass = _main_pass(cfg, gen_model, wav, template, det_boxes, n, self_mode, out_dir, work, outputs, gen_kw=gen_kw,
-                           detector=detector, describer=describer, id_idx=id_idx, strip_idx=strip_idx, jbox=jbox,
-                           band=seam_band(cfg.feather, mask=gen_model.mask), keep_crops=keep)
+    main_pass = measure_generated(cfg, gen_model, wav, template, det_boxes, n, self_mode, out_dir, work, outputs,
+                                  opts=opts, detector=detector, describer=describer, id_idx=id_idx, strip_idx=strip_idx,
+                                  jbox=jbox, band=seam_band(cfg.feather, mask=gen_model.mask), keep_crops=keep)
     timing["main_pass_s"] = round(time.time() - t, 1)
 
     g_open = mouth_opening(main_pass["gen_lms"])
@@ -544,7 +380,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         def other_pass():   # the same frames driven by the audio of another moment of the clip
             shift = int(round(cfg.ablation_shift * n)) % n or n // 2
             t = time.time()
-            other = run_pass(gen_model.frames(np.roll(wav, shift * SR // FPS), template, **gen_kw), template, det_boxes, n,
+            other = run_pass(gen_model.frames(np.roll(wav, shift * SR // FPS), template, opts), template, det_boxes, n,
                              detector=detector, truth=main_pass, full=False, desc="ablation (other audio)")
             timing["ablation_pass_s"] = round(time.time() - t, 1)
             return other
@@ -575,12 +411,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         "mode": "self-reenactment" if self_mode else "unseen-audio",
         "generator": gen_desc, "video": str(cfg.video), "audio": cfg.audio or None, "frames": int(n),
         "metrics": {k: _clean(v) for k, v in m.items()},
-        "thresholds": {"silence_db": _clean(silence_db), "closed_opening": round(thresh, 4),
-                       "silence_rule": f"loudness <= noise floor (p2, >= {SILENCE_MIN_DB} dBFS) + {SILENCE_FLOOR_DB} dB, "
-                                       f">= {SILENCE_CONTRAST_DB} dB below p95, held {SILENCE_HOLD} frames each side",
-                       "closed_rule": f"opening < p10 + {CLOSED_SHARE} x (p90 - p10) of the truth/template opening",
-                       "mouth_box_margin": MOUTH_MARGIN, "seam_band": f"paste alpha transition +- {SEAM_PAD} px",
-                       "jitter_box_320": list(jbox), "max_lag": cfg.max_lag},
+        "thresholds": _thresholds(cfg, silence_db, thresh, jbox),
         "syncnet": {"checkpoint": str(sync_path) if sync_path else None, **sync},
         "config": asdict(cfg), "outputs": outputs,
     }

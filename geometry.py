@@ -1,7 +1,8 @@
 """Crop, mask and paste geometry (SPEC §3): the face box from landmarks, landmarks in crop
-coordinates, the mouth box, the generator's masked area (jaw or rectangle), the feathered paste
-back into the frame and the colour match. One home for each rule; training, inference, evaluation
-and the server import them from here.
+coordinates, the mouth box (of one face, or fixed over a clip), the mouth-and-jaw area the silence
+gate closes, the generator's masked area (jaw or rectangle), the feathered paste back into the frame
+and the colour match. One home for each rule; training, inference, evaluation and the server import
+them from here.
 
     python -c "import geometry; print(geometry.rect_mask().mean())"
 """
@@ -34,13 +35,68 @@ def mouth_box(lm320, margin=MOUTH_MARGIN, size=INNER):
     """Box (x0, y0, x1, y1), half-open ints inside the 320 crop, around the 20 mouth points of
     one face's 68 landmarks in crop coordinates, grown by `margin` x mouth width each side."""
     m = np.asarray(lm320, np.float64)[MOUTH]
-    lo, hi = m.min(0), m.max(0)
+    return grow_box(m.min(0), m.max(0), margin, size)
+
+
+def mouth_extent(lm320, lo=5, hi=95):
+    """Where the mouth lies over a clip: 68-point landmarks [N, 68, 2] in crop coordinates ->
+    (x, y) of its top-left corner (the lo-th percentile over the frames of each frame's smallest
+    mouth x and y) and of its bottom-right (the hi-th of the largest), so a few bad frames do not
+    stretch it."""
+    m = np.asarray(lm320, np.float64)[:, MOUTH]                        # (N, 20, 2)
+    return np.percentile(m.min(1), lo, axis=0), np.percentile(m.max(1), hi, axis=0)
+
+
+def mouth_box_of_clip(lm320, margin=MOUTH_MARGIN, size=INNER):
+    """One fixed mouth box for a clip of face-aligned crops (the mouth stays put in them): its
+    mouth_extent over landmarks [N, 68, 2] in crop coordinates, grown as mouth_box grows."""
+    return grow_box(*mouth_extent(lm320), margin, size)
+
+
+def grow_box(lo, hi, margin, size=INNER):
+    """The box from corner lo = (x, y) to hi, grown by `margin` x its width each side, as half-open
+    ints inside a crop of `size`, at least 8 px each way."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     pad = margin * (hi[0] - lo[0])
     x0, y0 = np.floor(lo - pad).astype(int)
     x1, y1 = np.ceil(hi + pad).astype(int) + 1
     x0, y0 = max(x0, 0), max(y0, 0)
     x1, y1 = min(max(x1, x0 + 8), size), min(max(y1, y0 + 8), size)   # >= 8 px: SSIM's window fits
     return int(x0), int(y0), int(x1), int(y1)
+
+
+# Where the mouth and jaw sit in the 320 crop when no landmarks say (the crop rule puts the nose
+# near the top; averaged over six real datasets): centre x, top of the upper lip, half width, chin.
+DEFAULT_MOUTH = (150.0, 80.0, 80.0, 240.0)
+CHIN = 8                 # iBUG-68 point at the bottom of the chin
+
+
+def mouth_region(lm320):
+    """(centre x, top, half width, chin y) of the mouth-and-jaw area in 320-crop pixels over the
+    frames of a clip (68-point landmarks [N, 68, 2] in crop coordinates): the mouth_extent's
+    centre, top and half width, and the median chin."""
+    (x0, top), (x1, _) = mouth_extent(lm320)
+    chin = np.median(np.asarray(lm320, np.float64)[:, CHIN, 1])
+    return float((x0 + x1) / 2), float(top), float((x1 - x0) / 2), float(chin)
+
+
+_MOUTH_ALPHA = {}
+
+
+def mouth_alpha(region=DEFAULT_MOUTH):
+    """Soft weight (320, 320, 1) over the lips and the jaw below them (an open mouth drops the
+    chin), from a mouth_region: the area the silence gate takes from the closed reference."""
+    key = tuple(round(v) for v in region)
+    if key not in _MOUTH_ALPHA:
+        cx, top, half, chin = key
+        a = np.zeros((INNER, INNER), np.float32)
+        # the lips with their corners (an ellipse around the mouth), united with the jaw below
+        cv2.ellipse(a, (cx, round(top + 0.4 * half)), (round(1.5 * half), round(0.9 * half)), 0, 0, 360, 1.0, -1)
+        jaw_top = top + 0.4 * half
+        cv2.ellipse(a, (cx, round((jaw_top + chin) / 2)), (round(1.2 * half), max(round((chin - jaw_top) / 2), 1)),
+                    0, 0, 360, 1.0, -1)
+        _MOUTH_ALPHA[key] = cv2.GaussianBlur(a, (0, 0), max(half * 0.1, 1.0))[..., None]
+    return _MOUTH_ALPHA[key]
 
 
 def resize(img, size):

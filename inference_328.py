@@ -9,7 +9,8 @@ avatar's own frames played forward then backward from --start_frame, or a still 
 video), its smoothed crop box, the 328 crop; generator input = [reference crop of ANOTHER frame
 than the target, as in training, masked crop]; audio = the encoder vectors of frames k-8..k+7;
 the painted 320 centre goes back into the 328 crop, colour-matched to the template near the seam,
-and is blended into the frame through a feathered alpha (geometry.paste_back). Frames go straight
+and is blended into the frame through a feathered alpha (compose.compose, geometry.paste_back); the
+options of this path and their defaults are compose.RenderOptions. Frames go straight
 into one ffmpeg (media_io.VideoWriter), which muxes the original audio track and renames into place
 only on success. Decode/crop runs in a reader thread, the U-Net in the caller, paste/encode in a
 writer thread; features (chunks of 10 s) and frames are streamed, so memory does not grow with
@@ -26,15 +27,14 @@ the lips and jaw of that closed reference over the generated ones in the pauses;
 dlib mouth opening in silent stretches from 0.091 to 0.016 (closed reference: 0.021) and leaves
 speech frames untouched (0.109 vs 0.109).
 
-Speed on CPU (bench_inference.py, full widths, 2-core Xeon): the U-Net runs with BatchNorm folded
-into the convs through ONNX Runtime when onnx + onnxruntime are installed and the graph matches
+Speed on CPU (bench_inference.py, full widths, 2-core Xeon): the U-Net runs (runner.py) with BatchNorm
+folded into the convs through ONNX Runtime when onnx + onnxruntime are installed and the graph matches
 eager PyTorch to 1e-3 (max abs diff 4e-5); else channels_last eager PyTorch. ORT costs 0.20 CPU s
 per frame vs 1.24 torch.compile, 1.47 folded + channels_last, 2.76 eager (measured side by side on
 a shared, oversubscribed machine). The exported graph is cached per checkpoint file (LIPSYNC_CACHE,
 default ~/.cache/lipsync). When the U-Net will run in PyTorch, the CLI re-executes itself once
 with glibc malloc settings (they must be set before the process starts; SPEC §11: ~1.4x).
 """
-import hashlib
 import os
 import queue
 import re
@@ -46,39 +46,43 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 import geometry
 import media_io
+import runner
 import utils
-from templates import closed_score, open_template
-from utils import BORDER, FEAT_WIN, FPS, HOP, INNER, MEL_FPS, MEL_WIN, SR, UserError
+import vad
+from compose import References, RenderOptions, compose
+from templates import open_template
+from utils import FEAT_WIN, FPS, HOP, MEL_FPS, MEL_WIN, SR, UserError
 
 
+# The render options (start_frame, feather, color_match, reference, silence_gate, silence_db,
+# speech_db, vad, seed, crf) take their defaults from compose.RenderOptions, as evaluate.py's do.
 @dataclass
 class Config:
-    name: str = ""                 # avatar (dataset and checkpoint) name
-    audio_path: str = ""           # any audio (or video with sound) ffmpeg reads
-    out: str = ""                  # output mp4; default result/{name}_{audiostem}_{ckptstem}.mp4
-    checkpoint: str = ""           # generator checkpoint; default ckpt_root/NAME/best.pth, else last.pth
-    start_frame: int = 0           # [0..] first template frame (the template then plays forward, backward, ...)
-    batch_size: int = 0            # [0..] frames per U-Net call; 0 = auto (1 on CPU, where batching is slower; 16 on GPU)
-    device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
-    backend: str = "auto"          # U-Net runtime: auto, ort (onnxruntime), compile (torch.compile), eager
-    feather: int = 16              # [0..64] px (in the 328 crop) over which the pasted face fades into the frame
-    color_match: bool = True       # match the generated crop's colours to the template near the seam
-    reference: str = "closed"      # reference crop: closed (the template frame with the most closed mouth) or random (a random other frame per output frame, as in training)
-    silence_gate: bool = True      # where the audio is silent, blend the mouth toward the closed reference
-    silence_db: float = -45.0      # frame loudness (dB, for speech whose loud frames are at -12 dBFS) at or below which a frame is silent
-    speech_db: float = -35.0       # frame loudness (dB, same scale) at or above which the generated mouth is used as is
-    vad: str = "auto"              # speech vs pause for the silence gate: auto = a voice-activity detector (vad.py, Silero) with loudness, when silero-vad is installed; on = insist on it; off = loudness only
-    template: str = ""             # optional: an image or a video to animate instead of the avatar's frames
-    data_root: str = str(utils.DATASET_DIR)      # where datasets live
-    ckpt_root: str = str(utils.CHECKPOINT_DIR)   # where checkpoints live
-    seed: int = 0                  # [0..] seed of the random reference choice
-    crf: int = 18                  # [0..51] H.264 quality (lower = better, larger)
-    malloc_tune: bool = True       # re-exec with glibc malloc settings when the U-Net runs in PyTorch on CPU (~1.4x, SPEC §11)
+    name: str = ""                                   # avatar (dataset and checkpoint) name
+    audio_path: str = ""                             # any audio (or video with sound) ffmpeg reads
+    out: str = ""                                    # output mp4; default result/{name}_{audiostem}_{ckptstem}.mp4
+    checkpoint: str = ""                             # generator checkpoint; default ckpt_root/NAME/best.pth, else last.pth
+    start_frame: int = RenderOptions.start_frame     # [0..] first template frame (the template then plays forward, backward, ...)
+    batch_size: int = 0                              # [0..] frames per U-Net call; 0 = auto (1 on CPU, where batching is slower; 16 on GPU)
+    device: str = "auto"                             # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
+    backend: str = "auto"                            # U-Net runtime: auto, ort (onnxruntime), compile (torch.compile), eager
+    feather: int = RenderOptions.feather             # [0..64] px (in the 328 crop) over which the pasted face fades into the frame
+    color_match: bool = RenderOptions.color_match    # match the generated crop's colours to the template near the seam
+    reference: str = RenderOptions.reference         # reference crop: closed (the template frame with the most closed mouth) or random (a random other frame per output frame, as in training)
+    silence_gate: bool = RenderOptions.silence_gate  # where the audio is silent, blend the mouth toward the closed reference
+    silence_db: float = RenderOptions.silence_db     # frame loudness (dB, for speech whose loud frames are at -12 dBFS) at or below which a frame is silent
+    speech_db: float = RenderOptions.speech_db       # frame loudness (dB, same scale) at or above which the generated mouth is used as is
+    vad: str = RenderOptions.vad                     # speech vs pause for the silence gate: auto = a voice-activity detector (vad.py, Silero) with loudness, when silero-vad is installed; on = insist on it; off = loudness only
+    template: str = ""                               # optional: an image or a video to animate instead of the avatar's frames
+    data_root: str = str(utils.DATASET_DIR)          # where datasets live
+    ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
+    seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
+    crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
+    malloc_tune: bool = True                         # re-exec with glibc malloc settings when the U-Net runs in PyTorch on CPU (~1.4x, SPEC §11)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,16 +92,7 @@ FEATURE_CHUNK = 250               # video frames of audio features computed at a
 MEL_MARGIN = 4                    # extra mel frames each side of a chunk: makes chunked mel == whole mel
 READ_AHEAD = 8                    # decoded template frames waiting for the model
 WRITE_BEHIND = 8                  # generated frames waiting to be pasted and encoded
-MATCH_TOL = 1e-3                  # a faster U-Net runtime is used only if it equals eager this closely
-BACKENDS = {"cpu": ("ort", "eager"), "cuda": ("eager",), "mps": ("eager",)}   # tried in this order for backend=auto
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-ONNX_OPSET = 17                   # ONNX operator set of the exported U-Net
-ONNX_CACHE_KEEP = 8               # exported U-Net graphs kept in the cache folder (~50 MB each at full widths)
-NOMINAL_SPEECH_DB = -12.0         # dBFS of the loud frames (95th percentile) of typical speech files
-MAX_LEVEL_SHIFT = 20.0            # dB: the gate adapts to recordings at most this much quieter/louder
-ABS_SILENCE_DB = -60.0            # dBFS below which a frame is silent whatever the recording level
-VAD_PAUSE_DB = 60.0               # dB the gate's level drops where the VAD hears no voice: below any silence threshold
-VAD_MODES = ("auto", "on", "off")
 MAX_AUDIO_HOURS = 10              # longer audio is refused (it would take days on a CPU)
 
 
@@ -106,7 +101,7 @@ class Cancelled(UserError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The generator and its runtimes
+# The generator
 def resolve_checkpoint(name, ckpt_root=None, checkpoint=""):
     """The checkpoint file to use: an explicit path, else ckpt_root/NAME/best.pth, else last.pth."""
     if checkpoint:
@@ -122,194 +117,41 @@ def resolve_checkpoint(name, ckpt_root=None, checkpoint=""):
                     f"train one first: python train_328.py --name {name}")
 
 
-def _widths_of(ckpt, path):
-    """UNet328 widths from the checkpoint's config, else recognised from the weights' shapes."""
-    from unet_328 import WIDTHS
-    w = (ckpt.get("config") or {}).get("widths")
-    if isinstance(w, str):
-        if w not in WIDTHS:
-            raise UserError(f"{path}: unknown widths {w!r} in its config (known: {', '.join(WIDTHS)})")
-        return WIDTHS[w]
-    if w is not None:
-        return tuple(int(x) for x in w)
-    sd = ckpt["model"]
-    first = sd.get("inc.block.0.conv.6.weight")   # (w0, hidden, 1, 1): the first block's projection
-    for v in WIDTHS.values():
-        if first is not None and first.shape[0] == v[0]:
-            return v
-    raise UserError(f"{path}: cannot tell the generator's widths (no config['widths']); it is not a UNet328 checkpoint")
-
-
-def _fresh_inputs(batch, seed=0):
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 6, INNER, INNER, generator=g), torch.randn(batch, 32, 16, 16, generator=g)
-
-
-class UNetRunner:
-    """Runs the (BN-folded) U-Net on numpy batches: img (B, 6, 320, 320), audio (B, 32, 16, 16)
-    float32 -> (B, 3, 320, 320) float32. `kind` says which runtime: eager, compile or ort."""
-
-    def __init__(self, model, device, kind, graph=None):
-        import torch
-        self.device, self.kind, self.model = device, kind, model
-        self.fixed_batch = None
-        if kind == "ort":
-            import onnxruntime as ort
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = torch.get_num_threads()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self.graph = graph if graph is not None else export_onnx(model)
-            self.session = ort.InferenceSession(self.graph, so, providers=["CPUExecutionProvider"])
-        elif kind == "compile":
-            self.fn = torch.compile(model, dynamic=False)
-        elif kind != "eager":
-            raise UserError(f"unknown --backend {kind!r}; choose auto, ort, compile or eager")
-
-    def __call__(self, img, audio):
-        if self.kind == "ort":
-            return self.session.run(None, {"img": img, "audio": audio})[0]
-        import torch
-        n = len(img)
-        if self.fixed_batch and n < self.fixed_batch:     # compiled graphs are shape-specialised: pad
-            pad = self.fixed_batch - n
-            img = np.concatenate([img, np.repeat(img[-1:], pad, 0)])
-            audio = np.concatenate([audio, np.repeat(audio[-1:], pad, 0)])
-        x = torch.from_numpy(img).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        a = torch.from_numpy(audio).to(self.device, non_blocking=True)
-        with torch.inference_mode(), utils.autocast(self.device):
-            out = (self.fn if self.kind == "compile" else self.model)(x, a)
-        return out.float().cpu().numpy()[:n]
-
-
-def export_onnx(model):
-    """The U-Net as ONNX bytes (dynamic batch), exported on CPU from a float32 copy."""
-    import copy
-    import io
-    import warnings
-    import torch
-    buf = io.BytesIO()
-    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
-    x, a = _fresh_inputs(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # the legacy exporter's deprecation and tracer notes
-        torch.onnx.export(cpu_model, (x, a), buf, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["img", "audio"], output_names=["out"],
-                          dynamic_axes={"img": {0: "b"}, "audio": {0: "b"}, "out": {0: "b"}})
-    return buf.getvalue()
-
-
-def onnx_cache_path(checkpoint):
-    """Where the exported graph of a checkpoint file is kept (the export takes 5-15 s here): keyed
-    by the file's path, size and mtime and the library versions, so any change re-exports."""
-    import onnxruntime
-    import torch
-    p = Path(checkpoint).resolve()
-    st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{torch.__version__}|{onnxruntime.__version__}|{ONNX_OPSET}"
-    root = Path(os.environ.get("LIPSYNC_CACHE") or Path.home() / ".cache" / "lipsync")
-    return root / f"unet-{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
-
-
-def _prune_cache(folder, keep=ONNX_CACHE_KEEP):
-    files = sorted(Path(folder).glob("unet-*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
-    for f in files[keep - 1:]:
-        f.unlink(missing_ok=True)
-
-
-def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
-    """The fastest runtime for `device` that reproduces eager PyTorch to MATCH_TOL, tried in the
-    order of BACKENDS; a runtime that is missing, fails or disagrees falls back to the next. An
-    ONNX graph that passed this check is cached per checkpoint file and reused unchecked."""
-    kinds = BACKENDS.get(device.type, ("eager",)) if backend == "auto" else (backend,)
-    eager = UNetRunner(model, device, "eager")
-    ref = None
-    for kind in kinds:
-        if kind == "eager":
-            return eager
-        try:
-            cache = onnx_cache_path(checkpoint) if kind == "ort" and checkpoint else None
-            if cache is not None and cache.is_file():
-                r = UNetRunner(model, device, kind, cache.read_bytes())
-                r.max_abs_diff = None                 # checked when it was cached
-                return r
-            r = UNetRunner(model, device, kind)
-            r.fixed_batch = batch if kind == "compile" else None
-            if ref is None:
-                x, a = (t.numpy() for t in _fresh_inputs(batch, seed=1))
-                ref = eager(x, a)
-            diff = float(np.abs(r(x, a) - ref).max())
-        except UserError:
-            raise
-        except Exception as e:   # a runtime that is not installed or cannot take this graph
-            print(f"note: U-Net runtime {kind} unavailable ({type(e).__name__}: {str(e)[:120]}); trying the next",
-                  file=sys.stderr)
-            continue
-        if diff <= MATCH_TOL:
-            r.max_abs_diff = diff
-            if cache is not None:
-                try:
-                    _prune_cache(cache.parent)
-                    with utils.atomic_file(cache) as tmp:
-                        tmp.write_bytes(r.graph)
-                except OSError:
-                    pass                      # an unwritable cache only costs the export next time
-            return r
-        print(f"note: U-Net runtime {kind} differs from eager by {diff:.2e} > {MATCH_TOL}; not used", file=sys.stderr)
-    if backend != "auto":
-        raise UserError(f"--backend {backend} is not usable here (see the note above); use --backend auto")
-    return eager
-
-
 class LipSyncModel:
     """A trained avatar generator loaded once from one checkpoint file (UNet328 weights, its
     config with the widths, and the AudioEncoder that made its training features)."""
 
-    def __init__(self, checkpoint, device="auto", backend="auto", batch_size=0, vad="auto"):
+    def __init__(self, checkpoint, device="auto", backend="auto", batch_size=0):
         import torch
-        from unet_328 import AudioEncoder, UNet328, fold_bn
+        from unet_328 import fold_bn
         self.device = device if isinstance(device, torch.device) else utils.get_device(device)
         self.path = Path(checkpoint)
-        ckpt = utils.load_checkpoint(self.path, "cpu")
-        self.widths = _widths_of(ckpt, self.path)
-        try:
-            unet = UNet328(self.widths, base=(ckpt.get("config") or {}).get("base", "none"))
-        except ValueError as e:
-            raise UserError(f"{self.path}: {e}; it was written by a newer train_328.py") from None
-        try:
-            unet.load_state_dict(ckpt["model"])
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise UserError(f"{self.path} does not hold a UNet328 of widths {self.widths} "
-                            f"(wrong architecture or damaged: {str(e).splitlines()[0][:160]})") from None
-        if not ckpt.get("audio_encoder"):
-            raise UserError(f"{self.path} has no 'audio_encoder' entry; it was not written by train_328.py "
-                            "(a generator checkpoint carries the audio encoder its features came from)")
-        enc = AudioEncoder()
-        try:
-            enc.load_reference_state_dict(ckpt["audio_encoder"])
-        except (ValueError, RuntimeError, TypeError, AttributeError) as e:
-            raise UserError(f"{self.path}: its audio encoder does not load ({str(e)[:160]})") from None
-        self.step = ckpt.get("step")
-        self.config = ckpt.get("config") or {}
-        self.mask = utils.checkpoint_mask(ckpt)     # the area it repaints: bool (320, 320), None = MASK_RECT
-        del ckpt
+        unet, enc, info = runner.load_generator(self.path)
+        self.widths, self.step, self.config = info["widths"], info["step"], info["config"]
+        self.mask = info["mask"]                    # the area it repaints: bool (320, 320), None = MASK_RECT
         # BN folded into the convs: same outputs, ~2x faster on CPU with channels_last (SPEC §11)
         self.unet = fold_bn(unet).to(self.device, memory_format=torch.channels_last)
         self.audio_encoder = fold_bn(enc).to(self.device)
         self.batch_size = batch_size or (CPU_BATCH if self.device.type == "cpu" else GPU_BATCH)
-        self.runner = make_runner(self.unet, self.device, backend, self.batch_size, self.path)
-        self.vad = use_vad(vad)     # the silence gate asks a voice-activity detector too
+        self.runner = runner.make_runner(self.unet, self.device, backend, self.batch_size, self.path)
 
     # -- audio -------------------------------------------------------------------------------
     def features(self, wav, start=0, stop=None):
         """Audio-encoder vectors [stop - start, 512] of video frames start..stop-1 of `wav`
         (float32 16 kHz mono), equal to those of the whole wav but computed from the samples
         around those frames only, so long audio is processed in constant memory."""
-        from audio_features import encode_audio
+        from audio_features import encode_audio, source_of
         n = media_io.num_frames(len(wav))
         stop = n if stop is None else min(stop, n)
         if stop <= start:
             return np.zeros((0, utils.FEAT_DIM), np.float32)
+        if source_of(self.audio_encoder) == "speech":
+            # speech embeddings see 0.38 s (+ a 30 ms chunk context) each side, on an 80 ms (2 frame)
+            # chunk grid from the wav's start: 14 frames of audio each side, a slice on that grid
+            base = max(0, (start - 14) // 2 * 2)
+            s0, s1 = base * SR // FPS, min(len(wav), (stop + 14) * SR // FPS)
+            feats = encode_audio(wav[s0:s1], self.audio_encoder, self.device, batch=256, n_frames=stop - base)
+            return np.asarray(feats[start - base:], np.float32)
         # A chunk starting at a multiple of 5 video frames starts at a whole mel frame (5 frames =
         # 16 mel frames), so window positions relative to the chunk are the global ones shifted.
         base = max(0, (start - 5) // 5 * 5)                       # >= 5 frames of context before start
@@ -332,26 +174,25 @@ class LipSyncModel:
         return (out.transpose(0, 2, 3, 1) * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
     # -- whole frames ---------------------------------------------------------------------------
-    def frames(self, wav, template, start_frame=0, feather=16, color_match=True, reference="closed",
-               silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, stats=None):
+    def frames(self, wav, template, opts=RenderOptions(), stats=None):
         """Iterator of finished BGR frames (template size), one per video frame of `wav`."""
-        for item in self._generate(wav, template, start_frame, reference, seed, stats):
-            yield compose(item, feather, color_match, silence_gate, silence_db, speech_db, stats, self.mask)
+        for item in self._generate(wav, template, opts, stats):
+            yield compose(item, opts, self.mask)
 
-    def _generate(self, wav, template, start_frame, reference, seed, stats):
-        """Streams (frame, box, crop328, generated320, closed_ref320, loudness_db, mouth region) per output frame;
+    def _generate(self, wav, template, opts, stats):
+        """Streams (frame, box, crop328, generated320, closed_ref320, gate level dB, mouth region) per output frame;
         template decoding runs in a reader thread READ_AHEAD frames ahead of the model."""
         n = media_io.num_frames(len(wav))
         feats = FeatureStream(self, wav)
-        loud = gate_loudness_db(wav, n, self.vad)
-        refs = References(template, reference, seed)
+        loud = vad.gate_loudness_db(wav, n, vad.use_vad(opts.vad))
+        refs = References(template, opts.reference, opts.seed)
         stats = stats if stats is not None else {}
         q = queue.Queue(READ_AHEAD)
         stop = threading.Event()
 
         def reader():
             try:
-                for k, (j, frame, box) in enumerate(template.stream(start_frame, n)):
+                for k, (j, frame, box) in enumerate(template.stream(opts.start_frame, n)):
                     t = time.perf_counter()
                     crop = geometry.crop_face(frame, box)                                  # (328, 328, 3)
                     item = (frame, box, crop, refs.crop(k, j))
@@ -399,9 +240,8 @@ class LipSyncModel:
             th.join(timeout=5)
 
     # -- the whole job ---------------------------------------------------------------------------
-    def render(self, audio_path, out_path, template, start_frame=0, feather=16, color_match=True,
-               reference="closed", silence_gate=True, silence_db=-45.0, speech_db=-35.0, seed=0, crf=18,
-               progress=None, should_stop=None, stats=None, tmp_dir=None):
+    def render(self, audio_path, out_path, template, opts=RenderOptions(), progress=None, should_stop=None,
+               stats=None, tmp_dir=None):
         """Write the lip-synced mp4 for `audio_path` to `out_path` (renamed into place only when
         complete) and return its Path. progress(done, total) after each frame; should_stop()
         returning True aborts with Cancelled and leaves nothing at out_path."""
@@ -433,7 +273,7 @@ class LipSyncModel:
                 try:
                     while (item := q.get()) is not None:
                         t0 = time.perf_counter()
-                        frame = compose(item, feather, color_match, silence_gate, silence_db, speech_db, stats, self.mask)
+                        frame = compose(item, opts, self.mask)
                         t1 = time.perf_counter()
                         vw.write(frame)
                         _add(stats, "encode", time.perf_counter() - t1)
@@ -443,11 +283,11 @@ class LipSyncModel:
                     while q.get() is not None:     # drain so the producer never blocks
                         pass
 
-            with media_io.VideoWriter(out_path, w, h, audio=audio_only, crf=crf) as vw:
+            with media_io.VideoWriter(out_path, w, h, audio=audio_only, crf=opts.crf) as vw:
                 th = threading.Thread(target=writer, args=(vw,), daemon=True, name="paste-writer")
                 th.start()
                 try:
-                    for i, item in enumerate(self._generate(wav, template, start_frame, reference, seed, stats)):
+                    for i, item in enumerate(self._generate(wav, template, opts, stats)):
                         if should_stop is not None and should_stop():
                             raise Cancelled("stopped on request; no output written")
                         if err:
@@ -486,7 +326,7 @@ def _add(stats, key, dt):
 
 
 # ----------------------------------------------------------------------------------------------
-# Audio: loading, streamed features, loudness
+# Audio: loading, streamed features
 def load_speech(path):
     """media_io.load_audio plus the checks inference needs: not empty, not absurdly long."""
     wav = media_io.load_audio(path)
@@ -517,157 +357,6 @@ class FeatureStream:
         # buf starts at frame 0 or at i-8, and ends at frame n or past i+7, so the zero padding of
         # feature_window falls exactly outside the audio, as for the whole-wav features
         return media_io.feature_window(self.buf, i - self.lo)
-
-
-def frame_loudness_db(wav, n, chunk=10_000):
-    """Loudness (dBFS, RMS) of each video frame's 40 ms of audio, max-pooled over +-1 frame so
-    a syllable's onset and release count as speech. [n] float32; computed chunk by chunk."""
-    hop = SR // FPS
-    db = np.empty(n, np.float32)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        seg = np.zeros((b - a) * hop, np.float32)
-        part = wav[a * hop:b * hop]
-        seg[:len(part)] = part
-        rms = np.sqrt(np.mean(seg.reshape(b - a, hop).astype(np.float64) ** 2, axis=1))
-        db[a:b] = 20 * np.log10(rms + 1e-9)
-    pooled = db.copy()
-    pooled[1:] = np.maximum(pooled[1:], db[:-1])
-    pooled[:-1] = np.maximum(pooled[:-1], db[1:])
-    return pooled
-
-
-def use_vad(mode):
-    """--vad auto|on|off -> whether the silence gate uses the voice-activity detector."""
-    import vad
-    if mode not in VAD_MODES:
-        raise UserError(f"--vad {mode!r}: choose {', '.join(VAD_MODES)}")
-    if mode == "on" and not vad.available():
-        raise UserError("--vad on needs the silero-vad package (its ONNX model ships in the wheel): "
-                        "pip install -r requirements.txt, or pass --vad auto")
-    return mode != "off" and vad.available()
-
-
-def gate_loudness_db(wav, n, with_vad=False):
-    """The level the silence gate reads per frame: frame_loudness_db shifted so that the audio's
-    loud frames (95th percentile) sit at NOMINAL_SPEECH_DB, so the thresholds hold for quiet and
-    loud recordings alike (shift capped at +-MAX_LEVEL_SHIFT dB); below ABS_SILENCE_DB dBFS a frame
-    is always silent. with_vad: lowered by up to VAD_PAUSE_DB where the voice-activity detector
-    hears no voice, so a music bed or noise under the pauses does not hold the mouth open."""
-    db = frame_loudness_db(wav, n)
-    loud = float(np.percentile(db, 95)) if n else NOMINAL_SPEECH_DB
-    shift = float(np.clip(NOMINAL_SPEECH_DB - loud, -MAX_LEVEL_SHIFT, MAX_LEVEL_SHIFT))
-    out = db + np.float32(shift)
-    out[db < ABS_SILENCE_DB] = -200.0           # far below any threshold
-    if with_vad and n:
-        import vad
-        out = out - np.float32(VAD_PAUSE_DB) * (1 - vad.speech_weight(vad.frame_speech_prob(wav, n)))
-    return out
-
-
-def speech_weight(db, silence_db, speech_db):
-    """0 at or below silence_db, 1 at or above speech_db, smooth in between."""
-    t = np.clip((db - silence_db) / max(speech_db - silence_db, 1e-6), 0, 1)
-    return t * t * (3 - 2 * t)
-
-
-# ----------------------------------------------------------------------------------------------
-# The reference crop beside each masked crop
-class References:
-    """The reference crop fed beside each masked crop. `closed`: one fixed template frame with the
-    most closed mouth (among frames of typical crop size, so not an odd pose); `random`: a random
-    frame more than utils.REF_GAP frames from the target, drawn anew for each output frame (training's rule)."""
-
-    def __init__(self, template, mode="closed", seed=0):
-        if mode not in ("closed", "random"):
-            raise UserError(f"--reference {mode!r}: choose closed or random")
-        self.template, self.mode = template, mode
-        self.rng = np.random.default_rng(seed)
-        self.closed_index = int(np.argmin(closed_score(template.lms, template.boxes)))
-        self.closed = np.ascontiguousarray(geometry.inner(template.crop(self.closed_index)))   # (320, 320, 3)
-        self.mouth = mouth_region(template.lms, template.boxes)
-
-    def index(self, k, j):
-        """Template frame of the reference for output frame k shown on template frame j."""
-        n = self.template.n
-        g = utils.REF_GAP
-        if self.mode == "closed" or n <= 2 * g + 1:
-            return self.closed_index
-        r = int(self.rng.integers(0, n - 2 * g - 1))
-        return min(r if r < j - g else r + 2 * g + 1, n - 1)                      # skip j-g .. j+g
-
-    def crop(self, k, j):
-        """Reference 320 crop for output frame k shown on template frame j."""
-        r = self.index(k, j)
-        return self.closed if r == self.closed_index else np.ascontiguousarray(geometry.inner(self.template.crop(r)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Paste: generated centre -> crop -> silence gate -> colour match -> feathered blend
-_SEAM_MASK = {}
-# Where the mouth and jaw sit in the 320 crop when no landmarks say (the crop rule puts the nose
-# near the top; averaged over six real datasets): centre x, top of the upper lip, half width, chin.
-DEFAULT_MOUTH = (150.0, 80.0, 80.0, 240.0)
-
-
-def seam_mask(feather, mask=None):
-    """Where colour statistics are compared: the band of the paste alpha near its edge (where a
-    seam would show), or the whole pasted area when there is no feather."""
-    key = (feather, geometry.mask_key(mask))
-    if key not in _SEAM_MASK:
-        a = geometry.paste_alpha(feather, mask)
-        band = (a > 0.02) & (a < 0.98)
-        _SEAM_MASK[key] = (band if band.sum() > 1000 else a > 0.5).astype(np.float32)
-    return _SEAM_MASK[key]
-
-
-def mouth_region(lms, boxes):
-    """(centre x, top, half width, chin y) of the mouth-and-jaw area in 320-crop pixels, over all
-    frames of a template: lms [N, 68, 2] and crop boxes [N, 4] in frame pixels."""
-    lms, boxes = np.asarray(lms, np.float32), np.asarray(boxes, np.float32)
-    side = (boxes[:, 2] - boxes[:, 0])[:, None, None]
-    c = (lms - boxes[:, None, :2]) * (utils.CROP / side) - BORDER          # (N, 68, 2) in the 320 crop
-    m = c[:, utils.MOUTH]
-    x0, x1 = np.percentile(m[..., 0].min(1), 5), np.percentile(m[..., 0].max(1), 95)
-    top = np.percentile(m[..., 1].min(1), 5)
-    return float((x0 + x1) / 2), float(top), float((x1 - x0) / 2), float(np.median(c[:, 8, 1]))
-
-
-_MOUTH_ALPHA = {}
-
-
-def mouth_alpha(region=DEFAULT_MOUTH):
-    """Soft weight (320, 320, 1) over the lips and the jaw below them (an open mouth drops the
-    chin): the area the silence gate takes from the closed reference."""
-    key = tuple(round(v) for v in region)
-    if key not in _MOUTH_ALPHA:
-        cx, top, half, chin = key
-        a = np.zeros((INNER, INNER), np.float32)
-        # the lips with their corners (an ellipse around the mouth), united with the jaw below
-        cv2.ellipse(a, (cx, round(top + 0.4 * half)), (round(1.5 * half), round(0.9 * half)), 0, 0, 360, 1.0, -1)
-        jaw_top = top + 0.4 * half
-        cv2.ellipse(a, (cx, round((jaw_top + chin) / 2)), (round(1.2 * half), max(round((chin - jaw_top) / 2), 1)),
-                    0, 0, 360, 1.0, -1)
-        _MOUTH_ALPHA[key] = cv2.GaussianBlur(a, (0, 0), max(half * 0.1, 1.0))[..., None]
-    return _MOUTH_ALPHA[key]
-
-
-def compose(item, feather=16, color_match=True, silence_gate=True, silence_db=-45.0, speech_db=-35.0, stats=None,
-            mask=None):
-    """One output frame from (frame, box, crop328, generated320, closed_ref320, loudness_db
-    [, mouth region]) as _generate yields them; without a mouth region, DEFAULT_MOUTH. Only the
-    generator's masked area (`mask`, None = MASK_RECT) is pasted."""
-    frame, box, crop, gen, closed, db, *region = item
-    out = crop.copy()                                             # the 4 px ring stays original
-    if silence_gate:
-        w = float(speech_weight(db, silence_db, speech_db))
-        if w < 1.0:                      # silence: the mouth rests as in the closed reference
-            a = mouth_alpha(*region) * (1.0 - w)
-            gen = (gen * (1 - a) + closed * a + 0.5).astype(np.uint8)
-    out[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = gen
-    if color_match:
-        out = geometry.match_color(out, crop, seam_mask(feather, mask))
-    return geometry.paste_back(frame, box, out, feather, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -731,11 +420,12 @@ def main(cfg):
     try:
         if not 0 <= cfg.start_frame < template.n:
             raise UserError(f"--start_frame {cfg.start_frame} is outside the template's {template.n} frames (0..{template.n - 1})")
+        with_vad = vad.use_vad(cfg.vad)          # --vad on without the detector fails now
         t0 = time.perf_counter()
-        model = LipSyncModel(ckpt, cfg.device, cfg.backend, cfg.batch_size, cfg.vad)
+        model = LipSyncModel(ckpt, cfg.device, cfg.backend, cfg.batch_size)
         print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
               f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
-              f"silence gate: {'voice activity + loudness' if model.vad else 'loudness'}")
+              f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}")
         bar = tqdm(unit="f", desc="lip-sync", dynamic_ncols=True)
 
         def progress(done, total):
@@ -744,8 +434,7 @@ def main(cfg):
 
         stats = {}
         t0 = time.perf_counter()
-        model.render(cfg.audio_path, out, template, cfg.start_frame, cfg.feather, cfg.color_match, cfg.reference,
-                     cfg.silence_gate, cfg.silence_db, cfg.speech_db, cfg.seed, cfg.crf, progress=progress, stats=stats)
+        model.render(cfg.audio_path, out, template, RenderOptions.from_config(cfg), progress=progress, stats=stats)
         bar.close()
     finally:
         template.close()

@@ -26,6 +26,13 @@ import numpy as np
 
 BACKENDS = ("dlib", "face_alignment")
 
+# tracking settings: process.py (the avatar's frames) and templates.py (a template video) track
+# with these, so a template is tracked exactly like the frames the model was trained on
+DETECT_EVERY = 8          # run the face detector every N frames, track in between (0.3 s at 25 fps)
+DETECT_MAX_SIDE = 384     # px: detect on a copy downscaled to this longer side (landmarks use full size)
+MAX_GAP = 12              # frames: faceless gaps up to this long are interpolated (0.5 s)
+SMOOTH_SIGMA = 1.0        # frames: temporal gaussian on the landmarks (removes crop jitter)
+
 # tracking parameters
 UPSAMPLE_BELOW = 400      # px: HOG misses faces under ~70 px, so in detection images smaller
                           # than this retry at 2x when nothing is found (4x the cost)
@@ -223,7 +230,7 @@ def _plausible_step(box, prev_box, lm, patch, anchor_lm, anchor_patch) -> bool:
             and float((patch * anchor_patch).sum()) >= TRACK_MIN_NCC)
 
 
-def track_video(frames, detector, detect_every: int = 5, max_side: int = 512,
+def track_video(frames, detector, detect_every: int = DETECT_EVERY, max_side: int = DETECT_MAX_SIDE,
                 progress=None) -> dict:
     """Landmarks of one main face through a video.
 
@@ -336,7 +343,7 @@ def smooth_landmarks(lms, sigma: float):
     return out.reshape(x.shape).astype(np.float32)
 
 
-def clean_track(lms, found, max_gap, sigma):
+def clean_track(lms, found, max_gap=MAX_GAP, sigma=SMOOTH_SIGMA):
     """The one recipe from raw tracked landmarks to crop-ready ones, shared by process.py and
     video templates: interpolate gaps <= max_gap frames; bridge longer ones the same way (so the
     geometry stays defined; at the clip's ends the nearest face is held) but flag them, so callers
@@ -362,8 +369,8 @@ def main():
     p.add_argument("video")
     p.add_argument("--backend", default="dlib", choices=BACKENDS)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--detect-every", type=int, default=5, help="frames between detector runs")
-    p.add_argument("--max-side", type=int, default=512, help="px, longer side of detection image")
+    p.add_argument("--detect-every", type=int, default=DETECT_EVERY, help="frames between detector runs")
+    p.add_argument("--max-side", type=int, default=DETECT_MAX_SIDE, help="px, longer side of detection image")
     args = p.parse_args()
     det = make_detector(args.backend, args.device)
     frames = list(_read_video(args.video))       # decoded first so only landmark work is timed

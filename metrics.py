@@ -113,8 +113,8 @@ def best_lag(a, b, max_lag):
 
 
 def loudness_db(wav, n):
-    """Loudness (dBFS) of each video frame's audio, max-pooled over +-1 frame (inference's rule)."""
-    from inference_328 import frame_loudness_db
+    """Loudness (dBFS) of each video frame's audio, max-pooled over +-1 frame (the silence gate's rule)."""
+    from vad import frame_loudness_db
     return np.asarray(frame_loudness_db(np.asarray(wav, np.float32), n), np.float64)
 
 

@@ -39,6 +39,7 @@ class Config:
     warmup_steps: int = train_328.Config.warmup_steps   # [0..] generator lr warm-up steps (train_328's default)
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
+    audio_source: str = "mel"      # audio features: mel or speech (syncnet_328 --audio_source); the mel SyncNet judges every run
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
@@ -92,11 +93,39 @@ def prepare(video, data_root):
     return ds
 
 
+def syncnet_stage(cfg, train_ds, ckpt_root, times):
+    """The SyncNet of the run's audio source, trained once per (video, steps, seed, source), and the
+    train dataset's aud_feat.npy made by it (rewritten when another source's run left its own).
+    The mel SyncNet lives in CKPT_ROOT/NAME, where evaluate.py finds it as the judge of every run,
+    whatever its source; a speech SyncNet in CKPT_ROOT/speech/NAME. -> the SyncNet's folder."""
+    import audio_features
+    import syncnet_328
+    if cfg.audio_source not in audio_features.SOURCES:
+        raise UserError(f"--audio_source {cfg.audio_source}: use {' or '.join(audio_features.SOURCES)}")
+    name, data_root = train_ds.name, train_ds.parent
+    root = ckpt_root if cfg.audio_source == "mel" else ckpt_root / cfg.audio_source
+    sync_dir = root / name
+    stamp = dict(steps=cfg.sync_steps, seed=cfg.seed, **({} if cfg.audio_source == "mel" else {"audio_source": cfg.audio_source}))
+    stamp_file = sync_dir / "protocol_syncnet.json"
+    base = dict(name=name, data_root=str(data_root), ckpt_root=str(root), device=cfg.device, seed=cfg.seed)
+    t = time.time()
+    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+        syncnet_328.main(syncnet_328.Config(**base, max_steps=cfg.sync_steps, audio_source=cfg.audio_source))
+        stamp_file.write_text(json.dumps(stamp))
+        times["syncnet_s"] = round(time.time() - t, 1)
+    else:
+        print(f"SyncNet: reusing {sync_dir / utils.SYNCNET_BEST} ({cfg.sync_steps} steps, {cfg.audio_source})")
+    info = train_ds / utils.AUD_FEAT_INFO
+    made_by = json.loads(info.read_text()).get("source") if info.is_file() and (train_ds / utils.AUD_FEAT).is_file() else None
+    if made_by != str(sync_dir / utils.SYNCNET_BEST):
+        syncnet_328.main(syncnet_328.Config(**base, features_only=True, audio_source=cfg.audio_source))
+    return sync_dir
+
+
 def main(cfg):
     utils.check_config(cfg)
     import torch
     import evaluate
-    import syncnet_328
     for v in (cfg.train_video, cfg.heldout_video):
         if not Path(v).is_file():
             raise UserError(f"video not found: {v} (give --train_video and --heldout_video)")
@@ -111,18 +140,7 @@ def main(cfg):
     times["process_s"] = round(time.time() - t, 1)
     name = train_ds.name
 
-    # SyncNet + features: once per (video, steps, seed)
-    sync_dir = ckpt_root / name
-    stamp = dict(steps=cfg.sync_steps, seed=cfg.seed)
-    stamp_file = sync_dir / "protocol_syncnet.json"
-    t = time.time()
-    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and (train_ds / utils.AUD_FEAT).is_file()):
-        syncnet_328.main(syncnet_328.Config(name=name, data_root=str(data_root), ckpt_root=str(ckpt_root),
-                                            max_steps=cfg.sync_steps, device=cfg.device, seed=cfg.seed))
-        stamp_file.write_text(json.dumps(stamp))
-        times["syncnet_s"] = round(time.time() - t, 1)
-    else:
-        print(f"SyncNet: reusing {sync_dir / 'syncnet_best.pth'} ({cfg.sync_steps} steps)")
+    sync_dir = syncnet_stage(cfg, train_ds, ckpt_root, times)
 
     # the generator
     widths = train_328.parse_widths(cfg.widths)
@@ -130,7 +148,8 @@ def main(cfg):
     label = cfg.label or (f"{cfg.widths}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
                           + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "")
                           + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
-                          + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else ""))
+                          + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
+                          + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
     workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
     t = time.time()

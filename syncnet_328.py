@@ -12,7 +12,6 @@ held-out pairs, is folded into the logit bias), then dataset/NAME/aud_feat.npy.
     python syncnet_328.py --name anna --features_only --reference_encoder audio_visual_encoder.pth
 """
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import media_io
 import utils
-from audio_features import SOURCE_REFERENCE, load_reference_encoder, read_wav, write_features
-from syncnet_model import (AUDIO_K, AUDIO_STRIDE, EMB_DIM, MAX_SCALE, SYNC_T, SYNC_WIDTHS, SyncNet, audio_offsets,
-                           downscale_face, load_syncnet)
-from utils import BORDER, INNER, N_MELS, UserError
+from audio_features import SOURCE_REFERENCE, SOURCES, load_reference_encoder, write_features
+from syncnet_data import Clip, StepBatches, check_dataset, clip_audio, eval_pairs, face_windows, training_data
+from syncnet_model import AUDIO_K, AUDIO_STRIDE, EMB_DIM, MAX_SCALE, SYNC_T, SYNC_WIDTHS, SyncNet, load_syncnet
+from utils import INNER, UserError
 
 # --- training ---
 # Trains the SyncNet of one person on dataset/NAME (crops.npy + aud.wav) with real off-sync
@@ -48,6 +46,7 @@ class Config:
     frames: int = SYNC_T            # [2..] video frames per sample (13 with --audio_windows 3: 0.52 s; see SYNC_T)
     audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
+    audio_source: str = "mel"       # audio feature source: mel (the AudioEncoder learns from scratch) or speech (frozen pretrained speech embedding + a small head; audio_features.py)
     max_steps: int = 400            # [0..] optimizer steps (0 = only --epochs limits)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
     batch_size: int = 32            # [2..] face windows per step, each with its in-sync audio window
@@ -85,173 +84,6 @@ class Config:
     eval_only: bool = False         # no training, no features: only the --eval_on evaluation
 
 
-# ---- data ------------------------------------------------------------------------------------
-def check_dataset(ds_dir):
-    meta = utils.load_meta(ds_dir)
-    for f in (utils.CROPS, utils.AUDIO_WAV):
-        if not (Path(ds_dir) / f).is_file():
-            raise UserError(f"dataset {ds_dir} has no {f}; re-run: python process.py VIDEO --name {Path(ds_dir).name} --overwrite")
-    return meta
-
-
-def augment_wav(wav, rng, cfg):
-    """One augmented copy of the whole wav: speed (resample), gain, white noise at a random SNR.
-    Returns (wav, speed factor) -- audio at original time t now sits at t / speed."""
-    from scipy.signal import resample_poly
-    lo, hi = (float(v) for v in cfg.speed)
-    down = int(round(100 * rng.uniform(lo, hi)))
-    out = resample_poly(wav, 100, down).astype(np.float32)             # length S * 100 / down
-    out *= 10 ** (rng.uniform(-cfg.gain_db, cfg.gain_db) / 20)
-    power = float(np.mean(out.astype(np.float64) ** 2)) + 1e-12
-    snr = rng.uniform(*(float(v) for v in cfg.snr_db))
-    out += rng.normal(0, np.sqrt(power / 10 ** (snr / 10)), out.shape).astype(np.float32)
-    return np.clip(out, -1, 1), down / 100
-
-
-def audio_windows(wav, n, speed=1.0):
-    """Mel windows [n, 1, 80, 16] centred on video frames 0..n-1 of a wav played `speed` times
-    faster: the window centre stays on the frame, the window spans 0.2 s * speed of the original."""
-    frames = (np.arange(n) + 0.5) / speed - 0.5                        # fractional frames in the resampled audio
-    return media_io.mel_windows(media_io.melspectrogram(wav), frames)
-
-
-def face_inputs(crops_path, model, chunk=64):
-    """crops.npy [N, 328, 328, 3] -> uint8 [N, 3, h, w] face-tower inputs of `model` (its part of
-    the 320 crop, area-downscaled by its own downscale_face), computed once and kept in memory."""
-    crops = utils.load_npy(crops_path, mmap=True)
-    out = np.empty((len(crops), 3, *model.face_size), np.uint8)
-    for s in tqdm(range(0, len(crops), chunk), desc="faces", unit="chunk", leave=False):
-        x = torch.from_numpy(np.ascontiguousarray(crops[s:s + chunk, BORDER:BORDER + INNER, BORDER:BORDER + INNER]))
-        x = x.permute(0, 3, 1, 2).float() / 255                                  # (b, 3, 320, 320) BGR
-        y = downscale_face(x, model.face_size, model.lower_half, model.region)  # (b, 3, h, w)
-        out[s:s + chunk] = (y * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    return out
-
-
-class Clip:
-    """One dataset in memory for SyncNet: faces uint8 [N, 3, h, w] and audio windows
-    [V, n, 1, 80, 16] (the clean audio first, then augmented copies); n = frames covered by both
-    the video and the audio, so every index below n has a face and its audio."""
-
-    def __init__(self, ds_dir, model, aug_variants=0, aug_cfg=None, seed=0):
-        self.ds_dir = Path(ds_dir)
-        self.meta = check_dataset(ds_dir)
-        self.faces = face_inputs(self.ds_dir / utils.CROPS, model)
-        wav = read_wav(ds_dir)
-        self.n = min(len(self.faces), media_io.num_frames(len(wav)))
-        rng = np.random.default_rng([seed, 1])
-        wins = [audio_windows(wav, self.n)]
-        for _ in range(aug_variants):
-            aug, speed = augment_wav(wav, rng, aug_cfg)
-            wins.append(audio_windows(aug, self.n, speed))
-        self.windows = np.stack(wins)                                        # (V, n, 1, 80, 16)
-
-
-def face_windows(faces, starts, T=SYNC_T):
-    """faces [N, 3, h, w], window starts [B] -> [B, 3T, h, w]: frames start..start+T-1, oldest first."""
-    x = faces[np.asarray(starts)[:, None] + np.arange(T)]                   # (B, T, 3, h, w)
-    return x.reshape(len(x), -1, *faces.shape[2:])
-
-
-def shifted_frames(rng, centres, lo, hi, min_shift, max_shift):
-    """For each centre frame, an audio frame min_shift..max_shift frames away (either direction,
-    whichever fit) inside [lo, hi): the off-sync negatives."""
-    out = np.empty(len(centres), np.int64)
-    for k, c in enumerate(np.asarray(centres)):
-        room = {-1: min(c - lo, max_shift), 1: min(hi - 1 - c, max_shift)}   # largest shift each way
-        dirs = [d for d in (-1, 1) if room[d] >= min_shift]
-        if not dirs:
-            raise ValueError(f"no frame {min_shift}..{max_shift} away from {c} inside [{lo}, {hi})")
-        d = dirs[rng.integers(len(dirs))]
-        out[k] = c + d * rng.integers(min_shift, room[d] + 1)
-    return out
-
-
-def augment_faces(x, rng, jitter, shift_px, flip):
-    """uint8 windows (B, 3T, h, w) -> float32 tensor in [0, 1]; one random translation (edge
-    padded), flip and brightness/contrast per window, shared by its T frames (a camera effect,
-    not motion)."""
-    B, _, h, w = x.shape
-    x = torch.from_numpy(x).float().div_(255)
-    if shift_px:
-        s = shift_px
-        pad = F.pad(x, (s, s, s, s), mode="replicate")
-        dy, dx = rng.integers(0, 2 * s + 1, (2, B))
-        x = torch.stack([pad[b, :, dy[b]:dy[b] + h, dx[b]:dx[b] + w] for b in range(B)])
-    if flip:
-        m = torch.from_numpy(rng.random(B) < 0.5)
-        x[m] = x[m].flip(-1)
-    contrast = torch.from_numpy(1 + rng.uniform(-jitter, jitter, (B, 1, 1, 1))).float()
-    bright = torch.from_numpy(rng.uniform(-jitter, jitter, (B, 1, 1, 1))).float()
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + bright).clamp_(0, 1)
-
-
-def group_frames(rng, n_groups, k, lo, hi, min_shift, max_shift):
-    """n_groups groups of k centre frames in [lo, hi) -> [n_groups * k]: inside a group every two
-    frames are min_shift..max_shift apart, so each one's audio is the others' shifted negative."""
-    span = min(max_shift, hi - 1 - lo)                  # the largest distance inside a group
-    free = span - (k - 1) * min_shift                    # slack left after the minimum gaps
-    if free < 0:
-        raise ValueError(f"{k} frames {min_shift} apart do not fit in [{lo}, {hi}) within {max_shift}")
-    start = rng.integers(lo, hi - span, n_groups)                                # (G,)
-    offs = np.sort(rng.integers(0, free + 1, (n_groups, k)), axis=1) + np.arange(k) * min_shift
-    return (start[:, None] + offs).reshape(-1)
-
-
-def augment_mel(mel, rng, spec_mask, tilt):
-    """Mel windows (B, K, 1, 80, 16) -> a copy with one random spectral tilt (a linear ramp across
-    the bands, as another microphone or voice colours the spectrum) and one masked band run per
-    sample, shared by its K windows."""
-    B = len(mel)
-    ramp = np.linspace(-1, 1, N_MELS, dtype=np.float32)[:, None]                 # (80, 1)
-    mel = mel + rng.uniform(-tilt, tilt, (B, 1, 1, 1, 1)).astype(np.float32) * ramp
-    if spec_mask:
-        width = rng.integers(0, spec_mask + 1, B)
-        first = rng.integers(0, N_MELS - width + 1)
-        for b in range(B):
-            mel[b, :, :, first[b]:first[b] + width[b]] = mel[b].mean()
-    return mel.clip(-utils.MEL_MAX, utils.MEL_MAX)
-
-
-def clip_audio(clip, variants, centres, offsets):
-    """Precomputed windows of audio variants [B] around centre frames [B] -> (B, K, 1, 80, 16);
-    windows past the clip's ends repeat its first/last window."""
-    frames = np.clip(np.asarray(centres)[:, None] + np.asarray(offsets)[None], 0, clip.n - 1)   # (B, K)
-    return clip.windows[np.asarray(variants)[:, None], frames]
-
-
-def train_batch(clip, step, cfg, hi):
-    """The batch of `step`, a pure function of (seed, step) so that resume and worker processes
-    replay it exactly: batch_size face windows in [0, hi) in groups of group_size, each with its
-    in-sync audio windows (centred on the middle frame) from a random audio variant, SpecAugmented.
-    Returns face (B, 3T, h, w), mel (B, K, 1, 80, 16), centre frames (B,), groups (B,)."""
-    rng = np.random.default_rng([cfg.seed, 2, step])
-    T = cfg.frames
-    k = cfg.group_size
-    n_groups = max(cfg.batch_size // k, 1)
-    centres = group_frames(rng, n_groups, k, T // 2, hi - T + T // 2 + 1, cfg.min_shift, cfg.max_shift)
-    mel = clip_audio(clip, rng.integers(0, len(clip.windows), len(centres)), centres,
-                     audio_offsets(cfg.audio_windows, cfg.audio_stride))         # (B, K, 1, 80, 16)
-    mel = augment_mel(mel, rng, cfg.spec_mask, cfg.tilt)
-    face = augment_faces(face_windows(clip.faces, centres - T // 2, T), rng, cfg.jitter, cfg.shift_px, cfg.flip)
-    groups = np.repeat(np.arange(n_groups), k)
-    return face, torch.from_numpy(mel), torch.from_numpy(centres), torch.from_numpy(groups)
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item k = the batch of step first + k (lets a DataLoader build batches in workers)."""
-
-    def __init__(self, clip, cfg, hi, first, total):
-        self.clip, self.cfg, self.hi, self.first, self.total = clip, cfg, hi, first, total
-
-    def __len__(self):
-        return self.total - self.first
-
-    def __getitem__(self, k):
-        return train_batch(self.clip, self.first + k, self.cfg, self.hi)
-
-
 # ---- loss and metrics ------------------------------------------------------------------------
 def sync_loss(model, a, v, frames, groups, min_shift, inbatch=True):
     """a, v (B, D): audio and face embeddings of the same B centre frames. Balanced BCE-with-logits
@@ -279,16 +111,6 @@ def embed_clip(model, clip, starts, frames, device, batch=128):
                                                        frames[s:s + batch], model.audio_offsets)).to(device))
          for s in range(0, len(frames), batch)]
     return torch.cat(v).float(), torch.cat(a).float()
-
-
-def eval_pairs(lo, hi, n_pairs, seed, min_shift, max_shift, T=SYNC_T):
-    """A fixed, seeded held-out set in [lo, hi): face windows (evenly spread, at most n_pairs / 2),
-    each with its in-sync audio frame and one frame shifted by min_shift..max_shift."""
-    starts = np.arange(lo, hi - T + 1)
-    if len(starts) > n_pairs // 2:
-        starts = starts[np.linspace(0, len(starts) - 1, max(n_pairs // 2, 1)).round().astype(np.int64)]
-    centres = starts + T // 2
-    return starts, centres, shifted_frames(np.random.default_rng([seed, 3]), centres, lo, hi, min_shift, max_shift)
 
 
 def best_threshold(lp, ln):
@@ -378,7 +200,7 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15, stretch_s=1
 # Fixed by the checkpoint on --resume: they shape the model, the data stream or the held-out set.
 RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "motion_only", "emb_dim", "frames", "audio_windows",
                 "audio_stride", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
-                "aug_variants", "gain_db", "snr_db", "speed")
+                "aug_variants", "gain_db", "snr_db", "speed", "audio_source")
 
 
 def parse_widths(w):
@@ -398,9 +220,11 @@ def model_args_from(cfg):
         raise UserError(f"--face_size {cfg.face_size}: give h,w of at least 8 px each, e.g. 80,80")
     if cfg.frames < 1 or cfg.audio_windows < 1 or cfg.audio_stride < 1:
         raise UserError(f"--frames {cfg.frames} --audio_windows {cfg.audio_windows} --audio_stride {cfg.audio_stride}: all must be >= 1")
+    if cfg.audio_source not in SOURCES or (cfg.reference_encoder and cfg.audio_source != "mel"):
+        raise UserError(f"--audio_source {cfg.audio_source}: use {' or '.join(SOURCES)} (--reference_encoder needs mel)")
     return dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=cfg.frames, lower_half=cfg.lower_half,
                 face_size=face_size, region=region, motion_only=cfg.motion_only,
-                audio_k=cfg.audio_windows, audio_stride=cfg.audio_stride)
+                audio_k=cfg.audio_windows, audio_stride=cfg.audio_stride, audio_source=cfg.audio_source)
 
 
 def lr_at(step, cfg, total):
@@ -408,36 +232,23 @@ def lr_at(step, cfg, total):
     return utils.warmup_cosine(step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_steps or total, cfg.lr_min_frac)
 
 
-def split(n, cfg):
-    """Train frames [0, train_hi), held-out frames [val_lo, n): a contiguous tail, with a gap of
-    T frames so that no window or audio frame of one side touches the other."""
-    T = max(cfg.frames, 2 * max(audio_offsets(cfg.audio_windows, cfg.audio_stride)) + 1)
-    need_val, need_train = 2 * (cfg.min_shift + T), 4 * (cfg.min_shift + T)
-    n_val = max(int(round(cfg.val_frac * n)), need_val)
-    train_hi = n - n_val - T
-    if train_hi < need_train:
-        raise UserError(f"the clip has only {n} frames ({n / utils.FPS:.1f} s); SyncNet training needs at least "
-                        f"{need_train + n_val + T} (minutes of video are better)")
-    return train_hi, n - n_val
+def resume_point(cfg, last_path, device):
+    """The checkpoint --resume names (utils.resume_checkpoint; None: a new run, replacing any
+    checkpoints there with a note) and the config with the checkpoint's RESUME_FIXED values."""
+    ckpt = utils.resume_checkpoint(cfg.resume, last_path, device, existing="note")
+    if ckpt is None:
+        return cfg, None
+    # a setting newer than the checkpoint has the value it had before it existed: the default
+    fixed = {k: ckpt["config"].get(k, getattr(Config, k)) for k in RESUME_FIXED}
+    changed = {k: (getattr(cfg, k), v) for k, v in fixed.items() if getattr(cfg, k) != v}
+    if changed:
+        print(f"note: --resume keeps the checkpoint's {', '.join(f'{k}={v[1]}' for k, v in changed.items())}")
+    return dataclasses.replace(cfg, **fixed), ckpt
 
 
-def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
-    """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
-    last_path, best_path = ckpt_dir / utils.SYNCNET_LAST, ckpt_dir / utils.SYNCNET_BEST
-    ckpt = None
-    mode = "last" if cfg.resume is True else str(cfg.resume or "")   # True: the old yes/no flag
-    path = last_path if mode in ("auto", "last") else Path(mode)
-    if mode and (mode != "auto" or path.is_file()):      # train_328's convention
-        if not path.is_file():
-            raise UserError(f"--resume {mode}: no checkpoint at {path}; start without --resume")
-        ckpt = utils.load_checkpoint(path, device)
-        changed = {k: (getattr(cfg, k), ckpt["config"][k]) for k in RESUME_FIXED if getattr(cfg, k) != ckpt["config"][k]}
-        if changed:
-            print(f"note: --resume keeps the checkpoint's {', '.join(f'{k}={v[1]}' for k, v in changed.items())}")
-        cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in RESUME_FIXED})
-    elif last_path.exists() and not mode:
-        print(f"note: starting fresh; the checkpoints in {ckpt_dir} will be replaced (--resume continues them)")
-    check_dataset(ds_dir)
+def make_model(cfg, device, ckpt):
+    """The seeded SyncNet (a new run's audio tower from --reference_encoder) and AdamW, without
+    weight decay on biases, BN and the logit scale/bias. -> (model, model_args, optimizer)."""
     torch.manual_seed(cfg.seed)
     model_args = model_args_from(cfg)
     model = SyncNet(**model_args)
@@ -448,21 +259,17 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     no_decay = [p for p in model.parameters() if p.dim() < 2]         # biases, BN, logit scale/bias
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    return model, model_args, opt
 
+
+def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
+    """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
+    last_path, best_path = ckpt_dir / utils.SYNCNET_LAST, ckpt_dir / utils.SYNCNET_BEST
+    cfg, ckpt = resume_point(cfg, last_path, device)
+    check_dataset(ds_dir)
+    model, model_args, opt = make_model(cfg, device, ckpt)
     t0 = time.time()
-    clip = Clip(ds_dir, model, cfg.aug_variants, cfg, cfg.seed)
-    train_hi, val_lo = split(clip.n, cfg)
-    if cfg.group_size < 1 or (cfg.group_size - 1) * cfg.min_shift > min(cfg.max_shift, train_hi - cfg.frames):
-        raise UserError(f"--group_size {cfg.group_size}: {cfg.group_size} windows {cfg.min_shift} frames apart "
-                        f"do not fit within --max_shift {cfg.max_shift}; use a smaller group")
-    if cfg.group_size == 1 and not cfg.inbatch_negatives:
-        raise UserError("--group_size 1 with --no-inbatch_negatives leaves no negatives; use a group of 2 or more")
-    val_pairs = eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift, cfg.frames)
-    steps_per_epoch = math.ceil((train_hi - cfg.frames + 1) / cfg.batch_size)
-    limits = [x for x in (cfg.max_steps, cfg.epochs * steps_per_epoch) if x > 0]
-    if not limits:
-        raise UserError("--max_steps and --epochs are both 0: set one of them")
-    total = min(limits)
+    data = training_data(cfg, ds_dir, model)
     step, best = 0, {"acc": -1.0, "loss": float("inf")}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -471,62 +278,82 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
         torch.set_rng_state(ckpt["rng"].cpu())   # loaded onto the device; the CPU generator takes a CPU ByteTensor
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     utils.save_config(cfg, ckpt_dir / "syncnet_config.json")
-    log_file = open(ckpt_dir / "syncnet_log.txt", "a")
+    with open(ckpt_dir / "syncnet_log.txt", "a") as log_file:
+        def log(line):
+            tqdm.write(line)
+            log_file.write(line + "\n")
+            log_file.flush()
 
-    def log(line):
-        tqdm.write(line)
-        log_file.write(line + "\n")
-        log_file.flush()
+        clip = data.clip
+        log(f"syncnet {cfg.name}: {clip.n} frames, train [0, {data.train_hi}) val [{data.val_lo}, {clip.n}) "
+            f"({data.val_pairs[0].size * 2} fixed pairs), {len(clip.windows)} audio variants, face {model.face_size}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, device {device}, "
+            f"steps {step}->{data.total}, data ready in {time.time() - t0:.1f} s")
 
-    log(f"syncnet {cfg.name}: {clip.n} frames, train [0, {train_hi}) val [{val_lo}, {clip.n}) "
-        f"({val_pairs[0].size * 2} fixed pairs), {len(clip.windows)} audio variants, face {model.face_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, device {device}, "
-        f"steps {step}->{total}, data ready in {time.time() - t0:.1f} s")
-    loader = torch.utils.data.DataLoader(StepBatches(clip, cfg, train_hi, step, total), batch_size=None,
+        def save(step, best, val, improved):
+            state = {"model": utils.unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
+                     "epoch": step / data.steps_per_epoch, "config": dict(dataclasses.asdict(cfg), model_args=model_args),
+                     "rng": torch.get_rng_state(), "best": best, "best_acc": best["acc"], "val": val}
+            utils.save_checkpoint(state, last_path)
+            if improved:   # syncnet_best.pth keeps the held-out threshold in its bias
+                calibrated = dict(state["model"], logit_bias=state["model"]["logit_bias"] - val["threshold"])
+                utils.save_checkpoint(dict(state, model=calibrated), best_path)
+
+        step, best, val, stopped = fit(model, opt, cfg, data, step, best, save, log, device, progress, should_stop)
+        log(f"done: best val acc {best['acc']:.3f} (loss {best['loss']:.4f}) at step {best.get('step')}, "
+            f"{(time.time() - t0) / 60:.1f} min -> {best_path}")
+    return {"best": best, "val": val, "best_path": best_path, "last_path": last_path, "steps": step, "stopped": stopped}
+
+
+def train_step(model, opt, cfg, lr, batch, device):
+    """One AdamW step on one batch of train_batch. -> (loss, accuracy) tensors."""
+    face, mel, frames, groups = batch
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    with utils.autocast(device):
+        a = model.embed_audio(mel.to(device))                          # (B, D)
+        v = model.embed_face(face.to(device))                          # (B, D)
+    loss, acc = sync_loss(model, a.float(), v.float(), frames.to(device), groups.to(device),
+                          cfg.min_shift, cfg.inbatch_negatives)
+    opt.zero_grad(set_to_none=True)             # the reference never cleared its gradients
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss, acc
+
+
+def fit(model, opt, cfg, data, step, best, save, log, device, progress, should_stop):
+    """Steps `step`..data.total; every val_every steps, at the end and when should_stop() asks: the
+    held-out check, best chosen on accuracy at the held-out threshold, save(step, best, val,
+    improved) and a log line. -> (step, best, last held-out metrics, stopped)."""
+    loader = torch.utils.data.DataLoader(StepBatches(data.clip, cfg, data.train_hi, step, data.total), batch_size=None,
                                          num_workers=cfg.num_workers)
-    bar = tqdm(total=total, initial=step, desc="syncnet", unit="step")
+    bar = tqdm(total=data.total, initial=step, desc="syncnet", unit="step")
     run = {"loss": 0.0, "acc": 0.0, "n": 0, "samples": 0, "time": 0.0}
     val, stopped = None, False
     tic = time.time()
-    for face, mel, frames, groups in loader:
-        lr = lr_at(step, cfg, total)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        model.train()
-        with utils.autocast(device):
-            a = model.embed_audio(mel.to(device))                          # (B, D)
-            v = model.embed_face(face.to(device))                          # (B, D)
-        loss, acc = sync_loss(model, a.float(), v.float(), frames.to(device), groups.to(device),
-                              cfg.min_shift, cfg.inbatch_negatives)
-        opt.zero_grad(set_to_none=True)             # the reference never cleared its gradients
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+    for batch in loader:
+        lr = lr_at(step, cfg, data.total)
+        loss, acc = train_step(model, opt, cfg, lr, batch, device)
         step += 1
         run["loss"] += loss.item()
         run["acc"] += acc.item()
         run["n"] += 1
-        run["samples"] += len(face)
+        run["samples"] += len(batch[0])
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
         if progress is not None:
-            progress(step, total, {"loss": loss.item(), "acc": acc.item()})
+            progress(step, data.total, {"loss": loss.item(), "acc": acc.item()})
         stopped = should_stop is not None and bool(should_stop())
-        if step % cfg.val_every == 0 or step == total or stopped:
+        if step % cfg.val_every == 0 or step == data.total or stopped:
             run["time"] += time.time() - tic
-            val = sync_metrics(model, clip, val_pairs, device)
-            # chosen on accuracy at the held-out threshold; syncnet_best.pth keeps that threshold in its bias
+            val = sync_metrics(model, data.clip, data.val_pairs, device)
             improved = val["cal_acc"] > best["acc"] or (val["cal_acc"] == best["acc"] and val["loss"] < best["loss"])
             if improved:
                 best = {"acc": val["cal_acc"], "loss": val["loss"], "step": step, "threshold": val["threshold"],
                         "uncalibrated_acc": val["acc"]}
-            state = {"model": utils.unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
-                     "epoch": step / steps_per_epoch, "config": dict(dataclasses.asdict(cfg), model_args=model_args),
-                     "rng": torch.get_rng_state(), "best": best, "best_acc": best["acc"], "val": val}
-            utils.save_checkpoint(state, last_path)
-            if improved:
-                calibrated = dict(state["model"], logit_bias=state["model"]["logit_bias"] - val["threshold"])
-                utils.save_checkpoint(dict(state, model=calibrated), best_path)
+            save(step, best, val, improved)
             log(f"step {step:6d}  train loss {run['loss'] / run['n']:.4f} acc {run['acc'] / run['n']:.3f}  "
                 f"val loss {val['loss']:.4f} acc {val['acc']:.3f} / {val['cal_acc']:.3f} at logit {val['threshold']:+.2f} "
                 f"(pair {val['pair_acc']:.3f})  lr {lr:.2e}  "
@@ -537,10 +364,7 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
             log(f"stopped at step {step}; continue with --resume")
             break
     bar.close()
-    log(f"done: best val acc {best['acc']:.3f} (loss {best['loss']:.4f}) at step {best.get('step')}, "
-        f"{(time.time() - t0) / 60:.1f} min -> {best_path}")
-    log_file.close()
-    return {"best": best, "val": val, "best_path": best_path, "last_path": last_path, "steps": step, "stopped": stopped}
+    return step, best, val, stopped
 
 
 def main(cfg, progress=None, should_stop=None):

@@ -3,7 +3,8 @@ mouth frames? Trained by syncnet_328.py; its `audio_encoder` makes the generator
 
 A face tower embeds T (5) consecutive 320x320 crops (the nose-to-chin part, as motion), an
 audio tower embeds the matching 0.2 s of audio: K (1) mel windows of 0.2 s, 4 frames apart,
-each through the Wav2Lip AudioEncoder, joined by a small head. Both embeddings are L2-normalised
+each through the Wav2Lip AudioEncoder (or, with audio_source "speech", K frozen speech embeddings
+through the SpeechEncoder head; audio_features.py), joined by a small head. Both embeddings are L2-normalised
 and their scaled cosine is a logit for BCE-with-logits.
 
     python -c "import torch, syncnet_model as s; a, v = s.SyncNet()(torch.rand(2, 15, 320, 320), torch.randn(2, 1, 1, 80, 16)); print(a.shape, v.shape)"
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 import media_io
 import utils
-from unet_328 import AudioEncoder, Conv2dBlock, check_shape
+from unet_328 import SPEECH_DIM, Conv2dBlock, check_shape, make_audio_encoder
 from utils import FEAT_DIM, INNER, MEL_WIN, N_MELS, UserError
 
 # Face-tower widths, one stride-2 stage each: 160x320 -> 80x160 -> 40x80 -> 20x40 -> 10x20 -> 5x10.
@@ -45,12 +46,17 @@ def audio_offsets(k=AUDIO_K, stride=AUDIO_STRIDE):
     return tuple((i - k // 2) * stride for i in range(k))
 
 
-def audio_input(mel, centres, offsets):
-    """Full mel [80, T], centre frames [N], offsets [K] -> SyncNet audio input [N, K, 1, 80, 16]:
-    the 0.2 s windows centred on frames centre + offset (silence outside the audio). THE audio
-    geometry of the sync expert, shared by generator training and evaluation."""
+def audio_input(inputs, centres, offsets):
+    """What audio_features.sync_inputs gives for a whole wav, centre frames [N], offsets [K] ->
+    SyncNet audio input for frames centre + offset. From a mel [80, T]: [N, K, 1, 80, 16], the 0.2 s
+    windows centred on those frames (silence outside the audio); from speech embeddings [T, 96]:
+    [N, K, 96] (frames outside the audio read the nearest edge frame, whose window is mostly the
+    silence around it). THE audio geometry of the sync expert, shared by generator training and
+    evaluation."""
     frames = np.asarray(centres)[:, None] + np.asarray(offsets)[None]          # (N, K)
-    return media_io.mel_windows(mel, frames.reshape(-1)).reshape(len(frames), len(offsets), 1, N_MELS, MEL_WIN)
+    if inputs.ndim == 2 and inputs.shape[1] == SPEECH_DIM and inputs.shape[0] != N_MELS:
+        return inputs[np.clip(frames, 0, len(inputs) - 1)]
+    return media_io.mel_windows(inputs, frames.reshape(-1)).reshape(len(frames), len(offsets), 1, N_MELS, MEL_WIN)
 
 
 def downscale_face(face, face_size, lower_half=True, region=None):
@@ -67,7 +73,8 @@ def downscale_face(face, face_size, lower_half=True, region=None):
 
 
 class SyncNet(nn.Module):
-    """forward(face (B, 3T, 320, 320) in [0, 1], mel (B, K, 1, 80, 16)) -> (a_emb, v_emb), each
+    """forward(face (B, 3T, 320, 320) in [0, 1], audio (B, K, 1, 80, 16); with audio_source "speech"
+    (B, K, 96)) -> (a_emb, v_emb), each
     (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first; the K mel
     windows are centred on the middle frame + audio_offsets(K, stride) (audio_input builds them;
     with K = 1 a plain (B, 1, 80, 16) window is accepted too). Each window goes through the
@@ -76,8 +83,9 @@ class SyncNet(nn.Module):
     area-downscaled to `face_size`; with motion_only, each frame minus the window's mean frame."""
 
     def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None,
-                 region=None, motion_only=False, audio_k=AUDIO_K, audio_stride=AUDIO_STRIDE):
+                 region=None, motion_only=False, audio_k=AUDIO_K, audio_stride=AUDIO_STRIDE, audio_source="mel"):
         super().__init__()
+        self.audio_source = audio_source
         self.T, self.lower_half, self.motion_only = T, lower_half, motion_only
         self.audio_offsets = audio_offsets(audio_k, audio_stride)
         # region (y0, y1, x0, x1): the part of the 320 crop the face tower sees (overrides lower_half).
@@ -98,7 +106,7 @@ class SyncNet(nn.Module):
         self.face_encoder = nn.Sequential(*layers)
         # Averaging over the last map keeps the head small; by then each cell sees the whole mouth.
         self.face_head = nn.Linear(cin, emb_dim)
-        self.audio_encoder = AudioEncoder()
+        self.audio_encoder = make_audio_encoder(audio_source)   # mel: Wav2Lip AudioEncoder; speech: SpeechEncoder head
         self.audio_head = nn.Sequential(nn.Linear(FEAT_DIM * audio_k, FEAT_DIM), nn.ReLU(inplace=True),
                                         nn.Linear(FEAT_DIM, emb_dim))
         # Learned as a log so it stays positive; the bias lets "in sync" start at any cosine.
@@ -126,9 +134,10 @@ class SyncNet(nn.Module):
 
     def embed_audio(self, mel):
         K = len(self.audio_offsets)
-        if K == 1 and mel.dim() == 4:
-            mel = mel[:, None]                                                  # (B, 1, 1, 80, 16)
-        check_shape(mel, (K, 1, N_MELS, MEL_WIN), "SyncNet mel")
+        one = (SPEECH_DIM,) if self.audio_source == "speech" else (1, N_MELS, MEL_WIN)
+        if K == 1 and mel.dim() == len(one) + 1:
+            mel = mel[:, None]                                                  # (B, 1, *one)
+        check_shape(mel, (K, *one), "SyncNet audio")
         e = self.audio_encoder(mel.flatten(0, 1)).reshape(len(mel), K * FEAT_DIM)   # (B, K * 512)
         return F.normalize(self.audio_head(e), dim=1)                           # (B, emb_dim)
 

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 import geometry
+import landmarks
 import media_io
 import utils
 from utils import FPS, UserError
@@ -102,7 +103,6 @@ class ImageTemplate(FolderTemplate):
     """A still image: landmarks detected once, the head held still."""
 
     def __init__(self, path):
-        import landmarks
         img = cv2.imread(str(path))
         if img is None:
             raise UserError(f"template {path} is not a readable image")
@@ -127,10 +127,10 @@ class ImageTemplate(FolderTemplate):
 
 class VideoTemplate(FolderTemplate):
     """Another video as template: decoded at 25 fps once into a temp folder of JPEGs with
-    tracked, gap-filled and smoothed landmarks (the process.py recipe without the training cache)."""
+    tracked, gap-filled and smoothed landmarks: the process.py recipe and settings (landmarks.DETECT_EVERY,
+    DETECT_MAX_SIDE, MAX_GAP, SMOOTH_SIGMA) without the training cache."""
 
-    def __init__(self, path, max_gap=12, smooth_sigma=1.0):
-        import landmarks
+    def __init__(self, path, max_gap=landmarks.MAX_GAP, smooth_sigma=landmarks.SMOOTH_SIGMA):
         info = media_io.probe(path)
         v = info["video"]
         if v is None or not v["width"]:
@@ -146,7 +146,8 @@ class VideoTemplate(FolderTemplate):
                     cv2.imwrite(str(utils.frame_file(tmp, i)), f, [cv2.IMWRITE_JPEG_QUALITY, 95])
                     yield f
 
-            tr = landmarks.track_video(frames(), landmarks.make_detector("dlib"))
+            tr = landmarks.track_video(frames(), landmarks.make_detector("dlib"), detect_every=landmarks.DETECT_EVERY,
+                                       max_side=landmarks.DETECT_MAX_SIDE)
             if len(tr["found"]) == 0 or not tr["found"].any():
                 raise UserError(f"no face found in template video {path}")
             lms, _, _ = landmarks.clean_track(tr["lms"], tr["found"], max_gap, smooth_sigma)
@@ -186,7 +187,6 @@ def open_template(name=None, data_root=None, template=""):
 def identity_distance(a, b, k=3):
     """Distance between the mean dlib face descriptors of k frames of template a and of b (same
     person: < SAME_PERSON); None when the descriptor model is not installed."""
-    import landmarks
     try:
         describe = landmarks.FaceDescriber()
     except landmarks.LandmarkError:

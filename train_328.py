@@ -53,7 +53,7 @@ class Config:
     held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
     base: str = "none"              # none: the U-Net paints the whole crop (reference); ref: it paints a change over the reference in the hole (unet_328.UNet328)
-    reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the 10% with the most closed mouth, like inference's default reference
+    reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the tenth of them with the most closed mouth, like inference's default reference
     mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
@@ -198,13 +198,7 @@ def resume_point(cfg, out, ds, widths, enc_id):
     """The checkpoint --resume names (None for a new run), checked against this run's widths, base
     and audio features; a UserError when out_dir holds a run that neither --resume nor --overwrite
     addresses."""
-    last, ckpt = out / utils.LAST, None
-    if cfg.resume:
-        path = last if cfg.resume in ("auto", "last") else Path(cfg.resume)
-        if cfg.resume != "auto" or path.is_file():
-            ckpt = utils.load_checkpoint(path, "cpu")   # UserError when missing or damaged
-    if ckpt is None and last.is_file() and not cfg.overwrite:
-        raise UserError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start again")
+    ckpt = utils.resume_checkpoint(cfg.resume, out / utils.LAST, "cpu", existing="replace" if cfg.overwrite else "error")
     if ckpt is None:
         return None
     got = ckpt.get("config", {}).get("widths")
@@ -323,39 +317,43 @@ def _model(cfg, widths, device, ckpt, opening):
     return model, head, optimizer, scaler, step, best_loss
 
 
+def _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, syncnet, step, rank, world, device, master):
+    """The step-indexed training batches (from `step` on), the SyncNet's clips when the sync loss is
+    on, and the held-out loader (master only). -> (batches, clips or None, val_loader or None)."""
+    def loader(dataset, batch_sampler):
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.num_workers,
+                                           pin_memory=device.type == "cuda", persistent_workers=False)
+    batches = iter(loader(train_set, StepBatches(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)))
+    clips = None
+    if syncnet is not None:
+        clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=syncnet.T, ref_frames=refs,
+                              mel_offsets=syncnet.audio_offsets, mask=mask, audio_source=syncnet.audio_source)
+        clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, step, rank, world, salt=1)))
+    if not (master and len(val_idx)):
+        return batches, clips, None
+    val_sub = val_idx[np.linspace(0, len(val_idx) - 1, min(cfg.val_frames, len(val_idx))).round().astype(int)]
+    val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=refs, mask=mask)   # references never show held-out mouths
+    return batches, clips, torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)
+
+
 def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop):
-    audio_encoder, enc_id = feature_encoder(ds, info)
-    last = out / utils.LAST
+    """Set the run up (resume point, data, loss terms, model, loaders, run record), then train it."""
+    audio_encoder, enc_id, audio_source = feature_encoder(ds, info)
     ckpt = resume_point(cfg, out, ds, widths, enc_id)
     cfg, mask_note, train_idx, val_idx, mask, refs, train_set = _data(cfg, ds, ckpt, enc_id)
     per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
     max_steps = cfg.max_steps or cfg.epochs * per_epoch
     objective, perc_kind, sync_path, loss_note = _objective(cfg, out, name, device)
-    syncnet = objective.syncnet
     raw_model, opening_head, optimizer, scaler, step, best_loss = _model(cfg, widths, device, ckpt, train_set.opening[train_idx])
     objective.opening_head = opening_head
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def loader(dataset, batch_sampler):
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.num_workers,
-                                           pin_memory=device.type == "cuda", persistent_workers=False)
-    batches = iter(loader(train_set, StepBatches(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)))
-    if syncnet is not None:
-        clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=syncnet.T, ref_frames=refs,
-                              mel_offsets=syncnet.audio_offsets, mask=mask)
-        clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, step, rank, world, salt=1)))
-    val_loader = None
-    if master and len(val_idx):
-        val_sub = val_idx[np.linspace(0, len(val_idx) - 1, min(cfg.val_frames, len(val_idx))).round().astype(int)]
-        val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=refs, mask=mask)   # references never show held-out mouths
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)
-
-    # ---- run record
-    resolved = dict(dataclasses.asdict(cfg), name=name, dataset=str(ds), out_dir=str(out), widths=widths,
+    batches, clips, val_loader = _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, objective.syncnet,
+                                          step, rank, world, device, master)
+    resolved = dict(dataclasses.asdict(cfg), name=name, dataset=str(ds), out_dir=str(out), widths=widths,   # the run record
                     widths_preset=cfg.widths if cfg.widths in WIDTHS else "custom", perceptual=perc_kind,
-                    perceptual_weight=objective.perc_weight, sync_weight=objective.sync_weight, syncnet=str(sync_path) if syncnet else "",
+                    perceptual_weight=objective.perc_weight, sync_weight=objective.sync_weight, syncnet=str(sync_path) if objective.syncnet else "",
                     max_steps=max_steps, steps_per_epoch=per_epoch, world_size=world,
                     train_frames=len(train_idx), val_frames=int(len(val_idx)), encoder_id=enc_id)
     if master:
@@ -363,27 +361,34 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         with utils.atomic_file(out / "config.json") as tmp:
             tmp.write_text(json.dumps(resolved, indent=2))
     run_log = RunLog(out, master, cfg.tensorboard)
-    log = run_log.line
 
-    def save(path, val_l1=None):
+    def save(path, step, best_loss, val_l1=None):
         utils.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                    scaler=scaler.state_dict(), step=step, epoch=step // per_epoch,
                                    config=resolved, rng=rng_state(device), best_loss=best_loss, val_l1=val_l1,
-                                   audio_encoder=audio_encoder, encoder_id=enc_id,
+                                   audio_encoder=audio_encoder, audio_source=audio_source, encoder_id=enc_id,
                                    opening_head=opening_head.state_dict() if opening_head is not None else None,
                                    mask=None if mask is None else torch.from_numpy(mask)), path)
 
-    log(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
-        f"({count_params(raw_model) / 1e6:.2f} M params) on {device} x{world}, batch {cfg.batch_size}, "
-        f"{per_epoch} steps/epoch, steps {step} -> {max_steps}")
-    log(loss_note)
+    run_log.line(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
+                 f"({count_params(raw_model) / 1e6:.2f} M params) on {device} x{world}, batch {cfg.batch_size}, "
+                 f"{per_epoch} steps/epoch, steps {step} -> {max_steps}")
+    run_log.line(loss_note)
     if ckpt is not None:
         old = ckpt.get("config", {})
         changed = [f"{k} {old[k]} -> {resolved[k]}" for k in RESUME_NOTE if k in old and old[k] != resolved[k]]
-        log(f"resumed from step {step}" + (f"; changed since: {', '.join(changed)}" if changed else "") + mask_note)
+        run_log.line(f"resumed from step {step}" + (f"; changed since: {', '.join(changed)}" if changed else "") + mask_note)
+    validate_fn = (lambda: validate(raw_model, val_loader, device, cfg)) if val_loader is not None else None
+    return _loop(cfg, model, objective, optimizer, scaler, batches, clips, validate_fn, save, run_log, out,
+                 device, world, master, step, best_loss, max_steps, per_epoch, progress, should_stop)
 
-    # ---- training loop
-    losses, val_l1, audio_effect, stopped = {}, None, None, False
+
+def _loop(cfg, model, objective, optimizer, scaler, batches, clips, validate_fn, save, run_log, out,
+          device, world, master, step, best_loss, max_steps, per_epoch, progress, should_stop):
+    """Steps `step`..max_steps. The master logs every log_every steps, writes previews, checks the
+    held-out frames with validate_fn() (best.pth when their L1 improves), saves last.pth and
+    snapshots; all of them also at the end and when should_stop() asks."""
+    last, losses, val_l1, audio_effect, stopped = out / utils.LAST, {}, None, None, False
     first_step, t_saved = step, time.perf_counter()
     run_log._window(step)
     bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
@@ -394,7 +399,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
             g["lr"] = lr
         t0 = time.perf_counter()
         b = next(batches)
-        c = next(clips) if syncnet is not None else None
+        c = next(clips) if clips is not None else None
         t1, c1 = time.perf_counter(), time.process_time()
         pred, terms = train_step(model, objective, optimizer, scaler, b, c, step, device, cfg.amp, cfg.channels_last, cfg.grad_clip)
         if device.type == "cuda":
@@ -408,37 +413,36 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
             losses = {k: v.item() for k, v in terms.items()}
         if progress is not None:
             progress(step, max_steps, losses)
-
         if master and (step % cfg.log_every == 0 or end):
             run_log.report(step, max_steps, per_epoch, lr)
         if master and (step % cfg.preview_every == 0 or end):
             (out / "previews").mkdir(exist_ok=True)
             save_preview(out / "previews" / f"step_{step:06d}.png", b["ref"], b["masked"], pred, b["target"])
-        if master and val_loader is not None and (step % cfg.val_every == 0 or end):
-            val_l1, audio_effect = validate(raw_model, val_loader, device, cfg)
-            log(f"step {step}: held-out L1 {val_l1:.4f}, audio effect {audio_effect:.2f} (mean |own - other audio| "
-                f"in the mouth box, 0-255)" + (" (best)" if val_l1 < best_loss else ""))
+        if master and validate_fn is not None and (step % cfg.val_every == 0 or end):
+            val_l1, audio_effect = validate_fn()
+            run_log.line(f"step {step}: held-out L1 {val_l1:.4f}, audio effect {audio_effect:.2f} (mean |own - other audio| "
+                         f"in the mouth box, 0-255)" + (" (best)" if val_l1 < best_loss else ""))
             run_log.scalars("val", {"l1": val_l1, "audio_effect": audio_effect}, step)
             if val_l1 < best_loss:
                 best_loss = val_l1
-                save(out / utils.BEST, val_l1)
+                save(out / utils.BEST, step, best_loss, val_l1)
         if master and (step % cfg.save_every == 0 or end or
                        cfg.save_minutes > 0 and time.perf_counter() - t_saved > 60 * cfg.save_minutes):
-            save(last, val_l1)
+            save(last, step, best_loss, val_l1)
             t_saved = time.perf_counter()
         if master and cfg.snapshot_every and step % cfg.snapshot_every == 0:
-            save(out / f"step_{step:06d}.pth", val_l1)
+            save(out / f"step_{step:06d}.pth", step, best_loss, val_l1)
         if stopped:
-            log(f"stopped at step {step}; continue with --resume auto")
+            run_log.line(f"stopped at step {step}; continue with --resume auto")
             break
     bar.close()
     if world > 1:
         torch.distributed.barrier()
-    log(f"done: step {step}, last {last}" + (f", best held-out L1 {best_loss:.4f}" if val_loader is not None else ""))
+    run_log.line(f"done: step {step}, last {last}" + (f", best held-out L1 {best_loss:.4f}" if validate_fn is not None else ""))
     run_log.close()
-    timing = run_log.summary()
-    return dict(step=step, losses=losses, val_l1=val_l1, audio_effect=audio_effect, best_loss=best_loss, last=str(last), timing=timing,
-                best=str(out / utils.BEST) if (out / utils.BEST).is_file() else None, out_dir=str(out), stopped=stopped)
+    return dict(step=step, losses=losses, val_l1=val_l1, audio_effect=audio_effect, best_loss=best_loss, last=str(last),
+                timing=run_log.summary(), best=str(out / utils.BEST) if (out / utils.BEST).is_file() else None,
+                out_dir=str(out), stopped=stopped)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,7 @@ _FIRST_KEY = "0.conv_block.0.weight"   # locates the tower inside foreign state 
 class AudioEncoder(nn.Module):
     """Mel window (B, 1, 80, 16) -> (B, 512). State dict keys follow Wav2Lip's layout
     (`audio_encoder.<i>.conv_block.<0|1>.*`)."""
+    source = "mel"           # the audio feature source whose per-frame inputs it reads (audio_features.py)
 
     def __init__(self):
         super().__init__()
@@ -241,6 +242,35 @@ class AudioEncoder(nn.Module):
                              f"wrongly shaped keys (first: {example})")
         self.audio_encoder.load_state_dict(sub, strict=False)
         return self
+
+
+SPEECH_DIM = 96              # size of the frozen speech embedding the "speech" source reads
+
+
+class SpeechEncoder(nn.Module):
+    """The trainable head of the "speech" feature source: a frozen pretrained speech embedding of
+    the 0.76 s around a frame (B, 96) -> (B, 512), the size the generator reads. Small on purpose:
+    the pretrained part carries what a few minutes of one voice cannot teach."""
+    source = "speech"
+
+    def __init__(self, dim=SPEECH_DIM, hidden=FEAT_DIM):
+        super().__init__()
+        # the embedding's values spread to +-70: the LayerNorm puts them on the scale of the rest
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, FEAT_DIM), nn.ReLU(inplace=True))
+
+    def forward(self, emb):
+        check_shape(emb, (SPEECH_DIM,), "SpeechEncoder embedding")
+        return self.net(emb)
+
+
+AUDIO_ENCODERS = {"mel": AudioEncoder, "speech": SpeechEncoder}   # feature source -> its trainable encoder
+
+
+def make_audio_encoder(source="mel"):
+    if source not in AUDIO_ENCODERS:
+        raise ValueError(f"audio feature source {source!r}: use one of {', '.join(AUDIO_ENCODERS)}")
+    return AUDIO_ENCODERS[source]()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def parse_config(cls, argv=None, description=None, positional=(), aliases=None, 
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = [f"--{f.name}"] + [f"--{a}" for a, t in aliases.items() if t == f.name]
-        h = helps.get(f.name, "")
+        h = helps.get(f.name, "").replace("%", "%%")     # argparse %-formats help texts
         if f.name in positional:
             p.add_argument(f.name, nargs="?", default=default, help=h)
             continue
@@ -316,6 +316,28 @@ def load_checkpoint(path, device="cpu", mmap=False):
     if ckpt.get("format_version", 0) > CKPT_VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update the code")
     return ckpt
+
+
+def resume_checkpoint(mode, last_path, device="cpu", existing="error"):
+    """The checkpoint a trainer's --resume names, loaded; None for a new run. The one convention of
+    train_328.py and syncnet_328.py: "" a new run; "auto" (a bare --resume) last_path when it
+    exists, else a new run; "last" (or True, the old yes/no flag) last_path, which must exist;
+    anything else a path, which must exist. A new run where last_path exists: existing="error"
+    refuses (train_328 without --overwrite), "note" says its checkpoints will be replaced, "replace"
+    replaces them quietly (train_328 --overwrite)."""
+    assert existing in ("error", "note", "replace"), existing
+    mode, last = ("last" if mode is True else str(mode or "")), Path(last_path)
+    path = last if mode in ("auto", "last") else Path(mode)
+    if mode and (mode != "auto" or path.is_file()):
+        if not path.is_file():
+            raise UserError(f"--resume last: checkpoint not found: {path}; start without --resume" if mode == "last"
+                            else f"--resume: checkpoint not found: {path}")
+        return load_checkpoint(path, device)
+    if last.is_file() and existing == "error":
+        raise UserError(f"{last.parent} already holds a run; pass --resume auto to continue it or --overwrite to start again")
+    if last.is_file() and existing == "note":
+        print(f"note: starting fresh; the checkpoints in {last.parent} will be replaced (--resume continues them)")
+    return None
 
 
 def checkpoint_mask(ckpt):

@@ -61,6 +61,21 @@ def test_mouth_box_is_inside_the_crop():
     assert geometry.mouth_box(lm) == (0, 204, 320, 320)
 
 
+def test_one_mouth_box_and_region_for_a_clip(rng):
+    """A clip's fixed mouth box is the 5-95 percentile extent of its mouth, grown as a frame's box
+    is grown: one bad frame in 40 does not stretch it. The silence gate's mouth region (centre,
+    top, half width, chin) reads the same extent, and its soft area covers the lips."""
+    lm = np.zeros((40, 68, 2))
+    lm[:, 48:68] = [[150, 220], [190, 240]] * 10
+    lm[:, 8] = [170, 300]                                         # the chin
+    assert geometry.mouth_box_of_clip(lm) == geometry.mouth_box(lm[0])
+    lm[7, 48:68] += 60                                            # one bad frame
+    assert geometry.mouth_box_of_clip(lm, 0.1) == geometry.mouth_box(lm[0], 0.1)
+    assert geometry.mouth_region(lm) == (170.0, 220.0, 20.0, 300.0)
+    alpha = geometry.mouth_alpha(geometry.mouth_region(lm))[..., 0]
+    assert alpha[230, 150:191].min() > 0.9 and alpha[10, 10] == 0
+
+
 # ---------------------------------------------------------------------------------------------- time series
 def test_pearson_and_lag(rng):
     a = smooth_track(rng)

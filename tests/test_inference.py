@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import inference_328 as inf
+import runner
 import templates
 import unet_328
 import geometry
 import media_io
 import utils
+from compose import References, RenderOptions, compose
 from conftest import ROOT
 
 
@@ -78,7 +80,7 @@ def test_render_writes_mp4_with_both_streams_as_long_as_the_audio(setup):
 
 def generated_frames(setup, wav, **kw):
     kw.setdefault("silence_gate", False)
-    return list(setup["model"].frames(wav, setup["template"], **kw))
+    return list(setup["model"].frames(wav, setup["template"], RenderOptions(**kw)))
 
 
 def test_outside_the_paste_box_the_template_is_untouched_and_there_is_no_seam(setup):
@@ -103,7 +105,7 @@ def test_a_jaw_mask_checkpoint_repaints_only_its_mask(setup, tmp_path):
     utils.save_checkpoint(dict(ck, mask=torch.from_numpy(mask), config=dict(ck["config"], mask="jaw")), tmp_path / "jaw.pth")
     model = inf.LipSyncModel(tmp_path / "jaw.pth", "cpu", backend="eager")
     assert np.array_equal(model.mask, mask) and setup["model"].mask is None      # old checkpoints: the rectangle
-    frames = list(model.frames(setup["wav"][:utils.SR // 4], t, silence_gate=False))
+    frames = list(model.frames(setup["wav"][:utils.SR // 4], t, RenderOptions(silence_gate=False)))
     for k in (0, 4):
         j = templates.pingpong(k, t.n)
         tpl, out = t.read(j), frames[k]
@@ -166,8 +168,8 @@ def test_feathered_colour_matched_paste_is_seamless(setup):
     crop = geometry.crop_face(tpl, t.boxes[j])
     gen = np.clip(geometry.inner(crop).astype(int) + 40, 0, 255).astype(np.uint8)
     item = (tpl, t.boxes[j], crop, gen, gen, 0.0)
-    soft = inf.compose(item, feather=16, color_match=True, silence_gate=False)
-    hard = inf.compose(item, feather=0, color_match=False, silence_gate=False)
+    soft = compose(item, RenderOptions(feather=16, color_match=True, silence_gate=False))
+    hard = compose(item, RenderOptions(feather=0, color_match=False, silence_gate=False))
     base = seam_gradient(tpl, t.boxes[j], 16)
     soft_g, hard_g = seam_gradient(soft, t.boxes[j], 16), seam_gradient(hard, t.boxes[j], 16)
     assert soft_g <= 1.25 * base + 1, (soft_g, base)
@@ -201,15 +203,15 @@ def test_fast_runtimes_equal_eager(setup):
     model = setup["model"]
     unet = unet_328.UNet328(unet_328.WIDTHS["light"]).eval()
     unet.load_state_dict(utils.load_checkpoint(model.path)["model"])
-    x, a = inf._fresh_inputs(2, seed=5)
+    x, a = runner.fresh_inputs(2, seed=5)
     with torch.inference_mode():
         ref = unet(x, a).numpy()
-    folded = inf.UNetRunner(model.unet, torch.device("cpu"), "eager")
+    folded = runner.UNetRunner(model.unet, torch.device("cpu"), "eager")
     assert np.abs(folded(x.numpy(), a.numpy()) - ref).max() < 1e-3
     assert np.abs(model.runner(x.numpy(), a.numpy()) - ref).max() < 1e-3          # batch 2
     assert np.abs(model.runner(x.numpy()[:1], a.numpy()[:1]) - ref[:1]).max() < 1e-3
     if model.runner.kind != "ort" and __import__("importlib").util.find_spec("onnx"):
-        ort = inf.UNetRunner(model.unet, torch.device("cpu"), "ort")
+        ort = runner.UNetRunner(model.unet, torch.device("cpu"), "ort")
         assert np.abs(ort(x.numpy(), a.numpy()) - ref).max() < 1e-3
 
 
@@ -230,10 +232,10 @@ def test_pingpong_and_reference_choice(setup):
     assert [templates.pingpong(k, 4) for k in range(9)] == [0, 1, 2, 3, 2, 1, 0, 1, 2]
     assert templates.pingpong(5, 1) == 0
     t = setup["template"]
-    refs = inf.References(t, "closed")
+    refs = References(t, "closed")
     op = templates.mouth_opening(t.lms)
     assert op[refs.closed_index] <= np.percentile(op, 10)
-    rnd = inf.References(t, "random", seed=1)
+    rnd = References(t, "random", seed=1)
     for k in range(20):
         j = templates.pingpong(k, t.n)
         r = rnd.crop(k, j)
@@ -249,13 +251,13 @@ def test_silent_audio_gives_a_video_with_the_closed_mouth(setup):
     setup["model"].render(setup["tmp"] / "silent.wav", out, setup["template"])
     assert abs(count_frames(out)[0] - 12) <= 1
     # in silence the gate puts the closed reference's mouth and jaw over the generated ones
-    item = next(iter(setup["model"]._generate(np.zeros(utils.SR // 5, np.float32), setup["template"], 0, "closed", 0, None)))
+    item = next(iter(setup["model"]._generate(np.zeros(utils.SR // 5, np.float32), setup["template"], RenderOptions(), None)))
     frame, box, crop, gen, closed, db, region = item
     assert db < -100
-    gated = inf.compose(item, color_match=False)
+    gated = compose(item, RenderOptions(color_match=False))
     x0, y0, x1, y1 = (int(v) for v in box)
     centre = geometry.inner(geometry.resize(gated[y0:y1, x0:x1], (utils.CROP, utils.CROP))).astype(int)
-    alpha = inf.mouth_alpha(region)[..., 0]
+    alpha = geometry.mouth_alpha(region)[..., 0]
     lm = setup["template"].lms[0]
     lips = (lm[utils.MOUTH] - box[:2]) * utils.CROP / (x1 - x0) - utils.BORDER       # lips in crop pixels
     assert all(alpha[int(y), int(x)] > 0.9 for x, y in lips)                          # the area covers the lips
@@ -288,7 +290,7 @@ def test_still_image_and_video_templates(setup, tmp_path):
     try:
         assert vt.n == 20 and vt.size == t.size
         assert np.abs(vt.boxes - t.boxes[:20]).max() < 0.1 * side
-        assert len(list(model.frames(setup["wav"][:utils.SR // 5], vt, start_frame=18))) == 5
+        assert len(list(model.frames(setup["wav"][:utils.SR // 5], vt, RenderOptions(start_frame=18)))) == 5
     finally:
         vt.close()
     assert not vt.folder.exists()
@@ -357,3 +359,19 @@ def test_cli_prints_one_line_and_exits_2(setup, tmp_path):
 def test_default_outputs_of_audio_in_other_formats_do_not_collide():
     names = {inf.default_output("anna", f"talk.{ext}", "ck/best.pth").name for ext in ("wav", "mp3", "m4a", "WAV")}
     assert names == {"anna_talk_best.mp4", "anna_talk-mp3_best.mp4", "anna_talk-m4a_best.mp4"}
+
+
+def test_render_options_hold_the_defaults_of_both_command_lines():
+    """compose.RenderOptions writes each render default once: inference_328.py's command line
+    gives exactly them, evaluate.py's the same with the silence gate off, and every option has its
+    inference flag of the same name."""
+    import dataclasses
+    import evaluate as ev
+    names = {f.name for f in dataclasses.fields(RenderOptions)}
+    assert names <= {f.name for f in dataclasses.fields(inf.Config)}
+    assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=[])) == RenderOptions()
+    assert RenderOptions.from_config(utils.parse_config(ev.Config, argv=[])) == RenderOptions(silence_gate=False)
+    cfg = utils.parse_config(inf.Config, argv=["--feather", "8", "--no-color_match", "--reference", "random",
+                                               "--vad", "off", "--silence_db", "-50", "--crf", "23"])
+    assert RenderOptions.from_config(cfg) == RenderOptions(feather=8, color_match=False, reference="random", vad="off",
+                                                           silence_db=-50.0, crf=23)

@@ -22,3 +22,20 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     assert "| opening_r |" in out and "template baseline" in out
     s2 = protocol.main(cfg)                                         # a second run reuses datasets, SyncNet, baseline
     assert "syncnet_s" not in s2["times"] and s2["baseline"] == s["baseline"]
+
+
+def test_protocol_switches_audio_sources_without_retraining(synthetic_clip, tmp_path):
+    """--audio_source speech trains its own SyncNet beside the mel one and rewrites the dataset's
+    features; the mel SyncNet stays the judge; going back to mel rewrites the features only."""
+    base = dict(train_video=str(synthetic_clip), heldout_video=str(synthetic_clip), out_dir=str(tmp_path), sync_steps=2,
+                steps=1, widths="4,4,8,8,16,16", batch_size=2, eval_frames=40, threads=1, num_workers=0, baseline=False)
+    ds = tmp_path / "dataset" / "talk"
+    protocol.main(protocol.Config(**base, label="m"))
+    s = protocol.main(protocol.Config(**base, label="s", audio_source="speech"))
+    assert "syncnet_s" in s["times"] and (tmp_path / "checkpoint" / "speech" / "talk" / "syncnet_best.pth").is_file()
+    assert json.loads((ds / "aud_feat.json").read_text())["features"] == "speech"
+    assert (tmp_path / "checkpoint" / "speech" / "talk" / "runs" / "s" / "summary.json").is_file()
+    m = protocol.main(protocol.Config(**base, label="m"))
+    assert "syncnet_s" not in m["times"] and json.loads((ds / "aud_feat.json").read_text())["features"] == "mel"
+    judge = [{k: v for k, v in r["metrics"].items() if k.startswith("sync_") and k.endswith("_true")} for r in (s, m)]
+    assert judge[0] and judge[0] == judge[1]           # one judge (the mel SyncNet) for both sources

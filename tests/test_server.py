@@ -2,6 +2,7 @@
 (queue, progress, cancel, result with Range requests) and a restart on the same database.
 Generate jobs run for real on a tiny avatar: the synthetic dataset of conftest plus a
 random-weight generator checkpoint of tiny widths (the pictures are noise; the work is real)."""
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import jobs
+import routes_jobs
 import server
 import media_io
 import utils
@@ -298,10 +300,10 @@ def test_delete_jobs_and_avatars(tiny_avatar, media_files, tmp_path):
 
 def test_retention_and_expiring_result_tokens(tiny_avatar, media_files, tmp_path):
     t0 = 1_000_000.0
-    tok = server.result_token("k", "j" * 32, 1.0, now=t0)
-    assert server.token_ok("k", "j" * 32, tok, now=t0 + 3599) and not server.token_ok("k", "j" * 32, tok, now=t0 + 3601)
-    assert not server.token_ok("k", "x" * 32, tok, now=t0) and not server.token_ok("other", "j" * 32, tok, now=t0)
-    assert not server.token_ok("k", "j" * 32, "zz-" + tok.split("-")[1], now=t0)
+    tok, token_ok = routes_jobs.result_token("k", "j" * 32, 1.0, now=t0), routes_jobs.token_ok
+    assert token_ok("k", "j" * 32, tok, now=t0 + 3599) and not token_ok("k", "j" * 32, tok, now=t0 + 3601)
+    assert not token_ok("k", "x" * 32, tok, now=t0) and not token_ok("other", "j" * 32, tok, now=t0)
+    assert not token_ok("k", "j" * 32, "zz-" + tok.split("-")[1], now=t0)
     cfg = settings(tmp_path, tiny_avatar, keep_results_days=1.0)
     with TestClient(server.create_app(cfg)) as client:
         store = client.app.state.jobs["store"]
@@ -352,6 +354,41 @@ def test_api_key(tiny_avatar, media_files, tmp_path):
         assert client.get(bare).status_code == 401
         assert client.get(bare + "?token=" + "0" * 32).status_code == 401
         assert client.get(bare, headers=ok).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- dependencies
+def test_dependency_overrides_swap_the_settings_and_the_store(tiny_avatar, tmp_path):
+    """Routes reach the settings and the job store only through routes_jobs.get_settings / get_store:
+    with both overridden the API serves a fake store under an API key, without a database or a worker."""
+    job = {"id": "a" * 32, "kind": "generate", "avatar": "tiny", "status": "queued", "stage": "", "progress": 0.0,
+           "error": None, "created": 1.0, "started": None, "finished": None, "request": {"audio": "x.wav"},
+           "result": None}
+
+    class FakeStore:
+        def get(self, job_id):
+            return job if job_id == job["id"] else None
+
+        def queued_ids(self):
+            return ["b" * 32, job["id"]]                       # second in line
+
+        def list(self, limit, status=None, avatar=None):
+            return [job]
+
+    cfg = settings(tmp_path, tiny_avatar)                      # no API key of its own
+    app = server.create_app(cfg)
+    app.dependency_overrides[routes_jobs.get_store] = FakeStore
+    app.dependency_overrides[routes_jobs.get_settings] = lambda: dataclasses.replace(cfg, api_key=KEY)
+    client = TestClient(app)                                   # no `with`: the lifespan never starts
+    r = client.get(f"/api/jobs/{job['id']}")
+    assert r.status_code == 401 and "X-API-Key" in r.json()["detail"]
+    ok = {"X-API-Key": KEY}
+    r = client.get(f"/api/jobs/{job['id']}", headers=ok)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "queued" and r.json()["queue_position"] == 2 and r.json()["request"] == {"audio": "x.wav"}
+    assert [j["id"] for j in client.get("/api/jobs", headers=ok).json()] == [job["id"]]
+    r = client.get("/api/jobs/" + "c" * 32, headers=ok)
+    assert r.status_code == 404 and r.json()["detail"] == f"no job {'c' * 32!r}"
+    assert not Path(cfg.data_dir).exists()                    # no database, no uploads folder was made
 
 
 # ---------------------------------------------------------------------------------------------- restart

@@ -14,6 +14,7 @@ import torch
 
 import audio_features
 import syncnet_328 as sn
+import syncnet_data as sd
 import syncnet_model as sm
 import geometry
 import media_io
@@ -147,17 +148,17 @@ def test_encode_audio_equals_written_features(trained):
 def test_negatives_are_really_shifted():
     rng = np.random.default_rng(0)
     centres = rng.integers(0, 300, 2000)
-    neg = sn.shifted_frames(rng, centres, 0, 300, 5, 50)
+    neg = sd.shifted_frames(rng, centres, 0, 300, 5, 50)
     shift = neg - centres
     assert np.all(np.abs(shift) >= 5) and np.all(np.abs(shift) <= 50)
     assert np.all((neg >= 0) & (neg < 300))
     assert (shift < 0).any() and (shift > 0).any()           # both directions
     # training groups: every two windows of a group are 5..50 frames apart (each other's negatives)
-    g = sn.group_frames(rng, 500, 4, 2, 298, 5, 50).reshape(500, 4)
+    g = sd.group_frames(rng, 500, 4, 2, 298, 5, 50).reshape(500, 4)
     d = np.abs(g[:, :, None] - g[:, None, :])[:, ~np.eye(4, dtype=bool)]
     assert d.min() >= 5 and d.max() <= 50 and g.min() >= 2 and g.max() < 298
     # the held-out set is fixed by the seed and shifted the same way
-    a, b = sn.eval_pairs(100, 200, 60, 7, 5, 50), sn.eval_pairs(100, 200, 60, 7, 5, 50)
+    a, b = sd.eval_pairs(100, 200, 60, 7, 5, 50), sd.eval_pairs(100, 200, 60, 7, 5, 50)
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a[0]) == 30
     assert np.all(np.abs(a[2] - a[1]) >= 5) and np.all((a[2] >= 100) & (a[2] < 200))
 
@@ -249,7 +250,7 @@ def test_audio_input_is_k_windows_around_the_centre():
         a, v = net(torch.rand(2, 39, utils.INNER, utils.INNER), torch.from_numpy(x))
         assert a.shape == v.shape == (2, sm.EMB_DIM)
         assert torch.allclose(a.norm(dim=1), torch.ones(2)) and torch.allclose(v.norm(dim=1), torch.ones(2))
-        with pytest.raises(ValueError, match="SyncNet mel"):
+        with pytest.raises(ValueError, match="SyncNet audio"):
             net.embed_audio(torch.from_numpy(x[:, :1]))       # one window for a 3-window net
         one = sm.SyncNet(sm.SYNC_WIDTHS["light"], T=5, face_size=(32, 32), audio_k=1).eval()
         w = torch.from_numpy(x[:, 1])                         # (2, 1, 80, 16): the K = 1 shape of old checkpoints
@@ -258,20 +259,20 @@ def test_audio_input_is_k_windows_around_the_centre():
 
 def test_mel_augmentation_keeps_shape_and_range():
     mel = np.random.default_rng(4).uniform(-4, 4, (6, 3, 1, utils.N_MELS, utils.MEL_WIN)).astype(np.float32)
-    a = sn.augment_mel(mel, np.random.default_rng([0, 9]), 8, 1.0)
-    b = sn.augment_mel(mel, np.random.default_rng([0, 9]), 8, 1.0)
+    a = sd.augment_mel(mel, np.random.default_rng([0, 9]), 8, 1.0)
+    b = sd.augment_mel(mel, np.random.default_rng([0, 9]), 8, 1.0)
     assert a.shape == mel.shape and a.dtype == np.float32 and np.array_equal(a, b)   # a pure function of the rng
     assert a.min() >= -utils.MEL_MAX and a.max() <= utils.MEL_MAX and not np.allclose(a, mel)
-    np.testing.assert_array_equal(sn.augment_mel(mel, np.random.default_rng(0), 0, 0.0), mel)   # both off: unchanged
+    np.testing.assert_array_equal(sd.augment_mel(mel, np.random.default_rng(0), 0, 0.0), mel)   # both off: unchanged
 
 
 def test_best_checkpoint_carries_its_held_out_threshold(trained):
     cfg, ds, ck, result = trained
     best = utils.load_checkpoint(ck / "syncnet_best.pth")
     model, _ = sm.load_syncnet(ck / "syncnet_best.pth")
-    clip = sn.Clip(ds, model)
-    train_hi, val_lo = sn.split(clip.n, cfg)
-    pairs = sn.eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift, cfg.frames)
+    clip = sd.Clip(ds, model)
+    train_hi, val_lo = sd.split(clip.n, cfg)
+    pairs = sd.eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift, cfg.frames)
     m = sn.sync_metrics(model, clip, pairs, "cpu")
     # its plain "logit > 0" rule reproduces the accuracy it was chosen on: the threshold is in the bias
     assert m["acc"] == pytest.approx(best["best_acc"], abs=1e-6) and abs(m["threshold"]) < 1e-4

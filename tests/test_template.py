@@ -63,3 +63,22 @@ def test_a_photo_of_another_person_gets_a_warning(face, tiny_dataset, tmp_path, 
     templates.open_template("tiny", tiny_dataset.parent, str(other))
     err = capsys.readouterr().err
     assert "warning: the face in portrait.png looks like another person than avatar tiny's" in err
+
+
+def test_a_video_template_is_tracked_like_the_avatars_own_frames(synthetic_clip, tiny_dataset):
+    """process.py and a video template track with the same settings (landmarks.DETECT_EVERY,
+    DETECT_MAX_SIDE, MAX_GAP, SMOOTH_SIGMA), so the same video gives the same landmarks both ways
+    (with track_video's old defaults, 5 / 512 px, they were up to 2.4 px apart)."""
+    import inspect
+
+    import landmarks
+    import process
+    cfg, track = process.Config(), inspect.signature(landmarks.track_video).parameters
+    assert (cfg.detect_every, cfg.max_side, cfg.max_gap, cfg.smooth_sigma) == (
+        landmarks.DETECT_EVERY, landmarks.DETECT_MAX_SIDE, landmarks.MAX_GAP, landmarks.SMOOTH_SIGMA) == (8, 384, 12, 1.0)
+    assert (track["detect_every"].default, track["max_side"].default) == (cfg.detect_every, cfg.max_side)
+    t = templates.VideoTemplate(synthetic_clip)
+    try:
+        np.testing.assert_array_equal(t.lms, np.load(tiny_dataset / "landmarks.npz")["lms"])
+    finally:
+        t.close()

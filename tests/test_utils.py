@@ -199,6 +199,34 @@ def test_numeric_settings_are_checked_against_the_range_in_their_comment(capsys)
     assert utils.parse_config(_Ranged, ["--resume", "last"], bare={"resume": "auto"}).resume == "last"
 
 
+def test_resume_resolves_one_way_for_both_trainers(tmp_path, capsys):
+    """utils.resume_checkpoint: the --resume convention of train_328.py and syncnet_328.py."""
+    last = tmp_path / "run" / "last.pth"
+    assert utils.resume_checkpoint("", last) is None                         # a new run
+    assert utils.resume_checkpoint("auto", last) is None                     # auto, nothing to continue: a new run
+    with pytest.raises(UserError, match=r"--resume last: checkpoint not found: .*last\.pth; start without --resume"):
+        utils.resume_checkpoint("last", last)
+    with pytest.raises(UserError, match="--resume: checkpoint not found: .*other.pth"):
+        utils.resume_checkpoint(str(tmp_path / "other.pth"), last)
+    utils.save_checkpoint({"model": {}, "step": 7}, last)
+    other = tmp_path / "other.pth"
+    utils.save_checkpoint({"model": {}, "step": 3}, other)
+    assert utils.resume_checkpoint("auto", last)["step"] == 7                # auto with a last file: continue it
+    assert utils.resume_checkpoint("last", last)["step"] == 7
+    assert utils.resume_checkpoint(True, last)["step"] == 7                  # the old yes/no flag = last
+    assert utils.resume_checkpoint(str(other), last)["step"] == 3            # a path: that file
+    # a new run where a run already is: refused, noted or quiet, as the trainer asks
+    with pytest.raises(UserError, match="already holds a run; pass --resume auto"):
+        utils.resume_checkpoint("", last)
+    capsys.readouterr()
+    assert utils.resume_checkpoint("", last, existing="note") is None
+    assert "will be replaced" in capsys.readouterr().out
+    assert utils.resume_checkpoint("", last, existing="replace") is None and capsys.readouterr().out == ""
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="damaged"):
+        utils.resume_checkpoint(str(tmp_path / "bad.pth"), last)
+
+
 def test_an_error_under_a_progress_bar_is_the_last_line():
     import subprocess
     import sys

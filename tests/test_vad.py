@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-import inference_328 as inf
 import media_io
 import utils
 import vad
+from compose import RenderOptions
 from conftest import media
 
 SR = utils.SR
@@ -46,7 +46,7 @@ def voice_with_pauses():
 
 def gate(wav, with_vad):
     n = media_io.num_frames(len(wav))
-    return inf.speech_weight(inf.gate_loudness_db(wav, n, with_vad), -45.0, -35.0)   # inference's defaults
+    return vad.ramp(vad.gate_loudness_db(wav, n, with_vad), RenderOptions.silence_db, RenderOptions.speech_db)   # inference's defaults
 
 
 @pytest.mark.parametrize("snr_db", [20, 15, 10])
@@ -73,10 +73,10 @@ def test_the_detector_hears_no_voice_in_silence_or_noise():
 
 
 def test_vad_modes(monkeypatch):
-    assert inf.use_vad("off") is False and inf.use_vad("auto") is True and inf.use_vad("on") is True
+    assert vad.use_vad("off") is False and vad.use_vad("auto") is True and vad.use_vad("on") is True
     with pytest.raises(utils.UserError, match="--vad 'maybe': choose auto, on, off"):
-        inf.use_vad("maybe")
+        vad.use_vad("maybe")
     monkeypatch.setattr(vad, "model_path", lambda: None)           # the package missing
-    assert inf.use_vad("auto") is False
+    assert vad.use_vad("auto") is False
     with pytest.raises(utils.UserError, match="needs the silero-vad package"):
-        inf.use_vad("on")
+        vad.use_vad("on")

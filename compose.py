@@ -1,0 +1,103 @@
+"""One output frame around the generator, shared by inference_328.LipSyncModel and evaluate's
+baselines: the options of the render path (RenderOptions: each default written once here; the
+Configs of inference_328.py and evaluate.py read theirs from it), the reference crop beside each
+masked crop (References), and the paste (compose): silence gate, colour match, feathered blend.
+
+    python -c "import compose; print(compose.RenderOptions())"
+"""
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+import geometry
+import utils
+import vad
+from templates import closed_score
+from utils import BORDER, INNER, UserError
+
+REFERENCES = ("closed", "random")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How LipSyncModel.frames/render and the baselines make frames: each default written once,
+    here. Scripts build it from their Config with from_config."""
+    start_frame: int = 0           # first template frame (the template then plays forward, backward, ...)
+    feather: int = 16              # px (in the 328 crop) over which the pasted face fades into the frame
+    color_match: bool = True       # match the generated crop's colours to the template near the seam
+    reference: str = "closed"      # reference crop: closed (the most closed mouth) or random (training's rule)
+    silence_gate: bool = True      # where the audio is silent, blend the mouth toward the closed reference
+    silence_db: float = -45.0      # gate level (dB, loud frames at -12) at or below which a frame is silent
+    speech_db: float = -35.0       # gate level (dB, same scale) at or above which the generated mouth is used as is
+    vad: str = "auto"              # the gate asks the voice-activity detector: auto (when installed), on, off
+    seed: int = 0                  # seed of the random reference choice
+    crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The options a script's Config sets (its fields of the same names); the rest keep their defaults."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference crop beside each masked crop
+class References:
+    """The reference crop fed beside each masked crop. `closed`: one fixed template frame with the
+    most closed mouth (among frames of typical crop size, so not an odd pose); `random`: a random
+    frame more than utils.REF_GAP frames from the target, drawn anew for each output frame (training's rule)."""
+
+    def __init__(self, template, mode="closed", seed=0):
+        if mode not in REFERENCES:
+            raise UserError(f"--reference {mode!r}: choose closed or random")
+        self.template, self.mode = template, mode
+        self.rng = np.random.default_rng(seed)
+        self.closed_index = int(np.argmin(closed_score(template.lms, template.boxes)))
+        self.closed = np.ascontiguousarray(geometry.inner(template.crop(self.closed_index)))   # (320, 320, 3)
+        self.mouth = geometry.mouth_region(geometry.to_crop_coords(template.lms, template.boxes))
+
+    def index(self, k, j):
+        """Template frame of the reference for output frame k shown on template frame j."""
+        n = self.template.n
+        g = utils.REF_GAP
+        if self.mode == "closed" or n <= 2 * g + 1:
+            return self.closed_index
+        r = int(self.rng.integers(0, n - 2 * g - 1))
+        return min(r if r < j - g else r + 2 * g + 1, n - 1)                      # skip j-g .. j+g
+
+    def crop(self, k, j):
+        """Reference 320 crop for output frame k shown on template frame j."""
+        r = self.index(k, j)
+        return self.closed if r == self.closed_index else np.ascontiguousarray(geometry.inner(self.template.crop(r)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Paste: generated centre -> crop -> silence gate -> colour match -> feathered blend
+_SEAM_MASK = {}
+
+
+def seam_mask(feather, mask=None):
+    """Where colour statistics are compared: the band of the paste alpha near its edge (where a
+    seam would show), or the whole pasted area when there is no feather."""
+    key = (feather, geometry.mask_key(mask))
+    if key not in _SEAM_MASK:
+        a = geometry.paste_alpha(feather, mask)
+        band = (a > 0.02) & (a < 0.98)
+        _SEAM_MASK[key] = (band if band.sum() > 1000 else a > 0.5).astype(np.float32)
+    return _SEAM_MASK[key]
+
+
+def compose(item, opts=RenderOptions(), mask=None):
+    """One output frame from (frame, box, crop328, generated320, closed_ref320, gate level dB
+    [, mouth region]) as LipSyncModel._generate yields them; without a mouth region,
+    geometry.DEFAULT_MOUTH. Only the generator's masked area (`mask`, None = MASK_RECT) is pasted."""
+    frame, box, crop, gen, closed, db, *region = item
+    out = crop.copy()                                             # the 4 px ring stays original
+    if opts.silence_gate:
+        w = float(vad.ramp(db, opts.silence_db, opts.speech_db))
+        if w < 1.0:                      # silence: the mouth rests as in the closed reference
+            a = geometry.mouth_alpha(*region) * (1.0 - w)
+            gen = (gen * (1 - a) + closed * a + 0.5).astype(np.uint8)
+    out[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = gen
+    if opts.color_match:
+        out = geometry.match_color(out, crop, seam_mask(opts.feather, mask))
+    return geometry.paste_back(frame, box, out, opts.feather, mask)

@@ -1,0 +1,196 @@
+"""The generator of a checkpoint file and the runtimes that run it (SPEC §11): loading the U-Net
+and the AudioEncoder a checkpoint holds; running the U-Net through ONNX Runtime, torch.compile or
+eager PyTorch, whichever is the fastest for the device that reproduces eager PyTorch to MATCH_TOL,
+the exported ONNX graph cached per checkpoint file (LIPSYNC_CACHE, default ~/.cache/lipsync).
+Used by inference_328.LipSyncModel (and so by the server and evaluate.py) and bench_inference.py.
+
+    python bench_inference.py --widths light --seconds 2 --long_seconds 0 --mid_seconds 0 --no-compile --iters 3   # each runtime's speed and error
+"""
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import utils
+from utils import INNER, UserError
+
+MATCH_TOL = 1e-3                  # a faster U-Net runtime is used only if it equals eager this closely
+BACKENDS = {"cpu": ("ort", "eager"), "cuda": ("eager",), "mps": ("eager",)}   # tried in this order for backend=auto
+ONNX_OPSET = 17                   # ONNX operator set of the exported U-Net
+ONNX_CACHE_KEEP = 8               # exported U-Net graphs kept in the cache folder (~50 MB each at full widths)
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator of a checkpoint file
+def load_generator(path):
+    """A generator checkpoint file (train_328.py) -> (unet, audio_encoder, info) on the CPU: the
+    UNet328 of its widths and base and the audio encoder that made its training features, weights
+    loaded, BatchNorm not yet folded; info = widths, step, config and mask (the area it repaints:
+    bool (320, 320), None = MASK_RECT). A file that does not hold them is one UserError."""
+    from audio_features import encoder_from_state
+    from unet_328 import UNet328
+    path = Path(path)
+    ckpt = utils.load_checkpoint(path, "cpu")
+    widths = _widths_of(ckpt, path)
+    try:
+        unet = UNet328(widths, base=(ckpt.get("config") or {}).get("base", "none"))
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; it was written by a newer train_328.py") from None
+    try:
+        unet.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} does not hold a UNet328 of widths {widths} "
+                        f"(wrong architecture or damaged: {str(e).splitlines()[0][:160]})") from None
+    if not ckpt.get("audio_encoder"):
+        raise UserError(f"{path} has no 'audio_encoder' entry; it was not written by train_328.py "
+                        "(a generator checkpoint carries the audio encoder its features came from)")
+    try:
+        enc = encoder_from_state(ckpt["audio_encoder"], ckpt.get("audio_source", "mel"))
+    except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: its audio encoder does not load ({str(e)[:160]})") from None
+    info = dict(widths=widths, step=ckpt.get("step"), config=ckpt.get("config") or {}, mask=utils.checkpoint_mask(ckpt))
+    return unet, enc, info
+
+
+def _widths_of(ckpt, path):
+    """UNet328 widths from the checkpoint's config, else recognised from the weights' shapes."""
+    from unet_328 import WIDTHS
+    w = (ckpt.get("config") or {}).get("widths")
+    if isinstance(w, str):
+        if w not in WIDTHS:
+            raise UserError(f"{path}: unknown widths {w!r} in its config (known: {', '.join(WIDTHS)})")
+        return WIDTHS[w]
+    if w is not None:
+        return tuple(int(x) for x in w)
+    sd = ckpt["model"]
+    first = sd.get("inc.block.0.conv.6.weight")   # (w0, hidden, 1, 1): the first block's projection
+    for v in WIDTHS.values():
+        if first is not None and first.shape[0] == v[0]:
+            return v
+    raise UserError(f"{path}: cannot tell the generator's widths (no config['widths']); it is not a UNet328 checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------
+# Its runtimes
+def fresh_inputs(batch, seed=0):
+    """Random U-Net inputs on the CPU: img (batch, 6, 320, 320) in [0, 1), audio (batch, 32, 16, 16)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 6, INNER, INNER, generator=g), torch.randn(batch, 32, 16, 16, generator=g)
+
+
+class UNetRunner:
+    """Runs the (BN-folded) U-Net on numpy batches: img (B, 6, 320, 320), audio (B, 32, 16, 16)
+    float32 -> (B, 3, 320, 320) float32. `kind` says which runtime: eager, compile or ort."""
+
+    def __init__(self, model, device, kind, graph=None):
+        import torch
+        self.device, self.kind, self.model = device, kind, model
+        self.fixed_batch = None
+        if kind == "ort":
+            import onnxruntime as ort
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = torch.get_num_threads()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.graph = graph if graph is not None else export_onnx(model)
+            self.session = ort.InferenceSession(self.graph, so, providers=["CPUExecutionProvider"])
+        elif kind == "compile":
+            self.fn = torch.compile(model, dynamic=False)
+        elif kind != "eager":
+            raise UserError(f"unknown --backend {kind!r}; choose auto, ort, compile or eager")
+
+    def __call__(self, img, audio):
+        if self.kind == "ort":
+            return self.session.run(None, {"img": img, "audio": audio})[0]
+        import torch
+        n = len(img)
+        if self.fixed_batch and n < self.fixed_batch:     # compiled graphs are shape-specialised: pad
+            pad = self.fixed_batch - n
+            img = np.concatenate([img, np.repeat(img[-1:], pad, 0)])
+            audio = np.concatenate([audio, np.repeat(audio[-1:], pad, 0)])
+        x = torch.from_numpy(img).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        a = torch.from_numpy(audio).to(self.device, non_blocking=True)
+        with torch.inference_mode(), utils.autocast(self.device):
+            out = (self.fn if self.kind == "compile" else self.model)(x, a)
+        return out.float().cpu().numpy()[:n]
+
+
+def export_onnx(model):
+    """The U-Net as ONNX bytes (dynamic batch), exported on CPU from a float32 copy."""
+    import copy
+    import io
+    import warnings
+    import torch
+    buf = io.BytesIO()
+    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
+    x, a = fresh_inputs(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the legacy exporter's deprecation and tracer notes
+        torch.onnx.export(cpu_model, (x, a), buf, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["img", "audio"], output_names=["out"],
+                          dynamic_axes={"img": {0: "b"}, "audio": {0: "b"}, "out": {0: "b"}})
+    return buf.getvalue()
+
+
+def onnx_cache_path(checkpoint):
+    """Where the exported graph of a checkpoint file is kept (the export takes 5-15 s here): keyed
+    by the file's path, size and mtime and the library versions, so any change re-exports."""
+    import onnxruntime
+    import torch
+    p = Path(checkpoint).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{torch.__version__}|{onnxruntime.__version__}|{ONNX_OPSET}"
+    root = Path(os.environ.get("LIPSYNC_CACHE") or Path.home() / ".cache" / "lipsync")
+    return root / f"unet-{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
+
+
+def _prune_cache(folder, keep=ONNX_CACHE_KEEP):
+    files = sorted(Path(folder).glob("unet-*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for f in files[keep - 1:]:
+        f.unlink(missing_ok=True)
+
+
+def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
+    """The fastest runtime for `device` that reproduces eager PyTorch to MATCH_TOL, tried in the
+    order of BACKENDS; a runtime that is missing, fails or disagrees falls back to the next. An
+    ONNX graph that passed this check is cached per checkpoint file and reused unchecked."""
+    kinds = BACKENDS.get(device.type, ("eager",)) if backend == "auto" else (backend,)
+    eager = UNetRunner(model, device, "eager")
+    ref = None
+    for kind in kinds:
+        if kind == "eager":
+            return eager
+        try:
+            cache = onnx_cache_path(checkpoint) if kind == "ort" and checkpoint else None
+            if cache is not None and cache.is_file():
+                r = UNetRunner(model, device, kind, cache.read_bytes())
+                r.max_abs_diff = None                 # checked when it was cached
+                return r
+            r = UNetRunner(model, device, kind)
+            r.fixed_batch = batch if kind == "compile" else None
+            if ref is None:
+                x, a = (t.numpy() for t in fresh_inputs(batch, seed=1))
+                ref = eager(x, a)
+            diff = float(np.abs(r(x, a) - ref).max())
+        except UserError:
+            raise
+        except Exception as e:   # a runtime that is not installed or cannot take this graph
+            print(f"note: U-Net runtime {kind} unavailable ({type(e).__name__}: {str(e)[:120]}); trying the next",
+                  file=sys.stderr)
+            continue
+        if diff <= MATCH_TOL:
+            r.max_abs_diff = diff
+            if cache is not None:
+                try:
+                    _prune_cache(cache.parent)
+                    with utils.atomic_file(cache) as tmp:
+                        tmp.write_bytes(r.graph)
+                except OSError:
+                    pass                      # an unwritable cache only costs the export next time
+            return r
+        print(f"note: U-Net runtime {kind} differs from eager by {diff:.2e} > {MATCH_TOL}; not used", file=sys.stderr)
+    if backend != "auto":
+        raise UserError(f"--backend {backend} is not usable here (see the note above); use --backend auto")
+    return eager
