@@ -150,9 +150,9 @@ class LipDataset(torch.utils.data.Dataset):
         if clip > 1 and audio_source == "speech":      # a speech SyncNet reads speech embeddings, not the mel
             self.mel = audio_features.sync_inputs(audio_features.read_wav(ds), "speech")      # (n_frames, 96)
         elif clip > 1:
-            if not (ds / "mel.npy").is_file():
+            if not (ds / utils.MEL).is_file():
                 raise UserError(f"{ds} has no mel.npy; run: python process.py VIDEO --name {ds.name}")
-            self.mel = utils.load_npy(ds / "mel.npy")                  # (80, T_mel)
+            self.mel = utils.load_npy(ds / utils.MEL)                  # (80, T_mel)
         self.epoch = 0
         self._crops = None
 
@@ -308,7 +308,7 @@ def write_fake_dataset(ds_dir, n=40, seed=0):
         crops[i] = np.clip(img, 0, 255).astype(np.uint8)
     np.save(ds / utils.CROPS, crops)
     n_mel = n * utils.MEL_FPS // utils.FPS + 1
-    np.save(ds / "mel.npy", rng.uniform(-4, 4, (utils.N_MELS, n_mel)).astype(np.float32))
+    np.save(ds / utils.MEL, rng.uniform(-4, 4, (utils.N_MELS, n_mel)).astype(np.float32))
     direction = rng.normal(0, 1, utils.FEAT_DIM).astype(np.float32)
     feats = openness[:, None] * direction[None] + rng.normal(0, 0.1, (n, utils.FEAT_DIM)).astype(np.float32)
     np.save(ds / utils.AUD_FEAT, feats.astype(np.float32))

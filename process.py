@@ -263,7 +263,7 @@ def align_audio(ds, wav, n, smooth, cfg):
     wav, mel, av_record, av_msg = apply_av_offset(wav, templates.mouth_opening(smooth), cfg.av_offset)
     if audio_fix_ms or av_record["applied"]:
         media_io.write_wav(ds / utils.AUDIO_WAV, wav)
-    np.save(ds / "mel.npy", mel)
+    np.save(ds / utils.MEL, mel)
     return wav, mel, audio_fix_ms, av_record, av_msg
 
 

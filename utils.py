@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent
 META = "meta.json"               # facts of the recording and of the processing
 FRAMES_DIR = "frames"            # the full frames, 000000.jpg ...
 CROPS = "crops.npy"              # (N, 328, 328, 3) uint8 BGR face crops
+MEL = "mel.npy"                  # (80, T) log-mel of the whole wav, 80 frames per second
 LANDMARKS = "landmarks.npz"      # lms (N, 68, 2) smoothed, crop_boxes (N, 4), found (N,)
 AUDIO_WAV = "aud.wav"            # the recording's audio, 16 kHz mono
 AUD_FEAT = "aud_feat.npy"        # (N, 512) audio features, one per frame (syncnet_328.py)
