@@ -9,10 +9,12 @@ terms a run uses; `train_step` runs forward, loss, backward, clip and optimizer 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import utils
+from unet_328 import STRIDE
 from utils import UserError
 
 PERCEPTUAL_WEIGHT = {"vgg": 0.01, "msssim": 0.5, "off": 0.0}
@@ -147,13 +149,35 @@ def step_inputs(b, c, T, device, channels_last):
     return x, target.to(device, non_blocking=True), audio.to(device, non_blocking=True), mouth, opening, n_clips
 
 
-def train_step(model, objective, optimizer, scaler, b, c, step, device, amp=True, channels_last=True, grad_clip=1.0):
+def pick_window(seed, step, side, size=utils.INNER):
+    """The (y, x) offset of step's training window of side px in the size crop: uniform over the
+    STRIDE-aligned offsets, a pure function of (seed, step) so a resumed run draws the same ones.
+    Every offset holds the crop's centre, where the mouth is; the borders are seen less often."""
+    n = (size - side) // STRIDE + 1
+    rng = np.random.default_rng([seed, step, 11])
+    return tuple(int(v) * STRIDE for v in rng.integers(0, n, 2))
+
+
+def cut_window(t, offset, side):
+    """(..., H, W) -> the (..., side, side) window at offset (y, x)."""
+    y, x = offset
+    return t[..., y:y + side, x:x + side]
+
+
+def train_step(model, objective, optimizer, scaler, b, c, step, device, amp=True, channels_last=True, grad_clip=1.0,
+               window=None):
     """One optimizer step on batch b (+ sync clips c): forward under autocast, loss, backward,
-    gradient clip, step. -> (pred, {term: value, "total": loss})."""
+    gradient clip, step. window ((y, x), side): train on that window of every crop (pick_window;
+    not with sync clips, whose SyncNet needs whole crops). -> (pred, {term: value, "total": loss})."""
     T = objective.syncnet.T if c is not None else 0
     x, target, audio, mouth, opening, n_clips = step_inputs(b, c, T, device, channels_last)
+    offset = None
+    if window is not None:
+        (offset, side), (y0, x0) = window, window[0]
+        x, target = cut_window(x, offset, side), cut_window(target, offset, side)
+        mouth = (mouth - torch.tensor([x0, y0, x0, y0])).clamp(0, side)
     with utils.autocast(device, amp):
-        pred = model(x, audio)                                       # (B, 3, 320, 320)
+        pred = model(x, audio, offset)                               # (B, 3, 320, 320) or the window
         loss, terms = objective(pred, target, step, mouth, opening, c["mel"] if c is not None else None, n_clips)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

@@ -43,6 +43,9 @@ class Config:
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
+    perceptual: str = train_328.Config.perceptual        # perceptual term (train_328 --perceptual)
+    window: int = train_328.Config.window                # [0..320] training windows, px (train_328 --window)
+    window_share: float = train_328.Config.window_share  # [0..1] share of the steps on windows (train_328 --window_share)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
     threads: int = 0               # [0..] torch CPU threads (0 = torch's default)
     num_workers: int = -1          # [-1..] DataLoader workers; -1 = 1 on CPU, 6 on a GPU
@@ -149,13 +152,16 @@ def main(cfg):
                           + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "")
                           + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
                           + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
-                          + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else ""))
+                          + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else "")
+                          + (f"_win{cfg.window}x{cfg.window_share:g}" if cfg.window else "")
+                          + (f"_perc{cfg.perceptual}" if cfg.perceptual != train_328.Config.perceptual else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
     workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, device=cfg.device, threads=cfg.threads,
+        window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
         preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))
     times["train_s"] = round(time.time() - t, 1)

@@ -24,6 +24,7 @@ EXPAND = 2                      # inverted-residual expansion; 2 gives the refer
 IMG_CHANNELS = 6                # reference crop (3) + masked current crop (3)
 BASES = ("none", "ref")         # what the output starts from: nothing (paint the whole crop) or the reference in the hole
 AUDIO_SHAPE = (32, 16, 16)      # FEAT_WIN vectors of FEAT_DIM, reshaped (SPEC §5)
+STRIDE = 32                     # one bottleneck cell = 32 x 32 px of the crop (five stride-2 stages)
 assert AUDIO_SHAPE[0] * AUDIO_SHAPE[1] * AUDIO_SHAPE[2] == FEAT_WIN * FEAT_DIM
 
 
@@ -150,19 +151,39 @@ class UNet328(nn.Module):
             nn.init.zeros_(self.outc.weight)
             nn.init.zeros_(self.outc.bias)
 
-    def forward(self, img, audio):
-        check_shape(img, (IMG_CHANNELS, INNER, INNER), "UNet328 image")
+    def forward(self, img, audio, offset=None):
+        """offset (y, x): img is the window of the 320 crop at that offset (sides and offset in
+        multiples of STRIDE), and the audio map is cut to the same bottleneck cells, so a window
+        sees exactly what it would see inside the whole crop but for its borders (training on
+        windows, train_328 --window). None: img is the whole crop."""
+        if offset is None:
+            check_shape(img, (IMG_CHANNELS, INNER, INNER), "UNet328 image")
+        else:
+            check_window(img, offset)
         check_shape(audio, (self.audio_channels, AUDIO_SHAPE[1], AUDIO_SHAPE[2]), "UNet328 audio")
         skips = [self.inc(img)]                     # (B, w0, 320, 320)
         for down in self.down:
             skips.append(down(skips[-1]))           # ... (B, w5, 10, 10)
         a = self.audio_branch(audio)                # (B, w5, 10, 10)
+        if offset is not None:
+            (cy, cx), (h, w) = (o // STRIDE for o in offset), skips[-1].shape[2:]
+            a = a[:, :, cy:cy + h, cx:cx + w]       # (B, w5, h, w): the window's cells
         x = self.fuse(torch.cat([skips.pop(), a], dim=1))   # (B, w4, 10, 10)
         for up in self.up:
             x = up(x, skips.pop())                  # (B, w3, 20, 20) ... (B, w0/2, 320, 320)
         if self.base == "ref":
             return torch.sigmoid(self.outc(x) + base_logit(img))
         return torch.sigmoid(self.outc(x))          # (B, 3, 320, 320)
+
+
+def check_window(img, offset):
+    """Raise ValueError unless img (B, 6, h, w) is a STRIDE-aligned window of the 320 crop at offset (y, x)."""
+    h, w = img.shape[2:] if img.dim() == 4 else (0, 0)
+    y, x = offset
+    if (img.dim() != 4 or img.shape[1] != IMG_CHANNELS or min(h, w) < STRIDE or
+            any(v % STRIDE for v in (h, w, y, x)) or y < 0 or x < 0 or y + h > INNER or x + w > INNER):
+        raise ValueError(f"UNet328 window: expected (B, {IMG_CHANNELS}, h, w) with h, w and offset {offset} "
+                         f"multiples of {STRIDE} inside the {INNER} crop, got {tuple(img.shape)}")
 
 
 def base_logit(img, eps=1.0 / 512):

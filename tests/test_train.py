@@ -364,3 +364,69 @@ def test_train_step_fits_a_fixed_batch(data_root):
         seen.append(terms["l1"].item())
     assert pred.shape == (2, 3, 320, 320) and set(terms) == {"l1", "total"}
     assert seen[-1] < 0.7 * seen[0], seen
+
+
+def test_window_forward_is_the_crop_forward_at_full_size_and_cuts_the_audio_cells():
+    """A 320 window at (0, 0) is the whole crop; a smaller window's bottleneck is joined with the
+    audio map's cells under that window (the audio branch's map, cut at offset / 32)."""
+    torch.manual_seed(0)
+    model = UNet328(train_328.parse_widths(TINY)).eval()
+    img, audio = torch.rand(1, 6, 320, 320), torch.randn(1, 32, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(img, audio), model(img, audio, (0, 0)))
+        seen = []
+        hook = model.fuse.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+        out = model(img[:, :, 64:256, 32:224], audio, (64, 32))
+        full_map = model.audio_branch(audio)                      # (1, 16, 10, 10)
+        hook.remove()
+    assert out.shape == (1, 3, 192, 192)
+    w5 = full_map.shape[1]
+    assert torch.equal(seen[0][:, w5:], full_map[:, :, 2:8, 1:7])   # rows 64/32.., cols 32/32..
+    for bad in ((16, 0), (0, 160)):                                  # off the grid / past the crop
+        with pytest.raises(ValueError, match="window"):
+            model(img[:, :, :192, :192], audio, bad)
+
+
+def test_pick_window_is_aligned_deterministic_and_covers_the_offsets():
+    offs = [losses.pick_window(3, s, 192) for s in range(400)]
+    assert offs == [losses.pick_window(3, s, 192) for s in range(400)]          # a pure function of (seed, step)
+    assert offs != [losses.pick_window(4, s, 192) for s in range(400)]
+    assert {o for pair in offs for o in pair} == {0, 32, 64, 96, 128}           # every aligned offset, none past the crop
+    assert losses.pick_window(0, 5, 320) == (0, 0)
+
+
+def test_window_training_steps_are_cheaper_and_still_learn(data_root, tmp_path):
+    """--window: the first window_share of the steps see windows (the previews show them), the rest
+    whole crops; the run's L1 falls; bad values are one-line errors."""
+    res = train_328.main(config(data_root, tmp_path / "w", max_steps=8, window=192, window_share=0.5,
+                                perceptual="msssim", preview_every=4, lr=1e-2))
+    prev = sorted((tmp_path / "w" / "previews").glob("*.png"))
+    import cv2
+    shapes = [cv2.imread(str(p)).shape for p in prev]
+    assert shapes == [(2 * 192, 4 * 192, 3), (2 * 320, 4 * 320, 3)]            # step 4: windows; step 8: whole crops
+    assert res["step"] == 8 and np.isfinite(res["losses"]["total"])
+    for kw, msg in ((dict(window=100), "multiple of 32"), (dict(window=160, perceptual="msssim"), "at least 192"),
+                    (dict(window=192, sync_weight=0.1, sync_clips=1), "whole crops")):
+        if "sync_weight" in kw:
+            fake_syncnet(tmp_path / "e" / "syncnet_best.pth")
+        with pytest.raises(utils.UserError, match=msg):
+            train_328.main(config(data_root, tmp_path / "e", overwrite=True, **kw))
+
+
+def test_train_step_on_a_window_fits_its_window(data_root):
+    ds = datasets.LipDataset(data_root / "fake", frames=range(30), seed=0)
+    b = torch.utils.data.default_collate([ds[k] for k in (3, 11)])
+    torch.manual_seed(0)
+    model = UNet328(train_328.parse_widths(TINY))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    objective = losses.Objective(mouth_weight=1.0)
+    seen = []
+    for step in range(12):
+        pred, terms = losses.train_step(model, objective, opt, scaler, b, None, step, torch.device("cpu"),
+                                        channels_last=False, window=((96, 64), 192))
+        seen.append(terms["l1"].item())
+    target = b["target"][:, :, 96:288, 64:256]
+    assert pred.shape == (2, 3, 192, 192)
+    assert abs((pred.detach() - target).abs().mean().item() - seen[-1]) < 0.05      # the loss is the window's
+    assert seen[-1] < 0.7 * seen[0], seen
