@@ -152,7 +152,8 @@ def step_inputs(b, c, T, device, channels_last):
 def pick_window(seed, step, side, size=utils.INNER):
     """The (y, x) offset of step's training window of side px in the size crop: uniform over the
     STRIDE-aligned offsets, a pure function of (seed, step) so a resumed run draws the same ones.
-    Every offset holds the crop's centre, where the mouth is; the borders are seen less often."""
+    For sides of 192 px and more every offset holds the crop's centre, where the mouth is; the
+    borders are seen less often."""
     n = (size - side) // STRIDE + 1
     rng = np.random.default_rng([seed, step, 11])
     return tuple(int(v) * STRIDE for v in rng.integers(0, n, 2))

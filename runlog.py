@@ -10,6 +10,7 @@ from tqdm import tqdm
 import utils
 from utils import UserError
 
+
 def to_img(t):   # (3, H, W) float in [0, 1] -> (H, W, 3) uint8 BGR
     return (t.detach().float().clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
 

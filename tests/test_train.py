@@ -395,9 +395,9 @@ def test_pick_window_is_aligned_deterministic_and_covers_the_offsets():
     assert losses.pick_window(0, 5, 320) == (0, 0)
 
 
-def test_window_training_steps_are_cheaper_and_still_learn(data_root, tmp_path):
+def test_window_share_splits_the_steps_between_windows_and_whole_crops(data_root, tmp_path):
     """--window: the first window_share of the steps see windows (the previews show them), the rest
-    whole crops; the run's L1 falls; bad values are one-line errors."""
+    whole crops; bad values are one-line errors."""
     res = train_328.main(config(data_root, tmp_path / "w", max_steps=8, window=192, window_share=0.5,
                                 perceptual="msssim", preview_every=4, lr=1e-2))
     prev = sorted((tmp_path / "w" / "previews").glob("*.png"))
