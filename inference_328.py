@@ -55,7 +55,7 @@ import utils
 import vad
 from compose import References, RenderOptions, compose
 from templates import open_template
-from utils import FEAT_WIN, FPS, HOP, MEL_FPS, MEL_WIN, SR, UserError
+from utils import FEAT_WIN, FPS, HOP, MEL_FPS, MEL_WIN, N_FFT, SR, UserError
 
 
 # The render options (start_frame, feather, color_match, reference, silence_gate, silence_db,
@@ -157,12 +157,21 @@ class LipSyncModel:
         base = max(0, (start - 5) // 5 * 5)                       # >= 5 frames of context before start
         m0 = base * MEL_FPS // FPS
         t_mel = len(wav) // HOP + 1                               # mel frames of the whole wav
-        m1 = min(t_mel, int(media_io.mel_window_starts([stop + 5])[0]) + MEL_WIN)
+        m1 = min(t_mel, int(media_io.mel_window_starts([stop - 1])[0]) + MEL_WIN)   # mel frames the windows read
         s0 = max(0, (m0 - MEL_MARGIN) * HOP)
-        s1 = min(len(wav), (m1 + MEL_MARGIN) * HOP)
+        s1 = min(len(wav), self.feature_reach(stop))              # mel frame m1 - 1 is whole: the same as the whole wav's
         mel = media_io.melspectrogram(wav[s0:s1])[:, m0 - s0 // HOP:m1 - s0 // HOP]   # (80, m1 - m0)
         feats = encode_audio(mel, self.audio_encoder, self.device, batch=256, n_frames=stop - base)   # (stop - base, 512)
         return np.asarray(feats[start - base:], np.float32)
+
+    def feature_reach(self, stop):
+        """Samples of audio (from the wav's start) that features(wav, a, stop) reads: once a stream
+        holds this many, the features of frames < stop are final (equal to the whole wav's)."""
+        from audio_features import source_of
+        if source_of(self.audio_encoder) == "speech":
+            return (stop + 14) * SR // FPS
+        last = int(media_io.mel_window_starts([stop - 1])[0]) + MEL_WIN - 1     # the last mel frame read
+        return last * HOP + N_FFT // 2                 # its centred STFT window ends here (pre-emphasis looks back only)
 
     # -- the U-Net -----------------------------------------------------------------------------
     def generate_crops(self, ref_crops, masked, audio_windows):
@@ -172,6 +181,12 @@ class LipSyncModel:
         img = np.ascontiguousarray(img.transpose(0, 3, 1, 2), np.float32) * np.float32(1 / 255)
         out = self.runner(img, np.ascontiguousarray(audio_windows, np.float32))   # (B, 3, 320, 320)
         return (out.transpose(0, 2, 3, 1) * 255 + 0.5).clip(0, 255).astype(np.uint8)
+
+    def paint(self, crops, ref_crops, audio_windows):
+        """328 face crops [B] of the template, their reference 320 crops [B], audio windows
+        (B, 32, 16, 16) -> the generated 320 centres (B, 320, 320, 3) uint8 BGR (masked as trained)."""
+        masked = geometry.mask_inner(np.stack([geometry.inner(c) for c in crops]), self.mask)
+        return self.generate_crops(np.stack(ref_crops), masked, audio_windows)
 
     # -- whole frames ---------------------------------------------------------------------------
     def frames(self, wav, template, opts=RenderOptions(), stats=None):
@@ -229,8 +244,7 @@ class LipSyncModel:
                 aud = np.stack([feats.window(k + i) for i in range(len(batch))])      # (B, 32, 16, 16)
                 _add(stats, "audio features", time.perf_counter() - t)
                 t = time.perf_counter()
-                masked = geometry.mask_inner(np.stack([geometry.inner(b[2]) for b in batch]), self.mask)
-                gen = self.generate_crops(np.stack([b[3] for b in batch]), masked, aud)
+                gen = self.paint([b[2] for b in batch], [b[3] for b in batch], aud)
                 _add(stats, "model", time.perf_counter() - t)
                 for i, (frame, box, crop, _) in enumerate(batch):
                     yield frame, box, crop, gen[i], refs.closed, loud[k + i], refs.mouth
@@ -246,7 +260,7 @@ class LipSyncModel:
         complete) and return its Path. progress(done, total) after each frame; should_stop()
         returning True aborts with Cancelled and leaves nothing at out_path."""
         stats = stats if stats is not None else {}
-        out_path = check_output(out_path)
+        out_path = media_io.check_output(out_path)
         t = time.perf_counter()
         wav = load_speech(audio_path)
         _add(stats, "load audio", time.perf_counter() - t)
@@ -300,24 +314,11 @@ class LipSyncModel:
                     th.join()
                 if err:
                     raise err[0]
-            _readable(out_path)
+            media_io.readable(out_path)
             stats["frames"] = n
             return out_path
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _readable(path):
-    """Give a finished output the usual permissions: temp files are created owner-only (0600)."""
-    umask = 0o022
-    try:
-        umask = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("Umask:")), 8)
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
 
 
 def _add(stats, key, dt):
@@ -360,24 +361,7 @@ class FeatureStream:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks before any work
-def check_output(out_path):
-    """Fail early (before minutes of inference) when the output cannot be written."""
-    p = Path(out_path)
-    if p.suffix.lower() not in (".mp4", ".mov"):
-        raise UserError(f"output {p} must end in .mp4 (or .mov)")
-    if p.is_dir():
-        raise UserError(f"output {p} is a folder; give a file path ending in .mp4")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe_file = tempfile.mkstemp(prefix=".write-test-", dir=p.parent)
-        os.close(fd)
-        os.unlink(probe_file)
-    except OSError as e:
-        raise UserError(f"cannot write the output {p}: {e.strerror or e}; choose another --out") from None
-    return p
-
-
+# Output names
 def default_output(name, audio_path, checkpoint):
     """result/NAME_AUDIO_CKPT.mp4; audio other than .wav keeps its extension in the name
     (NAME_AUDIO-mp3_CKPT.mp4), so a.mp3, a.m4a and a.wav do not overwrite each other's video."""
@@ -414,7 +398,7 @@ def main(cfg):
         utils.check_name(cfg.name, "avatar name")
     ckpt = resolve_checkpoint(cfg.name, cfg.ckpt_root, cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else default_output(cfg.name or "template", cfg.audio_path, ckpt)
-    check_output(out)
+    media_io.check_output(out)
     media_io.probe(cfg.audio_path)            # a bad audio file fails now, not after loading the model
     template = open_template(cfg.name, cfg.data_root, cfg.template)
     try:

@@ -264,3 +264,33 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def check_output(out_path):
+    """Fail early (before minutes of inference) when the output cannot be written."""
+    p = Path(out_path)
+    if p.suffix.lower() not in (".mp4", ".mov"):
+        raise UserError(f"output {p} must end in .mp4 (or .mov)")
+    if p.is_dir():
+        raise UserError(f"output {p} is a folder; give a file path ending in .mp4")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe_file = tempfile.mkstemp(prefix=".write-test-", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe_file)
+    except OSError as e:
+        raise UserError(f"cannot write the output {p}: {e.strerror or e}; choose another --out") from None
+    return p
+
+
+def readable(path):
+    """Give a finished output the usual permissions: temp files are created owner-only (0600)."""
+    umask = 0o022
+    try:
+        umask = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass

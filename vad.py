@@ -32,6 +32,8 @@ NOMINAL_SPEECH_DB = -12.0       # dBFS of the loud frames (95th percentile) of t
 MAX_LEVEL_SHIFT = 20.0          # dB: the gate adapts to recordings at most this much quieter/louder
 ABS_SILENCE_DB = -60.0          # dBFS below which a frame is silent whatever the recording level
 PAUSE_DB = 60.0                 # dB the gate's level drops where no voice is heard: below any silence threshold
+STREAM_SHIFT_MIN = 50           # a stream's level shift waits for 2 s of heard (non-silent) frames ...
+STREAM_SHIFT_FRAMES = 7500      # ... and follows its last 5 minutes
 
 _session = None
 
@@ -69,29 +71,45 @@ def chunk_probs(wav):
     padded = np.zeros(n * CHUNK + CONTEXT, np.float32)
     padded[CONTEXT:CONTEXT + len(wav)] = wav                  # chunk k sees padded[k*CHUNK : (k+1)*CHUNK + CONTEXT]
     rows = np.lib.stride_tricks.sliding_window_view(padded, CHUNK + CONTEXT)[::CHUNK]   # (n, 576), a view
+    return run_chunks(rows)[0]
+
+
+def run_chunks(rows, state=None):
+    """The detector over rows [n, CONTEXT + CHUNK] (each chunk with its context), from `state`
+    (None = the start of the audio) -> (probabilities float32 [n], the state after the last row)."""
     sess = _get_session()
-    h = c = np.zeros((1, 1, 128), np.float32)
-    out = np.empty(n, np.float32)
-    for a in range(0, n, BLOCK):
+    h, c = state if state is not None else (np.zeros((1, 1, 128), np.float32),) * 2
+    out = np.empty(len(rows), np.float32)
+    for a in range(0, len(rows), BLOCK):
         p, h, c = sess.run(None, {"input": np.ascontiguousarray(rows[a:a + BLOCK]), "h": h, "c": c})
         out[a:a + BLOCK] = p.reshape(-1)
-    return out
+    return out, (h, c)
 
 
 def frame_speech_prob(wav, n):
     """Speech probability of each of n video frames: the highest of the chunks overlapping the
     frame, then held HOLD frames each side. float32 [n]."""
-    probs = chunk_probs(wav)
+    return hold(frame_max(chunk_probs(wav), 0, n))
+
+
+def frame_max(probs, a, b, c0=0):
+    """Per video frame a..b-1: the highest probability of the chunks overlapping it; probs[i] is
+    chunk c0 + i (chunks past the end count as absent). float32 [b - a]."""
     hop = SR / FPS
-    out = np.zeros(n, np.float32)
-    for i in range(n):
-        a, b = int(i * hop // CHUNK), int(np.ceil((i + 1) * hop / CHUNK))
-        seg = probs[a:b]
-        out[i] = seg.max() if len(seg) else 0.0
-    held = out.copy()
+    out = np.zeros(max(b - a, 0), np.float32)
+    for i in range(a, b):
+        lo, hi = int(i * hop // CHUNK) - c0, int(np.ceil((i + 1) * hop / CHUNK)) - c0
+        seg = probs[max(lo, 0):max(hi, 0)]
+        out[i - a] = seg.max() if len(seg) else 0.0
+    return out
+
+
+def hold(x):
+    """Each frame's value raised to the highest within HOLD frames each side (onsets, releases)."""
+    held = x.copy()
     for d in range(1, HOLD + 1):
-        held[d:] = np.maximum(held[d:], out[:-d])
-        held[:-d] = np.maximum(held[:-d], out[d:])
+        held[d:] = np.maximum(held[d:], x[:-d])
+        held[:-d] = np.maximum(held[:-d], x[d:])
     return held
 
 
@@ -142,15 +160,119 @@ def gate_loudness_db(wav, n, with_vad=False):
     loud frames (95th percentile) sit at NOMINAL_SPEECH_DB, so the thresholds hold for quiet and
     loud recordings alike (shift capped at +-MAX_LEVEL_SHIFT dB); below ABS_SILENCE_DB dBFS a frame
     is always silent. with_vad: lowered by up to PAUSE_DB where the voice-activity detector hears
-    no voice, so a music bed or noise under the pauses does not hold the mouth open."""
+    no voice, so a music or noise bed under the pauses does not hold the mouth open."""
     db = frame_loudness_db(wav, n)
-    loud = float(np.percentile(db, 95)) if n else NOMINAL_SPEECH_DB
-    shift = float(np.clip(NOMINAL_SPEECH_DB - loud, -MAX_LEVEL_SHIFT, MAX_LEVEL_SHIFT))
+    return gate_level(db, level_shift(db), frame_speech_prob(wav, n) if with_vad and n else None)
+
+
+def level_shift(db):
+    """dB that bring the loud frames (95th percentile) of frame loudnesses `db` to NOMINAL_SPEECH_DB."""
+    loud = float(np.percentile(db, 95)) if len(db) else NOMINAL_SPEECH_DB
+    return float(np.clip(NOMINAL_SPEECH_DB - loud, -MAX_LEVEL_SHIFT, MAX_LEVEL_SHIFT))
+
+
+def gate_level(db, shift, prob=None):
+    """Frame loudnesses (dBFS) -> the gate's levels: shifted, silent below ABS_SILENCE_DB, and
+    lowered by up to PAUSE_DB where the speech probabilities `prob` (None: no detector) say pause."""
     out = db + np.float32(shift)
     out[db < ABS_SILENCE_DB] = -200.0           # far below any threshold
-    if with_vad and n:
-        out = out - np.float32(PAUSE_DB) * (1 - speech_weight(frame_speech_prob(wav, n)))
+    if prob is not None:
+        out = out - np.float32(PAUSE_DB) * (1 - speech_weight(prob))
     return out
+
+
+class GateStream:
+    """The gate's levels for audio that arrives in pieces (stream.py): the same loudness, detector
+    and hold as gate_loudness_db, frame by frame as soon as the audio each frame needs has arrived
+    (1 frame ahead for the loudness, HOLD frames ahead for the detector). The one difference: the
+    level shift can only know the audio heard so far, so it is the percentile of the frames heard
+    (those above ABS_SILENCE_DB, the last STREAM_SHIFT_FRAMES of them), 0 until STREAM_SHIFT_MIN
+    were heard; `shift` fixes it instead (gate_loudness_db's value for a known recording)."""
+
+    def __init__(self, with_vad, shift=None):
+        self.with_vad, self.fixed_shift = with_vad, shift
+        self.tail = np.zeros(0, np.float32)       # samples not yet in a whole frame (loudness)
+        self.vtail = np.zeros(CONTEXT, np.float32)  # the detector's context + samples not yet in a whole chunk
+        self.state, self.probs, self.db = None, [], []   # detector state, chunk probs, raw frame dB
+        self.heard = []                          # frame dB above ABS_SILENCE_DB (for the shift)
+        self.levels = []                         # finished levels of frames 0 .. len - 1
+        self.total = None                        # frames of the whole audio, once finish() was called
+
+    def push(self, wav):
+        wav = np.asarray(wav, np.float32)
+        hop = SR // FPS
+        x = np.concatenate([self.tail, wav])
+        k = len(x) // hop
+        if k:
+            rms = np.sqrt(np.mean(x[:k * hop].reshape(k, hop).astype(np.float64) ** 2, axis=1))
+            self._add_db(20 * np.log10(rms + 1e-9))
+        self.tail = x[k * hop:]
+        if self.with_vad:
+            self.vtail = self._vad(np.concatenate([self.vtail, wav]))
+        self._levels()
+
+    def finish(self, n):
+        """The audio ended; it covers n video frames (media_io.num_frames of its length)."""
+        hop = SR // FPS
+        if len(self.tail) and len(self.db) < n:
+            seg = np.zeros(hop, np.float32)
+            seg[:len(self.tail)] = self.tail
+            self._add_db([20 * np.log10(np.sqrt(np.mean(seg.astype(np.float64) ** 2)) + 1e-9)])
+        while len(self.db) < n:                   # frames past the audio are zeros, as frame_loudness_db pads them
+            self._add_db([20 * np.log10(1e-9)])
+        if self.with_vad and len(self.vtail) > CONTEXT:
+            pad = -(len(self.vtail) - CONTEXT) % CHUNK
+            self.vtail = self._vad(np.concatenate([self.vtail, np.zeros(pad, np.float32)]))
+        self.total = n
+        self._levels()
+
+    def _add_db(self, db):
+        db = np.asarray(db, np.float32)
+        self.db.extend(db.tolist())
+        self.heard.extend(db[db >= ABS_SILENCE_DB].tolist())
+        del self.heard[:-STREAM_SHIFT_FRAMES]
+
+    def _vad(self, x):
+        k = (len(x) - CONTEXT) // CHUNK
+        if k > 0:
+            rows = np.lib.stride_tricks.sliding_window_view(x[:k * CHUNK + CONTEXT], CHUNK + CONTEXT)[::CHUNK]
+            p, self.state = run_chunks(rows, self.state)
+            self.probs.extend(p.tolist())
+        return x[k * CHUNK:] if k > 0 else x
+
+    def _levels(self):
+        """Append the levels of the frames whose loudness and detector window are complete."""
+        n = len(self.db) if self.total is not None else len(self.db) - 1          # pooling looks 1 frame ahead
+        if self.with_vad:
+            if self.total is not None:
+                n = min(n, self.total)
+            else:
+                # frames whose chunks and HOLD neighbours' chunks have all been heard
+                n = min(n, int(len(self.probs) * CHUNK // (SR // FPS)) - HOLD)
+        a = len(self.levels)
+        if n <= a:
+            return
+        lo, hi = max(a - 1, 0), min(n + 1, len(self.db))
+        part = np.asarray(self.db[lo:hi], np.float32)
+        pooled = part.copy()
+        pooled[1:] = np.maximum(pooled[1:], part[:-1])
+        pooled[:-1] = np.maximum(pooled[:-1], part[1:])
+        pooled = pooled[a - lo:a - lo + n - a]
+        prob = None
+        if self.with_vad:
+            end = self.total if self.total is not None else n + HOLD
+            f0 = max(a - HOLD, 0)
+            c0 = int(f0 * (SR / FPS) // CHUNK)
+            raw = frame_max(np.asarray(self.probs[c0:], np.float32), f0, min(n + HOLD, end), c0)
+            prob = hold(raw)[a - f0:a - f0 + n - a]
+        self.levels.extend(gate_level(pooled, self.shift(), prob).tolist())
+
+    def shift(self):
+        if self.fixed_shift is not None:
+            return self.fixed_shift
+        if len(self.heard) < STREAM_SHIFT_MIN:
+            return 0.0
+        return level_shift(np.asarray(self.heard, np.float32))
 
 
 if __name__ == "__main__":

@@ -220,11 +220,13 @@ def test_streamed_features_equal_whole_wav_features(setup):
     whole = model.features(wav)
     n = media_io.num_frames(len(wav))
     assert whole.shape == (n, utils.FEAT_DIM)
+    # float32 rounding only: the mel's matrix product over a shorter segment rounds differently (~1e-6)
+    tol = 1e-5 * float(np.abs(whole).max())
     for a, b in ((0, 7), (11, 19), (17, n)):
-        assert np.allclose(model.features(wav, a, b), whole[a:b], atol=1e-5)
+        assert np.abs(model.features(wav, a, b) - whole[a:b]).max() <= tol
     stream = inf.FeatureStream(model, wav, chunk=7)
     for i in range(n):
-        assert np.allclose(stream.window(i), media_io.feature_window(whole, i), atol=1e-5)
+        assert np.abs(stream.window(i) - media_io.feature_window(whole, i)).max() <= tol
         assert len(stream.buf) <= 7 + 2 * utils.FEAT_WIN                # memory stays bounded
 
 

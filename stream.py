@@ -1,0 +1,194 @@
+"""Live lip sync: audio arrives in pieces of any size, frames leave at 25 fps as soon as the audio
+they need has arrived. The same features (LipSyncModel.features), reference, U-Net (paint) and
+paste (compose) as the file path in inference_328.py; only the order of the work differs.
+
+    python stream.py --name anna --audio_path speech.wav      # the delay and speed of a stream, per look-ahead
+
+    sess = LiveSession(model, template)          # model: inference_328.LipSyncModel
+    for pcm in chunks:                           # float32 in [-1, 1], int16 samples, or s16le bytes
+        sess.push(pcm)
+        while (f := sess.next()) is not None:    # f.index, f.time (s from the first sample), f.image (BGR)
+            show(f)
+    sess.finish()                                # the audio ended: the last frames come out too
+
+Delay: frame k needs the audio features of frames k-8 .. k+7 (the generator's window) and each
+feature reads 0.1 s of audio past its frame (the mel window), so with the full look-ahead
+(LOOKAHEAD = 7 frames) frame k can be made once the audio reaches 0.41 s past its start. `lookahead`
+L < 7 waits only for frames up to k + L and repeats feature k + L for the frames after it (less
+delay, the mouth sees less of what comes next; README "Live"). The silence gate needs 2 frames
+ahead (vad.GateStream). When no audio arrives the caller feeds silence (idle(): the mouth closes
+through the gate), so the avatar's timeline never jumps.
+
+Frames equal the file path's for the same audio, pixel for pixel up to float rounding in the
+mel (tests/test_stream.py), when the stream's silence gate is given the recording's level
+(`level_shift`); otherwise its level follows the audio heard so far (vad.GateStream).
+"""
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import geometry
+import media_io
+import utils
+import vad
+from compose import References, RenderOptions, compose
+from templates import pingpong
+from utils import FEAT_WIN, FPS, SR, UserError
+
+LOOKAHEAD = FEAT_WIN // 2 - 1       # frames of audio features past the frame the generator reads (7)
+TRIM = 10 * SR // FPS               # the audio buffer is trimmed in steps of 10 frames (whole mel frames, whole speech chunks)
+HOLD_FRAMES = vad.HOLD + 1          # the detector's hold reads chunks up to the end of frame k + HOLD
+KEEP = 40                           # frames of audio kept before the oldest frame whose features are still to come
+
+
+@dataclass
+class LiveFrame:
+    index: int          # output frame number, from 0
+    time: float         # its start, seconds after the stream's first sample
+    image: np.ndarray   # BGR uint8, the template's size
+
+
+def to_float(pcm):
+    """PCM as float32 in [-1, 1]: float arrays as they are, int16 arrays scaled, bytes read as s16le."""
+    if isinstance(pcm, (bytes, bytearray, memoryview)):
+        b = bytes(pcm)
+        if len(b) % 2:
+            raise UserError(f"audio chunk of {len(b)} bytes: s16le PCM comes in whole 2-byte samples")
+        return np.frombuffer(b, "<i2").astype(np.float32) / 32768.0
+    a = np.asarray(pcm)
+    if a.dtype == np.int16:
+        return a.astype(np.float32) / 32768.0
+    return np.asarray(a, np.float32).reshape(-1)
+
+
+class LiveSession:
+    """One stream: push audio, take frames. Not thread-safe; one session per client."""
+
+    def __init__(self, model, template, opts=RenderOptions(), lookahead=LOOKAHEAD, level_shift=None):
+        if not 0 <= lookahead <= LOOKAHEAD:
+            raise UserError(f"--lookahead {lookahead}: use 0 .. {LOOKAHEAD} frames")
+        if not 0 <= opts.start_frame < template.n:
+            raise UserError(f"--start_frame {opts.start_frame} is outside the template's {template.n} frames")
+        self.model, self.template, self.opts, self.lookahead = model, template, opts, lookahead
+        self.refs = References(template, opts.reference, opts.seed)
+        self.gate = vad.GateStream(vad.use_vad(opts.vad), shift=level_shift)
+        self._buf, self.off = np.zeros(SR, np.float32), 0      # audio held (from sample `off`), with room to grow
+        self.received = 0                                      # samples pushed in all
+        self.feats, self.f_lo = np.zeros((0, utils.FEAT_DIM), np.float32), 0   # features of frames f_lo ..
+        self.fstop = 0                                         # features of frames < fstop are final
+        self.k = 0                                             # next frame to make
+        self.total = None                                      # frames of the whole audio, after finish()
+        self.dropped = 0                                       # frames skipped (skip())
+
+    # -- audio in ---------------------------------------------------------------------------------
+    def push(self, pcm):
+        """Add audio (16 kHz mono) -> how many frames are ready now."""
+        if self.total is not None:
+            raise UserError("audio pushed after finish(): start a new session")
+        x = to_float(pcm)
+        used = self.received - self.off
+        if used + len(x) > len(self._buf):                       # grow by doubling: pushes of 1 sample stay cheap
+            self._buf = np.concatenate([self._buf[:used], np.zeros(max(used + len(x), 2 * len(self._buf)), np.float32)])
+        self._buf[used:used + len(x)] = x
+        self.received += len(x)
+        self.gate.push(x)
+        while self.model.feature_reach(self.fstop + 1) <= self.received:
+            self.fstop += 1
+        return self.ready()
+
+    def idle(self, seconds):
+        """No audio arrived for `seconds`: feed silence, so the avatar goes on with its mouth closed."""
+        return self.push(np.zeros(int(round(seconds * SR)), np.float32))
+
+    def finish(self):
+        """The audio ended: every frame it covers becomes ready (features past its end are zero, as
+        in the file path). -> how many frames are ready now."""
+        if self.total is None:
+            self.total = media_io.num_frames(self.received)
+            self.gate.finish(self.total)
+        return self.ready()
+
+    # -- frames out ---------------------------------------------------------------------------------
+    def ready(self):
+        """Frames whose audio has all arrived and that are not made yet."""
+        if self.total is not None:
+            return self.total - self.k
+        return max(0, min(self.fstop - self.lookahead, len(self.gate.levels)) - self.k)
+
+    def delay(self, k=100):
+        """Seconds of audio past frame k's start that it waits for: the stream's inherent delay
+        (features up to k + lookahead, the gate's loudness 1 frame and detector HOLD frames ahead)."""
+        hop = SR // FPS
+        need = max(self.model.feature_reach(k + self.lookahead + 1), (k + 2) * hop)
+        if self.gate.with_vad:
+            need = max(need, -(-(k + HOLD_FRAMES) * hop // vad.CHUNK) * vad.CHUNK)
+        return (need - k * hop) / SR
+
+    def next(self):
+        """Make the next ready frame -> LiveFrame, or None when its audio has not arrived yet."""
+        if not self.ready():
+            return None
+        k = self.k
+        j = pingpong(self.opts.start_frame + k, self.template.n)
+        frame, box = self.template.read(j), self.template.boxes[j]
+        crop = geometry.crop_face(frame, box)
+        ref = self.refs.crop(k, j)
+        gen = self.model.paint([crop], [ref], self._window(k)[None])[0]
+        image = compose((frame, box, crop, gen, self.refs.closed, self.gate.levels[k], self.refs.mouth),
+                        self.opts, self.model.mask)
+        self.k += 1
+        self._trim()
+        return LiveFrame(k, k / FPS, image)
+
+    def skip(self):
+        """Drop the next ready frame unmade (a client that cannot keep up) -> its index, or None."""
+        if not self.ready():
+            return None
+        k = self.k
+        if self.opts.reference != "closed":
+            self.refs.index(k, pingpong(self.opts.start_frame + k, self.template.n))   # the same draws as if made
+        self.k += 1
+        self.dropped += 1
+        self._trim()
+        return k
+
+    def done(self):
+        """True once the audio ended and every frame was made or skipped."""
+        return self.total is not None and self.k >= self.total
+
+    # -- inside ---------------------------------------------------------------------------------
+    def _window(self, k):
+        """The generator's audio input (32, 16, 16) for frame k (zero before the audio and past its
+        end, the last final feature repeated past the look-ahead)."""
+        stop = self.total if self.total is not None else self.fstop
+        have = self.f_lo + len(self.feats)
+        if stop > have:                                          # the newly final features, in one batch
+            rel = self.off * FPS // SR                           # frames dropped with the audio (a multiple of 10)
+            self.feats = np.concatenate([self.feats, self.model.features(self.wav, have - rel, stop - rel)])
+        last = stop - 1                                          # the last final feature
+        idx = np.arange(k - FEAT_WIN // 2, k + FEAT_WIN // 2)
+        if self.total is None:
+            idx = np.minimum(idx, k + self.lookahead)            # repeat past the look-ahead
+        valid = (idx >= 0) & (idx <= last)
+        w = np.zeros((FEAT_WIN, utils.FEAT_DIM), np.float32)
+        w[valid] = self.feats[idx[valid] - self.f_lo]
+        return w.reshape(32, 16, 16)
+
+    @property
+    def wav(self):
+        """The audio held: samples off .. received - 1."""
+        return self._buf[:self.received - self.off]
+
+    def _trim(self):
+        """Drop features and audio no frame to come reads (memory stays flat over hours)."""
+        lo = self.k - FEAT_WIN // 2                              # the oldest feature a frame to come reads
+        if lo > self.f_lo:
+            self.feats, self.f_lo = self.feats[lo - self.f_lo:], lo   # (skipped frames: features never made)
+        keep_from = (self.f_lo + len(self.feats) - KEEP) * SR // FPS // TRIM * TRIM
+        cut = keep_from - self.off
+        if cut >= TRIM and self.total is None:
+            used = self.received - self.off
+            self._buf[:used - cut] = self._buf[cut:used]
+            self.off += cut
