@@ -114,17 +114,18 @@ def encoder_id(audio_encoder):
 
 
 @torch.no_grad()
-def encode_audio(wav_or_mel, audio_encoder, device="cpu", batch=256, n_frames=None):
-    """Audio -> one 512-d feature per video frame, float32 [n_frames, 512]. Accepts a path (any
-    audio/video ffmpeg reads), a float32 16 kHz mono wav [S] or a mel [80, T]; n_frames defaults
-    to media_io.num_frames(S) (for a mel, the frames its length covers)."""
+def encode_audio(wav_or_mel, audio_encoder, device="cpu", batch=256, n_frames=None, first=0):
+    """Audio -> one 512-d feature per video frame, float32 [n_frames - first, 512] (frames first ..
+    n_frames - 1: earlier audio is context only, not encoded). Accepts a path (any audio/video
+    ffmpeg reads), a float32 16 kHz mono wav [S] or a mel [80, T]; n_frames defaults to
+    media_io.num_frames(S) (for a mel, the frames its length covers)."""
     if isinstance(wav_or_mel, (str, Path)):
         wav_or_mel = media_io.load_audio(wav_or_mel)
     x = np.asarray(wav_or_mel, np.float32)
     if source_of(audio_encoder) == "speech":
         if x.ndim != 1:
             raise ValueError("encode_audio: the speech source reads a wav [S], not a mel")
-        emb = speech_embeddings(x, n_frames)
+        emb = speech_embeddings(x, n_frames)[first:]
         return _encode(lambda s, e: emb[s:e], len(emb), audio_encoder, device, batch)
     if x.ndim == 1:
         mel = media_io.melspectrogram(x)
@@ -134,7 +135,8 @@ def encode_audio(wav_or_mel, audio_encoder, device="cpu", batch=256, n_frames=No
         n = int(round((x.shape[1] - 1) * utils.FPS / utils.MEL_FPS)) if n_frames is None else n_frames
     else:
         raise ValueError(f"encode_audio: expected a wav [S] or a mel [{N_MELS}, T], got shape {x.shape}")
-    return _encode(lambda s, e: media_io.mel_windows(mel, np.arange(s, e)), n, audio_encoder, device, batch)   # (b, 1, 80, 16)
+    return _encode(lambda s, e: media_io.mel_windows(mel, np.arange(s, e) + first), max(n - first, 0),
+                   audio_encoder, device, batch)   # (b, 1, 80, 16)
 
 
 def _encode(inputs, n, audio_encoder, device, batch):

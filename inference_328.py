@@ -2,6 +2,7 @@
 
     python inference_328.py --name anna --audio_path speech.m4a              # -> result/anna_speech_best.mp4
     python inference_328.py --name anna --audio_path talk.wav --template portrait.png --out a.mp4
+    arecord -f S16_LE -r 16000 -c 1 | python inference_328.py --name anna --audio_path - --stream --out live.mp4   # live, stream.py
     python inference_328.py --name tiny --audio_path a.wav --data_root /tmp/ds --ckpt_root /tmp/ck --device cpu  # CPU smoke run
 
 Pipeline per output frame k (SPEC §8, with the reference faults fixed): template frame j (the
@@ -82,6 +83,8 @@ class Config:
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
+    stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
+    lookahead: int = 7                               # [0..7] --stream: frames of audio past each frame the generator waits for (7 = as the file path; less = less delay)
     malloc_tune: bool = True                         # re-exec with glibc malloc settings when the U-Net runs in PyTorch on CPU (~1.4x, SPEC §11)
 
 
@@ -122,36 +125,56 @@ class LipSyncModel:
     config with the widths, and the AudioEncoder that made its training features)."""
 
     def __init__(self, checkpoint, device="auto", backend="auto", batch_size=0):
+        self.path = Path(checkpoint)
+        cached = runner.cached_generator(self.path) if runner.torch_free(device, backend) else None
+        if cached is not None:      # ONNX Runtime only, PyTorch never imported: ~0.4 GB less memory
+            self.runner, self.audio_encoder, info = cached
+            self.device, self.unet = "cpu", None
+            self.batch_size = batch_size or CPU_BATCH
+        else:
+            info = self._load_torch(device, backend, batch_size)
+        self.widths, self.step, self.config = info["widths"], info["step"], info["config"]
+        self.mask = info["mask"]                    # the area it repaints: bool (320, 320), None = MASK_RECT
+
+    @property
+    def source(self):
+        """The audio feature source its encoder reads (audio_features.SOURCES)."""
+        return getattr(self.audio_encoder, "source", "mel")
+
+    def _load_torch(self, device, backend, batch_size):
         import torch
         from unet_328 import fold_bn
         self.device = device if isinstance(device, torch.device) else utils.get_device(device)
-        self.path = Path(checkpoint)
         unet, enc, info = runner.load_generator(self.path)
-        self.widths, self.step, self.config = info["widths"], info["step"], info["config"]
-        self.mask = info["mask"]                    # the area it repaints: bool (320, 320), None = MASK_RECT
         # BN folded into the convs: same outputs, ~2x faster on CPU with channels_last (SPEC §11)
         self.unet = fold_bn(unet).to(self.device, memory_format=torch.channels_last)
         self.audio_encoder = fold_bn(enc).to(self.device)
         self.batch_size = batch_size or (CPU_BATCH if self.device.type == "cpu" else GPU_BATCH)
         self.runner = runner.make_runner(self.unet, self.device, backend, self.batch_size, self.path)
+        if self.runner.kind == "ort":
+            runner.cache_generator(self.path, self.audio_encoder, info)
+            if isinstance(cached := runner.cached_generator(self.path), tuple) and self.device.type == "cpu":
+                self.audio_encoder = cached[1]      # the encoder in ONNX Runtime too (no torch threads beside ORT's)
+        return info
 
     # -- audio -------------------------------------------------------------------------------
     def features(self, wav, start=0, stop=None):
         """Audio-encoder vectors [stop - start, 512] of video frames start..stop-1 of `wav`
         (float32 16 kHz mono), equal to those of the whole wav but computed from the samples
         around those frames only, so long audio is processed in constant memory."""
-        from audio_features import encode_audio, source_of
         n = media_io.num_frames(len(wav))
         stop = n if stop is None else min(stop, n)
         if stop <= start:
             return np.zeros((0, utils.FEAT_DIM), np.float32)
-        if source_of(self.audio_encoder) == "speech":
+        if self.source == "speech":
+            from audio_features import encode_audio
             # speech embeddings see 0.38 s (+ a 30 ms chunk context) each side, on an 80 ms (2 frame)
             # chunk grid from the wav's start: 14 frames of audio each side, a slice on that grid
             base = max(0, (start - 14) // 2 * 2)
             s0, s1 = base * SR // FPS, min(len(wav), (stop + 14) * SR // FPS)
-            feats = encode_audio(wav[s0:s1], self.audio_encoder, self.device, batch=256, n_frames=stop - base)
-            return np.asarray(feats[start - base:], np.float32)
+            feats = encode_audio(wav[s0:s1], self.audio_encoder, self.device, batch=256, n_frames=stop - base,
+                                 first=start - base)
+            return np.asarray(feats, np.float32)
         # A chunk starting at a multiple of 5 video frames starts at a whole mel frame (5 frames =
         # 16 mel frames), so window positions relative to the chunk are the global ones shifted.
         base = max(0, (start - 5) // 5 * 5)                       # >= 5 frames of context before start
@@ -161,14 +184,17 @@ class LipSyncModel:
         s0 = max(0, (m0 - MEL_MARGIN) * HOP)
         s1 = min(len(wav), self.feature_reach(stop))              # mel frame m1 - 1 is whole: the same as the whole wav's
         mel = media_io.melspectrogram(wav[s0:s1])[:, m0 - s0 // HOP:m1 - s0 // HOP]   # (80, m1 - m0)
-        feats = encode_audio(mel, self.audio_encoder, self.device, batch=256, n_frames=stop - base)   # (stop - base, 512)
-        return np.asarray(feats[start - base:], np.float32)
+        if isinstance(self.audio_encoder, runner.OrtAudio):
+            return self.audio_encoder(media_io.mel_windows(mel, np.arange(start - base, stop - base)))
+        from audio_features import encode_audio
+        feats = encode_audio(mel, self.audio_encoder, self.device, batch=256, n_frames=stop - base,
+                             first=start - base)     # (stop - start, 512): the frames before are mel context only
+        return np.asarray(feats, np.float32)
 
     def feature_reach(self, stop):
         """Samples of audio (from the wav's start) that features(wav, a, stop) reads: once a stream
         holds this many, the features of frames < stop are final (equal to the whole wav's)."""
-        from audio_features import source_of
-        if source_of(self.audio_encoder) == "speech":
+        if self.source == "speech":
             return (stop + 14) * SR // FPS
         last = int(media_io.mel_window_starts([stop - 1])[0]) + MEL_WIN - 1     # the last mel frame read
         return last * HOP + N_FFT // 2                 # its centred STFT window ends here (pre-emphasis looks back only)
@@ -396,10 +422,13 @@ def main(cfg):
         raise UserError("no audio given: python inference_328.py --name NAME --audio_path AUDIO")
     if cfg.name:
         utils.check_name(cfg.name, "avatar name")
+    if cfg.audio_path == "-" and not (cfg.stream and cfg.out):
+        raise UserError("--audio_path - (16 kHz mono s16le PCM from stdin) needs --stream and --out FILE.mp4")
     ckpt = resolve_checkpoint(cfg.name, cfg.ckpt_root, cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else default_output(cfg.name or "template", cfg.audio_path, ckpt)
     media_io.check_output(out)
-    media_io.probe(cfg.audio_path)            # a bad audio file fails now, not after loading the model
+    if cfg.audio_path != "-":
+        media_io.probe(cfg.audio_path)        # a bad audio file fails now, not after loading the model
     template = open_template(cfg.name, cfg.data_root, cfg.template)
     try:
         if not 0 <= cfg.start_frame < template.n:
@@ -410,6 +439,9 @@ def main(cfg):
         print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
               f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
               f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}")
+        if cfg.stream:
+            import stream
+            return stream.main(cfg, model, template, out)
         bar = tqdm(unit="f", desc="lip-sync", dynamic_ncols=True)
 
         def progress(done, total):

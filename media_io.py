@@ -6,6 +6,7 @@ training, inference, evaluation and the server alike.
 """
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -294,3 +295,100 @@ def readable(path):
         os.chmod(path, 0o666 & ~umask)
     except OSError:
         pass
+
+
+class StreamWriter:
+    """A fragmented mp4 that grows as frames and audio arrive (playable while it is written): BGR
+    frames and s16le 16 kHz mono audio, each fed by its own thread into one ffmpeg (video on its
+    stdin, audio through a named pipe), so neither stream can block the other. H.264 with a key
+    frame every second (one fragment per second), AAC. abort() (or an exception inside `with`)
+    removes the file."""
+
+    def __init__(self, path, width, height, fps=FPS, crf=18, preset="veryfast"):
+        import queue
+        import threading
+        self.path, self.size, self.frames = Path(path), (width, height), 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._dir = Path(tempfile.mkdtemp(prefix="lipsync-live-"))
+        fifo = self._dir / "audio.pcm"
+        os.mkfifo(fifo)
+        args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+                "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
+                "-f", "s16le", "-ar", str(SR), "-ac", "1", "-i", str(fifo),
+                "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", preset, "-tune", "zerolatency",
+                "-crf", str(crf), "-g", str(fps), "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k",
+                "-movflags", "frag_keyframe+empty_moov+default_base_moof", "-f", "mp4", str(self.path)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._q = {"video": queue.Queue(), "audio": queue.Queue()}
+        self._err = []
+        self._threads = [threading.Thread(target=self._feed, args=(k, dest), daemon=True, name=f"mp4-{k}")
+                         for k, dest in (("video", None), ("audio", fifo))]
+        for t in self._threads:
+            t.start()
+
+    def _feed(self, kind, fifo):
+        try:
+            out = self.proc.stdin if fifo is None else self._open_fifo(fifo)
+            with out:
+                while (data := self._q[kind].get()) is not None:
+                    out.write(data)
+                    out.flush()
+        except (BrokenPipeError, OSError) as e:
+            self._err.append(e)
+            while self._q[kind].get() is not None:      # drain: the producer never blocks
+                pass
+
+    def _open_fifo(self, fifo):
+        """Open the audio pipe once ffmpeg reads it; a plain open would wait forever if ffmpeg died."""
+        import time
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                os.set_blocking(fd, True)
+                return os.fdopen(fd, "wb")
+            except OSError:                     # ENXIO: no reader yet
+                if self.proc.poll() is not None:
+                    raise BrokenPipeError("ffmpeg stopped before reading the audio") from None
+                time.sleep(0.02)
+
+    def write(self, frame):
+        assert frame.shape[1::-1] == self.size, f"frame {frame.shape[1::-1]} != writer size {self.size}"
+        self._q["video"].put(np.ascontiguousarray(frame, np.uint8).tobytes())
+        self.frames += 1
+
+    def write_audio(self, pcm):
+        """s16le bytes (or float32 samples in [-1, 1]) of 16 kHz mono audio."""
+        if not isinstance(pcm, (bytes, bytearray)):
+            pcm = (np.clip(np.asarray(pcm, np.float32), -1, 1) * 32767).astype("<i2").tobytes()
+        self._q["audio"].put(bytes(pcm))
+
+    def close(self):
+        for q in self._q.values():
+            q.put(None)
+        for t in self._threads:
+            t.join()
+        err = self.proc.stderr.read().decode(errors="replace").strip()
+        rc = self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        if rc != 0 or self.frames == 0:
+            self.abort()
+            raise UserError(f"writing {self.path} failed: {err.splitlines()[-1] if err else 'no frames'}")
+        return self.path
+
+    def abort(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for t in self._threads:
+            t.join(timeout=1)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

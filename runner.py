@@ -86,17 +86,14 @@ class UNetRunner:
     float32 -> (B, 3, 320, 320) float32. `kind` says which runtime: eager, compile or ort."""
 
     def __init__(self, model, device, kind, graph=None):
-        import torch
         self.device, self.kind, self.model = device, kind, model
         self.fixed_batch = None
         if kind == "ort":
-            import onnxruntime as ort
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = torch.get_num_threads()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self.graph = graph if graph is not None else export_onnx(model)
-            self.session = ort.InferenceSession(self.graph, so, providers=["CPUExecutionProvider"])
-        elif kind == "compile":
+            self.session = ort_session(self.graph)
+            return
+        import torch
+        if kind == "compile":
             self.fn = torch.compile(model, dynamic=False)
         elif kind != "eager":
             raise UserError(f"unknown --backend {kind!r}; choose auto, ort, compile or eager")
@@ -117,6 +114,29 @@ class UNetRunner:
         return out.float().cpu().numpy()[:n]
 
 
+def ort_session(graph):
+    """An ONNX Runtime CPU session with as many threads as torch would use (its --threads), or the
+    cores this process may run on when torch is not loaded (the torch-free path)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    torch = sys.modules.get("torch")
+    so.intra_op_num_threads = torch.get_num_threads() if torch is not None else len(os.sched_getaffinity(0))
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")   # idle threads sleep: the paste and the audio get the cores between calls
+    return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
+
+class OrtAudio:
+    """The mel AudioEncoder (BN folded) in ONNX Runtime: mel windows (B, 1, 80, 16) -> (B, 512)."""
+    source = "mel"
+
+    def __init__(self, graph):
+        self.graph, self.session = graph, ort_session(graph)
+
+    def __call__(self, windows):
+        return self.session.run(None, {"mel": np.ascontiguousarray(windows, np.float32)})[0]
+
+
 def export_onnx(model):
     """The U-Net as ONNX bytes (dynamic batch), exported on CPU from a float32 copy."""
     import copy
@@ -134,22 +154,97 @@ def export_onnx(model):
     return buf.getvalue()
 
 
-def onnx_cache_path(checkpoint):
-    """Where the exported graph of a checkpoint file is kept (the export takes 5-15 s here): keyed
-    by the file's path, size and mtime and the library versions, so any change re-exports."""
-    import onnxruntime
+def export_audio_onnx(encoder):
+    """The (BN-folded) mel AudioEncoder as ONNX bytes, dynamic batch."""
+    import copy
+    import io
+    import warnings
     import torch
+    buf = io.BytesIO()
+    enc = copy.deepcopy(encoder).to("cpu").float().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(enc, (torch.zeros(2, 1, utils.N_MELS, utils.MEL_WIN),), buf, dynamo=False,
+                          opset_version=ONNX_OPSET, input_names=["mel"], output_names=["feat"],
+                          dynamic_axes={"mel": {0: "b"}, "feat": {0: "b"}})
+    return buf.getvalue()
+
+
+def onnx_cache_path(checkpoint, part="unet"):
+    """Where the exported graphs of a checkpoint file are kept (the export takes 5-15 s here): keyed
+    by the file's path, size and mtime and the library versions (read without importing them), so
+    any change re-exports. part: unet (.onnx), audio (.onnx), info (.json), mask (.npy)."""
+    from importlib.metadata import version
     p = Path(checkpoint).resolve()
     st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{torch.__version__}|{onnxruntime.__version__}|{ONNX_OPSET}"
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{version('torch')}|{version('onnxruntime')}|{ONNX_OPSET}"
     root = Path(os.environ.get("LIPSYNC_CACHE") or Path.home() / ".cache" / "lipsync")
-    return root / f"unet-{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
+    ext = {"info": ".json", "mask": ".npy"}.get(part, ".onnx")
+    return root / f"{part}-{hashlib.sha1(key.encode()).hexdigest()[:16]}{ext}"
 
 
 def _prune_cache(folder, keep=ONNX_CACHE_KEEP):
     files = sorted(Path(folder).glob("unet-*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
     for f in files[keep - 1:]:
-        f.unlink(missing_ok=True)
+        for part in ("unet-*.onnx", "audio-*.onnx", "info-*.json", "mask-*.npy"):
+            for g in Path(folder).glob(part.replace("*", f.stem.split("-", 1)[1])):
+                g.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch-free path: U-Net and audio encoder from the cache, no PyTorch in the process
+def torch_free(device, backend):
+    """Whether this request may run without PyTorch: ONNX Runtime on a CPU, by choice or by default
+    (device auto on a machine without an NVIDIA driver or Apple GPU)."""
+    import importlib.util
+    if backend not in ("auto", "ort") or importlib.util.find_spec("onnxruntime") is None:
+        return False
+    gpu = Path("/proc/driver/nvidia/version").exists() or sys.platform == "darwin"
+    return str(device) == "cpu" or (str(device) in ("auto", "") and not gpu)
+
+
+def cached_generator(checkpoint):
+    """(U-Net runner, OrtAudio, info) of a checkpoint whose graphs a previous run cached (see
+    cache_generator), loaded without PyTorch; None when any part is missing."""
+    import json
+    paths = {k: onnx_cache_path(checkpoint, k) for k in ("unet", "audio", "info")}
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    info = json.loads(paths["info"].read_text())
+    info["widths"] = tuple(info["widths"])
+    info["mask"] = np.load(onnx_cache_path(checkpoint, "mask")) if info.pop("has_mask") else None
+    r = UNetRunner(None, "cpu", "ort", paths["unet"].read_bytes())
+    r.max_abs_diff = None                             # checked when it was cached
+    return r, OrtAudio(paths["audio"].read_bytes()), info
+
+
+def cache_generator(checkpoint, encoder, info):
+    """After the U-Net's graph passed its check (make_runner): export the mel audio encoder, check
+    it against PyTorch (MATCH_TOL), and cache it with the info and mask, so the next load of this
+    checkpoint needs no PyTorch. Speech-source encoders are not cached (they stay in PyTorch)."""
+    import json
+    import torch
+    from audio_features import source_of
+    if source_of(encoder) != "mel":
+        return
+    graph = export_audio_onnx(encoder)
+    x = torch.randn(8, 1, utils.N_MELS, utils.MEL_WIN, generator=torch.Generator().manual_seed(3)) * 2
+    with torch.inference_mode():
+        ref = encoder.eval()(x).numpy()
+    if float(np.abs(OrtAudio(graph)(x.numpy()) - ref).max()) > MATCH_TOL * max(1.0, float(np.abs(ref).max())):
+        return
+    meta = dict(widths=list(info["widths"]), step=info["step"], config=info["config"], has_mask=info["mask"] is not None)
+    try:
+        if info["mask"] is not None:
+            with utils.atomic_file(onnx_cache_path(checkpoint, "mask")) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.asarray(info["mask"]))
+        with utils.atomic_file(onnx_cache_path(checkpoint, "audio")) as tmp:
+            tmp.write_bytes(graph)
+        with utils.atomic_file(onnx_cache_path(checkpoint, "info")) as tmp:     # last: it marks the set complete
+            tmp.write_text(json.dumps(meta, default=str))
+    except OSError:
+        pass                                          # an unwritable cache only costs PyTorch next time
 
 
 def make_runner(model, device, backend="auto", batch=1, checkpoint=None):

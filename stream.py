@@ -192,3 +192,69 @@ class LiveSession:
             used = self.received - self.off
             self._buf[:used - cut] = self._buf[cut:used]
             self.off += cut
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: inference_328.py --stream
+READ_BYTES = 3200                   # stdin is read in pieces of up to 100 ms (s16le)
+
+
+def pcm_chunks(audio_path, chunk=READ_BYTES):
+    """s16le 16 kHz mono byte chunks: from stdin for "-", else from any audio file (decoded first)."""
+    if audio_path == "-":
+        read = getattr(sys.stdin.buffer, "read1", sys.stdin.buffer.read)
+        odd = b""
+        while data := read(chunk):
+            data, odd = odd + data, b""
+            if len(data) % 2:                   # a pipe may split a sample: keep its first byte
+                data, odd = data[:-1], data[-1:]
+            if data:
+                yield data
+        return
+    from inference_328 import load_speech
+    wav = (np.clip(load_speech(audio_path), -1, 1) * 32767).astype("<i2")
+    for i in range(0, len(wav), chunk // 2):
+        yield wav[i:i + chunk // 2].tobytes()
+
+
+def render_stream(model, template, chunks, out_path, opts=RenderOptions(), lookahead=LOOKAHEAD, progress=None):
+    """Frames into a fragmented mp4 as their audio arrives (media_io.StreamWriter) -> (frames, seconds
+    from the first audio chunk to the first frame written)."""
+    sess = LiveSession(model, template, opts, lookahead)
+    first, t0 = None, None
+    with media_io.StreamWriter(out_path, *template.size, crf=opts.crf) as out:
+        for data in chunks:
+            t0 = t0 if t0 is not None else time.perf_counter()
+            out.write_audio(data)
+            sess.push(data)
+            while (f := sess.next()) is not None:
+                out.write(f.image)
+                first = first if first is not None else time.perf_counter() - t0
+                if progress is not None:
+                    progress(f.index + 1)
+        if t0 is None:
+            raise UserError("no audio arrived (stdin was empty): pipe 16 kHz mono s16le PCM into --audio_path -")
+        sess.finish()
+        while (f := sess.next()) is not None:
+            out.write(f.image)
+            first = first if first is not None else time.perf_counter() - t0
+            if progress is not None:
+                progress(f.index + 1)
+    return sess.k, first
+
+
+def main(cfg, model, template, out):
+    """inference_328.py --stream: the avatar says audio from stdin (--audio_path -) or a file."""
+    from tqdm import tqdm
+    opts = RenderOptions.from_config(cfg)
+    bar = tqdm(unit="f", desc="live", dynamic_ncols=True)
+    sess_delay = LiveSession(model, template, opts, cfg.lookahead).delay()
+    print(f"streaming into {out}: look-ahead {cfg.lookahead} frames, each frame waits for "
+          f"{sess_delay * 1000:.0f} ms of audio past its start")
+    t = time.perf_counter()
+    n, first = render_stream(model, template, pcm_chunks(cfg.audio_path), out, opts, cfg.lookahead,
+                             progress=lambda k: bar.update(k - bar.n))
+    bar.close()
+    dt = time.perf_counter() - t
+    print(f"done: {out}  {n} frames in {dt:.1f} s ({n / dt:.2f} frames/s); first frame {first:.2f} s after the first audio")
+    return out

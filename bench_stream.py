@@ -1,0 +1,191 @@
+"""Benchmark of live lip sync (stream.py): first-frame latency, sustained frames/s, real-time
+factor, frames dropped when audio arrives in real time, A/V drift after 10 minutes, peak memory;
+per U-Net widths, each in its own process.
+
+    python bench_stream.py                                   # light and full widths, random weights, anchor clip
+    python bench_stream.py --name anna --checkpoint checkpoint/anna/best.pth --widths trained
+    python bench_stream.py --widths light --seconds 4 --drift_seconds 60     # CPU smoke run
+
+Cases, per widths:
+  as fast as possible  all the audio pushed at once in 100 ms pieces, every frame made (and
+                       JPEG-encoded, as the server sends it): sustained frames/s, real-time factor
+                       (seconds of audio per second of work), the time of each stage per frame
+  real time            100 ms pieces pushed at the pace they would be recorded; a frame whose
+                       time has passed by more than MAX_LAG is skipped (as the server does):
+                       first-frame latency (from the first piece's arrival, and from the start of
+                       the audio), frames made and dropped, the largest lag
+  drift                DRIFT_SECONDS of audio through a session's timeline (frames skipped, so
+                       minutes not hours): |audio seconds - frames / 25| at the end
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import utils
+from bench_inference import ensure_dataset, random_checkpoint, speech
+from utils import FPS, SR, UserError
+
+PIECE = SR // 10            # samples per pushed piece (100 ms)
+MAX_LAG = 0.5               # s: a frame later than this behind real time is skipped
+
+
+@dataclass
+class Config:
+    name: str = ""                 # avatar dataset; default: the anchor clip processed into --work (bench_inference)
+    data_root: str = str(utils.DATASET_DIR)   # where --name lives
+    checkpoint: str = ""           # generator checkpoint (with --widths trained)
+    work: str = "/tmp/bench_inference"        # scratch folder (dataset, checkpoints, audio)
+    widths: str = "light,full"     # comma list of light, full, trained (= --checkpoint)
+    seconds: float = 8.0           # audio of the fast and real-time cases, s
+    drift_seconds: float = 600.0   # audio of the drift case, s
+    lookahead: int = 7             # [0..7] frames of look-ahead (stream.LOOKAHEAD)
+    backend: str = "auto"          # U-Net runtime (inference_328 --backend)
+    threads: int = 0               # [0..] torch/ORT threads; 0 = torch's default
+    part: str = ""                 # internal: the case a child process runs
+    arg: str = ""                  # internal: the child's argument (json)
+
+
+def case(arg):
+    """One widths in this process -> dict of figures."""
+    import cv2
+    import inference_328 as inf
+    import stream
+    import templates
+    import media_io
+    if arg["threads"]:
+        import torch
+        torch.set_num_threads(arg["threads"])
+    model = inf.LipSyncModel(arg["ckpt"], "cpu", arg["backend"])
+    tpl = templates.open_template(arg["name"], arg["data_root"])
+    wav = media_io.load_audio(arg["audio"])
+    pcm = (np.clip(wav, -1, 1) * 32767).astype("<i2")
+    res = dict(widths=list(model.widths), runtime=model.runner.kind, torch_loaded="torch" in sys.modules,
+               load=round(os.getloadavg()[0], 2))
+
+    # as fast as possible, with the stages timed
+    sess = stream.LiveSession(model, tpl, lookahead=arg["lookahead"])
+    res["delay_s"] = round(sess.delay(), 4)
+    stages, n, t0 = {}, 0, time.perf_counter()
+    for i in range(0, len(pcm), PIECE):
+        sess.push(pcm[i:i + PIECE])
+        n += _drain(sess, stages, cv2)
+    sess.finish()
+    n += _drain(sess, stages, cv2)
+    dt = time.perf_counter() - t0
+    res.update(frames=n, fps=round(n / dt, 2), rtf=round(len(wav) / SR / dt, 2),
+               ms_per_frame={k: round(1000 * v / max(n, 1), 1) for k, v in stages.items()})
+
+    # real time
+    sess = stream.LiveSession(model, tpl, lookahead=arg["lookahead"])
+    start, first, made, lag_max, i = time.perf_counter(), None, 0, 0.0, 0
+    while i < len(pcm) or not sess.done():
+        now = time.perf_counter() - start
+        if i < len(pcm) and now >= (i + PIECE) / SR:          # the next piece has been "recorded"
+            sess.push(pcm[i:i + PIECE])
+            i += PIECE
+            if i >= len(pcm):
+                sess.finish()
+            continue
+        if sess.ready():
+            late = now - (sess.k / FPS + sess.delay())          # behind the earliest possible time
+            if late > MAX_LAG:
+                sess.skip()
+                continue
+            f = sess.next()
+            cv2.imencode(".jpg", f.image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            made += 1
+            lag_max = max(lag_max, late)
+            if first is None:
+                first = time.perf_counter() - start
+        else:
+            time.sleep(0.002)
+    res["realtime"] = dict(first_frame_after_first_piece_s=round(first - PIECE / SR, 3),
+                           first_frame_after_audio_start_s=round(first, 3), made=made, dropped=sess.dropped,
+                           max_lag_s=round(lag_max, 3))
+
+    # drift: a long timeline, frames skipped
+    sess = stream.LiveSession(model, tpl, lookahead=arg["lookahead"])
+    total = int(arg["drift_seconds"] * SR)
+    t0, pushed = time.perf_counter(), 0
+    while pushed < total:
+        piece = pcm[pushed % len(pcm):pushed % len(pcm) + PIECE]
+        sess.push(piece)
+        pushed += len(piece)
+        while sess.skip() is not None:
+            pass
+    sess.finish()
+    while sess.skip() is not None:
+        pass
+    res["drift"] = dict(audio_s=pushed / SR, frames=sess.k, drift_ms=round(1000 * abs(pushed / SR - sess.k / FPS), 2),
+                        seconds=round(time.perf_counter() - t0, 1))
+    res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return res
+
+
+def _drain(sess, stages, cv2):
+    n = 0
+    while sess.ready():
+        t = time.perf_counter()
+        f = sess.next()
+        t1 = time.perf_counter()
+        cv2.imencode(".jpg", f.image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+        stages["frame"] = stages.get("frame", 0.0) + t1 - t
+        stages["jpeg"] = stages.get("jpeg", 0.0) + time.perf_counter() - t1
+        n += 1
+    return n
+
+
+def main(cfg):
+    utils.check_config(cfg)
+    if cfg.part == "warm":            # exports and checks the graphs once, so the measured case loads without PyTorch
+        import inference_328
+        a = json.loads(cfg.arg)
+        inference_328.LipSyncModel(a["ckpt"], "cpu", a["backend"])
+        return
+    if cfg.part:
+        print("RESULT " + json.dumps(case(json.loads(cfg.arg))), flush=True)
+        return
+    name, root = ensure_dataset(cfg)
+    audio = speech(cfg.seconds, cfg.work)
+    rows = []
+    for w in [x.strip() for x in cfg.widths.split(",") if x.strip()]:
+        if w == "trained":
+            if not cfg.checkpoint:
+                raise UserError("--widths trained needs --checkpoint PATH")
+            ckpt = cfg.checkpoint
+        elif w in ("light", "full"):
+            ckpt = Path(cfg.work) / f"random_{w}.pth"
+            if not ckpt.is_file():
+                random_checkpoint(ckpt, w)
+        else:
+            raise UserError(f"--widths {w!r}: use light, full or trained")
+        arg = dict(ckpt=str(ckpt), name=name, data_root=root, audio=str(audio), lookahead=cfg.lookahead,
+                   backend=cfg.backend, threads=cfg.threads, drift_seconds=cfg.drift_seconds)
+        subprocess.run([sys.executable, __file__, "--part", "warm", "--arg", json.dumps(arg)], capture_output=True)
+        r = subprocess.run([sys.executable, __file__, "--part", "case", "--arg", json.dumps(arg)],
+                           capture_output=True, text=True)
+        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if r.returncode != 0 or line is None:
+            raise UserError(f"the {w} case failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        res = json.loads(line[7:])
+        res["case"] = w
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+    print(f"\n{'widths':8} {'fps':>6} {'RTF':>5} {'delay s':>7} {'first frame s':>13} {'dropped (real time)':>20} "
+          f"{'drift ms':>9} {'peak MB':>8} {'load':>5}")
+    for r in rows:
+        rt = r["realtime"]
+        print(f"{r['case']:8} {r['fps']:6.2f} {r['rtf']:5.2f} {r['delay_s']:7.3f} {rt['first_frame_after_audio_start_s']:13.3f} "
+              f"{rt['dropped']:>10} of {rt['made'] + rt['dropped']:<7} {r['drift']['drift_ms']:9.2f} {r['peak_rss_mb']:8} {r['load']:5.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_config(Config, description=__doc__.split("\n")[0]))
