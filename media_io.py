@@ -297,6 +297,9 @@ def readable(path):
         pass
 
 
+AAC_DELAY = 1024                  # samples of encoder delay at the start of an AAC track
+
+
 class StreamWriter:
     """A fragmented mp4 that grows as frames and audio arrive (playable while it is written): BGR
     frames and s16le 16 kHz mono audio, each fed by its own thread into one ffmpeg (video on its
@@ -316,8 +319,13 @@ class StreamWriter:
                 "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
                 "-f", "s16le", "-ar", str(SR), "-ac", "1", "-i", str(fifo),
                 "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", preset, "-tune", "zerolatency",
-                "-crf", str(crf), "-g", str(fps), "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k",
-                "-movflags", "frag_keyframe+empty_moov+default_base_moof", "-f", "mp4", str(self.path)]
+                "-crf", str(crf), "-g", str(fps), "-pix_fmt", "yuv420p",
+                # AAC starts with AAC_DELAY samples of encoder delay, which a fragmented mp4 (no edit list)
+                # plays: the audio would come 64 ms late. Those first input samples are dropped instead,
+                # so the decoded track lines up with the frames (measured: 0 samples off).
+                "-af", f"atrim=start_sample={AAC_DELAY},asetpts=N/SR/TB", "-c:a", "aac", "-b:a", "128k",
+                # negative_cts_offsets: frame k starts at k / fps (without it the first frame lasts 104 ms)
+                "-movflags", "frag_keyframe+empty_moov+default_base_moof+negative_cts_offsets", "-f", "mp4", str(self.path)]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         self._q = {"video": queue.Queue(), "audio": queue.Queue()}
         self._err = []

@@ -197,3 +197,30 @@ def test_a_cached_model_runs_without_pytorch(live):
     assert r.stdout.split() == ["False", "ort", "OrtAudio"]
     frames = np.load(out)
     assert len(frames) == len(live["whole"]) and all(same(a, b) for a, b in zip(frames, live["whole"]))
+
+
+def test_cli_streams_stdin_into_a_fragmented_mp4(live):
+    """inference_328.py --stream --audio_path - : PCM on stdin -> a fragmented mp4 (moof boxes, so it
+    plays while it grows) with both streams, one frame per 40 ms of audio."""
+    out = live["tmp"] / "live.mp4"
+    pcm = (np.clip(live["wav"], -1, 1) * 32767).astype("<i2").tobytes()
+    cmd = [sys.executable, "inference_328.py", "--name", "tiny", "--data_root", str(live["data_root"]),
+           "--checkpoint", str(live["ckpt"]), "--audio_path", "-", "--stream", "--out", str(out), "--lookahead", "3"]
+    r = subprocess.run(cmd, input=pcm, capture_output=True, cwd=utils.REPO, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    info = media_io.probe(out)
+    assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
+    assert abs(info["duration"] - len(live["wav"]) / utils.SR) < 0.1
+    data = out.read_bytes()
+    assert b"moof" in data and b"mfra" not in data[:1000]
+    n = sum(1 for _ in media_io.iter_frames(out, info["video"]["width"], info["video"]["height"]))
+    assert n == media_io.num_frames(len(live["wav"]))
+    back = media_io.load_audio(out)                      # the audio lines up with the frames: no AAC delay
+    a, b = live["wav"][2000:20000], back[:len(live["wav"])]
+    lag = int(np.argmax([np.dot(a, b[2000 + d:20000 + d]) for d in range(-800, 800)])) - 800
+    assert abs(lag) <= 8 and abs(len(back) - len(live["wav"])) <= 160
+    r = subprocess.run(cmd[:-5] + ["--out", str(out)], input=pcm, capture_output=True, cwd=utils.REPO)
+    assert r.returncode == 2 and r.stderr.decode().strip().splitlines()[-1].startswith("error: --audio_path -")
+    r = subprocess.run(cmd, input=b"", capture_output=True, cwd=utils.REPO, env=dict(os.environ))
+    assert r.returncode == 2 and "no audio arrived" in r.stderr.decode().strip().splitlines()[-1]
+    assert not out.exists()                              # nothing half-written is left behind
