@@ -7,9 +7,10 @@ per U-Net widths, each in its own process.
     python bench_stream.py --widths light --seconds 4 --drift_seconds 60     # CPU smoke run
 
 Cases, per widths:
-  as fast as possible  all the audio pushed at once in 100 ms pieces, every frame made (and
-                       JPEG-encoded, as the server sends it): sustained frames/s, real-time factor
-                       (seconds of audio per second of work), the time of each stage per frame
+  as fast as possible  all the audio pushed at once in 100 ms pieces, every frame made: the U-Net
+                       in one thread, the paste and a JPEG (what the server sends) in a second:
+                       sustained frames/s, real-time factor (seconds of audio per second of
+                       work), the time of each stage per frame
   real time            100 ms pieces pushed at the pace they would be recorded; a frame whose
                        time has passed by more than MAX_LAG is skipped (as the server does):
                        first-frame latency (from the first piece's arrival, and from the start of
@@ -69,45 +70,45 @@ def case(arg):
     res = dict(widths=list(model.widths), runtime=model.runner.kind, torch_loaded="torch" in sys.modules,
                load=round(os.getloadavg()[0], 2))
 
-    # as fast as possible, with the stages timed
+    # as fast as possible: the U-Net paints in this thread, a second pastes and JPEG-encodes (the server's split)
     sess = stream.LiveSession(model, tpl, lookahead=arg["lookahead"])
     res["delay_s"] = round(sess.delay(), 4)
-    stages, n, t0 = {}, 0, time.perf_counter()
-    for i in range(0, len(pcm), PIECE):
-        sess.push(pcm[i:i + PIECE])
-        n += _drain(sess, stages, cv2)
-    sess.finish()
-    n += _drain(sess, stages, cv2)
+    stages, t0 = {}, time.perf_counter()
+    with Paster(sess, cv2, stages) as paster:
+        for i in range(0, len(pcm), PIECE):
+            sess.push(pcm[i:i + PIECE])
+            _paint_all(sess, paster, stages)
+        sess.finish()
+        _paint_all(sess, paster, stages)
     dt = time.perf_counter() - t0
+    n = paster.done
     res.update(frames=n, fps=round(n / dt, 2), rtf=round(len(wav) / SR / dt, 2),
                ms_per_frame={k: round(1000 * v / max(n, 1), 1) for k, v in stages.items()})
 
-    # real time
+    # real time: pieces arrive at the pace they are recorded; frames too late are skipped
     sess = stream.LiveSession(model, tpl, lookahead=arg["lookahead"])
-    start, first, made, lag_max, i = time.perf_counter(), None, 0, 0.0, 0
-    while i < len(pcm) or not sess.done():
-        now = time.perf_counter() - start
-        if i < len(pcm) and now >= (i + PIECE) / SR:          # the next piece has been "recorded"
-            sess.push(pcm[i:i + PIECE])
-            i += PIECE
-            if i >= len(pcm):
-                sess.finish()
-            continue
-        if sess.ready():
-            late = now - (sess.k / FPS + sess.delay())          # behind the earliest possible time
-            if late > MAX_LAG:
-                sess.skip()
+    start, lag_max, i = time.perf_counter(), 0.0, 0
+    with Paster(sess, cv2, {}, start) as paster:
+        while i < len(pcm) or not sess.done():
+            now = time.perf_counter() - start
+            if i < len(pcm) and now >= (i + PIECE) / SR:          # the next piece has been "recorded"
+                sess.push(pcm[i:i + PIECE])
+                i += PIECE
+                if i >= len(pcm):
+                    sess.finish()
                 continue
-            f = sess.next()
-            cv2.imencode(".jpg", f.image, [cv2.IMWRITE_JPEG_QUALITY, 80])
-            made += 1
-            lag_max = max(lag_max, late)
-            if first is None:
-                first = time.perf_counter() - start
-        else:
-            time.sleep(0.002)
+            if sess.ready():
+                late = now - (sess.k / FPS + sess.delay())          # behind the earliest possible time
+                if late > MAX_LAG:
+                    sess.skip()
+                    continue
+                paster.put(sess.next_painted())
+                lag_max = max(lag_max, late)
+            else:
+                time.sleep(0.002)
+    first = paster.first
     res["realtime"] = dict(first_frame_after_first_piece_s=round(first - PIECE / SR, 3),
-                           first_frame_after_audio_start_s=round(first, 3), made=made, dropped=sess.dropped,
+                           first_frame_after_audio_start_s=round(first, 3), made=paster.done, dropped=sess.dropped,
                            max_lag_s=round(lag_max, 3))
 
     # drift: a long timeline, frames skipped
@@ -129,17 +130,48 @@ def case(arg):
     return res
 
 
-def _drain(sess, stages, cv2):
-    n = 0
-    while sess.ready():
+def _paint_all(sess, paster, stages):
+    while True:
         t = time.perf_counter()
-        f = sess.next()
-        t1 = time.perf_counter()
-        cv2.imencode(".jpg", f.image, [cv2.IMWRITE_JPEG_QUALITY, 80])
-        stages["frame"] = stages.get("frame", 0.0) + t1 - t
-        stages["jpeg"] = stages.get("jpeg", 0.0) + time.perf_counter() - t1
-        n += 1
-    return n
+        part = sess.next_painted()
+        if part is None:
+            return
+        stages["paint"] = stages.get("paint", 0.0) + time.perf_counter() - t
+        paster.put(part)
+
+
+class Paster:
+    """The second thread: paste + JPEG of each painted frame; counts them and times the first."""
+
+    def __init__(self, sess, cv2, stages, start=None):
+        import queue
+        import threading
+        self.sess, self.cv2, self.stages, self.start = sess, cv2, stages, start
+        self.q, self.done, self.first = queue.Queue(8), 0, None
+        self.th = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.q.put(None)
+        self.th.join()
+
+    def put(self, part):
+        self.q.put(part)
+
+    def _run(self):
+        while (part := self.q.get()) is not None:
+            t = time.perf_counter()
+            image = self.sess.paste(part)
+            t1 = time.perf_counter()
+            self.cv2.imencode(".jpg", image, [self.cv2.IMWRITE_JPEG_QUALITY, 80])
+            self.stages["paste"] = self.stages.get("paste", 0.0) + t1 - t
+            self.stages["jpeg"] = self.stages.get("jpeg", 0.0) + time.perf_counter() - t1
+            self.done += 1
+            if self.first is None and self.start is not None:
+                self.first = time.perf_counter() - self.start
 
 
 def main(cfg):

@@ -52,11 +52,12 @@ import numpy as np
 import geometry
 import media_io
 import runner
+import stream
 import utils
 import vad
 from compose import References, RenderOptions, compose
 from templates import open_template
-from utils import FEAT_WIN, FPS, HOP, MEL_FPS, MEL_WIN, N_FFT, SR, UserError
+from utils import FPS, HOP, MEL_FPS, MEL_WIN, N_FFT, SR, UserError
 
 
 # The render options (start_frame, feather, color_match, reference, silence_gate, silence_db,
@@ -91,7 +92,6 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 # Design constants
 CPU_BATCH, GPU_BATCH = 1, 16      # batching is slower per frame on a CPU, faster on a GPU (SPEC §11)
-FEATURE_CHUNK = 250               # video frames of audio features computed at a time (10 s, ~0.5 MB)
 MEL_MARGIN = 4                    # extra mel frames each side of a chunk: makes chunked mel == whole mel
 READ_AHEAD = 8                    # decoded template frames waiting for the model
 WRITE_BEHIND = 8                  # generated frames waiting to be pasted and encoded
@@ -224,7 +224,7 @@ class LipSyncModel:
         """Streams (frame, box, crop328, generated320, closed_ref320, gate level dB, mouth region) per output frame;
         template decoding runs in a reader thread READ_AHEAD frames ahead of the model."""
         n = media_io.num_frames(len(wav))
-        feats = FeatureStream(self, wav)
+        feats = stream.FeatureStream(self, wav)
         loud = vad.gate_loudness_db(wav, n, vad.use_vad(opts.vad))
         refs = References(template, opts.reference, opts.seed)
         stats = stats if stats is not None else {}
@@ -353,7 +353,7 @@ def _add(stats, key, dt):
 
 
 # ----------------------------------------------------------------------------------------------
-# Audio: loading, streamed features
+# Audio loading
 def load_speech(path):
     """media_io.load_audio plus the checks inference needs: not empty, not absurdly long."""
     wav = media_io.load_audio(path)
@@ -362,28 +362,6 @@ def load_speech(path):
     if len(wav) > MAX_AUDIO_HOURS * 3600 * SR:
         raise UserError(f"{path}: the audio is {len(wav) / SR / 3600:.1f} h long; split it into parts under {MAX_AUDIO_HOURS} h")
     return wav
-
-
-class FeatureStream:
-    """Generator audio windows [32, 16, 16] for frames 0, 1, 2, ... asked for in increasing
-    order; the encoder vectors are computed FEATURE_CHUNK frames at a time and old ones dropped."""
-
-    def __init__(self, model, wav, chunk=FEATURE_CHUNK):
-        self.model, self.wav, self.chunk = model, wav, chunk
-        self.n = media_io.num_frames(len(wav))
-        self.lo, self.buf = 0, np.zeros((0, utils.FEAT_DIM), np.float32)   # buf holds frames lo..lo+len-1
-
-    def window(self, i):
-        need = min(i + FEAT_WIN // 2, self.n)          # window of frame i reads frames i-8 .. i+7
-        while self.lo + len(self.buf) < need:
-            a = self.lo + len(self.buf)
-            self.buf = np.concatenate([self.buf, self.model.features(self.wav, a, min(a + self.chunk, self.n))])
-        drop = max(0, min(i - FEAT_WIN // 2, self.lo + len(self.buf)) - self.lo)
-        if drop:
-            self.buf, self.lo = self.buf[drop:], self.lo + drop
-        # buf starts at frame 0 or at i-8, and ends at frame n or past i+7, so the zero padding of
-        # feature_window falls exactly outside the audio, as for the whole-wav features
-        return media_io.feature_window(self.buf, i - self.lo)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +418,6 @@ def main(cfg):
               f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
               f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}")
         if cfg.stream:
-            import stream
             return stream.main(cfg, model, template, out)
         bar = tqdm(unit="f", desc="lip-sync", dynamic_ncols=True)
 

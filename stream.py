@@ -23,7 +23,9 @@ Frames equal the file path's for the same audio, pixel for pixel up to float rou
 mel (tests/test_stream.py), when the stream's silence gate is given the recording's level
 (`level_shift`); otherwise its level follows the audio heard so far (vad.GateStream).
 """
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -40,6 +42,7 @@ from utils import FEAT_WIN, FPS, SR, UserError
 LOOKAHEAD = FEAT_WIN // 2 - 1       # frames of audio features past the frame the generator reads (7)
 TRIM = 10 * SR // FPS               # the audio buffer is trimmed in steps of 10 frames (whole mel frames, whole speech chunks)
 HOLD_FRAMES = vad.HOLD + 1          # the detector's hold reads chunks up to the end of frame k + HOLD
+FEATURE_CHUNK = 250                 # the file path's features are computed this many frames at a time (10 s, ~0.5 MB)
 KEEP = 40                           # frames of audio kept before the oldest frame whose features are still to come
 
 
@@ -128,19 +131,26 @@ class LiveSession:
 
     def next(self):
         """Make the next ready frame -> LiveFrame, or None when its audio has not arrived yet."""
+        part = self.next_painted()
+        return None if part is None else LiveFrame(part.index, part.time, self.paste(part))
+
+    def next_painted(self):
+        """The next ready frame up to the U-Net (its paste left to paste(), which another thread may
+        run while this one paints the next frame) -> LiveFrame whose image is the paste's input, or None."""
         if not self.ready():
             return None
         k = self.k
         j = pingpong(self.opts.start_frame + k, self.template.n)
         frame, box = self.template.read(j), self.template.boxes[j]
         crop = geometry.crop_face(frame, box)
-        ref = self.refs.crop(k, j)
-        gen = self.model.paint([crop], [ref], self._window(k)[None])[0]
-        image = compose((frame, box, crop, gen, self.refs.closed, self.gate.levels[k], self.refs.mouth),
-                        self.opts, self.model.mask)
+        gen = self.model.paint([crop], [self.refs.crop(k, j)], self._window(k)[None])[0]
         self.k += 1
         self._trim()
-        return LiveFrame(k, k / FPS, image)
+        return LiveFrame(k, k / FPS, (frame, box, crop, gen, self.refs.closed, self.gate.levels[k], self.refs.mouth))
+
+    def paste(self, painted):
+        """The finished frame (BGR) of next_painted()'s output: silence gate, colour match, blend."""
+        return compose(painted.image, self.opts, self.model.mask)
 
     def skip(self):
         """Drop the next ready frame unmade (a client that cannot keep up) -> its index, or None."""
@@ -195,8 +205,33 @@ class LiveSession:
 
 
 # ----------------------------------------------------------------------------------------------
+# The file path's features, streamed (inference_328.LipSyncModel._generate)
+class FeatureStream:
+    """Generator audio windows [32, 16, 16] for frames 0, 1, 2, ... asked for in increasing
+    order; the encoder vectors are computed FEATURE_CHUNK frames at a time and old ones dropped."""
+
+    def __init__(self, model, wav, chunk=FEATURE_CHUNK):
+        self.model, self.wav, self.chunk = model, wav, chunk
+        self.n = media_io.num_frames(len(wav))
+        self.lo, self.buf = 0, np.zeros((0, utils.FEAT_DIM), np.float32)   # buf holds frames lo..lo+len-1
+
+    def window(self, i):
+        need = min(i + FEAT_WIN // 2, self.n)          # window of frame i reads frames i-8 .. i+7
+        while self.lo + len(self.buf) < need:
+            a = self.lo + len(self.buf)
+            self.buf = np.concatenate([self.buf, self.model.features(self.wav, a, min(a + self.chunk, self.n))])
+        drop = max(0, min(i - FEAT_WIN // 2, self.lo + len(self.buf)) - self.lo)
+        if drop:
+            self.buf, self.lo = self.buf[drop:], self.lo + drop
+        # buf starts at frame 0 or at i-8, and ends at frame n or past i+7, so the zero padding of
+        # feature_window falls exactly outside the audio, as for the whole-wav features
+        return media_io.feature_window(self.buf, i - self.lo)
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line: inference_328.py --stream
 READ_BYTES = 3200                   # stdin is read in pieces of up to 100 ms (s16le)
+WRITE_BEHIND = 8                    # painted frames waiting for the paste thread
 
 
 def pcm_chunks(audio_path, chunk=READ_BYTES):
@@ -211,36 +246,53 @@ def pcm_chunks(audio_path, chunk=READ_BYTES):
             if data:
                 yield data
         return
-    from inference_328 import load_speech
-    wav = (np.clip(load_speech(audio_path), -1, 1) * 32767).astype("<i2")
+    wav = (np.clip(media_io.load_audio(audio_path), -1, 1) * 32767).astype("<i2")
     for i in range(0, len(wav), chunk // 2):
         yield wav[i:i + chunk // 2].tobytes()
 
 
 def render_stream(model, template, chunks, out_path, opts=RenderOptions(), lookahead=LOOKAHEAD, progress=None):
-    """Frames into a fragmented mp4 as their audio arrives (media_io.StreamWriter) -> (frames, seconds
-    from the first audio chunk to the first frame written)."""
+    """Frames into a fragmented mp4 as their audio arrives (media_io.StreamWriter); the paste runs in
+    a second thread while the U-Net paints the next frame -> (frames, seconds from the first audio
+    chunk to the first frame written)."""
     sess = LiveSession(model, template, opts, lookahead)
-    first, t0 = None, None
-    with media_io.StreamWriter(out_path, *template.size, crf=opts.crf) as out:
-        for data in chunks:
-            t0 = t0 if t0 is not None else time.perf_counter()
-            out.write_audio(data)
-            sess.push(data)
-            while (f := sess.next()) is not None:
-                out.write(f.image)
-                first = first if first is not None else time.perf_counter() - t0
+    t0, first, errors = None, [], []
+    q = queue.Queue(WRITE_BEHIND)
+
+    def paster(out):
+        try:
+            while (part := q.get()) is not None:
+                out.write(sess.paste(part))
+                if not first:
+                    first.append(time.perf_counter() - t0)
                 if progress is not None:
-                    progress(f.index + 1)
-        if t0 is None:
-            raise UserError("no audio arrived (stdin was empty): pipe 16 kHz mono s16le PCM into --audio_path -")
-        sess.finish()
-        while (f := sess.next()) is not None:
-            out.write(f.image)
-            first = first if first is not None else time.perf_counter() - t0
-            if progress is not None:
-                progress(f.index + 1)
-    return sess.k, first
+                    progress(part.index + 1)
+        except BaseException as e:              # handed to the caller
+            errors.append(e)
+            while q.get() is not None:
+                pass
+
+    with media_io.StreamWriter(out_path, *template.size, crf=opts.crf) as out:
+        th = threading.Thread(target=paster, args=(out,), daemon=True, name="live-paste")
+        th.start()
+        try:
+            for data in chunks:
+                t0 = t0 if t0 is not None else time.perf_counter()
+                out.write_audio(data)
+                sess.push(data)
+                while not errors and (part := sess.next_painted()) is not None:
+                    q.put(part)
+            if t0 is None:
+                raise UserError("no audio arrived (stdin was empty): pipe 16 kHz mono s16le PCM into --audio_path -")
+            sess.finish()
+            while not errors and (part := sess.next_painted()) is not None:
+                q.put(part)
+        finally:
+            q.put(None)
+            th.join()
+        if errors:
+            raise errors[0]
+    return sess.k, first[0]
 
 
 def main(cfg, model, template, out):

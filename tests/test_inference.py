@@ -12,6 +12,7 @@ import torch
 
 import inference_328 as inf
 import runner
+import stream as live_stream
 import templates
 import unet_328
 import geometry
@@ -224,7 +225,7 @@ def test_streamed_features_equal_whole_wav_features(setup):
     tol = 1e-5 * float(np.abs(whole).max())
     for a, b in ((0, 7), (11, 19), (17, n)):
         assert np.abs(model.features(wav, a, b) - whole[a:b]).max() <= tol
-    stream = inf.FeatureStream(model, wav, chunk=7)
+    stream = live_stream.FeatureStream(model, wav, chunk=7)
     for i in range(n):
         assert np.abs(stream.window(i) - media_io.feature_window(whole, i)).max() <= tol
         assert len(stream.buf) <= 7 + 2 * utils.FEAT_WIN                # memory stays bounded
