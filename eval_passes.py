@@ -33,7 +33,33 @@ def make_generator(cfg):
     import inference_328 as inf
     ckpt = inf.resolve_checkpoint(cfg.name, cfg.ckpt_root, cfg.checkpoint)
     model = inf.LipSyncModel(ckpt, cfg.device, cfg.backend)
+    import stream
+    if cfg.lookahead < stream.LOOKAHEAD:
+        return (Live(model, cfg.lookahead), f"model {ckpt} (step {model.step}), live look-ahead {cfg.lookahead}",
+                model.step, str(ckpt))
     return model, f"model {ckpt} (step {model.step})", model.step, str(ckpt)
+
+
+class Live:
+    """The model as a live stream makes its frames (stream.LiveSession): the audio arrives one frame
+    (40 ms) at a time and each frame is made as soon as it can be, so it sees `lookahead` frames of
+    audio ahead. The gate's level shift is the whole recording's, as the file path's, so only the
+    look-ahead differs."""
+
+    def __init__(self, model, lookahead):
+        self.model, self.lookahead, self.mask, self.step = model, lookahead, model.mask, model.step
+
+    def frames(self, wav, template, opts=RenderOptions(), stats=None):
+        import stream
+        n = media_io.num_frames(len(wav))
+        sess = stream.LiveSession(self.model, template, opts, self.lookahead,
+                                  level_shift=vad.level_shift(vad.frame_loudness_db(wav, n)))
+        hop = utils.SR // FPS
+        for i in range(0, len(wav), hop):
+            sess.push(wav[i:i + hop])
+            yield from (f.image for f in iter(sess.next, None))
+        sess.finish()
+        yield from (f.image for f in iter(sess.next, None))
 
 
 class Baseline:

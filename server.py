@@ -14,6 +14,7 @@ Avatar job: process.py -> syncnet_328.py -> train_328.py (a preset: light widths
 steps by default, steps settable per request). Generate job: inference_328.LipSyncModel.render(audio -> mp4). Uploads are probed with
 ffmpeg before a job is queued (422 with the reason), capped in size (413) and duration (422).
 The routes are in routes_avatars.py and routes_jobs.py (with the training PRESETS), the upload checks in uploads.py.
+Live lip sync (a WebSocket: speech in, frames out at 25 fps) is routes_live.py, with its own frame thread.
 """
 import dataclasses
 import functools
@@ -35,6 +36,7 @@ import utils
 from jobs import ACTIVE, AVATAR_STAGES, JobStore, Worker, json_object, sweep_litter, tts_available
 from routes_avatars import avatars_router, generate_router
 from routes_jobs import STATIC, jobs_router, prune, results_router, status_router
+from routes_live import LiveHub, live_router
 from uploads import MB, UploadLimit, upload_limit
 from utils import UserError
 
@@ -58,7 +60,8 @@ class Config:
     syncnet_extra: str = ""         # JSON object of further syncnet_328.Config fields for avatar jobs
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, mps: where jobs run
     backend: str = "auto"           # inference U-Net runtime (inference_328 --backend)
-    cache_models: int = 2           # avatars kept loaded between generate jobs (LRU)
+    cache_models: int = 2           # avatars kept loaded between generate jobs (LRU; the live streams keep as many)
+    max_live: int = 4               # live streams (/api/live) at once; each needs a frame every 40 ms of the device
     job_nice: int = 10              # niceness of the job thread (Linux): requests are served first, jobs use the rest
     threads: int = 0                # torch CPU threads while serving (0 = torch's default: all cores; 1 on a shared CPU)
     train_workers: int = 0          # DataLoader workers in server training (0: no fork inside a threaded server)
@@ -115,7 +118,8 @@ async def lifespan(app):
         (data / sub).mkdir(parents=True, exist_ok=True)
     store = JobStore(data / "jobs.db")
     worker = Worker(s, store)
-    state.update(store=store, worker=worker, tts=tts_available(), prune=functools.partial(prune, s, store))
+    live = LiveHub(s)
+    state.update(store=store, worker=worker, live=live, tts=tts_available(), prune=functools.partial(prune, s, store))
     _recover(s, data, store, worker)
     pruning = threading.Event()
 
@@ -127,10 +131,12 @@ async def lifespan(app):
 
     threading.Thread(target=prune_hourly, daemon=True, name="retention").start()
     worker.start()
+    live.start()
     try:
         yield
     finally:
         pruning.set()
+        live.stop()
         running = worker.current
         if not worker.stop() and running:   # a stage that cannot be interrupted (process.py): settle it now
             store.transition(running, ACTIVE, status="failed", finished=time.time(),
@@ -152,12 +158,12 @@ def create_app(settings=None):
                   description="Make a person-specific talking-head avatar from a video, then make it say any audio. "
                               "Jobs run one at a time; poll GET /api/jobs/{id}. Errors return JSON {\"detail\": text}.")
     app.state.settings = s
-    app.state.jobs = {}                  # store, worker, tts, prune: filled by the lifespan
+    app.state.jobs = {}                  # store, worker, live, tts, prune: filled by the lifespan
     # the whole request may carry two files (audio + photo) and form fields
     app.add_middleware(UploadLimit, max_bytes=2 * limit_bytes + MB, message=limit_msg)
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    for router in (status_router, avatars_router, generate_router, jobs_router, results_router):
+    for router in (status_router, avatars_router, generate_router, jobs_router, results_router, live_router):
         app.include_router(router)
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")

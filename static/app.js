@@ -98,6 +98,7 @@ async function loadHealth() {
       (h.running ? ", one running." : ".");
     $("#key-section").hidden = !(h.auth_required && !state.key) && $("#key-section").hidden;
     $("#text-field").hidden = !h.tts;
+    $("#live-text-form").hidden = !h.tts;
     const preset = $("#preset");
     if (!preset.options.length) {
       for (const [name, p] of Object.entries(h.presets)) {
@@ -123,6 +124,9 @@ async function loadAvatars() {
   if (!ready.length) sel.add(new Option("no trained avatar yet: create one below", ""));
   for (const a of ready) sel.add(new Option(a.name, a.name));
   if (ready.some((a) => a.name === keep)) sel.value = keep;
+  const liveSel = $("#live-avatar"), liveKeep = liveSel.value;
+  liveSel.replaceChildren(...[...sel.options].map((o) => new Option(o.text, o.value)));
+  if (ready.some((a) => a.name === liveKeep)) liveSel.value = liveKeep;
   fillCheckpoints(avatars);
   sel.onchange = () => fillCheckpoints(avatars);
   const list = $("#avatar-list");
@@ -278,6 +282,314 @@ async function poll() {
   loadJobs();
 }
 
+// ---- live -----------------------------------------------------------------------------------
+// Speech goes to /api/live/{avatar} as 16 kHz s16le PCM (routes_live.py has the protocol); JPEG
+// frames come back stamped with their stream time t and are shown when the audio clock reaches
+// live.clock0 + t. Audio the page plays (a file, the server's speech) is scheduled on the same clock,
+// so voice and picture stay together; the microphone is not played back.
+const LIVE_SR = 16000;
+const LIVE_CHUNK_S = 0.1;     // s of audio per message
+const LIVE_MARGIN_S = 0.3;    // s added to the stream's own delay for the server's work and the network (later frames show as they come)
+const live = { ws: null, ctx: null, hello: null, clock0: 0, pending: null, decode: Promise.resolve(), queue: [],
+  shown: 0, dropped: 0, arrivals: [], sent: 0, mic: null, file: null, worklet: false, timer: null, ended: "" };
+
+// The microphone's samples to the page in blocks of ~40 ms (an AudioWorklet runs beside the page, on the audio thread)
+const TAP_WORKLET = `class PcmTap extends AudioWorkletProcessor {
+  constructor() { super(); this.buf = new Float32Array(2048); this.n = 0; }
+  process(inputs) {
+    const ch = inputs[0][0];
+    if (ch) {
+      this.buf.set(ch, this.n);
+      this.n += ch.length;
+      if (this.n > this.buf.length - 128) { this.port.postMessage(this.buf.slice(0, this.n)); this.n = 0; }
+    }
+    return true;
+  }
+}
+registerProcessor("pcm-tap", PcmTap);`;
+
+function downsampler(rate) {
+  // Streaming rate -> 16 kHz: each output sample averages the input samples it spans (a box low-pass)
+  const step = rate / LIVE_SR;
+  let rest = new Float32Array(0), pos = 0;
+  return (input) => {
+    const x = new Float32Array(rest.length + input.length);
+    x.set(rest);
+    x.set(input, rest.length);
+    const out = new Float32Array(Math.max(0, Math.floor((x.length - pos) / step)) + 1);   // +1: float rounding of pos
+    let n = 0;
+    for (; pos + step <= x.length; pos += step) {
+      const a = Math.floor(pos), b = Math.max(a + 1, Math.floor(pos + step));
+      let s = 0;
+      for (let j = a; j < b; j++) s += x[j];
+      out[n++] = s / (b - a);
+    }
+    const keep = Math.floor(pos);
+    rest = x.slice(keep);
+    pos -= keep;
+    return out.subarray(0, n);
+  };
+}
+
+function toPcm16(x) {
+  const v = new DataView(new ArrayBuffer(2 * x.length));
+  for (let i = 0; i < x.length; i++) v.setInt16(2 * i, Math.round(32767 * Math.max(-1, Math.min(1, x[i]))), true);
+  return v.buffer;
+}
+
+function liveSend(x) {
+  if (!live.ws || live.ws.readyState !== WebSocket.OPEN) return;
+  live.ws.send(toPcm16(x));
+  live.sent += x.length;
+}
+
+function playAt(samples, time, offset = 0) {
+  // 16 kHz samples from `offset` s on, at stream time `time` (the part already past is skipped) -> the source
+  const ctx = live.ctx;
+  let when = live.clock0 + time;
+  if (when < ctx.currentTime) {
+    offset += ctx.currentTime - when;
+    when = ctx.currentTime;
+  }
+  if (offset * LIVE_SR >= samples.length) return null;
+  const buf = ctx.createBuffer(1, samples.length, LIVE_SR);
+  buf.copyToChannel(samples, 0);
+  const src = ctx.createBufferSource();
+  src.buffer = buf;
+  src.connect(ctx.destination);
+  src.start(when, offset);
+  return src;
+}
+
+function liveHeard(m) {
+  // our PCM from sample m.sample on plays from stream time m.time: the file's sound follows it there
+  const f = live.file;
+  if (!f || m.sample < f.first || m.sample >= f.first + f.pcm.length) return;
+  if (f.source) f.source.stop();
+  f.source = playAt(f.pcm, m.time, (m.sample - f.first) / LIVE_SR);
+}
+
+function liveBinary(data) {
+  const head = live.pending;
+  live.pending = null;
+  if (!head) return;
+  if (head.type === "audio") {
+    const s16 = new Int16Array(data), x = new Float32Array(s16.length);
+    for (let i = 0; i < s16.length; i++) x[i] = s16[i] / 32768;
+    playAt(x, head.time);
+    return;
+  }
+  live.arrivals.push(performance.now());
+  live.dropped = head.dropped;
+  // decoded one after another, so frames stay in order
+  live.decode = live.decode.then(() => createImageBitmap(new Blob([data], { type: "image/jpeg" })))
+    .then((bitmap) => live.queue.push({ time: head.time, bitmap }))
+    .catch((e) => message(`frame ${head.index} could not be decoded (${e.message})`));
+}
+
+function liveMessage(ev, started) {
+  if (typeof ev.data !== "string") {
+    liveBinary(ev.data);
+    return;
+  }
+  const m = JSON.parse(ev.data);
+  if (m.type === "hello") {
+    live.hello = m;
+    live.clock0 = live.ctx.currentTime + m.delay + LIVE_MARGIN_S;
+    const c = $("#live-canvas");
+    c.width = m.width;
+    c.height = m.height;
+    $("#live-text-form").hidden = !m.tts;
+    started();
+  } else if (m.type === "frame" || m.type === "audio") {
+    live.pending = m;
+  } else if (m.type === "heard") {
+    liveHeard(m);
+  } else if (m.type === "error") {
+    message(m.detail);
+  } else if (m.type === "end") {
+    live.dropped = m.dropped;
+    live.ended = `Stream ended: ${m.frames} frames made, ${m.dropped} dropped.`;
+  }
+}
+
+function liveDraw() {
+  // the newest frame whose time has come; older ones are passed over
+  if (!live.ctx) return;
+  const now = live.ctx.currentTime;
+  let due = null;
+  while (live.queue.length && live.clock0 + live.queue[0].time <= now) {
+    if (due) due.bitmap.close();
+    due = live.queue.shift();
+  }
+  if (due) {
+    const c = $("#live-canvas");
+    c.getContext("2d").drawImage(due.bitmap, 0, 0, c.width, c.height);
+    due.bitmap.close();
+    live.shown += 1;
+    c.dataset.frames = String(live.shown);
+  }
+  if (live.ws || live.queue.length) requestAnimationFrame(liveDraw);
+}
+
+function liveStatus() {
+  const t = performance.now();
+  live.arrivals = live.arrivals.filter((a) => t - a < 1000);
+  if (live.ws && live.hello) {
+    $("#live-status").textContent = `Live: delay ${(live.hello.delay + LIVE_MARGIN_S).toFixed(2)} s ` +
+      `(${live.hello.delay.toFixed(2)} s of look-ahead), ${live.arrivals.length} fps received, ` +
+      `${live.dropped} frames dropped, ${live.shown} shown.`;
+  }
+}
+
+function liveConnect() {
+  // the socket, once the server's hello has come
+  const name = $("#live-avatar").value;
+  if (!name) return Promise.reject(new Error("choose a trained avatar for the live stream first"));
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  const key = state.key ? `?key=${encodeURIComponent(state.key)}` : "";
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(`${proto}://${location.host}/api/live/${encodeURIComponent(name)}${key}`);
+    ws.binaryType = "arraybuffer";
+    let open = false;
+    ws.onmessage = (ev) => liveMessage(ev, () => { open = true; resolve(); });
+    ws.onclose = (ev) => {
+      if (ev.code === 4401) $("#key-section").hidden = false;
+      liveEnded();
+      if (!open) reject(new Error(ev.reason || "the live stream could not start (is the server running?)"));
+      else if (ev.code !== 1000 && ev.reason) message(ev.reason);
+    };
+    live.ws = ws;
+    live.shown = live.dropped = 0;
+    live.ended = "";
+    $("#live-avatar").disabled = true;
+    $("#live-stop-btn").disabled = false;
+    $("#live-status").textContent = "Connecting…";
+    clearInterval(live.timer);
+    live.timer = setInterval(liveStatus, 500);
+  });
+}
+
+async function liveStart() {
+  // the audio clock (made on this click: browsers start audio only on a user action) and the socket
+  if (!live.ctx) live.ctx = new AudioContext();
+  await live.ctx.resume();
+  liveStopSources();
+  if (!live.ws) {
+    await liveConnect();
+    requestAnimationFrame(liveDraw);
+  }
+}
+
+async function liveMic() {
+  await liveStart();
+  const ctx = live.ctx;
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
+  if (!live.worklet) {
+    await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([TAP_WORKLET], { type: "application/javascript" })));
+    live.worklet = true;
+  }
+  const src = ctx.createMediaStreamSource(stream);
+  const tap = new AudioWorkletNode(ctx, "pcm-tap", { channelCount: 1, channelCountMode: "explicit" });
+  const down = downsampler(ctx.sampleRate);
+  let parts = [], n = 0;
+  tap.port.onmessage = (e) => {
+    const x = down(e.data);
+    parts.push(x);
+    n += x.length;
+    if (n >= LIVE_CHUNK_S * LIVE_SR) {
+      const all = new Float32Array(n);
+      let o = 0;
+      for (const p of parts) { all.set(p, o); o += p.length; }
+      liveSend(all);
+      parts = [];
+      n = 0;
+    }
+  };
+  src.connect(tap);
+  tap.connect(ctx.destination);     // the tap outputs silence; connected so that it is processed
+  live.mic = { stream, src, tap };
+  $("#live-mic-btn").textContent = "Microphone on";
+}
+
+async function liveFile() {
+  const file = $("#live-file").files[0];
+  if (!file) throw new Error("choose an audio file to play into the stream");
+  await liveStart();
+  let decoded;
+  try {
+    decoded = await live.ctx.decodeAudioData(await file.arrayBuffer());
+  } catch (e) {
+    throw new Error(`${file.name}: this browser cannot decode its audio`);
+  }
+  const off = new OfflineAudioContext(1, Math.max(1, Math.ceil(decoded.duration * LIVE_SR)), LIVE_SR);
+  const src = off.createBufferSource();
+  src.buffer = decoded;
+  src.connect(off.destination);
+  src.start();
+  const pcm = (await off.startRendering()).getChannelData(0);
+  const f = { pcm, first: live.sent, source: null, timer: null };
+  const chunk = LIVE_CHUNK_S * LIVE_SR, t0 = performance.now();
+  let i = 0;
+  f.timer = setInterval(() => {       // real-time pace, one chunk ahead
+    const due = ((performance.now() - t0) / 1000 + LIVE_CHUNK_S) * LIVE_SR;
+    for (; i < pcm.length && i < due; i += chunk) liveSend(pcm.subarray(i, i + chunk));
+    if (i >= pcm.length) clearInterval(f.timer);
+  }, 50);
+  live.file = f;
+}
+
+function liveStopSources() {
+  if (live.mic) {
+    live.mic.stream.getTracks().forEach((tr) => tr.stop());
+    live.mic.src.disconnect();
+    live.mic.tap.disconnect();
+    live.mic = null;
+    $("#live-mic-btn").textContent = "Start microphone";
+  }
+  if (live.file) {
+    clearInterval(live.file.timer);
+    if (live.file.source) live.file.source.stop();
+    live.file = null;
+  }
+}
+
+function liveStop() {
+  // no more audio: the server sends the last frames and closes
+  liveStopSources();
+  if (live.ws && live.ws.readyState === WebSocket.OPEN) live.ws.send(JSON.stringify({ type: "end" }));
+  $("#live-stop-btn").disabled = true;
+}
+
+function liveEnded() {
+  liveStopSources();
+  live.ws = null;
+  clearInterval(live.timer);
+  $("#live-avatar").disabled = false;
+  $("#live-stop-btn").disabled = true;
+  $("#live-status").textContent = live.ended || "Not streaming.";
+}
+
+function liveAction(fn) {
+  return async (ev) => {
+    if (ev) ev.preventDefault();
+    try {
+      await fn();
+    } catch (e) {
+      message(e.message);
+    }
+  };
+}
+
+function liveSay() {
+  const text = $("#live-text").value.trim();
+  if (!text) throw new Error("type something to say");
+  return liveStart().then(() => {
+    live.ws.send(JSON.stringify({ type: "text", text }));
+    $("#live-text").value = "";
+  });
+}
+
 // ---- forms ----------------------------------------------------------------------------------
 function clearMessages() {
   $("#messages").replaceChildren();
@@ -350,6 +662,10 @@ function init() {
   $("#generate-form").addEventListener("submit", submitGenerate);
   $("#avatar-form").addEventListener("submit", submitAvatar);
   $("#cancel-btn").addEventListener("click", cancelWatched);
+  $("#live-mic-btn").addEventListener("click", liveAction(liveMic));
+  $("#live-file-btn").addEventListener("click", liveAction(liveFile));
+  $("#live-stop-btn").addEventListener("click", liveStop);
+  $("#live-text-form").addEventListener("submit", liveAction(liveSay));
   $("#api-key").value = state.key;
   $("#key-form").addEventListener("submit", (ev) => {
     ev.preventDefault();

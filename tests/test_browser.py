@@ -1,6 +1,8 @@
 """The web page in a real browser: Debian's chromium driven by Playwright against the real server
 (a subprocess on a free loopback port) with a tiny avatar. The page shows an API error's detail,
-runs a generate job for 8 s of speech, and its <video> loads the result (duration ~8.0 s).
+runs a generate job for 8 s of speech, and its <video> loads the result (duration ~8.0 s). In the
+Live section, chromium's fake microphone (a speech wav) streams to the server and the avatar's
+frames appear on the canvas.
 
 Needs `apt-get install -y chromium` and `pip install playwright` (no `playwright install`: the
 browser is Debian's); skipped with the reason when either is missing."""
@@ -23,16 +25,21 @@ SPEECH = "speech_en_radio_8s.wav"
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     if importlib.util.find_spec("playwright") is None:
         pytest.skip("playwright is not installed (pip install playwright)")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    yield b
+    b.close()
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +105,36 @@ def test_page_generates_and_plays_a_video(browser, live_server, speech, tmp_path
     # the only console error allowed is the 422 of the bad upload above
     assert all("422" in e for e in console_errors), console_errors
     page.close()
+
+
+def test_live_mode_shows_the_avatar_from_the_microphone(playwright, live_server, speech):
+    # chromium's fake microphone plays the speech wav (in a loop); the permission prompt is answered yes
+    b = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS + [
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={speech}", "--autoplay-policy=no-user-gesture-required"])
+    page = b.new_page()
+    console_errors = []
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    page.goto(live_server)
+    page.wait_for_selector("#live-avatar option[value='tiny']", state="attached", timeout=20000)
+    page.click("#live-mic-btn")
+    shown = "() => Number(document.querySelector('#live-canvas').dataset.frames)"
+    page.wait_for_function(f"({shown})() >= 25", timeout=120000)   # a safety net: a loaded 2-core box is slow
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "live_page.png"), full_page=True)
+    spread = page.evaluate("""() => {
+        const c = document.querySelector('#live-canvas');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let lo = 255, hi = 0;
+        for (let i = 0; i < px.length; i += 4) { lo = Math.min(lo, px[i + 1]); hi = Math.max(hi, px[i + 1]); }
+        return [c.width, c.height, hi - lo];
+    }""")
+    assert spread[:2] == [384, 384] and spread[2] > 50, spread          # a face, not a blank canvas
+    n = page.evaluate(shown)
+    page.wait_for_function(f"({shown})() > {n}", timeout=30000)      # frames keep coming
+    assert "fps received" in page.inner_text("#live-status")
+    page.click("#live-stop-btn")
+    page.wait_for_function("document.querySelector('#live-status').textContent.startsWith('Stream ended')",
+                           timeout=60000)
+    assert not console_errors, console_errors
+    b.close()
