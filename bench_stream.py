@@ -46,7 +46,7 @@ class Config:
     widths: str = "light,full"     # comma list of light, full, trained (= --checkpoint)
     seconds: float = 8.0           # audio of the fast and real-time cases, s
     drift_seconds: float = 600.0   # audio of the drift case, s
-    lookahead: int = 7             # [0..7] frames of look-ahead (stream.LOOKAHEAD)
+    lookahead: int = 3             # [0..7] frames of look-ahead (stream.LIVE_LOOKAHEAD, the live default)
     backend: str = "auto"          # U-Net runtime (inference_328 --backend)
     threads: int = 0               # [0..] torch/ORT threads; 0 = torch's default
     part: str = ""                 # internal: the case a child process runs

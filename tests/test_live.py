@@ -89,7 +89,7 @@ def test_speech_in_frames_out(client, avatar):
             ws.receive_json()
     assert closed.value.code == 1000
     assert hello == {"type": "hello", "fps": 25, "width": template.size[0], "height": template.size[1],
-                     "delay": pytest.approx(0.41, abs=0.05), "lookahead": 7, "idle_after": routes_live.IDLE_AFTER,
+                     "delay": pytest.approx(0.25, abs=0.05), "lookahead": 3, "idle_after": routes_live.IDLE_AFTER,
                      "max_lag": routes_live.MAX_LAG, "tts": tts_available()}
     assert msgs[0] == {"type": "heard", "time": 0.0, "sample": 0}
     frames, end = [m for m in msgs if m["type"] == "frame"], msgs[-1]
