@@ -34,7 +34,8 @@ import utils
 import syncnet_model
 from runlog import RunLog, save_preview
 from losses import PERCEPTUAL_WEIGHT, Objective, OpeningHead, cut_window, make_perceptual, pick_window, train_step, validate
-from datasets import LipDataset, StepBatches, feature_encoder, generator_mask, read_feature_info, reference_pool, split_frames
+from datasets import (LipDataset, StepBatches, feature_encoder, generator_mask, opening_weights, read_feature_info,
+                      reference_pool, split_frames)
 from unet_328 import BASES, STRIDE, WIDTHS, UNet328, count_params
 from utils import UserError
 
@@ -58,6 +59,7 @@ class Config:
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
     window: int = 0                 # [0..320] px; > 0: the first window_share of the steps train on a random WINDOW x WINDOW part of each crop (a multiple of 32, >= 192 with MS-SSIM; ~2.6x cheaper steps on CPU at 192), the rest on whole crops. 0 = whole crops throughout (measured better at equal CPU time, README round 4)
     window_share: float = 0.8       # [0..1] share of the steps (the first ones) that train on windows when --window > 0
+    open_weight: float = 0.0        # [0..] draw training frames with weight 1 + W x |mouth opening's robust z-score| (the wide-open and tight-shut extremes more often; 0 = uniform, each epoch a permutation)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
     num_workers: int = 2            # [0..] DataLoader worker processes per loader and process
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
@@ -266,7 +268,8 @@ def _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, syncnet, step, 
     def loader(dataset, batch_sampler):
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.num_workers,
                                            pin_memory=device.type == "cuda", persistent_workers=False)
-    batches = iter(loader(train_set, StepBatches(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)))
+    weights = opening_weights(train_set.opening[train_idx], cfg.open_weight) if cfg.open_weight > 0 else None
+    batches = iter(loader(train_set, StepBatches(len(train_set), cfg.batch_size, cfg.seed, step, rank, world, weights=weights)))
     clips = None
     if syncnet is not None:
         clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=syncnet.T, ref_frames=refs,

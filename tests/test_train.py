@@ -430,3 +430,18 @@ def test_train_step_on_a_window_fits_its_window(data_root):
     assert pred.shape == (2, 3, 192, 192)
     assert abs((pred.detach() - target).abs().mean().item() - seen[-1]) < 0.05      # the loss is the window's
     assert seen[-1] < 0.7 * seen[0], seen
+
+
+def test_open_weight_draws_extreme_openings_more_often():
+    """--open_weight: frames far from the median opening (either way) are drawn more often, and the
+    batch of a step stays a pure function of (seed, step), so a resumed run draws the same."""
+    from datasets import StepBatches, opening_weights
+    opening = np.concatenate([np.full(80, 0.1), np.linspace(0.0, 0.6, 20)])      # mostly one shape, a few extremes
+    w = opening_weights(opening, 2.0)
+    assert w.min() == 1.0 and w.max() == 7.0                                        # capped at 3 robust sd
+    sb = StepBatches(len(opening), 4, seed=3, weights=w)
+    drawn = np.concatenate([[k for k, _ in sb.batch(s)] for s in range(2000)])
+    share = np.isin(drawn, np.arange(80, 100)).mean()
+    assert share > 0.35                                                             # uniform would give 0.20
+    assert sb.batch(1234) == StepBatches(len(opening), 4, seed=3, start_step=1234, weights=w).batch(1234)
+    assert StepBatches(len(opening), 4, seed=3).batch(7) != sb.batch(7)
