@@ -282,17 +282,8 @@ class Worker:
             # Linux schedules threads separately: only this thread and the ones it starts (template
             # reader, video writer) yield the CPU to the request threads, so polling stays quick
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.s.job_nice)
-        prev_threads = None
-        if self.s.threads > 0:               # process-wide in torch: restored when the worker ends
-            import torch
-            prev_threads = torch.get_num_threads()
-            torch.set_num_threads(self.s.threads)
-        try:
+        with utils.torch_threads(self.s.threads):     # process-wide in torch: restored when the worker ends
             self._serve()
-        finally:
-            if prev_threads:
-                import torch
-                torch.set_num_threads(prev_threads)
 
     def _serve(self):
         while not self.stopping.is_set():

@@ -205,7 +205,20 @@ def iter_frames(path, width, height, fps=None):
             raise UserError(f"decoding {path} failed: {err.splitlines()[-1]}")
 
 
-class VideoWriter:
+class _Writer:
+    """`with` a writer: close() (finish and rename into place) on success, abort() (remove) on an error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoWriter(_Writer):
     """Frames in, one H.264 (+AAC) mp4 out through a single ffmpeg process, no intermediate video.
     Written to a temp file beside `path` and renamed on close(); abort() (or an exception inside
     `with`) removes it, so a failed run leaves no partial output."""
@@ -257,15 +270,6 @@ class VideoWriter:
         if self.tmp.exists():
             self.tmp.unlink()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def check_output(out_path):
     """Fail early (before minutes of inference) when the output cannot be written."""
@@ -300,7 +304,7 @@ def readable(path):
 AAC_DELAY = 1024                  # samples of encoder delay at the start of an AAC track
 
 
-class StreamWriter:
+class StreamWriter(_Writer):
     """A fragmented mp4 that grows as frames and audio arrive (playable while it is written): BGR
     frames and s16le 16 kHz mono audio, each fed by its own thread into one ffmpeg (video on its
     stdin, audio through a named pipe), so neither stream can block the other. H.264 with a key
@@ -391,12 +395,3 @@ class StreamWriter:
             t.join(timeout=1)
         shutil.rmtree(self._dir, ignore_errors=True)
         self.path.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

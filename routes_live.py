@@ -260,17 +260,8 @@ class LiveHub:
                 self.lives.remove(live)
 
     def _loop(self):
-        prev_threads = None
-        if self.s.threads > 0:                   # as the job worker does (jobs.Worker._loop), for this thread's work
-            import torch
-            prev_threads = torch.get_num_threads()
-            torch.set_num_threads(self.s.threads)
-        try:
+        with utils.torch_threads(self.s.threads):     # as the job worker does (jobs.Worker._loop)
             self._serve()
-        finally:
-            if prev_threads:
-                import torch
-                torch.set_num_threads(prev_threads)
 
     def _serve(self):
         while not self.stopping.is_set():
