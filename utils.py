@@ -278,22 +278,6 @@ def atomic_dir(final):
 
 
 @contextmanager
-def torch_threads(n):
-    """torch's CPU threads set to n inside the block (process-wide in torch) and restored after;
-    n <= 0 leaves them as they are (and torch unimported)."""
-    if n <= 0:
-        yield
-        return
-    import torch
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
-@contextmanager
 def atomic_file(final):
     """Yield a temp path next to `final`; it replaces `final` only when the body succeeds."""
     final = Path(final)
