@@ -52,6 +52,7 @@ class Config:
     threads: int = 0               # [0..] torch CPU threads (0 = torch's default)
     num_workers: int = -1          # [-1..] DataLoader workers; -1 = 1 on CPU, 6 on a GPU
     eval_frames: int = 0           # [0..] evaluate only the first N held-out frames (0 = all)
+    judge: str = ""                # SyncNet checkpoint that scores every run's sync check; "" = the run's mel SyncNet (OUT_DIR/checkpoint/NAME): pass a fixed one to compare runs whose SyncNets differ
     baseline: bool = True          # also evaluate the template baseline
     video_out: bool = False        # write evaluate.py's side-by-side mp4s
     seed: int = 0                  # [0..] seeds SyncNet and generator
@@ -172,7 +173,7 @@ def main(cfg):
 
     # evaluate.py on the held-out video: the model, then the template baseline
     ev = dict(name=name, video=str(held_ds), ckpt_root=str(ckpt_root), device=cfg.device, max_frames=cfg.eval_frames,
-              video_out=cfg.video_out)
+              video_out=cfg.video_out, syncnet=cfg.judge or "auto")
     t = time.time()
     res = evaluate.main(evaluate.Config(**ev, checkpoint=str(run / utils.LAST), out_dir=str(run / "eval")))
     times["eval_s"] = round(time.time() - t, 1)
@@ -180,8 +181,9 @@ def main(cfg):
     if cfg.baseline:
         bdir = ckpt_root / name / "eval_baseline_template"
         bfile = bdir / "metrics.json"
-        if bfile.is_file() and json.loads(bfile.read_text()).get("frames") == res["frames"]:
-            base = json.loads(bfile.read_text())
+        old = json.loads(bfile.read_text()) if bfile.is_file() else {}
+        if old.get("frames") == res["frames"] and old.get("syncnet", {}).get("checkpoint") == res["syncnet"]["checkpoint"]:
+            base = old
         else:
             base = evaluate.main(evaluate.Config(**ev, baseline="template", out_dir=str(bdir)))
 

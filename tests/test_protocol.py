@@ -22,6 +22,13 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     assert "| opening_r |" in out and "template baseline" in out
     s2 = protocol.main(cfg)                                         # a second run reuses datasets, SyncNet, baseline
     assert "syncnet_s" not in s2["times"] and s2["baseline"] == s["baseline"]
+    judge = tmp_path / "judge.pth"                                  # --judge: a fixed SyncNet scores model and baseline
+    judge.write_bytes((tmp_path / "checkpoint" / "talk" / "syncnet_best.pth").read_bytes())
+    protocol.main(protocol.Config(**{**vars(cfg), "judge": str(judge), "label": "judged"}))
+    used = [json.loads(p.read_text())["syncnet"]["checkpoint"] for p in (
+        tmp_path / "checkpoint" / "talk" / "runs" / "judged" / "eval" / "metrics.json",
+        tmp_path / "checkpoint" / "talk" / "eval_baseline_template" / "metrics.json")]
+    assert used == [str(judge), str(judge)]
 
 
 def test_protocol_switches_audio_sources_without_retraining(synthetic_clip, tmp_path):
