@@ -12,10 +12,10 @@ import numpy as np
 import geometry
 import utils
 import vad
-from templates import closed_score
+from templates import closed_score, open_score
 from utils import BORDER, INNER, UserError
 
-REFERENCES = ("closed", "random")
+REFERENCES = ("closed", "open", "random")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class RenderOptions:
     start_frame: int = 0           # first template frame (the template then plays forward, backward, ...)
     feather: int = 16              # px (in the 328 crop) over which the pasted face fades into the frame
     color_match: bool = True       # match the generated crop's colours to the template near the seam
-    reference: str = "closed"      # reference crop: closed (the most closed mouth) or random (training's rule)
+    reference: str = "closed"      # reference crop: closed (the most closed mouth), open (a wide-open one: teeth in view) or random (training's rule)
     silence_gate: bool = True      # where the audio is silent, blend the mouth toward the closed reference
     silence_db: float = -45.0      # gate level (dB, loud frames at -12) at or below which a frame is silent
     speech_db: float = -35.0       # gate level (dB, same scale) at or above which the generated mouth is used as is
@@ -48,26 +48,28 @@ class References:
 
     def __init__(self, template, mode="closed", seed=0):
         if mode not in REFERENCES:
-            raise UserError(f"--reference {mode!r}: choose closed or random")
+            raise UserError(f"--reference {mode!r}: choose closed, open or random")
         self.template, self.mode = template, mode
         self.rng = np.random.default_rng(seed)
         self.closed_index = int(np.argmin(closed_score(template.lms, template.boxes)))
-        self.closed = np.ascontiguousarray(geometry.inner(template.crop(self.closed_index)))   # (320, 320, 3)
+        self.closed = np.ascontiguousarray(geometry.inner(template.crop(self.closed_index)))   # (320, 320, 3): the silence gate's mouth
+        self.fixed_index = int(np.argmin(open_score(template.lms, template.boxes))) if mode == "open" else self.closed_index
+        self.fixed = self.closed if mode != "open" else np.ascontiguousarray(geometry.inner(template.crop(self.fixed_index)))
         self.mouth = geometry.mouth_region(geometry.to_crop_coords(template.lms, template.boxes))
 
     def index(self, k, j):
         """Template frame of the reference for output frame k shown on template frame j."""
         n = self.template.n
         g = utils.REF_GAP
-        if self.mode == "closed" or n <= 2 * g + 1:
-            return self.closed_index
+        if self.mode != "random" or n <= 2 * g + 1:
+            return self.fixed_index
         r = int(self.rng.integers(0, n - 2 * g - 1))
         return min(r if r < j - g else r + 2 * g + 1, n - 1)                      # skip j-g .. j+g
 
     def crop(self, k, j):
         """Reference 320 crop for output frame k shown on template frame j."""
         r = self.index(k, j)
-        return self.closed if r == self.closed_index else np.ascontiguousarray(geometry.inner(self.template.crop(r)))
+        return self.fixed if r == self.fixed_index else np.ascontiguousarray(geometry.inner(self.template.crop(r)))
 
 
 # ----------------------------------------------------------------------------------------------

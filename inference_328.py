@@ -74,7 +74,7 @@ class Config:
     backend: str = "auto"                            # U-Net runtime: auto, ort (onnxruntime), compile (torch.compile), eager
     feather: int = RenderOptions.feather             # [0..64] px (in the 328 crop) over which the pasted face fades into the frame
     color_match: bool = RenderOptions.color_match    # match the generated crop's colours to the template near the seam
-    reference: str = RenderOptions.reference         # reference crop: closed (the template frame with the most closed mouth) or random (a random other frame per output frame, as in training)
+    reference: str = RenderOptions.reference         # reference crop: closed (the template frame with the most closed mouth), open (one with the mouth wide open, teeth in view) or random (a random other frame per output frame, as in training)
     silence_gate: bool = RenderOptions.silence_gate  # where the audio is silent, blend the mouth toward the closed reference
     silence_db: float = RenderOptions.silence_db     # frame loudness (dB, for speech whose loud frames are at -12 dBFS) at or below which a frame is silent
     speech_db: float = RenderOptions.speech_db       # frame loudness (dB, same scale) at or above which the generated mouth is used as is

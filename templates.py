@@ -44,6 +44,15 @@ def closed_score(lms, boxes):
     return mouth_opening(lms) + 10.0 * ~typical
 
 
+def open_score(lms, boxes, q=0.9):
+    """How suitable each frame is as an open-mouth reference (the inner mouth and teeth in view),
+    lower = better: the distance of its opening from the q-quantile of the typical frames' (wide,
+    not the widest), plus 10 for an atypical crop box as in closed_score. [N, 68, 2], [N, 4] -> [N]."""
+    opening, penalty = mouth_opening(lms), closed_score(lms, boxes) - mouth_opening(lms)
+    target = np.quantile(opening[penalty == 0], q) if (penalty == 0).any() else np.quantile(opening, q)
+    return np.abs(opening - target) + penalty
+
+
 def pingpong(k, n):
     """Template frame index of output frame k: 0, 1, .., n-1, n-2, .., 1, 0, 1, ..."""
     if n <= 1:

@@ -246,6 +246,11 @@ def test_pingpong_and_reference_choice(setup):
     picks = [(j, rnd.index(0, j)) for j in range(t.n) for _ in range(5)]   # training's rule: more than REF_GAP away
     assert all(abs(r - j) > utils.REF_GAP and 0 <= r < t.n for j, r in picks)
     assert {r < j for j, r in picks} == {True, False}                        # from both sides
+    wide = References(t, "open")                                             # one fixed frame, mouth wide open
+    assert op[wide.fixed_index] >= np.percentile(op, 75) and wide.fixed_index != refs.closed_index
+    assert {wide.index(k, templates.pingpong(k, t.n)) for k in range(10)} == {wide.fixed_index}
+    assert np.array_equal(wide.crop(3, 3), geometry.inner(t.crop(wide.fixed_index)))
+    assert np.array_equal(wide.closed, refs.closed)                         # the silence gate still rests on the closed mouth
 
 
 def test_silent_audio_gives_a_video_with_the_closed_mouth(setup):
