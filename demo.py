@@ -89,12 +89,12 @@ class Speaker:
     """Text -> 16 kHz float32 speech with the first engine that works offline here."""
 
     def __init__(self, engine="auto"):
-        self.engine, self.note, self._voice = None, "", None
+        self.engine, self.note = None, ""
         tried = []
         for e in (("piper", "espeak") if engine == "auto" else (engine,)):
             try:
                 if e == "piper":
-                    self._voice = speech.piper_voice()
+                    speech.piper_voice()     # loads it: a missing voice fails here, not mid-demo
                 elif e == "espeak":
                     exe = shutil.which("espeak-ng") or shutil.which("espeak")
                     if not exe:
@@ -117,8 +117,7 @@ class Speaker:
 
     def sentence(self, text, tmp):
         if self.engine == "piper":
-            chunks = list(self._voice.synthesize(text))
-            return media_io.resample(np.concatenate([c.audio_float_array for c in chunks]), chunks[0].sample_rate)
+            return np.concatenate(list(speech.speech_chunks(text)))
         p = Path(tmp) / "espeak.wav"
         subprocess.run([self._espeak, "-v", "en-us", "-s", "150", "-w", str(p), text], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

