@@ -19,6 +19,8 @@ from audio_features import read_wav, speech_embeddings
 from syncnet_model import SYNC_T, audio_offsets, downscale_face
 from utils import BORDER, INNER, N_MELS, UserError
 
+AUTO_EPOCHS, AUTO_STEPS = 20, 4000   # syncnet_328 --max_steps -1 (the default): measured on a 5-minute and a 25 s recording (README section 2)
+
 
 def check_dataset(ds_dir):
     meta = utils.load_meta(ds_dir)
@@ -239,7 +241,10 @@ def training_data(cfg, ds_dir, model):
         raise UserError("--group_size 1 with --no-inbatch_negatives leaves no negatives; use a group of 2 or more")
     val_pairs = eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift, cfg.frames)
     steps_per_epoch = math.ceil((train_hi - cfg.frames + 1) / cfg.batch_size)
-    limits = [x for x in (cfg.max_steps, cfg.epochs * steps_per_epoch) if x > 0]
+    max_steps, epochs = cfg.max_steps, cfg.epochs
+    if max_steps < 0:                          # auto: passes over the clip, capped
+        max_steps, epochs = AUTO_STEPS, epochs or AUTO_EPOCHS
+    limits = [x for x in (max_steps, epochs * steps_per_epoch) if x > 0]
     if not limits:
         raise UserError("--max_steps and --epochs are both 0: set one of them")
     return TrainData(clip, train_hi, val_lo, val_pairs, steps_per_epoch, min(limits))

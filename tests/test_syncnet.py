@@ -287,3 +287,16 @@ def test_checkpoints_from_before_audio_windows_still_load(tmp_path):
     mel = torch.randn(2, 1, utils.N_MELS, utils.MEL_WIN)
     with torch.no_grad():
         assert torch.equal(old.embed_audio(mel), net.embed_audio(mel))
+
+
+def test_default_step_count_is_passes_over_the_clip_capped(tmp_path):
+    """--max_steps -1 (the default): syncnet_data.AUTO_EPOCHS passes over the training windows, at most
+    AUTO_STEPS steps -- a long recording trains longer than a short one; an explicit count is exact."""
+    make_toy_dataset(tmp_path / "data", n=120, seed=5)
+    base = dict(TOY, name="toy", data_root=str(tmp_path / "data"), val_every=1000, write_features=False)
+    assert sn.Config().max_steps == -1
+    auto = sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "a")))
+    per_epoch = auto["steps"] // sd.AUTO_EPOCHS
+    assert auto["steps"] == sd.AUTO_EPOCHS * per_epoch and 0 < auto["steps"] < sd.AUTO_STEPS
+    assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "b"), epochs=2))["steps"] == 2 * per_epoch
+    assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "c"), max_steps=3))["steps"] == 3
