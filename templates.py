@@ -34,23 +34,27 @@ def mouth_opening(lms):
     return gap / np.maximum(width, 1e-6)
 
 
+def typical_box(boxes):
+    """[N, 4] crop boxes -> [N] bool: side within 10% of the median (not an odd pose or a bad detection)."""
+    side = np.asarray(boxes, np.float64)[:, 2] - np.asarray(boxes, np.float64)[:, 0]
+    return np.abs(side / np.median(side) - 1) < 0.1
+
+
 def closed_score(lms, boxes):
     """How suitable each frame is as a closed-mouth reference, lower = better: its mouth opening,
     plus 10 for a crop box more than 10% off the median size (an odd pose or a bad detection).
     [N, 68, 2], [N, 4] -> [N]. Inference's default reference is the argmin; training's
     `--reference closed` draws from the lowest share of it."""
-    side = np.asarray(boxes, np.float64)[:, 2] - np.asarray(boxes, np.float64)[:, 0]
-    typical = np.abs(side / np.median(side) - 1) < 0.1
-    return mouth_opening(lms) + 10.0 * ~typical
+    return mouth_opening(lms) + 10.0 * ~typical_box(boxes)
 
 
 def open_score(lms, boxes, q=0.9):
     """How suitable each frame is as an open-mouth reference (the inner mouth and teeth in view),
     lower = better: the distance of its opening from the q-quantile of the typical frames' (wide,
     not the widest), plus 10 for an atypical crop box as in closed_score. [N, 68, 2], [N, 4] -> [N]."""
-    opening, penalty = mouth_opening(lms), closed_score(lms, boxes) - mouth_opening(lms)
-    target = np.quantile(opening[penalty == 0], q) if (penalty == 0).any() else np.quantile(opening, q)
-    return np.abs(opening - target) + penalty
+    opening, typical = mouth_opening(lms), typical_box(boxes)
+    target = np.quantile(opening[typical] if typical.any() else opening, q)
+    return np.abs(opening - target) + 10.0 * ~typical
 
 
 def pingpong(k, n):

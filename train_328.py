@@ -151,6 +151,10 @@ def resume_point(cfg, out, ds, widths, enc_id):
     if got is not None and list(got) != widths:
         raise UserError(f"the checkpoint was trained with --widths {','.join(map(str, got))}, not "
                         f"{','.join(map(str, widths))}; pass the same --widths or start a new run")
+    got = ckpt.get("config", {}).get("audio_lr_mult", 1.0)
+    if (got != 1) != (cfg.audio_lr_mult != 1):     # one Adam group or two: the optimizer state must fit
+        raise UserError(f"the checkpoint was trained with --audio_lr_mult {got:g}; resume with a multiplier "
+                        f"{'other than' if got != 1 else 'of'} 1, or start a new run")
     got = ckpt.get("config", {}).get("base", "none")
     if got != cfg.base:
         raise UserError(f"the checkpoint was trained with --base {got}, not {cfg.base}; pass the same --base or start a new run")
@@ -241,7 +245,8 @@ def _model(cfg, widths, device, ckpt, opening):
         model = model.to(memory_format=torch.channels_last)
     head = OpeningHead(widths[-1], opening.mean(), opening.std()).to(device) if cfg.opening_weight > 0 else None
     audio = list(model.audio_branch.parameters()) if cfg.audio_lr_mult != 1 else []
-    rest = [p for p in model.parameters() if all(p is not q for q in audio)] + (list(head.parameters()) if head is not None else [])
+    ids = {id(q) for q in audio}
+    rest = [p for p in model.parameters() if id(p) not in ids] + (list(head.parameters()) if head is not None else [])
     groups = [dict(params=rest)] + ([dict(params=audio, lr_mult=cfg.audio_lr_mult)] if audio else [])
     # fused: one kernel for all parameters; on CPU the per-tensor paths are far slower with channels_last
     optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
@@ -253,6 +258,8 @@ def _model(cfg, widths, device, ckpt, opening):
             if head is not None and ckpt.get("opening_head") is not None:
                 head.load_state_dict(ckpt["opening_head"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            for g in optimizer.param_groups[1:]:
+                g["lr_mult"] = cfg.audio_lr_mult       # the saved groups carry the old multiplier
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"the checkpoint does not fit this U-Net ({str(e).splitlines()[0][:150]})") from None
         if ckpt.get("scaler"):

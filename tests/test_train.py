@@ -459,4 +459,9 @@ def test_audio_lr_mult_gives_the_audio_branch_its_own_rate_and_resumes(data_root
     assert groups[1]["lr"] == pytest.approx(4 * groups[0]["lr"]) and groups[0]["lr"] > 0
     res = train_328.main(config(data_root, out, audio_lr_mult=4.0, max_steps=2, resume="auto"))
     assert res["step"] == 2
-    assert len(utils.load_checkpoint(out / "last.pth")["optimizer"]["param_groups"]) == 2
+    groups = utils.load_checkpoint(out / "last.pth")["optimizer"]["param_groups"]
+    assert len(groups) == 2
+    res = train_328.main(config(data_root, out, audio_lr_mult=2.0, max_steps=3, resume="auto"))   # a new multiplier is used
+    assert utils.load_checkpoint(out / "last.pth")["optimizer"]["param_groups"][1]["lr_mult"] == 2.0
+    with pytest.raises(utils.UserError, match="--audio_lr_mult 2"):                               # one group cannot take two
+        train_328.main(config(data_root, out, max_steps=4, resume="auto"))
