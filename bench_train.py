@@ -32,6 +32,7 @@ class Config:
     device: str = "auto"                     # auto (cuda -> mps -> cpu), cpu, cuda
     threads: int = 0                         # torch CPU threads (0 = torch's default)
     channels_last: bool = True               # NHWC layout, as train_328's default
+    amp: bool = True                         # mixed precision as train_328's default (CPU: bf16 only with bf16 units)
 
 
 def main(cfg):
@@ -47,12 +48,12 @@ def main(cfg):
             res = train_328.main(train_328.Config(
                 name=name, data_root=str(root), out_dir=str(Path(tmp) / f"ck_{preset}"), widths=preset,
                 batch_size=cfg.batch_size, max_steps=cfg.steps + 1, num_workers=cfg.num_workers, device=cfg.device,
-                channels_last=cfg.channels_last, held_out=0.0, sync_weight=0.0, log_every=10 ** 9,
+                channels_last=cfg.channels_last, amp=cfg.amp, held_out=0.0, sync_weight=0.0, log_every=10 ** 9,
                 preview_every=10 ** 9, save_every=10 ** 9, snapshot_every=0, overwrite=True))
             rows.append((preset, res["timing"]))
     print(utils.hardware(device))
     print(f"batch {cfg.batch_size}, {cfg.steps} measured steps, {cfg.num_workers} workers, device {device}, "
-          f"channels_last {cfg.channels_last}, dataset {cfg.name or 'synthetic'}")
+          f"channels_last {cfg.channels_last}, amp {cfg.amp}, dataset {cfg.name or 'synthetic'}")
     print(f"{'widths':8s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s} {'compute CPU ms':>15s}")
     for preset, t in rows:
         print(f"{preset:8s} {t['samples_per_s']:10.2f} {t['data_ms'] + t['compute_ms']:9.0f} "

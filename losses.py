@@ -177,7 +177,7 @@ def train_step(model, objective, optimizer, scaler, b, c, step, device, amp=True
         (offset, side), (y0, x0) = window, window[0]
         x, target = cut_window(x, offset, side), cut_window(target, offset, side)
         mouth = (mouth - torch.tensor([x0, y0, x0, y0])).clamp(0, side)
-    with utils.autocast(device, amp):
+    with utils.autocast(device, amp, cpu=True):
         pred = model(x, audio, offset)                               # (B, 3, 320, 320) or the window
         loss, terms = objective(pred, target, step, mouth, opening, c["mel"] if c is not None else None, n_clips)
     optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,8 @@ class Config:
     audio_source: str = "mel"      # audio features: mel or speech (syncnet_328 --audio_source); the mel SyncNet judges every run
     open_weight: float = 0.0       # [0..] sampling weight of extreme mouth openings (train_328 --open_weight)
     audio_lr_mult: float = 1.0     # [>0..] audio-branch learning-rate multiplier (train_328 --audio_lr_mult)
+    amp: bool = True               # mixed precision (train_328 --amp: bf16 on GPUs and on CPUs with bf16 units)
+    ema: float = 0.0               # [0..1) moving average of the generator's weights (train_328 --ema)
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
@@ -154,7 +156,7 @@ def main(cfg):
     label = cfg.label or (f"{cfg.widths}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
                           + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "")
                           + (f"_sw{cfg.open_weight:g}" if cfg.open_weight else "")
-                          + (f"_alr{cfg.audio_lr_mult:g}" if cfg.audio_lr_mult != 1 else "")
+                          + (f"_alr{cfg.audio_lr_mult:g}" if cfg.audio_lr_mult != 1 else "") + ("" if cfg.amp else "_fp32") + (f"_ema{cfg.ema:g}" if cfg.ema else "")
                           + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
                           + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
                           + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else "")
@@ -165,7 +167,7 @@ def main(cfg):
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
-        lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, device=cfg.device, threads=cfg.threads,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
         preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))

@@ -73,6 +73,7 @@ class Config:
     shift_px: int = 2               # [0..] face translation jitter, px at face_size
     flip: bool = True               # random horizontal flip of face windows (a mirrored mouth is still in sync)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
+    amp: bool = True                # mixed precision: bf16 (else fp16) on GPU, bf16 on CPUs with bf16 units (AVX512-BF16/AMX), else fp32
     num_workers: int = 0            # [0..] batch-building worker processes (batches are cheap; 0 is usually fastest)
     threads: int = 0                # [0..] torch CPU threads; 0 = auto: 1 on a <= 2-core CPU (2 spinning OpenMP threads ran ~7x slower on a busy 2-core box), else torch's default
     seed: int = 0                   # [0..] seeds init, batches, augmentation and the held-out pairs
@@ -311,7 +312,7 @@ def train_step(model, opt, cfg, lr, batch, device):
     for g in opt.param_groups:
         g["lr"] = lr
     model.train()
-    with utils.autocast(device):
+    with utils.autocast(device, cfg.amp, cpu=True):
         a = model.embed_audio(mel.to(device))                          # (B, D)
         v = model.embed_face(face.to(device))                          # (B, D)
     loss, acc = sync_loss(model, a.float(), v.float(), frames.to(device), groups.to(device),

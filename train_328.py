@@ -61,6 +61,7 @@ class Config:
     window_share: float = 0.8       # [0..1] share of the steps (the first ones) that train on windows when --window > 0
     open_weight: float = 0.0        # [0..] draw training frames with weight 1 + W x |mouth opening's robust z-score| (the wide-open and tight-shut extremes more often; 0 = uniform, each epoch a permutation)
     audio_lr_mult: float = 1.0      # [>0..] the U-Net's audio branch learns at lr x this (1 = one rate for all)
+    ema: float = 0.0                # [0..1) > 0: keep an exponential moving average of the weights (decay per step); checkpoints' model and the held-out check use it (0 = off)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
     num_workers: int = 2            # [0..] DataLoader worker processes per loader and process
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
@@ -78,7 +79,7 @@ class Config:
     syncnet: str = ""               # SyncNet checkpoint; default CKPT_ROOT/NAME/syncnet_best.pth (alias --syncnet_checkpoint)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
     threads: int = 0                # [0..] torch CPU threads (0 = torch's default; 1 is faster on a busy machine)
-    amp: bool = True                # mixed precision (bf16, else fp16 + loss scaling) on GPU; ignored on CPU
+    amp: bool = True                # mixed precision: bf16 (else fp16 + loss scaling) on GPU; bf16 on CPUs with bf16 units (AVX512-BF16/AMX: ~2x faster steps), else fp32
     compile: bool = False           # torch.compile the U-Net (minutes of compiling, then faster steps)
     channels_last: bool = True      # NHWC memory layout: faster convolutions (SPEC §11)
     log_every: int = 10             # [1..] steps between log lines
@@ -92,7 +93,7 @@ class Config:
 
 
 RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
-               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult")   # worth a line when a resume changes them
+               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult", "ema")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
 
 
@@ -237,8 +238,8 @@ def _objective(cfg, out, name, device):
 
 def _model(cfg, widths, device, ckpt, opening):
     """U-Net (+ the opening head when --opening_weight > 0, from the training frames' `opening`),
-    Adam, the loss scaler, restored from ckpt when resuming. -> (model, head, optimizer, scaler,
-    step, best loss)."""
+    Adam, the loss scaler, the weights' moving average (--ema; updated by each optimizer step),
+    restored from ckpt when resuming. -> (model, head, optimizer, scaler, ema or None, step, best loss)."""
     torch.manual_seed(cfg.seed)
     model = UNet328(widths, base=cfg.base).to(device)
     if cfg.channels_last:
@@ -252,9 +253,16 @@ def _model(cfg, widths, device, ckpt, opening):
     optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
     step, best_loss = 0, float("inf")
+    ema = None
+    if cfg.ema > 0:
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(ckpt.get("train_model") or ckpt["model"])   # with --ema, "model" holds the average
+            if ema is not None:
+                ema.module.load_state_dict(ckpt["model"])
+                ema.n_averaged.fill_(int(ckpt["step"]))
             if head is not None and ckpt.get("opening_head") is not None:
                 head.load_state_dict(ckpt["opening_head"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -269,7 +277,7 @@ def _model(cfg, widths, device, ckpt, opening):
             set_rng_state(ckpt["rng"])
     if head is not None:
         head.watch(model)
-    return model, head, optimizer, scaler, step, best_loss
+    return model, head, optimizer, scaler, ema, step, best_loss
 
 
 def _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, syncnet, step, rank, world, device, master):
@@ -301,7 +309,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     max_steps = cfg.max_steps or cfg.epochs * per_epoch
     objective, perc_kind, sync_path, loss_note = _objective(cfg, out, name, device)
     check_window(cfg, perc_kind, objective.syncnet is not None)
-    raw_model, opening_head, optimizer, scaler, step, best_loss = _model(cfg, widths, device, ckpt, train_set.opening[train_idx])
+    raw_model, opening_head, optimizer, scaler, ema, step, best_loss = _model(cfg, widths, device, ckpt, train_set.opening[train_idx])
     objective.opening_head = opening_head
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
@@ -320,7 +328,8 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     run_log = RunLog(out, master, cfg.tensorboard)
 
     def save(path, step, best_loss, val_l1=None):
-        utils.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+        utils.save_checkpoint(dict(model=(ema.module if ema is not None else raw_model).state_dict(), optimizer=optimizer.state_dict(),
+                                   train_model=raw_model.state_dict() if ema is not None else None,
                                    scaler=scaler.state_dict(), step=step, epoch=step // per_epoch,
                                    config=resolved, rng=rng_state(device), best_loss=best_loss, val_l1=val_l1,
                                    audio_encoder=audio_encoder, audio_source=audio_source, encoder_id=enc_id,
@@ -335,7 +344,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         old = ckpt.get("config", {})
         changed = [f"{k} {old[k]} -> {resolved[k]}" for k in RESUME_NOTE if k in old and old[k] != resolved[k]]
         run_log.line(f"resumed from step {step}" + (f"; changed since: {', '.join(changed)}" if changed else "") + mask_note)
-    validate_fn = (lambda: validate(raw_model, val_loader, device, cfg)) if val_loader is not None else None
+    validate_fn = (lambda: validate(ema.module if ema is not None else raw_model, val_loader, device, cfg)) if val_loader is not None else None
     return _loop(cfg, model, objective, optimizer, scaler, batches, clips, validate_fn, save, run_log, out,
                  device, world, master, step, best_loss, max_steps, per_epoch, progress, should_stop)
 

@@ -212,12 +212,12 @@ def test_closed_reference_pool_matches_inference_choice(data_root):
 
 
 def test_resume_is_exact(data_root, tmp_path):
-    """4 steps straight == 2 steps, stop, resume 2 steps: same losses, same weights (sync loss and
-    opening head on)."""
+    """4 steps straight == 2 steps, stop, resume 2 steps: same losses, same weights and weight
+    average (sync loss, opening head and --ema on)."""
     def run(out, stop=None, **kw):
         seen = {}
         res = train_328.main(config(data_root, out, max_steps=4, sync_weight=0.1, sync_clips=1, sync_ramp=1,
-                                    opening_weight=0.5, **kw),
+                                    opening_weight=0.5, ema=0.5, **kw),
                              progress=lambda s, n, losses: seen.__setitem__(s, losses), should_stop=stop)
         return seen, res
     for d in ("a", "b"):
@@ -236,6 +236,10 @@ def test_resume_is_exact(data_root, tmp_path):
     wa = utils.load_checkpoint(tmp_path / "a" / "last.pth")["model"]
     wb = utils.load_checkpoint(tmp_path / "b" / "last.pth")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ta = utils.load_checkpoint(tmp_path / "a" / "last.pth")["train_model"]
+    tb = utils.load_checkpoint(tmp_path / "b" / "last.pth")["train_model"]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert any(not torch.equal(ta[k], wa[k]) for k in wa if wa[k].is_floating_point())   # "model" is the average
     ha = utils.load_checkpoint(tmp_path / "a" / "last.pth")["opening_head"]
     hb = utils.load_checkpoint(tmp_path / "b" / "last.pth")["opening_head"]
     assert set(ha) == {"fc.weight", "fc.bias", "mean", "std"} and all(torch.equal(ha[k], hb[k]) for k in ha)

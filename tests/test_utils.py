@@ -1,5 +1,6 @@
 """Shared geometry, audio features, config CLI and file safety: the pieces every script uses."""
 import dataclasses
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -314,3 +315,17 @@ def test_warmup_cosine_schedule():
     assert lr[10] == pytest.approx(1e-3) and lr[60] == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))                       # then only down
     assert lr[110] == lr[129] == pytest.approx(5e-5)                            # flat at lr x min_frac after the end
+
+
+def test_autocast_is_bf16_on_cpu_only_for_training_on_cpus_with_bf16_units():
+    import torch
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else None
+    if flags is not None:
+        assert utils.cpu_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
+    conv, x, cpu = torch.nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8), torch.device("cpu")
+    with utils.autocast(cpu, True, cpu=True):                # training: bf16 where the units exist
+        assert conv(x).dtype == (torch.bfloat16 if utils.cpu_bf16() else torch.float32)
+    with utils.autocast(cpu, True):                          # inference on CPU stays fp32
+        assert conv(x).dtype == torch.float32
+    with utils.autocast(cpu, False, cpu=True):               # --no-amp
+        assert conv(x).dtype == torch.float32
