@@ -48,6 +48,7 @@ class Config:
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
     perceptual: str = train_328.Config.perceptual        # perceptual term (train_328 --perceptual)
+    perceptual_weight: float = -1.0  # its weight; < 0 = the kind's default (train_328 --perceptual_weight)
     window: int = train_328.Config.window                # [0..320] training windows, px (train_328 --window)
     window_share: float = train_328.Config.window_share  # [0..1] share of the steps on windows (train_328 --window_share)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
@@ -161,14 +162,15 @@ def main(cfg):
                           + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
                           + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else "")
                           + (f"_win{cfg.window}x{cfg.window_share:g}" if cfg.window else "")
-                          + (f"_perc{cfg.perceptual}" if cfg.perceptual != train_328.Config.perceptual else ""))
+                          + (f"_perc{cfg.perceptual}" if cfg.perceptual != train_328.Config.perceptual else "")
+                          + (f"_pw{cfg.perceptual_weight:g}" if cfg.perceptual_weight >= 0 else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
     workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
-        window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual,
+        window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
         preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))
     times["train_s"] = round(time.time() - t, 1)
@@ -184,7 +186,8 @@ def main(cfg):
         bdir = ckpt_root / name / "eval_baseline_template"
         bfile = bdir / "metrics.json"
         old = json.loads(bfile.read_text()) if bfile.is_file() else {}
-        if old.get("frames") == res["frames"] and old.get("syncnet", {}).get("checkpoint") == res["syncnet"]["checkpoint"]:
+        same = lambda a, b: a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+        if old.get("frames") == res["frames"] and same(old.get("syncnet", {}).get("checkpoint"), res["syncnet"]["checkpoint"]):
             base = old
         else:
             base = evaluate.main(evaluate.Config(**ev, baseline="template", out_dir=str(bdir)))

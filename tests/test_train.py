@@ -469,3 +469,13 @@ def test_audio_lr_mult_gives_the_audio_branch_its_own_rate_and_resumes(data_root
     assert utils.load_checkpoint(out / "last.pth")["optimizer"]["param_groups"][1]["lr_mult"] == 2.0
     with pytest.raises(utils.UserError, match="--audio_lr_mult 2"):                               # one group cannot take two
         train_328.main(config(data_root, out, max_steps=4, resume="auto"))
+
+
+def test_ema_update_fades_the_first_weights_fast_then_keeps_its_decay():
+    update = train_328.ema_update(0.9)
+    avg, new = [torch.zeros(3)], [torch.ones(3)]
+    update(avg, new, torch.tensor(1))                 # second update: decay 2/11, mostly the new weights
+    assert torch.allclose(avg[0], torch.full((3,), 1 - 2 / 11))
+    avg = [torch.zeros(3)]
+    update(avg, new, torch.tensor(1000))              # later: the configured decay
+    assert torch.allclose(avg[0], torch.full((3,), 0.1))
