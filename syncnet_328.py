@@ -47,7 +47,7 @@ class Config:
     audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
     audio_source: str = "mel"       # audio feature source: mel (the AudioEncoder learns from scratch) or speech (frozen pretrained speech embedding + a small head; audio_features.py)
-    max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.AUTO_EPOCHS passes, AUTO_STEPS at most (5 minutes of video ~4000 steps, 25 s ~330; README section 2)
+    max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at most 4000 steps (5 minutes ~4000, 25 s ~330); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
     batch_size: int = 32            # [2..] face windows per step, each with its in-sync audio window
     group_size: int = 4             # [1..] windows per group, min_shift..max_shift apart: each other's shifted negatives

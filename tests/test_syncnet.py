@@ -290,13 +290,17 @@ def test_checkpoints_from_before_audio_windows_still_load(tmp_path):
 
 
 def test_default_step_count_is_passes_over_the_clip_capped(tmp_path):
-    """--max_steps -1 (the default): syncnet_data.AUTO_EPOCHS passes over the training windows, at most
-    AUTO_STEPS steps -- a long recording trains longer than a short one; an explicit count is exact."""
+    """--max_steps -1 (the default): syncnet_data.auto_length's passes over the training windows, at
+    most its step cap (more where it trains in bf16) -- a long recording trains longer than a short
+    one; an explicit count is exact."""
     make_toy_dataset(tmp_path / "data", n=120, seed=5)
-    base = dict(TOY, name="toy", data_root=str(tmp_path / "data"), val_every=1000, write_features=False)
+    base = dict(TOY, name="toy", data_root=str(tmp_path / "data"), val_every=1000, write_features=False, device="cpu")
     assert sn.Config().max_steps == -1
     auto = sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "a")))
-    per_epoch = auto["steps"] // sd.AUTO_EPOCHS
-    assert auto["steps"] == sd.AUTO_EPOCHS * per_epoch and 0 < auto["steps"] < sd.AUTO_STEPS
+    passes, cap = sd.auto_length(sn.Config(**base))
+    assert (passes, cap) == (sd.AUTO_BF16 if utils.cpu_bf16() else (sd.AUTO_EPOCHS, sd.AUTO_STEPS))   # bf16 units: more
+    assert sd.auto_length(sn.Config(**base, amp=False)) == (sd.AUTO_EPOCHS, sd.AUTO_STEPS)     # --no-amp: the fp32 counts
+    per_epoch = auto["steps"] // passes
+    assert auto["steps"] == passes * per_epoch and 0 < auto["steps"] < cap
     assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "b"), epochs=2))["steps"] == 2 * per_epoch
     assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "c"), max_steps=3))["steps"] == 3
