@@ -18,6 +18,7 @@ import tempfile
 import textwrap
 import zipfile
 from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -213,10 +214,11 @@ def get_device(name="auto"):
     return dev
 
 
+@lru_cache(maxsize=1)
 def cpu_bf16():
-    """True where the CPU has bf16 units (AVX512-BF16, AMX): bf16 ~2x fp32 there, slower elsewhere."""
+    """True where the CPU has bf16 units (AVX512-BF16, AMX; torch's private probes, absent = no): bf16 ~2x fp32 there."""
     import torch
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def autocast(device, enabled=True, cpu=False):
@@ -262,8 +264,7 @@ def check_name(name, what="name"):
 
 def safe_stem(path):
     """A valid dataset name made from a file name."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem).strip("._-") or "video"
-    return stem[:64]
+    return (re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem).strip("._-") or "video")[:64]
 
 
 @contextmanager
@@ -445,6 +446,5 @@ def hardware(device=None):
         pass
     cuda = (device is None or getattr(device, "type", "") == "cuda") and torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(device if device is not None else 0) if cuda else "no GPU"
-    cpu += " (bf16 units)" if cpu_bf16() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
+    return (f"{cpu}{' (bf16 units)' if cpu_bf16() else ''}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
             f"Python {platform.python_version()}, load avg {os.getloadavg()[0]:.1f}")   # other processes share the CPU
