@@ -10,12 +10,14 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 import geometry
+import media_io
 import utils
 import vad
 from templates import closed_score, open_score
 from utils import BORDER, INNER, UserError
 
-REFERENCES = ("closed", "open", "random")
+REFERENCES = ("closed", "open", "random", "audio")
+BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class RenderOptions:
     start_frame: int = 0           # first template frame (the template then plays forward, backward, ...)
     feather: int = 16              # px (in the 328 crop) over which the pasted face fades into the frame
     color_match: bool = True       # match the generated crop's colours to the template near the seam
-    reference: str = "closed"      # reference crop: closed (the most closed mouth), open (a wide-open one: teeth in view) or random (training's rule)
+    reference: str = "closed"      # reference crop: closed (the most closed mouth), open (a wide-open one: teeth in view), random (training's rule) or audio (the checkpoint's bank frame that sounds most alike: models trained with --reference audio)
     silence_gate: bool = True      # where the audio is silent, blend the mouth toward the closed reference
     silence_db: float = -45.0      # gate level (dB, loud frames at -12) at or below which a frame is silent
     speech_db: float = -35.0       # gate level (dB, same scale) at or above which the generated mouth is used as is
@@ -44,11 +46,16 @@ class RenderOptions:
 class References:
     """The reference crop fed beside each masked crop. `closed`: one fixed template frame with the
     most closed mouth (among frames of typical crop size, so not an odd pose); `random`: a random
-    frame more than utils.REF_GAP frames from the target, drawn anew for each output frame (training's rule)."""
+    frame more than utils.REF_GAP frames from the target, drawn anew for each output frame (training's rule);
+    `audio`: the frame of the generator's bank (crops, keys: train_328 --reference audio) whose sound is
+    nearest the output frame's (by_audio), its colours matched to the template's closed crop."""
 
-    def __init__(self, template, mode="closed", seed=0):
+    def __init__(self, template, mode="closed", seed=0, bank=None):
         if mode not in REFERENCES:
-            raise UserError(f"--reference {mode!r}: choose closed, open or random")
+            raise UserError(f"--reference {mode!r}: choose {', '.join(REFERENCES)}")
+        if mode == "audio" and bank is None:
+            raise UserError("--reference audio needs a generator trained with it (python train_328.py --reference audio); "
+                            "this checkpoint holds no reference bank: use --reference closed")
         self.template, self.mode = template, mode
         self.rng = np.random.default_rng(seed)
         self.closed_index = int(np.argmin(closed_score(template.lms, template.boxes)))
@@ -56,6 +63,21 @@ class References:
         self.fixed_index = int(np.argmin(open_score(template.lms, template.boxes))) if mode == "open" else self.closed_index
         self.fixed = self.closed if mode != "open" else np.ascontiguousarray(geometry.inner(template.crop(self.fixed_index)))
         self.mouth = geometry.mouth_region(geometry.to_crop_coords(template.lms, template.boxes))
+        if mode == "audio":
+            crops, self.bank_keys = np.asarray(bank[0]), np.asarray(bank[1], np.float32)
+            self.bank = _match_colours(crops, self.closed)
+            self.current = None
+
+    def by_audio(self, windows):
+        """Bank crops (320, 320, 3) for consecutive output frames' audio windows (B, 32, 16, 16): the
+        one that sounds most alike, kept while no other is BANK_HOLD nearer (fewer switches: less flicker)."""
+        out = []
+        for sim in media_io.audio_key(windows) @ self.bank_keys.T:
+            best = int(np.argmax(sim))
+            if self.current is None or sim[best] > sim[self.current] + BANK_HOLD:
+                self.current = best
+            out.append(self.bank[self.current])
+        return out
 
     def index(self, k, j):
         """Template frame of the reference for output frame k shown on template frame j."""
@@ -70,6 +92,16 @@ class References:
         """Reference 320 crop for output frame k shown on template frame j."""
         r = self.index(k, j)
         return self.fixed if r == self.fixed_index else np.ascontiguousarray(geometry.inner(self.template.crop(r)))
+
+
+def _match_colours(crops, like):
+    """Crops (P, 320, 320, 3) uint8 with each channel's mean and spread over all of them moved to
+    those of `like` (320, 320, 3): a bank from the training video beside another recording's frames."""
+    x = crops.astype(np.float32)
+    mu, sd = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2)) + 1e-3
+    t = like.astype(np.float32)
+    gain = np.clip(t.std(axis=(0, 1)) / sd, 0.5, 2.0)
+    return np.clip((x - mu) * gain + t.mean(axis=(0, 1)) + 0.5, 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ class LipDataset(torch.utils.data.Dataset):
     masked area (geometry.jaw_mask), None = MASK_RECT."""
 
     def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
-                 clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,), mask=None, audio_source="mel"):
+                 clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,), mask=None, audio_source="mel",
+                 ref_by_audio=False):
         ds = Path(ds_dir)
         self.ds = ds
         info = read_feature_info(ds)
@@ -146,6 +147,7 @@ class LipDataset(torch.utils.data.Dataset):
         self.ref_pool = np.sort(np.asarray(frames if ref_frames is None else ref_frames, np.int64))
         if len(self.ref_pool) < 2:
             raise UserError(f"{ds}: need at least 2 frames to draw reference frames from")
+        self.pool_keys = frame_keys(self.feats, self.ref_pool) if ref_by_audio else None   # (P, 512): --reference audio
         self.mel = None
         if clip > 1 and audio_source == "speech":      # a speech SyncNet reads speech embeddings, not the mel
             self.mel = audio_features.sync_inputs(audio_features.read_wav(ds), "speech")      # (n_frames, 96)
@@ -172,8 +174,16 @@ class LipDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_crops": None}
 
     def pick_reference(self, i, rng):
-        """A frame of the reference pool at least ref_gap frames from every frame of sample i."""
+        """A frame of the reference pool at least ref_gap frames from every frame of sample i (with
+        pool keys: one of the BANK_TOPK that sound most like the sample's middle frame)."""
         pool, lo, hi = self.ref_pool, i - self.ref_gap, i + self.clip - 1 + self.ref_gap
+        if self.pool_keys is not None:
+            sim = self.pool_keys @ frame_keys(self.feats, [i + self.clip // 2])[0]
+            sim[(pool >= lo) & (pool <= hi)] = -np.inf
+            top = np.argsort(-sim, kind="stable")[:BANK_TOPK]
+            top = top[np.isfinite(sim[top])]
+            if len(top):
+                return int(pool[top[rng.integers(len(top))]])
         for _ in range(32):
             j = int(pool[rng.integers(len(pool))])
             if j < lo or j > hi:
@@ -182,6 +192,14 @@ class LipDataset(torch.utils.data.Dataset):
         if len(far):
             return int(far[rng.integers(len(far))])
         return int(pool[np.argmax(np.abs(pool - i))])
+
+    def bank(self):
+        """The reference pool as a checkpoint's ref_bank (--reference audio): frame index (P,), inner
+        320 crops (P, 320, 320, 3) uint8 BGR and audio keys (P, 512), as tensors."""
+        keys = self.pool_keys if self.pool_keys is not None else frame_keys(self.feats, self.ref_pool)
+        crops = np.stack([geometry.inner(self.load_crop(int(j))) for j in self.ref_pool])
+        return dict(index=torch.from_numpy(self.ref_pool.copy()), crops=torch.from_numpy(np.ascontiguousarray(crops)),
+                    keys=torch.from_numpy(np.ascontiguousarray(keys)))
 
     def load_crop(self, i):
         """Frame i's 328 crop (uint8 BGR); the JPEG benchmark overrides this."""
@@ -223,19 +241,52 @@ def generator_mask(ds_dir, frames, kind):
     return geometry.jaw_mask(geometry.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]))
 
 
-REFERENCES = ("random", "closed")   # training's reference pool: any training frame, or the closed-mouth share
+REFERENCES = ("random", "closed", "audio")   # training's reference pool: any training frame, the closed-mouth share, or the audio bank
 CLOSED_SHARE = 0.1                 # --reference closed: the 10% of training frames with the most closed mouth
+BANK_SIZE = 64                     # --reference audio: training frames in the bank (k-means of their audio keys; saved in the checkpoint)
+BANK_TOPK = 3                      # --reference audio: a training sample's reference is one of the bank's this many nearest in sound
+
+
+def frame_keys(feats, frames):
+    """media_io.audio_key of each of `frames` (int array) of audio-encoder vectors feats (T, 512) -> (len, 512)."""
+    frames = np.asarray(frames, np.int64)
+    out = np.zeros((len(frames), feats.shape[1]), np.float32)
+    for s in range(0, len(frames), 512):
+        out[s:s + 512] = media_io.audio_key(np.stack([media_io.feature_window(feats, int(f)) for f in frames[s:s + 512]]))
+    return out
+
+
+def audio_bank(keys, size=BANK_SIZE, seed=0, iters=20):
+    """Indices (sorted, unique) into `keys` (N, 512 unit vectors) of up to `size` frames that cover
+    the sounds: spherical k-means, then each cluster's frame nearest its centre."""
+    n = len(keys)
+    if n <= size:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    cent = keys[rng.choice(n, size, replace=False)]
+    for _ in range(iters):
+        lab = np.argmax(keys @ cent.T, axis=1)
+        for c in range(size):
+            members = keys[lab == c]
+            if len(members):
+                m = members.sum(0)
+                cent[c] = m / max(float(np.linalg.norm(m)), 1e-8)
+    return np.unique(np.argmax(keys @ cent.T, axis=0))
 
 
 def reference_pool(ds_dir, frames, kind):
     """The frames a training sample's reference is drawn from: all `frames` (random, the reference
-    design), or the CLOSED_SHARE of them that templates.closed_score ranks best (closed), so that
-    training sees references like inference's default one (the template's most closed mouth)."""
+    design), the CLOSED_SHARE of them that templates.closed_score ranks best (closed), so that
+    training sees references like inference's default one (the template's most closed mouth), or
+    the BANK_SIZE of them that cover the sounds (audio: audio_bank; a sample's reference is then
+    one that sounds like it, and inference --reference audio picks from the same bank)."""
     if kind not in REFERENCES:
         raise UserError(f"--reference {kind!r}: choose {' or '.join(REFERENCES)}")
     frames = np.asarray(frames, np.int64)
     if kind == "random":
         return frames
+    if kind == "audio":
+        return np.sort(frames[audio_bank(frame_keys(utils.load_npy(Path(ds_dir) / utils.AUD_FEAT), frames))])
     z = utils.load_npy(Path(ds_dir) / utils.LANDMARKS)
     score = templates.closed_score(z["lms"][frames], z["crop_boxes"][frames])
     keep = max(2, int(round(CLOSED_SHARE * len(frames))))

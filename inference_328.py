@@ -74,7 +74,7 @@ class Config:
     backend: str = "auto"                            # U-Net runtime: auto, ort (onnxruntime), compile (torch.compile), eager
     feather: int = RenderOptions.feather             # [0..64] px (in the 328 crop) over which the pasted face fades into the frame
     color_match: bool = RenderOptions.color_match    # match the generated crop's colours to the template near the seam
-    reference: str = RenderOptions.reference         # reference crop: closed (the template frame with the most closed mouth), open (one with the mouth wide open, teeth in view) or random (a random other frame per output frame, as in training)
+    reference: str = RenderOptions.reference         # reference crop: closed (the template frame with the most closed mouth), open (one with the mouth wide open, teeth in view) random (a random other frame per output frame, as in training) or audio (the frame of the checkpoint's bank that sounds most like the output frame: models trained with --reference audio)
     silence_gate: bool = RenderOptions.silence_gate  # where the audio is silent, blend the mouth toward the closed reference
     silence_db: float = RenderOptions.silence_db     # frame loudness (dB, for speech whose loud frames are at -12 dBFS) at or below which a frame is silent
     speech_db: float = RenderOptions.speech_db       # frame loudness (dB, same scale) at or above which the generated mouth is used as is
@@ -135,6 +135,7 @@ class LipSyncModel:
             info = self._load_torch(device, backend, batch_size)
         self.widths, self.step, self.config = info["widths"], info["step"], info["config"]
         self.mask = info["mask"]                    # the area it repaints: bool (320, 320), None = MASK_RECT
+        self.ref_bank = info.get("ref_bank")        # (crops, keys) of --reference audio, None when trained without it
 
     @property
     def source(self):
@@ -226,7 +227,7 @@ class LipSyncModel:
         n = media_io.num_frames(len(wav))
         feats = stream.FeatureStream(self, wav)
         loud = vad.gate_loudness_db(wav, n, vad.use_vad(opts.vad))
-        refs = References(template, opts.reference, opts.seed)
+        refs = References(template, opts.reference, opts.seed, self.ref_bank)
         stats = stats if stats is not None else {}
         q = queue.Queue(READ_AHEAD)
         stop = threading.Event()
@@ -270,7 +271,8 @@ class LipSyncModel:
                 aud = np.stack([feats.window(k + i) for i in range(len(batch))])      # (B, 32, 16, 16)
                 _add(stats, "audio features", time.perf_counter() - t)
                 t = time.perf_counter()
-                gen = self.paint([b[2] for b in batch], [b[3] for b in batch], aud)
+                ref = refs.by_audio(aud) if refs.mode == "audio" else [b[3] for b in batch]
+                gen = self.paint([b[2] for b in batch], ref, aud)
                 _add(stats, "model", time.perf_counter() - t)
                 for i, (frame, box, crop, _) in enumerate(batch):
                     yield frame, box, crop, gen[i], refs.closed, loud[k + i], refs.mouth

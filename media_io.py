@@ -191,6 +191,18 @@ def feature_window(feats, i):
     return w.reshape(32, 16, 16)
 
 
+KEY_SPAN = 2   # frames each side: an audio key averages the vectors of frames i-2 .. i+2 (0.2 s)
+
+
+def audio_key(windows):
+    """Generator audio windows (B, 32, 16, 16) (feature_window) -> unit vectors (B, 512): the mean of
+    the vectors of frames i-KEY_SPAN .. i+KEY_SPAN. Two frames whose keys are near sound alike; the
+    --reference audio bank is searched with them, in training and at inference."""
+    w = np.asarray(windows, np.float32).reshape(len(windows), FEAT_WIN, -1)
+    k = w[:, FEAT_WIN // 2 - KEY_SPAN:FEAT_WIN // 2 + KEY_SPAN + 1].mean(axis=1)
+    return k / np.maximum(np.linalg.norm(k, axis=1, keepdims=True), 1e-8)
+
+
 def iter_frames(path, width, height, fps=None):
     """Decode a video as BGR uint8 frames (height, width, 3), streamed through one ffmpeg pipe;
     `fps` resamples the timeline (duplicating/dropping frames) when given."""

@@ -179,7 +179,8 @@ def main(cfg):
     ev = dict(name=name, video=str(held_ds), ckpt_root=str(ckpt_root), device=cfg.device, max_frames=cfg.eval_frames,
               video_out=cfg.video_out, syncnet=cfg.judge or "auto")
     t = time.time()
-    res = evaluate.main(evaluate.Config(**ev, checkpoint=str(run / utils.LAST), out_dir=str(run / "eval")))
+    res = evaluate.main(evaluate.Config(**ev, checkpoint=str(run / utils.LAST), out_dir=str(run / "eval"),   # a bank-trained model picks from its bank
+                                        reference="audio" if cfg.reference == "audio" else evaluate.Config.reference))
     times["eval_s"] = round(time.time() - t, 1)
     base = None
     if cfg.baseline:

@@ -50,7 +50,9 @@ def load_generator(path):
         enc = encoder_from_state(ckpt["audio_encoder"], ckpt.get("audio_source", "mel"))
     except (ValueError, RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: its audio encoder does not load ({str(e)[:160]})") from None
-    info = dict(widths=widths, step=ckpt.get("step"), config=ckpt.get("config") or {}, mask=utils.checkpoint_mask(ckpt))
+    bank = ckpt.get("ref_bank")    # train_328 --reference audio: (crops, keys) for inference --reference audio
+    info = dict(widths=widths, step=ckpt.get("step"), config=ckpt.get("config") or {}, mask=utils.checkpoint_mask(ckpt),
+                ref_bank=None if not bank else (np.asarray(bank["crops"]), np.asarray(bank["keys"], np.float32)))
     return unet, enc, info
 
 
@@ -173,20 +175,20 @@ def export_audio_onnx(encoder):
 def onnx_cache_path(checkpoint, part="unet"):
     """Where the exported graphs of a checkpoint file are kept (the export takes 5-15 s here): keyed
     by the file's path, size and mtime and the library versions (read without importing them), so
-    any change re-exports. part: unet (.onnx), audio (.onnx), info (.json), mask (.npy)."""
+    any change re-exports. part: unet (.onnx), audio (.onnx), info (.json), mask (.npy), bank (.npz)."""
     from importlib.metadata import version
     p = Path(checkpoint).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{version('torch')}|{version('onnxruntime')}|{ONNX_OPSET}"
     root = Path(os.environ.get("LIPSYNC_CACHE") or Path.home() / ".cache" / "lipsync")
-    ext = {"info": ".json", "mask": ".npy"}.get(part, ".onnx")
+    ext = {"info": ".json", "mask": ".npy", "bank": ".npz"}.get(part, ".onnx")
     return root / f"{part}-{hashlib.sha1(key.encode()).hexdigest()[:16]}{ext}"
 
 
 def _prune_cache(folder, keep=ONNX_CACHE_KEEP):
     files = sorted(Path(folder).glob("unet-*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
     for f in files[keep - 1:]:
-        for part in ("unet-*.onnx", "audio-*.onnx", "info-*.json", "mask-*.npy"):
+        for part in ("unet-*.onnx", "audio-*.onnx", "info-*.json", "mask-*.npy", "bank-*.npz"):
             for g in Path(folder).glob(part.replace("*", f.stem.split("-", 1)[1])):
                 g.unlink(missing_ok=True)
 
@@ -213,6 +215,10 @@ def cached_generator(checkpoint):
     info = json.loads(paths["info"].read_text())
     info["widths"] = tuple(info["widths"])
     info["mask"] = np.load(onnx_cache_path(checkpoint, "mask")) if info.pop("has_mask") else None
+    info["ref_bank"] = None
+    if info.pop("has_bank", False):
+        with np.load(onnx_cache_path(checkpoint, "bank")) as z:
+            info["ref_bank"] = (z["crops"], z["keys"])
     r = UNetRunner(None, "cpu", "ort", paths["unet"].read_bytes())
     r.max_abs_diff = None                             # checked when it was cached
     return r, OrtAudio(paths["audio"].read_bytes()), info
@@ -233,8 +239,13 @@ def cache_generator(checkpoint, encoder, info):
         ref = encoder.eval()(x).numpy()
     if float(np.abs(OrtAudio(graph)(x.numpy()) - ref).max()) > MATCH_TOL * max(1.0, float(np.abs(ref).max())):
         return
-    meta = dict(widths=list(info["widths"]), step=info["step"], config=info["config"], has_mask=info["mask"] is not None)
+    meta = dict(widths=list(info["widths"]), step=info["step"], config=info["config"], has_mask=info["mask"] is not None,
+                has_bank=info.get("ref_bank") is not None)
     try:
+        if meta["has_bank"]:
+            with utils.atomic_file(onnx_cache_path(checkpoint, "bank")) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, crops=info["ref_bank"][0], keys=info["ref_bank"][1])
         if info["mask"] is not None:
             with utils.atomic_file(onnx_cache_path(checkpoint, "mask")) as tmp:
                 with open(tmp, "wb") as f:

@@ -77,7 +77,7 @@ class LiveSession:
         if not 0 <= opts.start_frame < template.n:
             raise UserError(f"--start_frame {opts.start_frame} is outside the template's {template.n} frames")
         self.model, self.template, self.opts, self.lookahead = model, template, opts, lookahead
-        self.refs = References(template, opts.reference, opts.seed)
+        self.refs = References(template, opts.reference, opts.seed, getattr(model, "ref_bank", None))
         self.gate = vad.GateStream(vad.use_vad(opts.vad), shift=level_shift)
         self._buf, self.off = np.zeros(SR, np.float32), 0      # audio held (from sample `off`), with room to grow
         self.received = 0                                      # samples pushed in all
@@ -145,7 +145,8 @@ class LiveSession:
         j = pingpong(self.opts.start_frame + k, self.template.n)
         frame, box = self.template.read(j), self.template.boxes[j]
         crop = geometry.crop_face(frame, box)
-        gen = self.model.paint([crop], [self.refs.crop(k, j)], self._window(k)[None])[0]
+        win = self._window(k)[None]
+        gen = self.model.paint([crop], self.refs.by_audio(win) if self.refs.mode == "audio" else [self.refs.crop(k, j)], win)[0]
         self.k += 1
         self._trim()
         return LiveFrame(k, k / FPS, (frame, box, crop, gen, self.refs.closed, self.gate.levels[k], self.refs.mouth))
@@ -159,7 +160,9 @@ class LiveSession:
         if not self.ready():
             return None
         k = self.k
-        if self.opts.reference != "closed":
+        if self.opts.reference == "audio":
+            self.refs.by_audio(self._window(k)[None])                                 # the same choice as if made
+        elif self.opts.reference != "closed":
             self.refs.index(k, pingpong(self.opts.start_frame + k, self.template.n))   # the same draws as if made
         self.k += 1
         self.dropped += 1

@@ -54,7 +54,7 @@ class Config:
     held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
     base: str = "none"              # none: the U-Net paints the whole crop (reference); ref: it paints a change over the reference in the hole (unet_328.UNet328)
-    reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the tenth of them with the most closed mouth, like inference's default reference
+    reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the tenth of them with the most closed mouth, like inference's default reference; audio: one of a bank of 64 training frames that sounds like the sample (the bank is saved for inference --reference audio)
     mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
     window: int = 0                 # [0..320] px; > 0: the first window_share of the steps train on a random WINDOW x WINDOW part of each crop (a multiple of 32, >= 192 with MS-SSIM; ~2.6x cheaper steps on CPU at 192), the rest on whole crops. 0 = whole crops throughout (measured better at equal CPU time, README round 4)
@@ -214,7 +214,8 @@ def _data(cfg, ds, ckpt, enc_id):
     else:
         mask = generator_mask(ds, train_idx, cfg.mask)
     refs = reference_pool(ds, train_idx, cfg.reference)
-    train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id, mask=mask, ref_frames=refs)
+    train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id, mask=mask, ref_frames=refs,
+                           ref_by_audio=cfg.reference == "audio")
     return cfg, note, train_idx, val_idx, mask, refs, train_set
 
 
@@ -303,12 +304,14 @@ def _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, syncnet, step, 
     clips = None
     if syncnet is not None:
         clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=syncnet.T, ref_frames=refs,
-                              mel_offsets=syncnet.audio_offsets, mask=mask, audio_source=syncnet.audio_source)
+                              mel_offsets=syncnet.audio_offsets, mask=mask, audio_source=syncnet.audio_source,
+                              ref_by_audio=cfg.reference == "audio")
         clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, step, rank, world, salt=1)))
     if not (master and len(val_idx)):
         return batches, clips, None
     val_sub = val_idx[np.linspace(0, len(val_idx) - 1, min(cfg.val_frames, len(val_idx))).round().astype(int)]
-    val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=refs, mask=mask)   # references never show held-out mouths
+    val_set = LipDataset(ds, val_sub, cfg.seed, ref_frames=refs, mask=mask,   # references never show held-out mouths
+                         ref_by_audio=cfg.reference == "audio")
     return batches, clips, torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)
 
 
@@ -338,6 +341,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
         with utils.atomic_file(out / "config.json") as tmp:
             tmp.write_text(json.dumps(resolved, indent=2))
     run_log = RunLog(out, master, cfg.tensorboard)
+    bank = train_set.bank() if cfg.reference == "audio" else None   # inference --reference audio picks from it
 
     def save(path, step, best_loss, val_l1=None):
         utils.save_checkpoint(dict(model=(ema.module if ema is not None else raw_model).state_dict(), optimizer=optimizer.state_dict(),
@@ -346,7 +350,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
                                    config=resolved, rng=rng_state(device), best_loss=best_loss, val_l1=val_l1,
                                    audio_encoder=audio_encoder, audio_source=audio_source, encoder_id=enc_id,
                                    opening_head=opening_head.state_dict() if opening_head is not None else None,
-                                   mask=None if mask is None else torch.from_numpy(mask)), path)
+                                   mask=None if mask is None else torch.from_numpy(mask), ref_bank=bank), path)
 
     run_log.line(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
                  f"({count_params(raw_model) / 1e6:.2f} M params) on {device} x{world}, batch {cfg.batch_size}, "

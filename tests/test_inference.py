@@ -40,6 +40,27 @@ def random_light_checkpoint(path, seed=0):
     return path
 
 
+def bank_checkpoint(path, seed=0):
+    """random_light_checkpoint with a --reference audio bank of three crops (dark, mid, light) whose
+    keys are the first three unit vectors -> (path, crops, keys)."""
+    random_light_checkpoint(path, seed)
+    crops = np.stack([np.full((utils.INNER, utils.INNER, 3), v, np.uint8) for v in (40, 120, 200)])
+    crops[..., 0] += (np.arange(utils.INNER) // 8).astype(np.uint8)[None, :]          # some spread in one channel
+    keys = np.eye(3, utils.FEAT_DIM, dtype=np.float32)
+    ck = utils.load_checkpoint(path)
+    ck["ref_bank"] = dict(index=torch.arange(3), crops=torch.from_numpy(crops), keys=torch.from_numpy(keys))
+    utils.save_checkpoint(ck, path)
+    return path, crops, keys
+
+
+def sounds_like(*vectors):
+    """Audio windows (B, 32, 16, 16) in which every frame's vector is the given one (first dims)."""
+    out = np.zeros((len(vectors), utils.FEAT_WIN, utils.FEAT_DIM), np.float32)
+    for b, v in enumerate(vectors):
+        out[b, :, :len(v)] = v
+    return out.reshape(len(vectors), 32, 16, 16)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_dataset, tmp_path_factory):
     """(data_root, ckpt_root, loaded model, template, speech wav path, speech wav)."""
@@ -251,6 +272,38 @@ def test_pingpong_and_reference_choice(setup):
     assert {wide.index(k, templates.pingpong(k, t.n)) for k in range(10)} == {wide.fixed_index}
     assert np.array_equal(wide.crop(3, 3), geometry.inner(t.crop(wide.fixed_index)))
     assert np.array_equal(wide.closed, refs.closed)                         # the silence gate still rests on the closed mouth
+
+
+def test_audio_reference_picks_the_bank_frame_that_sounds_alike(setup):
+    t = setup["template"]
+    _, crops, keys = bank_checkpoint(setup["tmp"] / "bank.pth")
+    with pytest.raises(utils.UserError, match="--reference audio"):
+        References(t, "audio")                                                    # a checkpoint without a bank
+    refs = References(t, "audio", bank=(crops, keys))
+    assert np.abs(refs.bank.reshape(-1, 3).mean(0) - refs.closed.reshape(-1, 3).mean(0)).max() < 3   # the template's colours
+    assert np.abs(refs.bank.astype(int) - crops).max() > 10                       # ... which are not the bank's own
+    got = refs.by_audio(sounds_like([0, 1, 0], [0, 0.70, 0.714], [0, 0, 1], [1, 0, 0]))
+    which = [next(i for i in range(3) if np.array_equal(g, refs.bank[i])) for g in got]
+    assert which == [1, 1, 2, 0]              # the second is a hair nearer frame 2: within BANK_HOLD the first is kept
+    assert len(refs.by_audio(sounds_like([0, 0, 1], [0, 1, 0]))) == 2
+
+
+def test_a_bank_checkpoint_renders_with_its_references_in_both_runtimes(setup, tmp_path):
+    path, crops, keys = bank_checkpoint(tmp_path / "bank.pth", seed=2)
+    first = inf.LipSyncModel(path, "cpu")                                         # PyTorch loads it, caches the graphs
+    cached = inf.LipSyncModel(path, "cpu")                                        # from the cache, without PyTorch
+    assert cached.unet is None and first.unet is not None
+    for m in (first, cached):
+        assert np.array_equal(m.ref_bank[0], crops) and np.array_equal(m.ref_bank[1], keys)
+    audio = RenderOptions(reference="audio", vad="off")
+    a = list(first.frames(setup["wav"], setup["template"], audio))
+    b = list(cached.frames(setup["wav"], setup["template"], audio))
+    closed = list(first.frames(setup["wav"], setup["template"], RenderOptions(vad="off")))
+    assert len(a) == len(b) == len(closed) == media_io.num_frames(len(setup["wav"]))
+    assert max(np.abs(x.astype(int) - y).max() for x, y in zip(a, b)) <= 1
+    assert max(np.abs(x.astype(int) - y).max() for x, y in zip(a, closed)) > 10   # the reference is the bank's
+    with pytest.raises(utils.UserError, match="--reference audio"):
+        next(setup["model"].frames(setup["wav"], setup["template"], audio))       # no bank in this one
 
 
 def test_silent_audio_gives_a_video_with_the_closed_mouth(setup):

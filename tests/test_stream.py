@@ -18,7 +18,7 @@ import templates
 import utils
 import vad
 from compose import RenderOptions
-from test_inference import random_light_checkpoint
+from test_inference import bank_checkpoint, random_light_checkpoint
 
 # Frames may differ by float rounding only: the mel of a shorter segment goes through a matrix
 # product that rounds differently (~1e-6 relative, tests/test_inference.py), which can move a
@@ -84,6 +84,14 @@ def test_any_chunking_gives_the_same_frames(live):
         got = run(live, chunks)
         assert len(got) == len(base)
         assert all(same(a.image, b.image) for a, b in zip(got, base)), chunks
+
+
+def test_audio_references_stream_as_the_file_path(live):
+    model = inf.LipSyncModel(bank_checkpoint(live["tmp"] / "bank.pth")[0], "cpu")
+    opts = RenderOptions(reference="audio")
+    whole = list(model.frames(live["wav"], live["template"], opts))
+    got = run(dict(live, model=model), [1200], opts=opts)
+    assert len(got) == len(whole) and all(same(f.image, w) for f, w in zip(got, whole))
 
 
 def test_less_look_ahead_gives_frames_sooner(live):

@@ -211,6 +211,36 @@ def test_closed_reference_pool_matches_inference_choice(data_root):
         datasets.reference_pool(data_root / "fake", frames, "open")
 
 
+def test_audio_reference_bank(data_root, tmp_path):
+    """--reference audio: the bank covers the sounds (a frame of each cluster of keys); a sample's
+    reference is one of the BANK_TOPK bank frames that sound most like it (outside the gap); the
+    checkpoint carries the bank's crops and keys for inference --reference audio."""
+    rng = np.random.default_rng(0)
+    keys = np.repeat(np.eye(3, 512, dtype=np.float32), 10, axis=0) + rng.normal(0, 0.01, (30, 512)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    assert sorted(int(b) // 10 for b in datasets.audio_bank(keys, size=3)) == [0, 1, 2]
+    assert np.array_equal(datasets.audio_bank(keys, size=40), np.arange(30))
+    frames = np.arange(36)
+    pool = datasets.reference_pool(data_root / "fake", frames, "audio")
+    assert np.array_equal(pool, frames)                                   # fewer frames than BANK_SIZE: all of them
+    s = datasets.LipDataset(data_root / "fake", frames=frames, ref_frames=pool, ref_by_audio=True)
+    k = datasets.frame_keys(s.feats, pool)
+    assert np.allclose(np.linalg.norm(k, axis=1), 1, atol=1e-5)
+    for i in (3, 17, 30):
+        sim = k @ k[i]
+        sim[max(0, i - datasets.REF_GAP):i + datasets.REF_GAP + 1] = -np.inf
+        assert s[i]["ref_index"] in set(np.argsort(-sim)[:datasets.BANK_TOPK].tolist())
+    picks = {s[(17, e)]["ref_index"] for e in range(12)}                  # more than one of them over epochs
+    assert len(picks) > 1
+    train_328.main(config(data_root, tmp_path / "out", reference="audio"))
+    bank = utils.load_checkpoint(tmp_path / "out" / "last.pth")["ref_bank"]
+    train = np.arange(utils.load_checkpoint(tmp_path / "out" / "last.pth")["config"]["train_frames"])
+    assert np.array_equal(bank["index"].numpy(), train)
+    crops = utils.load_npy(data_root / "fake" / utils.CROPS)
+    assert np.array_equal(bank["crops"][5].numpy(), geometry.inner(crops[train[5]]))
+    assert np.allclose(bank["keys"].numpy(), datasets.frame_keys(s.feats, train))
+
+
 def test_resume_is_exact(data_root, tmp_path):
     """4 steps straight == 2 steps, stop, resume 2 steps: same losses, same weights and weight
     average (sync loss, opening head and --ema on)."""
