@@ -1,7 +1,7 @@
 """One output frame around the generator, shared by inference_328.LipSyncModel and evaluate's
 baselines: the options of the render path (RenderOptions: each default written once here; the
 Configs of inference_328.py and evaluate.py read theirs from it), the reference crop beside each
-masked crop (References), and the paste (compose): silence gate, colour match, feathered blend.
+masked crop (References), the guided U-Net output (guide), and the paste (compose): silence gate, colour match, feathered blend.
 
     python -c "import compose; print(compose.RenderOptions())"
 """
@@ -14,9 +14,10 @@ import media_io
 import utils
 import vad
 from templates import closed_score, open_score
-from utils import BORDER, INNER, UserError
+from utils import BORDER, FEAT_WIN, INNER, UserError
 
 REFERENCES = ("closed", "open", "random", "audio")
+GUIDANCE = 1.0       # RenderOptions.guidance's default (README "Generator recipes", round 8)
 BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
 
 
@@ -33,6 +34,7 @@ class RenderOptions:
     speech_db: float = -35.0       # gate level (dB, same scale) at or above which the generated mouth is used as is
     vad: str = "auto"              # the gate asks the voice-activity detector: auto (when installed), on, off
     seed: int = 0                  # seed of the random reference choice
+    guidance: float = GUIDANCE     # the painted mouth moves this many times as far from what the same frame paints with silence (guide): 1 = the network's own output
     crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
 
     @classmethod
@@ -92,6 +94,22 @@ class References:
         """Reference 320 crop for output frame k shown on template frame j."""
         r = self.index(k, j)
         return self.fixed if r == self.fixed_index else np.ascontiguousarray(geometry.inner(self.template.crop(r)))
+
+
+def guide(run, img, audio, silent, guidance=GUIDANCE):
+    """The U-Net's output moved `guidance` times as far from what the same frame paints with
+    silence (as classifier-free guidance does): run(img, audio) -> (B, 3, 320, 320) float, audio
+    windows (B, 32, 16, 16), silent: the window of silence (32, 16, 16). A window's frames outside
+    the audio (all-zero vectors) stay zero in its silent twin, so silence is left as painted.
+    The L1-trained mouth is the average of the shapes its audio allows; > 1 undoes some of that
+    shrinking at the cost of a second U-Net pass."""
+    out = run(img, audio)
+    if guidance == 1.0:
+        return out
+    frames = audio.reshape(len(audio), FEAT_WIN, -1)
+    quiet = np.where((frames != 0).any(-1, keepdims=True), silent.reshape(1, FEAT_WIN, -1), np.float32(0))
+    still = run(img, np.ascontiguousarray(quiet.reshape(audio.shape), np.float32))
+    return still + np.float32(guidance) * (out - still)
 
 
 def _match_colours(crops, like):

@@ -79,6 +79,7 @@ class Config:
     syncnet: str = "auto"                          # SyncNet checkpoint for the secondary score; auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off
     plot: bool = True                              # write plot.png (opening over time + truth|generated strip) and strip.png (the strip at full size)
     video_out: bool = True                         # write side_by_side.mp4 (truth | generated, with the audio)
+    guidance: float = RenderOptions.guidance       # [0..4] the painted mouth moved this many times as far from what the frame paints with silence (as inference)
     seed: int = RenderOptions.seed                 # [0..] seed of a random reference choice
     lookahead: int = 7                             # [0..7] frames of audio past each frame the model may read: 7 = the file path; less = a live stream's (stream.py), fed 40 ms at a time
 

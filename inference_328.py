@@ -28,13 +28,10 @@ the lips and jaw of that closed reference over the generated ones in the pauses;
 dlib mouth opening in silent stretches from 0.091 to 0.016 (closed reference: 0.021) and leaves
 speech frames untouched (0.109 vs 0.109).
 
-Speed on CPU (bench_inference.py, full widths, 2-core Xeon): the U-Net runs (runner.py) with BatchNorm
-folded into the convs through ONNX Runtime when onnx + onnxruntime are installed and the graph matches
-eager PyTorch to 1e-3 (max abs diff 4e-5); else channels_last eager PyTorch. ORT costs 0.20 CPU s
-per frame vs 1.24 torch.compile, 1.47 folded + channels_last, 2.76 eager (measured side by side on
-a shared, oversubscribed machine). The exported graph is cached per checkpoint file (LIPSYNC_CACHE,
-default ~/.cache/lipsync). When the U-Net will run in PyTorch, the CLI re-executes itself once
-with glibc malloc settings (they must be set before the process starts; SPEC §11: ~1.4x).
+Speed on CPU (bench_inference.py): the U-Net runs (runner.py) with BatchNorm folded into the convs
+through ONNX Runtime when it is installed and the graph matches eager PyTorch to 1e-3 (0.20 CPU s a
+full-width frame vs 1.47 folded channels_last PyTorch), its graph cached per checkpoint (LIPSYNC_CACHE,
+default ~/.cache/lipsync); else PyTorch, the CLI re-executed once with glibc malloc settings (~1.4x).
 """
 import os
 import queue
@@ -55,13 +52,13 @@ import runner
 import stream
 import utils
 import vad
-from compose import References, RenderOptions, compose
+from compose import GUIDANCE, References, RenderOptions, compose, guide
 from templates import open_template
 from utils import FPS, HOP, MEL_FPS, MEL_WIN, N_FFT, SR, UserError
 
 
 # The render options (start_frame, feather, color_match, reference, silence_gate, silence_db,
-# speech_db, vad, seed, crf) take their defaults from compose.RenderOptions, as evaluate.py's do.
+# speech_db, vad, seed, guidance, crf) take their defaults from compose.RenderOptions, as evaluate.py's do.
 @dataclass
 class Config:
     name: str = ""                                   # avatar (dataset and checkpoint) name
@@ -83,6 +80,7 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)          # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
+    guidance: float = RenderOptions.guidance         # [0..4] the painted mouth moves this many times as far from what the frame paints with silence: 1 = the network's own output, 1.5 = opens wider (a second U-Net pass)
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
     lookahead: int = 3                               # [0..7] --stream: frames of audio past each frame the generator waits for (7 = the file path's frames, 0.41 s delay; 3 = 0.25 s, lips measured as good)
@@ -136,6 +134,7 @@ class LipSyncModel:
         self.widths, self.step, self.config = info["widths"], info["step"], info["config"]
         self.mask = info["mask"]                    # the area it repaints: bool (320, 320), None = MASK_RECT
         self.ref_bank = info.get("ref_bank")        # (crops, keys) of --reference audio, None when trained without it
+        self._silent = None                         # silent_window(), made on first use
 
     @property
     def source(self):
@@ -201,19 +200,26 @@ class LipSyncModel:
         return last * HOP + N_FFT // 2                 # its centred STFT window ends here (pre-emphasis looks back only)
 
     # -- the U-Net -----------------------------------------------------------------------------
-    def generate_crops(self, ref_crops, masked, audio_windows):
+    def generate_crops(self, ref_crops, masked, audio_windows, guidance=GUIDANCE):
         """Batched generator: reference and masked 320 crops (B, 320, 320, 3) uint8 BGR, audio
-        windows (B, 32, 16, 16) -> painted 320 crops (B, 320, 320, 3) uint8 BGR."""
+        windows (B, 32, 16, 16) -> painted 320 crops (B, 320, 320, 3) uint8 BGR (compose.guide)."""
         img = np.concatenate([ref_crops, masked], axis=-1)                    # (B, 320, 320, 6)
         img = np.ascontiguousarray(img.transpose(0, 3, 1, 2), np.float32) * np.float32(1 / 255)
-        out = self.runner(img, np.ascontiguousarray(audio_windows, np.float32))   # (B, 3, 320, 320)
+        silent = self.silent_window() if guidance != 1.0 else None
+        out = guide(self.runner, img, np.ascontiguousarray(audio_windows, np.float32), silent, guidance)
         return (out.transpose(0, 2, 3, 1) * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
-    def paint(self, crops, ref_crops, audio_windows):
+    def paint(self, crops, ref_crops, audio_windows, guidance=GUIDANCE):
         """328 face crops [B] of the template, their reference 320 crops [B], audio windows
         (B, 32, 16, 16) -> the generated 320 centres (B, 320, 320, 3) uint8 BGR (masked as trained)."""
         masked = geometry.mask_inner(np.stack([geometry.inner(c) for c in crops]), self.mask)
-        return self.generate_crops(np.stack(ref_crops), masked, audio_windows)
+        return self.generate_crops(np.stack(ref_crops), masked, audio_windows, guidance)
+
+    def silent_window(self):
+        """The audio window (32, 16, 16) of two seconds of digital silence: what guidance moves away from."""
+        if self._silent is None:
+            self._silent = media_io.feature_window(self.features(np.zeros(2 * SR, np.float32)), FPS)   # its middle frame
+        return self._silent
 
     # -- whole frames ---------------------------------------------------------------------------
     def frames(self, wav, template, opts=RenderOptions(), stats=None):
@@ -272,7 +278,7 @@ class LipSyncModel:
                 _add(stats, "audio features", time.perf_counter() - t)
                 t = time.perf_counter()
                 ref = refs.by_audio(aud) if refs.mode == "audio" else [b[3] for b in batch]
-                gen = self.paint([b[2] for b in batch], ref, aud)
+                gen = self.paint([b[2] for b in batch], ref, aud, opts.guidance)
                 _add(stats, "model", time.perf_counter() - t)
                 for i, (frame, box, crop, _) in enumerate(batch):
                     yield frame, box, crop, gen[i], refs.closed, loud[k + i], refs.mouth

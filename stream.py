@@ -146,7 +146,7 @@ class LiveSession:
         frame, box = self.template.read(j), self.template.boxes[j]
         crop = geometry.crop_face(frame, box)
         win = self._window(k)[None]
-        gen = self.model.paint([crop], self.refs.by_audio(win) if self.refs.mode == "audio" else [self.refs.crop(k, j)], win)[0]
+        gen = self.model.paint([crop], self.refs.by_audio(win) if self.refs.mode == "audio" else [self.refs.crop(k, j)], win, self.opts.guidance)[0]
         self.k += 1
         self._trim()
         return LiveFrame(k, k / FPS, (frame, box, crop, gen, self.refs.closed, self.gate.levels[k], self.refs.mouth))

@@ -219,6 +219,41 @@ def test_the_mouth_follows_the_audio(setup):
     assert np.abs(a[6][mouth].astype(int) - b[6][mouth]).mean() > 1.0
 
 
+def test_guidance_moves_the_output_away_from_what_silence_paints(setup):
+    """compose.guide with the real U-Net: 1 = the network's output, 0 = the same frame with silence,
+    2 = twice as far from it; frames outside the audio stay zero in the silent twin."""
+    from compose import guide
+    model = setup["model"]
+    silent = model.silent_window()
+    x, _ = runner.fresh_inputs(3, seed=7)
+    img = x.numpy()
+    feats = model.features(setup["wav"])
+    aud = np.stack([media_io.feature_window(feats, i) for i in (0, 12, 20)])      # frame 0: 8 of 16 vectors outside the audio
+    quiet = np.stack([media_io.feature_window(np.broadcast_to(silent.reshape(16, -1)[0], feats.shape), i) for i in (0, 12, 20)])
+    own, still = model.runner(img, aud), model.runner(img, quiet)
+    assert np.abs(own - still).mean() > 1e-3                                      # speech paints something else than silence
+    assert np.allclose(guide(model.runner, img, aud, silent, 1.0), own)
+    assert np.allclose(guide(model.runner, img, aud, silent, 0.0), still, atol=1e-5)
+    assert np.allclose(guide(model.runner, img, aud, silent, 2.0), 2 * own - still, atol=1e-5)
+    zeros = np.zeros_like(aud)
+    assert np.allclose(guide(model.runner, img, zeros, silent, 3.0), model.runner(img, zeros), atol=1e-5)
+
+
+def test_guidance_leaves_silence_as_painted_and_moves_speech(setup):
+    t, model = setup["template"], setup["model"]
+    quiet = np.zeros(utils.SR // 2, np.float32)
+    a = generated_frames(setup, quiet)
+    b = generated_frames(setup, quiet, guidance=2.0)
+    assert max(np.abs(x.astype(int) - y).max() for x, y in zip(a, b)) <= 1        # rounding only
+    speech = setup["wav"][utils.SR // 5:utils.SR // 5 + utils.SR // 2]
+    one, two, sil = (generated_frames(setup, w, **kw) for w, kw in ((speech, {}), (speech, dict(guidance=2.0)), (quiet, {})))
+    k = 8
+    x0, y0, x1, y1 = (int(v) for v in t.boxes[templates.pingpong(k, t.n)])
+    box = (slice(y0, y1), slice(x0, x1))
+    far1, far2 = (np.abs(f[k][box].astype(int) - sil[k][box]).mean() for f in (one, two))
+    assert far1 > 0.5 and far2 > 1.5 * far1                                       # further from the silent frame
+
+
 def test_fast_runtimes_equal_eager(setup):
     """BN folding + channels_last, and the runtime inference picked (ONNX Runtime where onnx is
     installed), reproduce the plain eager U-Net of the checkpoint to 1e-3."""
