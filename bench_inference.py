@@ -26,6 +26,7 @@ import numpy as np
 
 import templates
 import media_io
+from compose import RenderOptions
 import utils
 from utils import SR, UserError
 
@@ -43,6 +44,7 @@ class Config:
     mid_seconds: float = 30.0      # a middle case for the memory comparison, s; 0 skips it
     long_model: str = "stub"       # U-Net in the long cases: stub (pass-through) or real
     backend: str = "auto"          # U-Net runtime for the end-to-end cases (see runner.BACKENDS)
+    guidance: float = -1.0         # [-1..4] inference_328 --guidance of the end-to-end cases (a second U-Net pass when != 1); -1 = a file's default
     iters: int = 10                # timed U-Net calls per runtime
     compile: bool = True           # include torch.compile in the U-Net comparison (~1-2 min to compile)
     malloc_compare: bool = True    # also run the U-Net and the short case without the malloc settings
@@ -192,7 +194,8 @@ def case_e2e(arg):
     template = templates.open_template(arg["name"], arg["data_root"])
     stats, rss1 = {}, peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
-    model.render(arg["audio"], arg["out"], template, stats=stats)
+    opts = RenderOptions(guidance=arg["guidance"]) if arg["guidance"] >= 0 else RenderOptions()
+    model.render(arg["audio"], arg["out"], template, opts, stats=stats)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = stats.pop("frames")
     return {"frames": n, "wall_s": wall, "fps": n / wall, "cpu_s_per_frame": cpu / n, "model_load_s": load,
@@ -263,9 +266,11 @@ def main(cfg):
     def e2e(seconds, stub, malloc=True):
         audio = speech(seconds, work)
         return child("e2e", {"ckpt": str(ckpt), "name": name, "data_root": root, "audio": str(audio),
-                             "out": str(work / f"out_{seconds:g}s.mp4"), "backend": cfg.backend, "stub": stub}, malloc)
+                             "out": str(work / f"out_{seconds:g}s.mp4"), "backend": cfg.backend, "stub": stub,
+                             "guidance": cfg.guidance}, malloc)
 
-    print_e2e(f"end to end, {cfg.seconds:g} s of speech", e2e(cfg.seconds, False))
+    g = cfg.guidance if cfg.guidance >= 0 else RenderOptions().guidance
+    print_e2e(f"end to end, {cfg.seconds:g} s of speech, guidance {g:g}", e2e(cfg.seconds, False))
     if cfg.malloc_compare:
         print_e2e(f"end to end, {cfg.seconds:g} s, default glibc malloc", e2e(cfg.seconds, False, malloc=False))
     stub = cfg.long_model != "real"

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import utils
+from compose import RenderOptions
 from bench_inference import ensure_dataset, random_checkpoint, speech
 from utils import FPS, SR, UserError
 
@@ -47,6 +48,7 @@ class Config:
     seconds: float = 8.0           # audio of the fast and real-time cases, s
     drift_seconds: float = 600.0   # audio of the drift case, s
     lookahead: int = 3             # [0..7] frames of look-ahead (stream.LIVE_LOOKAHEAD, the live default)
+    guidance: float = -1.0         # [-1..4] inference_328 --guidance (a second U-Net pass when != 1); -1 = a live stream's default (compose.LIVE_GUIDANCE)
     backend: str = "auto"          # U-Net runtime (inference_328 --backend)
     threads: int = 0               # [0..] torch/ORT threads; 0 = torch's default
     part: str = ""                 # internal: the case a child process runs
@@ -67,11 +69,12 @@ def case(arg):
     tpl = templates.open_template(arg["name"], arg["data_root"])
     wav = media_io.load_audio(arg["audio"])
     pcm = (np.clip(wav, -1, 1) * 32767).astype("<i2")
+    opts = RenderOptions(guidance=arg["guidance"]) if arg["guidance"] >= 0 else None     # None: LiveSession's default
     res = dict(widths=list(model.widths), runtime=model.runner.kind, torch_loaded="torch" in sys.modules,
-               load=round(os.getloadavg()[0], 2))
+               load=round(os.getloadavg()[0], 2), guidance=arg["guidance"])
 
     # as fast as possible: the U-Net paints in this thread, a second pastes and JPEG-encodes (the server's split)
-    sess = stream.LiveSession(model, tpl, lookahead=arg["lookahead"])
+    sess = stream.LiveSession(model, tpl, opts, lookahead=arg["lookahead"])
     res["delay_s"] = round(sess.delay(), 4)
     stages, t0 = {}, time.perf_counter()
     with Paster(sess, cv2, stages) as paster:
@@ -86,7 +89,7 @@ def case(arg):
                ms_per_frame={k: round(1000 * v / max(n, 1), 1) for k, v in stages.items()})
 
     # real time: pieces arrive at the pace they are recorded; frames too late are skipped
-    sess = stream.LiveSession(model, tpl, lookahead=arg["lookahead"])
+    sess = stream.LiveSession(model, tpl, opts, lookahead=arg["lookahead"])
     start, lag_max, i = time.perf_counter(), 0.0, 0
     with Paster(sess, cv2, {}, start) as paster:
         while i < len(pcm) or not sess.done():
@@ -112,7 +115,7 @@ def case(arg):
                            max_lag_s=round(lag_max, 3))
 
     # drift: a long timeline, frames skipped
-    sess = stream.LiveSession(model, tpl, lookahead=arg["lookahead"])
+    sess = stream.LiveSession(model, tpl, opts, lookahead=arg["lookahead"])
     total = int(arg["drift_seconds"] * SR)
     t0, pushed = time.perf_counter(), 0
     while pushed < total:
@@ -199,7 +202,7 @@ def main(cfg):
         else:
             raise UserError(f"--widths {w!r}: use light, full or trained")
         arg = dict(ckpt=str(ckpt), name=name, data_root=root, audio=str(audio), lookahead=cfg.lookahead,
-                   backend=cfg.backend, threads=cfg.threads, drift_seconds=cfg.drift_seconds)
+                   guidance=cfg.guidance, backend=cfg.backend, threads=cfg.threads, drift_seconds=cfg.drift_seconds)
         subprocess.run([sys.executable, __file__, "--part", "warm", "--arg", json.dumps(arg)], capture_output=True)
         r = subprocess.run([sys.executable, __file__, "--part", "case", "--arg", json.dumps(arg)],
                            capture_output=True, text=True)

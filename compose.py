@@ -17,7 +17,8 @@ from templates import closed_score, open_score
 from utils import BORDER, FEAT_WIN, INNER, UserError
 
 REFERENCES = ("closed", "open", "random", "audio")
-GUIDANCE = 1.0       # RenderOptions.guidance's default (README "Generator recipes", round 8)
+GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (README "Generator recipes", round 8)
+LIVE_GUIDANCE = 1.0  # a live stream's (stream.py): one U-Net pass a frame keeps light widths in real time
 BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
 
 
@@ -38,9 +39,13 @@ class RenderOptions:
     crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
 
     @classmethod
-    def from_config(cls, cfg):
-        """The options a script's Config sets (its fields of the same names); the rest keep their defaults."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+    def from_config(cls, cfg, live=False):
+        """The options a script's Config sets (its fields of the same names); the rest keep their
+        defaults. A guidance < 0 means the default of the path: GUIDANCE, or LIVE_GUIDANCE if live."""
+        kw = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        if kw.get("guidance", 0) < 0:
+            kw["guidance"] = LIVE_GUIDANCE if live else GUIDANCE
+        return cls(**kw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)          # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
-    guidance: float = RenderOptions.guidance         # [0..4] the painted mouth moves this many times as far from what the frame paints with silence: 1 = the network's own output, 1.5 = opens wider (a second U-Net pass)
+    guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = 1.25 for a file, 1 with --stream (real time)
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
     lookahead: int = 3                               # [0..7] --stream: frames of audio past each frame the generator waits for (7 = the file path's frames, 0.41 s delay; 3 = 0.25 s, lips measured as good)

@@ -36,7 +36,7 @@ import geometry
 import media_io
 import utils
 import vad
-from compose import References, RenderOptions, compose
+from compose import LIVE_GUIDANCE, References, RenderOptions, compose
 from templates import pingpong
 from utils import FEAT_WIN, FPS, SR, UserError
 
@@ -71,7 +71,8 @@ def to_float(pcm):
 class LiveSession:
     """One stream: push audio, take frames. Not thread-safe; one session per client."""
 
-    def __init__(self, model, template, opts=RenderOptions(), lookahead=LIVE_LOOKAHEAD, level_shift=None):
+    def __init__(self, model, template, opts=None, lookahead=LIVE_LOOKAHEAD, level_shift=None):
+        opts = opts if opts is not None else RenderOptions(guidance=LIVE_GUIDANCE)
         if not 0 <= lookahead <= LOOKAHEAD:
             raise UserError(f"--lookahead {lookahead}: use 0 .. {LOOKAHEAD} frames")
         if not 0 <= opts.start_frame < template.n:
@@ -256,7 +257,7 @@ def pcm_chunks(audio_path, chunk=READ_BYTES):
         yield wav[i:i + chunk // 2].tobytes()
 
 
-def render_stream(model, template, chunks, out_path, opts=RenderOptions(), lookahead=LIVE_LOOKAHEAD, progress=None):
+def render_stream(model, template, chunks, out_path, opts=None, lookahead=LIVE_LOOKAHEAD, progress=None):
     """Frames into a fragmented mp4 as their audio arrives (media_io.StreamWriter); the paste runs in
     a second thread while the U-Net paints the next frame -> (frames, seconds from the first audio
     chunk to the first frame written)."""
@@ -303,7 +304,7 @@ def render_stream(model, template, chunks, out_path, opts=RenderOptions(), looka
 def main(cfg, model, template, out):
     """inference_328.py --stream: the avatar says audio from stdin (--audio_path -) or a file."""
     from tqdm import tqdm
-    opts = RenderOptions.from_config(cfg)
+    opts = RenderOptions.from_config(cfg, live=True)
     bar = tqdm(unit="f", desc="live", dynamic_ncols=True)
     sess_delay = LiveSession(model, template, opts, cfg.lookahead).delay()
     print(f"streaming into {out}: look-ahead {cfg.lookahead} frames, each frame waits for "

@@ -242,16 +242,17 @@ def test_guidance_moves_the_output_away_from_what_silence_paints(setup):
 def test_guidance_leaves_silence_as_painted_and_moves_speech(setup):
     t, model = setup["template"], setup["model"]
     quiet = np.zeros(utils.SR // 2, np.float32)
-    a = generated_frames(setup, quiet)
+    a = generated_frames(setup, quiet, guidance=1.0)
     b = generated_frames(setup, quiet, guidance=2.0)
     assert max(np.abs(x.astype(int) - y).max() for x, y in zip(a, b)) <= 1        # rounding only
     speech = setup["wav"][utils.SR // 5:utils.SR // 5 + utils.SR // 2]
-    one, two, sil = (generated_frames(setup, w, **kw) for w, kw in ((speech, {}), (speech, dict(guidance=2.0)), (quiet, {})))
+    one, two, sil = (generated_frames(setup, w, **kw) for w, kw in ((speech, dict(guidance=1.0)), (speech, dict(guidance=2.0)), (quiet, {})))
     k = 8
     x0, y0, x1, y1 = (int(v) for v in t.boxes[templates.pingpong(k, t.n)])
     box = (slice(y0, y1), slice(x0, x1))
     far1, far2 = (np.abs(f[k][box].astype(int) - sil[k][box]).mean() for f in (one, two))
     assert far1 > 0.5 and far2 > 1.5 * far1                                       # further from the silent frame
+    assert live_stream.LiveSession(model, t).opts.guidance == 1.0 < RenderOptions().guidance   # live: one U-Net pass a frame
 
 
 def test_fast_runtimes_equal_eager(setup):
@@ -466,6 +467,8 @@ def test_render_options_hold_the_defaults_of_both_command_lines():
     names = {f.name for f in dataclasses.fields(RenderOptions)}
     assert names <= {f.name for f in dataclasses.fields(inf.Config)}
     assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=[])) == RenderOptions()
+    assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=[]), live=True) == RenderOptions(guidance=1.0)
+    assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=["--guidance", "1.5"]), live=True).guidance == 1.5
     assert RenderOptions.from_config(utils.parse_config(ev.Config, argv=[])) == RenderOptions(silence_gate=False)
     cfg = utils.parse_config(inf.Config, argv=["--feather", "8", "--no-color_match", "--reference", "random",
                                                "--vad", "off", "--silence_db", "-50", "--crf", "23"])

@@ -37,7 +37,7 @@ def live(tiny_dataset, tmp_path_factory):
     wav = synthetic.synth_speech(1.6, seed=5, lead_silence=0.3)
     n = media_io.num_frames(len(wav))
     shift = vad.level_shift(vad.frame_loudness_db(wav, n))
-    whole = list(model.frames(wav, template, RenderOptions()))
+    whole = list(model.frames(wav, template, RenderOptions(guidance=stream.LIVE_GUIDANCE)))   # the file path at live's defaults
     yield dict(model=model, template=template, wav=wav, shift=shift, whole=whole, ckpt=ckpt, tmp=tmp,
                data_root=tiny_dataset.parent)
     if old_cache is None:
@@ -193,11 +193,11 @@ def test_a_cached_model_runs_without_pytorch(live):
     got = live["model"].features(live["wav"])
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     out = live["tmp"] / "frames.npy"
-    code = ("import sys, numpy as np, inference_328 as inf, templates, synthetic\n"
+    code = ("import sys, numpy as np, inference_328 as inf, templates, synthetic, compose\n"
             "m = inf.LipSyncModel(sys.argv[1], 'cpu')\n"
             "t = templates.open_template('tiny', sys.argv[2])\n"
             "w = synthetic.synth_speech(1.6, seed=5, lead_silence=0.3)\n"
-            "np.save(sys.argv[3], np.stack(list(m.frames(w, t))))\n"
+            "np.save(sys.argv[3], np.stack(list(m.frames(w, t, compose.RenderOptions(guidance=1.0)))))\n"
             "print('torch' in sys.modules, m.runner.kind, type(m.audio_encoder).__name__)\n")
     r = subprocess.run([sys.executable, "-c", code, str(live["ckpt"]), str(live["data_root"]), str(out)],
                        capture_output=True, text=True, cwd=utils.REPO, env=dict(os.environ))
