@@ -9,7 +9,8 @@ regenerates its frames from their own audio, with the held-out frames as templat
 reference crop chosen exactly as inference chooses it, and the result is compared with the truth:
 image quality (PSNR/SSIM on the 320 crop and the mouth box), mouth landmarks (LMD), mouth opening
 over time against the truth (Pearson r, lag), the same with the audio of another moment (the
-ablation gap: a model that ignores audio scores ~0), mouth closed in silence, jitter, the paste
+ablation gap: a model that ignores audio scores ~0; the moment is one whose loudness is unrelated
+to the real audio's, since a steady speak-pause rhythm lines up with itself), mouth closed in silence, jitter, the paste
 seam, identity (dlib face descriptor) and, when trained, our SyncNet's confidence.
 
 `--baseline template` replaces the model by one that ignores audio: the reference crop it would be
@@ -49,7 +50,8 @@ from geometry import to_crop_coords
 from metrics import (CLOSED_SHARE, JITTER_MARGIN, SEAM_PAD, SILENCE_CONTRAST_DB, SILENCE_FLOOR_DB,
                      SILENCE_HOLD, SILENCE_MIN_DB, best_lag, chance_r, closed_threshold, cosine,
                      jitter_ratio, lmd, load_syncnet, loudness_db, mean_finite, mouth_opening, pearson,
-                     seam_band, silence_score, silent_frames, speech_frames, sync_confidence, width_ratio)
+                     seam_band, silence_score, silent_frames, speech_frames, sync_confidence, uncorrelated_shift,
+                     width_ratio)
 from utils import FPS, INNER, MOUTH_MARGIN, SR, UserError
 
 
@@ -73,7 +75,7 @@ class Config:
     feather: int = RenderOptions.feather           # [0..64] paste feather, px in the 328 crop (as inference)
     color_match: bool = RenderOptions.color_match  # colour-match the generated crop near the seam (as inference)
     silence_gate: bool = False                     # inference's silence gate; off so the metrics judge the network (--silence_gate: the product as shipped)
-    ablation_shift: float = 0.5                    # [>0..1] the "other moment" audio: rolled by this share of the clip
+    ablation_shift: float = 0.0                    # [0..1] the "other moment" audio: rolled by this share of the clip; 0 = the shift in 0.25..0.75 whose loudness is least like the clip's own
     max_lag: int = 10                              # [1..] frames searched each way for the best opening lag
     id_frames: int = 12                            # [0..] frames (evenly spaced) on which identity descriptors are computed (~0.15 s each)
     syncnet: str = "auto"                          # SyncNet checkpoint for the secondary score; auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off
@@ -165,6 +167,9 @@ ROWS = [  # key, label, ideal / reading
     ("opening_width_ratio", "opening width ratio (sd gen / sd truth)", "1"),
     ("opening_r_other_audio", "opening r, audio of another moment", "~0"),
     ("ablation_gap", "ablation gap r(real) - r(other)", "high"),
+    ("ablation_shift_frames", "  other audio: rolled by (frames)", ""),
+    ("ablation_audio_r", "  its loudness vs the real audio's (r)", "~0"),
+    ("opening_r_other_own", "  other-audio opening vs the truth of its audio's moment", "~opening r"),
     ("speech_frames", "speech frames (louder than silence)", ""),
     ("opening_r_speech", "opening r vs truth, speech frames only", "1"),
     ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
@@ -305,8 +310,12 @@ def _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, sil
     m["opening_lag"], m["opening_r_at_lag"] = best_lag(g_open, t_open, cfg.max_lag)
     m["opening_r_chance"] = chance_r(g_open, t_open)
     m["opening_width_ratio"] = width_ratio(g_open, t_open)
+    n = len(db)
+    shift = (int(round(cfg.ablation_shift * n)) % n or n // 2) if cfg.ablation_shift > 0 else uncorrelated_shift(db)
+    m["ablation_shift_frames"], m["ablation_audio_r"] = shift, pearson(np.roll(db, shift), db)
     other_open = mouth_opening(other_pass()["gen_lms"])
     m["opening_r_other_audio"] = pearson(other_open, t_open)
+    m["opening_r_other_own"] = pearson(other_open, np.roll(t_open, shift))
     m["ablation_gap"] = m["opening_r"] - m["opening_r_other_audio"]
     sp = speech_frames(db, silence_db)
     m["speech_frames"] = int(sp.sum())
@@ -380,7 +389,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     other_open = None
     if self_mode:
         def other_pass():   # the same frames driven by the audio of another moment of the clip
-            shift = int(round(cfg.ablation_shift * n)) % n or n // 2
+            shift = m["ablation_shift_frames"]
             t = time.time()
             other = run_pass(gen_model.frames(np.roll(wav, shift * SR // FPS), template, opts), template, det_boxes, n,
                              detector=detector, truth=main_pass, full=False, desc="ablation (other audio)")

@@ -93,6 +93,20 @@ def lag_curve(a, b, max_lag):
     return lags, r
 
 
+def uncorrelated_shift(series, lo=0.25, hi=0.75):
+    """The circular shift (frames) between lo and hi x the length whose shifted copy of `series`
+    correlates least with it (smallest |r|). Speech with a steady speak-pause rhythm lines up
+    with itself at some shifts (the grid clip's loudness at half its length: r 0.76), so audio
+    rolled by such a shift is not "another moment" at all; this picks one that is."""
+    x = np.asarray(series, np.float64)
+    n = len(x)
+    shifts = np.arange(max(1, int(lo * n)), max(2, int(hi * n) + 1))
+    if n < 4:
+        return max(1, n // 2)
+    r = np.array([abs(pearson(np.roll(x, s), x)) for s in shifts])
+    return int(shifts[int(np.argmin(r))])
+
+
 def chance_r(a, b, min_shift=CHANCE_SHIFT):
     """Chance level of pearson(a, b) for these two series: the standard deviation of r between `a`
     and `b` circularly shifted by min_shift .. len - min_shift frames (shifts that break any real

@@ -192,6 +192,7 @@ def test_template_baseline_end_to_end(tiny_dataset, tmp_path):
     assert m["env_r_true"] > 0.5                                 # the synthetic actor's jaw follows loudness
     assert m["identity_cos"] > 0.9 and m["silence_gen"] == 1.0
     assert 0.5 < m["seam_ratio"] < 1.5 and m["jitter_ratio"] < 0.5
+    assert 18 <= m["ablation_shift_frames"] <= 57 and abs(m["ablation_audio_r"]) < 0.3   # another moment, unlike this one
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"]["ablation_gap"] == m["ablation_gap"]
     assert m["opening_width_ratio"] < 0.5                       # a pasted still mouth hardly moves
@@ -227,6 +228,16 @@ def test_chance_level_of_r(rng):
     c = metrics.chance_r(a, b)
     assert 0.02 < c < 0.3                                        # smooth series: r of unrelated tracks spreads
     assert math.isnan(metrics.chance_r(a[:40], b[:40]))               # too short for shifts of >= 1 s
+
+
+def test_ablation_shift_avoids_a_rhythm_that_lines_up():
+    """A speak-pause rhythm of period 150 frames in 1500: rolled by half the clip it lines up with
+    itself (r 1); the chosen shift leaves it unrelated (|r| < 0.05), within 0.25..0.75 of the clip."""
+    t = np.arange(1500)
+    loud = np.where((t % 150) < 100, -20.0, -60.0) + np.sin(t * 0.3)
+    assert metrics.pearson(np.roll(loud, 750), loud) > 0.95
+    s = metrics.uncorrelated_shift(loud)
+    assert 375 <= s <= 1125 and abs(metrics.pearson(np.roll(loud, s), loud)) < 0.05
 
 
 def test_unseen_audio_mode(tiny_dataset, tmp_path):
