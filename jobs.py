@@ -25,6 +25,7 @@ from pathlib import Path
 
 import media_io
 import templates
+from compose import GUIDANCE, RenderOptions
 import utils
 from speech import synthesize_speech
 from utils import UserError
@@ -403,8 +404,9 @@ class Worker:
         template = templates.open_template(job["avatar"], s.data_root, inp.get("template") or "")
         rel = Path("results") / f"{job['id']}.mp4"
         try:
-            model.render(audio, Path(s.data_dir) / rel, template=template, progress=prog, should_stop=self.should_stop,
-                         tmp_dir=Path(s.data_dir) / "tmp")
+            opts = RenderOptions(guidance=float(req.get("guidance", GUIDANCE)))
+            model.render(audio, Path(s.data_dir) / rel, template=template, opts=opts, progress=prog,
+                         should_stop=self.should_stop, tmp_dir=Path(s.data_dir) / "tmp")
         finally:
             template.close()
         return str(rel)

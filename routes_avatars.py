@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from pydantic import BaseModel, Field
 
 import utils
+from compose import GUIDANCE
 from jobs import GEN_CKPT, JobStore, Worker, checkpoint_path, json_object
 from routes_jobs import (PRESETS, JobOut, get_settings, get_state, get_store, get_worker, job_out, new_job_dir,
                          require_key)
@@ -219,6 +220,8 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
              text: Optional[str] = Form(None, description="instead of audio: text to speak (when health.tts)"),
              template: Optional[UploadFile] = File(None, description="optional photo of a face to animate instead of the avatar's video"),
              checkpoint: Optional[str] = Form(None, description="checkpoint file, e.g. last.pth (default best, else last)"),
+             guidance: Optional[float] = Form(None, ge=0, le=4, description=f"how far the mouth moves: 1 = the network's own output, "
+                                              f"more opens it wider (inference_328 --guidance; default {GUIDANCE})"),
              s=Depends(get_settings), store: JobStore = Depends(get_store), worker: Worker = Depends(get_worker),
              state: dict = Depends(get_state)):
     """Queue a generate job: the avatar says the audio; the result is an mp4 with that audio."""
@@ -229,6 +232,8 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
     check_generate_request(s, store, state["tts"], avatar, has_audio, text, has_template, checkpoint)
     job_id, folder = new_job_dir(s)
     inputs, request = {"dir": str(folder), "shown": {}}, {"checkpoint": checkpoint or ""}
+    if guidance is not None:
+        request["guidance"] = guidance
     try:
         if has_audio:
             shown = shown_name(audio, "audio")

@@ -610,6 +610,11 @@ async function submitGenerate(ev) {
     if (audio) form.append("audio", audio);
     else form.append("text", text);
     if (photo) form.append("template", photo);
+    const g = $("#guidance").value.trim();
+    if (g) {
+      if (!(Number(g) >= 0 && Number(g) <= 4)) throw new Error("mouth movement: give a number from 0 to 4 (or leave it empty)");
+      form.append("guidance", g);
+    }
     btn.disabled = true;
     const job = await upload("/api/generate", form, null);
     message("Job queued.", "info");

@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -16,6 +17,7 @@ import server
 import media_io
 import utils
 from bench_server import write_random_checkpoint, write_speech
+from test_inference import random_light_checkpoint
 
 KEY = "s3cret-key"
 
@@ -149,6 +151,31 @@ def test_generate_job_end_to_end_with_range_requests(client, media_files):
     # a second job reuses the loaded model (LRU cache keyed by checkpoint file)
     worker = client.app.state.jobs["worker"]
     assert len(worker.models) == 1
+
+
+def test_generate_guidance_is_the_requests_and_moves_the_mouth(client, media_files):
+    """`guidance` reaches the render: the same speech at 0 (the frame as painted with silence) and 3
+    gives other frames; out of 0..4 it is refused before any job is made. (A light checkpoint whose
+    output depends visibly on the audio, as a trained one's does, removed at the end.)"""
+    ckpt = Path(client.app.state.settings.ckpt_root) / "tiny" / "step_1.pth"
+    random_light_checkpoint(ckpt)
+    videos = {}
+    try:
+        for g in ("0", "3"):
+            job = post_generate(client, media_files / "short.wav", guidance=g, checkpoint=ckpt.name).json()
+            assert job["request"]["guidance"] == float(g)
+            done = wait(client, job["id"])
+            assert done["status"] == "done", done["error"]
+            out = Path(client.app.state.settings.data_dir) / "results" / f"{job['id']}.mp4"
+            v = media_io.probe(out)["video"]
+            videos[g] = np.stack(list(media_io.iter_frames(out, v["width"], v["height"]))).astype(np.float32)
+    finally:
+        ckpt.unlink()
+    assert videos["0"].shape == videos["3"].shape
+    assert np.abs(videos["0"] - videos["3"]).max(axis=(1, 2, 3)).mean() > 10       # the mouth moved, frame by frame
+    n_jobs = len(client.get("/api/jobs").json())
+    r = post_generate(client, media_files / "short.wav", guidance="5")
+    assert r.status_code == 422 and len(client.get("/api/jobs").json()) == n_jobs
 
 
 def test_generate_errors(client, media_files):
