@@ -43,7 +43,7 @@ class Config:
     open_weight: float = 0.0       # [0..] sampling weight of extreme mouth openings (train_328 --open_weight)
     audio_lr_mult: float = 1.0     # [>0..] audio-branch learning-rate multiplier (train_328 --audio_lr_mult)
     amp: bool = True               # mixed precision (train_328 --amp: bf16 on GPUs and on CPUs with bf16 units)
-    ema: float = 0.0               # [0..0.9999] moving average of the generator's weights (train_328 --ema)
+    ema: float = train_328.Config.ema          # [0..0.9999] moving average of the generator's weights (train_328 --ema)
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)

@@ -61,7 +61,7 @@ class Config:
     window_share: float = 0.8       # [0..1] share of the steps (the first ones) that train on windows when --window > 0
     open_weight: float = 0.0        # [0..] draw training frames with weight 1 + W x |mouth opening's robust z-score| (the wide-open and tight-shut extremes more often; 0 = uniform, each epoch a permutation)
     audio_lr_mult: float = 1.0      # [>0..] the U-Net's audio branch learns at lr x this (1 = one rate for all)
-    ema: float = 0.0                # [0..0.9999] > 0: keep an exponential moving average of the weights (this decay per step, less in the first steps: ema_update); checkpoints' model and the held-out check use it (0 = off)
+    ema: float = 0.99               # [0..0.9999] > 0: keep an exponential moving average of the weights (this decay per step, less in the first steps: ema_update); checkpoints' model and the held-out check use it (0 = off; README round 9)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
     num_workers: int = 2            # [0..] DataLoader worker processes per loader and process
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
