@@ -75,8 +75,11 @@ def render_frame(face, lm, opening, drift=(0.0, 0.0)):
     drop = 0.45 * mw * opening                                 # px the lower lip moves down
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     wx = np.exp(-((xs - mx) / (0.9 * mw)) ** 2)
-    # 0 above the lip line, 1 from the lower lip to the chin, fading out below the chin
-    wy = np.clip((ys - my) / (0.15 * mw), 0, 1) * np.clip(1 - (ys - chin) / (0.6 * mw), 0, 1)
+    # 0 above the lip line, 1 from the lower lip to the chin, gone 0.1 mouth widths below the chin:
+    # the neck stays still, so nothing outside the area the generator repaints (the jaw mask, grown
+    # beyond the widest-open chin) shows how far the jaw is open; the model must take it from the
+    # audio (with a 0.6 fade the demo's mouth followed its frames' jaws, not the audio: README)
+    wy = np.clip((ys - my) / (0.15 * mw), 0, 1) * np.clip(1 - (ys - chin) / (0.1 * mw), 0, 1)
     dy = drop * wx * wy
     out = cv2.remap(face, (xs - drift[0]).astype(np.float32), (ys - dy - drift[1]).astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if drop > 1:
