@@ -100,9 +100,9 @@ def uncorrelated_shift(series, lo=0.25, hi=0.75):
     rolled by such a shift is not "another moment" at all; this picks one that is."""
     x = np.asarray(series, np.float64)
     n = len(x)
-    shifts = np.arange(max(1, int(lo * n)), max(2, int(hi * n) + 1))
     if n < 4:
         return max(1, n // 2)
+    shifts = np.arange(max(1, int(lo * n)), int(hi * n) + 1)
     r = np.array([abs(pearson(np.roll(x, s), x)) for s in shifts])
     return int(shifts[int(np.argmin(r))])
 

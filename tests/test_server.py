@@ -176,6 +176,7 @@ def test_generate_guidance_is_the_requests_and_moves_the_mouth(client, media_fil
     n_jobs = len(client.get("/api/jobs").json())
     r = post_generate(client, media_files / "short.wav", guidance="5")
     assert r.status_code == 422 and len(client.get("/api/jobs").json()) == n_jobs
+    assert r.json()["detail"][0]["loc"][-1] == "guidance" and "4" in r.json()["detail"][0]["msg"]
 
 
 def test_generate_errors(client, media_files):
