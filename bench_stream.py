@@ -31,7 +31,7 @@ import numpy as np
 
 import utils
 from compose import RenderOptions
-from bench_inference import ensure_dataset, random_checkpoint, speech
+from bench_inference import ensure_dataset, lift_bf16_check, random_checkpoint, speech
 from utils import FPS, SR, UserError
 
 PIECE = SR // 10            # samples per pushed piece (100 ms)
@@ -65,6 +65,7 @@ def case(arg):
     if arg["threads"]:
         import torch
         torch.set_num_threads(arg["threads"])
+    lift_bf16_check(arg["ckpt"])
     model = inf.LipSyncModel(arg["ckpt"], "cpu", arg["backend"])
     tpl = templates.open_template(arg["name"], arg["data_root"])
     wav = media_io.load_audio(arg["audio"])
@@ -182,6 +183,7 @@ def main(cfg):
     if cfg.part == "warm":            # exports and checks the graphs once, so the measured case loads without PyTorch
         import inference_328
         a = json.loads(cfg.arg)
+        lift_bf16_check(a["ckpt"])
         inference_328.LipSyncModel(a["ckpt"], "cpu", a["backend"])
         return
     if cfg.part:

@@ -70,7 +70,7 @@ class Config:
     max_frames: int = 0                            # [0..] evaluate only the first N frames (0 = all)
     baseline: str = ""                             # "" = the model; template = paste the reference back (ignores audio); copy = paste the template back
     device: str = "auto"                           # auto (cuda -> mps -> cpu), cpu, cuda, mps
-    backend: str = "auto"                          # U-Net runtime for inference (auto, ort, compile, eager)
+    backend: str = "auto"                          # U-Net runtime for inference (auto, ov, ort, compile, eager)
     reference: str = RenderOptions.reference       # reference crop rule, as in inference_328 (closed, open, random or audio)
     feather: int = RenderOptions.feather           # [0..64] paste feather, px in the 328 crop (as inference)
     color_match: bool = RenderOptions.color_match  # colour-match the generated crop near the seam (as inference)

@@ -68,7 +68,7 @@ class Config:
     start_frame: int = RenderOptions.start_frame     # [0..] first template frame (the template then plays forward, backward, ...)
     batch_size: int = 0                              # [0..] frames per U-Net call; 0 = auto (1 on CPU, where batching is slower; 16 on GPU)
     device: str = "auto"                             # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
-    backend: str = "auto"                            # U-Net runtime: auto, ort (onnxruntime), compile (torch.compile), eager
+    backend: str = "auto"                            # U-Net runtime: auto, ov (OpenVINO, bf16), ort (onnxruntime), compile, eager
     feather: int = RenderOptions.feather             # [0..64] px (in the 328 crop) over which the pasted face fades into the frame
     color_match: bool = RenderOptions.color_match    # match the generated crop's colours to the template near the seam
     reference: str = RenderOptions.reference         # reference crop: closed (the template frame with the most closed mouth), open (one with the mouth wide open, teeth in view) random (a random other frame per output frame, as in training) or audio (the frame of the checkpoint's bank that sounds most like the output frame: models trained with --reference audio)
@@ -124,8 +124,8 @@ class LipSyncModel:
 
     def __init__(self, checkpoint, device="auto", backend="auto", batch_size=0):
         self.path = Path(checkpoint)
-        cached = runner.cached_generator(self.path) if runner.torch_free(device, backend) else None
-        if cached is not None:      # ONNX Runtime only, PyTorch never imported: ~0.4 GB less memory
+        cached = runner.cached_generator(self.path, backend) if runner.torch_free(device, backend) else None
+        if cached is not None:      # ONNX Runtime / OpenVINO only, PyTorch never imported: ~0.4 GB less memory
             self.runner, self.audio_encoder, info = cached
             self.device, self.unet = "cpu", None
             self.batch_size = batch_size or CPU_BATCH
@@ -151,10 +151,10 @@ class LipSyncModel:
         self.audio_encoder = fold_bn(enc).to(self.device)
         self.batch_size = batch_size or (CPU_BATCH if self.device.type == "cpu" else GPU_BATCH)
         self.runner = runner.make_runner(self.unet, self.device, backend, self.batch_size, self.path)
-        if self.runner.kind == "ort":
+        if self.runner.kind in runner.GRAPH_KINDS:
             runner.cache_generator(self.path, self.audio_encoder, info)
-            if isinstance(cached := runner.cached_generator(self.path), tuple) and self.device.type == "cpu":
-                self.audio_encoder = cached[1]      # the encoder in ONNX Runtime too (no torch threads beside ORT's)
+            if (graph := runner.onnx_cache_path(self.path, "audio")).is_file() and self.device.type == "cpu":
+                self.audio_encoder = runner.OrtAudio(graph.read_bytes())   # in ONNX Runtime too (no torch threads beside it)
         return info
 
     # -- audio -------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def maybe_reexec_with_malloc_env(cfg):
     when the U-Net will run in PyTorch on the CPU. Measured: ~1.4x for eager PyTorch (SPEC §11),
     nothing for ONNX Runtime (own allocator: 1.62 vs 1.67 frames/s), so with ORT it is skipped."""
     import importlib.util
-    ort_likely = cfg.backend in ("auto", "ort") and all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+    ort_likely = cfg.backend in ("auto", *runner.GRAPH_KINDS) and all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
     if (cfg.malloc_tune and not ort_likely and cfg.device in ("auto", "cpu") and sys.platform.startswith("linux")
             and not os.environ.get("LIPSYNC_REEXEC") and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())):
         env = dict(os.environ, LIPSYNC_REEXEC="1", **MALLOC_ENV)

@@ -1,11 +1,13 @@
 """The generator of a checkpoint file and the runtimes that run it (SPEC §11): loading the U-Net
-and the AudioEncoder a checkpoint holds; running the U-Net through ONNX Runtime, torch.compile or
-eager PyTorch, whichever is the fastest for the device that reproduces eager PyTorch to MATCH_TOL,
-the exported ONNX graph cached per checkpoint file (LIPSYNC_CACHE, default ~/.cache/lipsync).
+and the AudioEncoder a checkpoint holds; running the U-Net through OpenVINO (bf16, on CPUs with
+bf16 units), ONNX Runtime, torch.compile or eager PyTorch, whichever is the fastest for the device
+that reproduces eager PyTorch (to MATCH_TOL in float32, BF16_PSNR in bf16), the exported ONNX graph
+cached per checkpoint file (LIPSYNC_CACHE, default ~/.cache/lipsync).
 Used by inference_328.LipSyncModel (and so by the server and evaluate.py) and bench_inference.py.
 
     python bench_inference.py --widths light --seconds 2 --long_seconds 0 --mid_seconds 0 --no-compile --iters 3   # each runtime's speed and error
 """
+import functools
 import hashlib
 import os
 import sys
@@ -16,8 +18,10 @@ import numpy as np
 import utils
 from utils import INNER, UserError
 
-MATCH_TOL = 1e-3                  # a faster U-Net runtime is used only if it equals eager this closely
-BACKENDS = {"cpu": ("ort", "eager"), "cuda": ("eager",), "mps": ("eager",)}   # tried in this order for backend=auto
+MATCH_TOL = 1e-3                  # a faster float32 U-Net runtime is used only if it equals eager this closely
+BF16_PSNR = 45.0                  # dB: OpenVINO computes in bf16 on CPUs with bf16 units; used if its output is this near eager's
+BACKENDS = {"cpu": ("ov", "ort", "eager"), "cuda": ("eager",), "mps": ("eager",)}   # tried in this order for backend=auto
+GRAPH_KINDS = ("ort", "ov")       # runtimes that run the exported ONNX graph
 ONNX_OPSET = 17                   # ONNX operator set of the exported U-Net
 ONNX_CACHE_KEEP = 8               # exported U-Net graphs kept in the cache folder (~50 MB each at full widths)
 
@@ -90,19 +94,21 @@ class UNetRunner:
     def __init__(self, model, device, kind, graph=None):
         self.device, self.kind, self.model = device, kind, model
         self.fixed_batch = None
-        if kind == "ort":
+        if kind in GRAPH_KINDS:
             self.graph = graph if graph is not None else export_onnx(model)
-            self.session = ort_session(self.graph)
+            self.session = ort_session(self.graph) if kind == "ort" else ov_request(self.graph)
             return
         import torch
         if kind == "compile":
             self.fn = torch.compile(model, dynamic=False)
         elif kind != "eager":
-            raise UserError(f"unknown --backend {kind!r}; choose auto, ort, compile or eager")
+            raise UserError(f"unknown --backend {kind!r}; choose auto, ov, ort, compile or eager")
 
     def __call__(self, img, audio):
         if self.kind == "ort":
             return self.session.run(None, {"img": img, "audio": audio})[0]
+        if self.kind == "ov":           # the request reuses its output buffer: copy
+            return np.array(self.session.infer({"img": img, "audio": audio})[0], np.float32, copy=True)
         import torch
         n = len(img)
         if self.fixed_batch and n < self.fixed_batch:     # compiled graphs are shape-specialised: pad
@@ -116,16 +122,49 @@ class UNetRunner:
         return out.float().cpu().numpy()[:n]
 
 
+def _threads():
+    """As many threads as torch would use (its --threads), or the cores this process may run on
+    when torch is not loaded (the torch-free path)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else len(os.sched_getaffinity(0))
+
+
 def ort_session(graph):
-    """An ONNX Runtime CPU session with as many threads as torch would use (its --threads), or the
-    cores this process may run on when torch is not loaded (the torch-free path)."""
+    """An ONNX Runtime CPU session (float32) with _threads() threads."""
     import onnxruntime as ort
     so = ort.SessionOptions()
-    torch = sys.modules.get("torch")
-    so.intra_op_num_threads = torch.get_num_threads() if torch is not None else len(os.sched_getaffinity(0))
+    so.intra_op_num_threads = _threads()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")   # idle threads sleep: the paste and the audio get the cores between calls
     return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
+
+@functools.lru_cache(maxsize=1)
+def ov_bf16():
+    """Whether OpenVINO is installed and computes in bf16 on this CPU (AVX512-BF16 or AMX units):
+    there it runs the U-Net ~2x faster than ONNX Runtime's float32; elsewhere it is no faster."""
+    import importlib.util
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    import openvino
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def ov_request(graph):
+    """An OpenVINO infer request for the ONNX graph on the CPU: bf16 where the CPU has bf16 units,
+    _threads() threads, one stream, any batch (a new batch size costs one slower first call)."""
+    import openvino
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(graph), "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": _threads(),
+        "INFERENCE_PRECISION_HINT": "bf16" if ov_bf16() else "f32"})
+    return compiled.create_infer_request()
+
+
+def psnr01(a, b):
+    """PSNR (dB) of two arrays of values in [0, 1]."""
+    mse = float(np.mean((np.asarray(a, np.float64) - b) ** 2))
+    return 10 * np.log10(1 / mse) if mse > 0 else float("inf")
 
 
 class OrtAudio:
@@ -175,20 +214,38 @@ def export_audio_onnx(encoder):
 def onnx_cache_path(checkpoint, part="unet"):
     """Where the exported graphs of a checkpoint file are kept (the export takes 5-15 s here): keyed
     by the file's path, size and mtime and the library versions (read without importing them), so
-    any change re-exports. part: unet (.onnx), audio (.onnx), info (.json), mask (.npy), bank (.npz)."""
-    from importlib.metadata import version
+    any change re-exports. part: unet (.onnx), audio (.onnx), info (.json), ov (.json: OpenVINO's
+    bf16 output passed its check, see ov_passed), mask (.npy), bank (.npz)."""
     p = Path(checkpoint).resolve()
     st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{version('torch')}|{version('onnxruntime')}|{ONNX_OPSET}"
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{_version('torch')}|{_version('onnxruntime')}|{ONNX_OPSET}"
     root = Path(os.environ.get("LIPSYNC_CACHE") or Path.home() / ".cache" / "lipsync")
-    ext = {"info": ".json", "mask": ".npy", "bank": ".npz"}.get(part, ".onnx")
+    ext = {"info": ".json", "ov": ".json", "mask": ".npy", "bank": ".npz"}.get(part, ".onnx")
     return root / f"{part}-{hashlib.sha1(key.encode()).hexdigest()[:16]}{ext}"
+
+
+def _version(package):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "-"
+
+
+def ov_passed(checkpoint):
+    """Whether this checkpoint's U-Net passed OpenVINO's bf16 check with the OpenVINO installed now."""
+    import json
+    mark = onnx_cache_path(checkpoint, "ov")
+    try:
+        return json.loads(mark.read_text()).get("openvino") == _version("openvino")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _prune_cache(folder, keep=ONNX_CACHE_KEEP):
     files = sorted(Path(folder).glob("unet-*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
     for f in files[keep - 1:]:
-        for part in ("unet-*.onnx", "audio-*.onnx", "info-*.json", "mask-*.npy", "bank-*.npz"):
+        for part in ("unet-*.onnx", "audio-*.onnx", "info-*.json", "ov-*.json", "mask-*.npy", "bank-*.npz"):
             for g in Path(folder).glob(part.replace("*", f.stem.split("-", 1)[1])):
                 g.unlink(missing_ok=True)
 
@@ -196,21 +253,23 @@ def _prune_cache(folder, keep=ONNX_CACHE_KEEP):
 # ----------------------------------------------------------------------------------------------
 # The torch-free path: U-Net and audio encoder from the cache, no PyTorch in the process
 def torch_free(device, backend):
-    """Whether this request may run without PyTorch: ONNX Runtime on a CPU, by choice or by default
-    (device auto on a machine without an NVIDIA driver or Apple GPU)."""
+    """Whether this request may run without PyTorch: ONNX Runtime or OpenVINO on a CPU, by choice or
+    by default (device auto on a machine without an NVIDIA driver or Apple GPU)."""
     import importlib.util
-    if backend not in ("auto", "ort") or importlib.util.find_spec("onnxruntime") is None:
+    if backend not in ("auto", *GRAPH_KINDS) or importlib.util.find_spec("onnxruntime") is None:
         return False
     gpu = Path("/proc/driver/nvidia/version").exists() or sys.platform == "darwin"
     return str(device) == "cpu" or (str(device) in ("auto", "") and not gpu)
 
 
-def cached_generator(checkpoint):
+def cached_generator(checkpoint, backend="auto"):
     """(U-Net runner, OrtAudio, info) of a checkpoint whose graphs a previous run cached (see
-    cache_generator), loaded without PyTorch; None when any part is missing."""
+    cache_generator), loaded without PyTorch; None when any part is missing. The U-Net runs in
+    OpenVINO where its check passed (make_runner) and backend allows it, else in ONNX Runtime."""
     import json
     paths = {k: onnx_cache_path(checkpoint, k) for k in ("unet", "audio", "info")}
-    if not all(p.is_file() for p in paths.values()):
+    ov = backend in ("auto", "ov") and ov_passed(checkpoint) and (backend == "ov" or ov_bf16())
+    if not all(p.is_file() for p in paths.values()) or (backend == "ov" and not ov):
         return None
     info = json.loads(paths["info"].read_text())
     info["widths"] = tuple(info["widths"])
@@ -219,7 +278,7 @@ def cached_generator(checkpoint):
     if info.pop("has_bank", False):
         with np.load(onnx_cache_path(checkpoint, "bank")) as z:
             info["ref_bank"] = (z["crops"], z["keys"])
-    r = UNetRunner(None, "cpu", "ort", paths["unet"].read_bytes())
+    r = UNetRunner(None, "cpu", "ov" if ov else "ort", paths["unet"].read_bytes())
     r.max_abs_diff = None                             # checked when it was cached
     return r, OrtAudio(paths["audio"].read_bytes()), info
 
@@ -259,44 +318,61 @@ def cache_generator(checkpoint, encoder, info):
 
 
 def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
-    """The fastest runtime for `device` that reproduces eager PyTorch to MATCH_TOL, tried in the
-    order of BACKENDS; a runtime that is missing, fails or disagrees falls back to the next. An
-    ONNX graph that passed this check is cached per checkpoint file and reused unchecked."""
+    """The fastest runtime for `device` that reproduces eager PyTorch (float32 runtimes to MATCH_TOL,
+    OpenVINO in bf16 to BF16_PSNR), tried in the order of BACKENDS; a runtime that is missing, fails
+    or disagrees falls back to the next (OpenVINO is skipped quietly on CPUs without bf16 units,
+    where it is no faster). An ONNX graph that passed this check is cached per checkpoint file and
+    reused unchecked."""
     kinds = BACKENDS.get(device.type, ("eager",)) if backend == "auto" else (backend,)
     eager = UNetRunner(model, device, "eager")
     ref = None
     for kind in kinds:
         if kind == "eager":
             return eager
+        if kind == "ov" and backend == "auto" and not ov_bf16():
+            continue
         try:
-            cache = onnx_cache_path(checkpoint) if kind == "ort" and checkpoint else None
-            if cache is not None and cache.is_file():
-                r = UNetRunner(model, device, kind, cache.read_bytes())
+            cache = onnx_cache_path(checkpoint) if kind in GRAPH_KINDS and checkpoint else None
+            graph = cache.read_bytes() if cache is not None and cache.is_file() else None
+            if graph is not None and (kind == "ort" or ov_passed(checkpoint)):
+                r = UNetRunner(model, device, kind, graph)
                 r.max_abs_diff = None                 # checked when it was cached
                 return r
-            r = UNetRunner(model, device, kind)
+            r = UNetRunner(model, device, kind, graph)
             r.fixed_batch = batch if kind == "compile" else None
             if ref is None:
                 x, a = (t.numpy() for t in fresh_inputs(batch, seed=1))
                 ref = eager(x, a)
-            diff = float(np.abs(r(x, a) - ref).max())
+            out = r(x, a)
+            diff, psnr = float(np.abs(out - ref).max()), psnr01(out, ref)
         except UserError:
             raise
         except Exception as e:   # a runtime that is not installed or cannot take this graph
             print(f"note: U-Net runtime {kind} unavailable ({type(e).__name__}: {str(e)[:120]}); trying the next",
                   file=sys.stderr)
             continue
-        if diff <= MATCH_TOL:
+        if (psnr >= BF16_PSNR) if kind == "ov" else (diff <= MATCH_TOL):
             r.max_abs_diff = diff
             if cache is not None:
-                try:
-                    _prune_cache(cache.parent)
-                    with utils.atomic_file(cache) as tmp:
-                        tmp.write_bytes(r.graph)
-                except OSError:
-                    pass                      # an unwritable cache only costs the export next time
+                _cache_graph(cache, r.graph, psnr if kind == "ov" else None, checkpoint)
             return r
-        print(f"note: U-Net runtime {kind} differs from eager by {diff:.2e} > {MATCH_TOL}; not used", file=sys.stderr)
+        limit = f"{psnr:.1f} dB < {BF16_PSNR} dB" if kind == "ov" else f"{diff:.2e} > {MATCH_TOL}"
+        print(f"note: U-Net runtime {kind} differs from eager ({limit}); not used", file=sys.stderr)
     if backend != "auto":
         raise UserError(f"--backend {backend} is not usable here (see the note above); use --backend auto")
     return eager
+
+
+def _cache_graph(cache, graph, ov_psnr, checkpoint):
+    """Keep a checked U-Net graph (and, for OpenVINO, the mark that its bf16 output passed)."""
+    import json
+    try:
+        if not cache.is_file():
+            _prune_cache(cache.parent)
+            with utils.atomic_file(cache) as tmp:
+                tmp.write_bytes(graph)
+        if ov_psnr is not None:
+            with utils.atomic_file(onnx_cache_path(checkpoint, "ov")) as tmp:
+                tmp.write_text(json.dumps({"psnr_db": round(ov_psnr, 2), "openvino": _version("openvino")}))
+    except OSError:
+        pass                      # an unwritable cache only costs the export next time
