@@ -215,11 +215,11 @@ def main(cfg):
         res["case"] = w
         rows.append(res)
         print(json.dumps(res), flush=True)
-    print(f"\n{'widths':8} {'fps':>6} {'RTF':>5} {'delay s':>7} {'first frame s':>13} {'dropped (real time)':>20} "
+    print(f"\n{'widths':8} {'U-Net in':8} {'fps':>6} {'RTF':>5} {'delay s':>7} {'first frame s':>13} {'dropped (real time)':>20} "
           f"{'drift ms':>9} {'peak MB':>8} {'load':>5}")
     for r in rows:
         rt = r["realtime"]
-        print(f"{r['case']:8} {r['fps']:6.2f} {r['rtf']:5.2f} {r['delay_s']:7.3f} {rt['first_frame_after_audio_start_s']:13.3f} "
+        print(f"{r['case']:8} {r['runtime']:8} {r['fps']:6.2f} {r['rtf']:5.2f} {r['delay_s']:7.3f} {rt['first_frame_after_audio_start_s']:13.3f} "
               f"{rt['dropped']:>10} of {rt['made'] + rt['dropped']:<7} {r['drift']['drift_ms']:9.2f} {r['peak_rss_mb']:8} {r['load']:5.2f}")
     return rows
 

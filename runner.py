@@ -215,7 +215,7 @@ def onnx_cache_path(checkpoint, part="unet"):
     """Where the exported graphs of a checkpoint file are kept (the export takes 5-15 s here): keyed
     by the file's path, size and mtime and the library versions (read without importing them), so
     any change re-exports. part: unet (.onnx), audio (.onnx), info (.json), ov (.json: OpenVINO's
-    bf16 output passed its check, see ov_passed), mask (.npy), bank (.npz)."""
+    check, see ov_psnr), mask (.npy), bank (.npz)."""
     p = Path(checkpoint).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{_version('torch')}|{_version('onnxruntime')}|{ONNX_OPSET}"
@@ -232,14 +232,15 @@ def _version(package):
         return "-"
 
 
-def ov_passed(checkpoint):
-    """Whether this checkpoint's U-Net passed OpenVINO's bf16 check with the OpenVINO installed now."""
+def ov_psnr(checkpoint):
+    """How near eager's (PSNR dB) this checkpoint's U-Net came out of OpenVINO when make_runner
+    checked it with the OpenVINO installed now; None when it was not checked with it."""
     import json
-    mark = onnx_cache_path(checkpoint, "ov")
     try:
-        return json.loads(mark.read_text()).get("openvino") == _version("openvino")
-    except (OSError, ValueError, AttributeError):
-        return False
+        mark = json.loads(onnx_cache_path(checkpoint, "ov").read_text())
+        return float(mark["psnr_db"]) if mark.get("openvino") == _version("openvino") else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _prune_cache(folder, keep=ONNX_CACHE_KEEP):
@@ -264,12 +265,15 @@ def torch_free(device, backend):
 
 def cached_generator(checkpoint, backend="auto"):
     """(U-Net runner, OrtAudio, info) of a checkpoint whose graphs a previous run cached (see
-    cache_generator), loaded without PyTorch; None when any part is missing. The U-Net runs in
-    OpenVINO where its check passed (make_runner) and backend allows it, else in ONNX Runtime."""
+    cache_generator), loaded without PyTorch; None when any part is missing, or when OpenVINO is to
+    be tried (backend ov, or auto on a CPU with bf16 units) and was not checked on it yet. The
+    U-Net runs in OpenVINO where its check passed and backend allows it, else in ONNX Runtime."""
     import json
     paths = {k: onnx_cache_path(checkpoint, k) for k in ("unet", "audio", "info")}
-    ov = backend in ("auto", "ov") and ov_passed(checkpoint) and (backend == "ov" or ov_bf16())
-    if not all(p.is_file() for p in paths.values()) or (backend == "ov" and not ov):
+    want_ov = backend == "ov" or (backend == "auto" and ov_bf16())
+    checked = ov_psnr(checkpoint) if want_ov else None
+    ov = checked is not None and checked >= BF16_PSNR
+    if not all(p.is_file() for p in paths.values()) or (want_ov and checked is None) or (backend == "ov" and not ov):
         return None
     info = json.loads(paths["info"].read_text())
     info["widths"] = tuple(info["widths"])
@@ -334,7 +338,12 @@ def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
         try:
             cache = onnx_cache_path(checkpoint) if kind in GRAPH_KINDS and checkpoint else None
             graph = cache.read_bytes() if cache is not None and cache.is_file() else None
-            if graph is not None and (kind == "ort" or ov_passed(checkpoint)):
+            checked = ov_psnr(checkpoint) if kind == "ov" and checkpoint else None
+            if checked is not None and checked < BF16_PSNR:
+                print(f"note: U-Net runtime ov differed from eager when checked ({checked:.1f} dB < {BF16_PSNR} dB); "
+                      "not used", file=sys.stderr)
+                continue
+            if graph is not None and (kind == "ort" or checked is not None):
                 r = UNetRunner(model, device, kind, graph)
                 r.max_abs_diff = None                 # checked when it was cached
                 return r
@@ -351,10 +360,11 @@ def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
             print(f"note: U-Net runtime {kind} unavailable ({type(e).__name__}: {str(e)[:120]}); trying the next",
                   file=sys.stderr)
             continue
-        if (psnr >= BF16_PSNR) if kind == "ov" else (diff <= MATCH_TOL):
+        passed = (psnr >= BF16_PSNR) if kind == "ov" else (diff <= MATCH_TOL)
+        if cache is not None:
+            _cache_graph(cache, r.graph if passed else None, psnr if kind == "ov" else None, checkpoint)
+        if passed:
             r.max_abs_diff = diff
-            if cache is not None:
-                _cache_graph(cache, r.graph, psnr if kind == "ov" else None, checkpoint)
             return r
         limit = f"{psnr:.1f} dB < {BF16_PSNR} dB" if kind == "ov" else f"{diff:.2e} > {MATCH_TOL}"
         print(f"note: U-Net runtime {kind} differs from eager ({limit}); not used", file=sys.stderr)
@@ -363,16 +373,17 @@ def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
     return eager
 
 
-def _cache_graph(cache, graph, ov_psnr, checkpoint):
-    """Keep a checked U-Net graph (and, for OpenVINO, the mark that its bf16 output passed)."""
+def _cache_graph(cache, graph, ov_psnr_db, checkpoint):
+    """Keep a U-Net graph that passed its check (graph None: it did not), and for OpenVINO how near
+    eager's its output came (dB), so later loads need not check again."""
     import json
     try:
-        if not cache.is_file():
+        if graph is not None and not cache.is_file():
             _prune_cache(cache.parent)
             with utils.atomic_file(cache) as tmp:
                 tmp.write_bytes(graph)
-        if ov_psnr is not None:
+        if ov_psnr_db is not None:
             with utils.atomic_file(onnx_cache_path(checkpoint, "ov")) as tmp:
-                tmp.write_text(json.dumps({"psnr_db": round(ov_psnr, 2), "openvino": _version("openvino")}))
+                tmp.write_text(json.dumps({"psnr_db": round(float(ov_psnr_db), 2), "openvino": _version("openvino")}))
     except OSError:
         pass                      # an unwritable cache only costs the export next time
