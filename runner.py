@@ -329,7 +329,7 @@ def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
     reused unchecked."""
     kinds = BACKENDS.get(device.type, ("eager",)) if backend == "auto" else (backend,)
     eager = UNetRunner(model, device, "eager")
-    ref = None
+    ref = exported = None
     for kind in kinds:
         if kind == "eager":
             return eager
@@ -347,7 +347,8 @@ def make_runner(model, device, backend="auto", batch=1, checkpoint=None):
                 r = UNetRunner(model, device, kind, graph)
                 r.max_abs_diff = None                 # checked when it was cached
                 return r
-            r = UNetRunner(model, device, kind, graph)
+            r = UNetRunner(model, device, kind, graph if graph is not None else exported)
+            exported = getattr(r, "graph", exported)  # one export serves both graph runtimes
             r.fixed_batch = batch if kind == "compile" else None
             if ref is None:
                 x, a = (t.numpy() for t in fresh_inputs(batch, seed=1))
