@@ -94,6 +94,8 @@ class UNetRunner:
     def __init__(self, model, device, kind, graph=None):
         self.device, self.kind, self.model = device, kind, model
         self.fixed_batch = None
+        if str(device) == "cpu":
+            single_thread_blas()
         if kind in GRAPH_KINDS:
             self.graph = graph if graph is not None else export_onnx(model)
             self.session = ort_session(self.graph) if kind == "ort" else ov_request(self.graph)
@@ -120,6 +122,20 @@ class UNetRunner:
         with torch.inference_mode(), utils.autocast(self.device):
             out = (self.fn if self.kind == "compile" else self.model)(x, a)
         return out.float().cpu().numpy()[:n]
+
+
+@functools.lru_cache(maxsize=1)
+def single_thread_blas():
+    """Keep numpy's BLAS (OpenBLAS) to one thread in a process whose cores belong to the U-Net's
+    runtime. After each numpy matmul (the mel filterbank of every audio chunk) OpenBLAS's idle
+    threads spin for a while, and beside OpenVINO that doubled the U-Net's time per frame in a live
+    stream (light widths: 14 -> 26 ms; README section 4). -> the threadpoolctl limiter, or None
+    where threadpoolctl is missing (the limit then stays as numpy set it)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(1, user_api="blas")
 
 
 def _threads():

@@ -279,6 +279,21 @@ def test_fast_runtimes_equal_eager(setup):
         assert np.abs(ort(x.numpy(), a.numpy()) - ref).max() < 1e-3
 
 
+def test_numpy_blas_keeps_one_thread_beside_the_unet_runtime(setup):
+    """OpenBLAS's idle threads spin after each numpy matmul (the mel filterbank of every audio chunk);
+    beside the U-Net's runtime that doubled its time per frame in a live stream, so a CPU runner
+    limits numpy's BLAS to one thread (a fresh process starts with one per core)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    assert setup["model"].runner.device.type == "cpu"
+    blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    assert blas and all(p["num_threads"] == 1 for p in blas)
+    if len(os.sched_getaffinity(0)) > 1:            # the limit is the runner's doing, not numpy's default
+        fresh = subprocess.run([sys.executable, "-c", "import numpy, threadpoolctl; print(max(p['num_threads'] for p in "
+                                "threadpoolctl.threadpool_info() if p['user_api'] == 'blas'))"],
+                               capture_output=True, text=True, check=True)
+        assert int(fresh.stdout) > 1
+
+
 @pytest.mark.skipif(not runner.ov_bf16(), reason="OpenVINO computes in bf16 only on CPUs with bf16 units")
 def test_openvino_bf16_is_used_only_where_it_stays_near_eager(tmp_path, monkeypatch, capsys):
     """On a CPU with bf16 units OpenVINO is tried first; a model whose bf16 output drifts from float32
