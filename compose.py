@@ -155,6 +155,8 @@ def compose(item, opts=RenderOptions(), mask=None):
             a = geometry.mouth_alpha(*region) * (1.0 - w)
             gen = (gen * (1 - a) + closed * a + 0.5).astype(np.uint8)
     out[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = gen
-    if opts.color_match:
-        out = geometry.match_color(out, crop, seam_mask(opts.feather, mask))
+    if opts.color_match:             # only where the paste takes the crop's pixels (the same statistics)
+        y0, y1, x0, x1 = geometry.paste_support(opts.feather, mask)
+        out[y0:y1, x0:x1] = geometry.match_color(out[y0:y1, x0:x1], crop[y0:y1, x0:x1],
+                                                 seam_mask(opts.feather, mask)[y0:y1, x0:x1])
     return geometry.paste_back(frame, box, out, opts.feather, mask)

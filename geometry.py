@@ -170,7 +170,9 @@ def mask_inner(img320, mask=None):
     return out
 
 
-_ALPHA = {}
+_ALPHA = {}     # (feather, mask key) -> paste_alpha
+_SIZED = {}     # (feather, mask key, w, h) -> paste_alpha resized to a box, and 1 minus it
+_SUPPORT = {}   # (feather, mask key, grow) -> paste_support
 
 
 def mask_key(mask):
@@ -196,23 +198,49 @@ def paste_alpha(feather, mask=None):
     return _ALPHA[key]
 
 
+def paste_support(feather, mask=None, grow=4):
+    """(y0, y1, x0, x1): the 328 crop's box around where paste_alpha is > 0, grown by `grow` px (a
+    resize reaches that far), inside which paste_back takes the crop's pixels; none are used outside."""
+    key = (int(max(feather, 0)), mask_key(mask), grow)
+    if key not in _SUPPORT:
+        ys, xs = np.nonzero(paste_alpha(feather, mask) > 0)
+        if not len(ys):
+            _SUPPORT[key] = (0, 0, 0, 0)
+        else:
+            _SUPPORT[key] = (max(int(ys.min()) - grow, 0), min(int(ys.max()) + 1 + grow, CROP),
+                             max(int(xs.min()) - grow, 0), min(int(xs.max()) + 1 + grow, CROP))
+    return _SUPPORT[key]
+
+
+def _sized_alpha(feather, mask, bw, bh):
+    """paste_alpha resized to a (bw, bh) box, and 1 minus it (float32), cached: the box keeps its
+    size over many frames."""
+    key = (int(max(feather, 0)), mask_key(mask), bw, bh)
+    if key not in _SIZED:
+        if len(_SIZED) > 64:
+            _SIZED.clear()
+        a = resize(paste_alpha(feather, mask), (bw, bh)).clip(0, 1)
+        _SIZED[key] = (a, 1.0 - a)
+    return _SIZED[key]
+
+
 def paste_back(frame, box, crop328, feather=16, mask=None):
     """Blend a generated 328 crop into the frame in place of `box` (returns a new frame); only
     the generator's masked area (`mask`, None = MASK_RECT) is taken from it, feathered."""
     h, w = frame.shape[:2]
     x0, y0, x1, y1 = (int(v) for v in box)
     bw, bh = x1 - x0, y1 - y0
-    gen = resize(crop328, (bw, bh)).astype(np.float32)
-    alpha = resize(paste_alpha(feather, mask), (bw, bh))[..., None]
     # clip the box to the frame; the generated crop is clipped the same way
     cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if cx0 >= cx1 or cy0 >= cy1:
-        return frame.copy()
     out = frame.copy()
-    sub = out[cy0:cy1, cx0:cx1].astype(np.float32)
-    g = gen[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-    a = alpha[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-    out[cy0:cy1, cx0:cx1] = np.clip(a * g + (1 - a) * sub + 0.5, 0, 255).astype(np.uint8)
+    if cx0 >= cx1 or cy0 >= cy1:
+        return out
+    a, na = _sized_alpha(feather, mask, bw, bh)
+    gen = resize(crop328, (bw, bh))
+    ys, xs = slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0)
+    # one fused pass: a x generated + (1 - a) x frame, rounded (a is 0 outside the mask: unchanged)
+    out[cy0:cy1, cx0:cx1] = cv2.blendLinear(np.ascontiguousarray(gen[ys, xs]), np.ascontiguousarray(out[cy0:cy1, cx0:cx1]),
+                                            np.ascontiguousarray(a[ys, xs]), np.ascontiguousarray(na[ys, xs]))
     return out
 
 
@@ -228,5 +256,6 @@ def match_color(src, ref, mask=None):
     # tiny std, and an unbounded ratio would blow its colours up into saturated blobs
     scale = np.clip((rs.ravel() + 1e-3) / (ss.ravel() + 1e-3), 1 / 1.5, 1.5).astype(np.float32)
     shift = (rm.ravel() - sm.ravel() * scale).astype(np.float32)
-    out = s.astype(np.float32) * scale + shift
-    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
+    # per channel s x scale + shift, rounded and saturated to uint8, in one pass
+    out = cv2.transform(s, np.hstack([np.diag(scale), shift[:, None]]).astype(np.float32))
+    return cv2.cvtColor(out, cv2.COLOR_LAB2BGR)

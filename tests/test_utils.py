@@ -114,6 +114,39 @@ def test_mask_inner_and_paste_alpha_follow_a_given_mask():
     assert np.array_equal(geometry.paste_alpha(16, None), geometry.paste_alpha(16, geometry.rect_mask()))
 
 
+def test_paste_back_is_the_feathered_blend_and_colour_match_needs_only_the_pasted_area(rng):
+    """paste_back's one-pass blend (cached alpha, cv2.blendLinear) equals a x generated + (1 - a) x
+    frame within rounding, for a box partly outside the frame; compose's colour match, done only
+    on paste_support, gives the frame the whole-crop match gives."""
+    import compose
+    m = geometry.jaw_mask(jaw_track())
+    frame = rng.integers(0, 255, (300, 360, 3), dtype=np.uint8)
+    for box in (np.array([40, 60, 277, 297]), np.array([200, 150, 400, 350])):   # inside; leaving the frame
+        gen = rng.integers(0, 255, (CROP, CROP, 3), dtype=np.uint8)
+        out = geometry.paste_back(frame, box, gen, feather=16, mask=m)
+        x0, y0, x1, y1 = box
+        a = geometry.resize(geometry.paste_alpha(16, m), (x1 - x0, y1 - y0))[..., None]
+        g = geometry.resize(gen, (x1 - x0, y1 - y0)).astype(np.float32)
+        want = frame.astype(np.float32).copy()
+        h, w = min(y1, 300) - y0, min(x1, 360) - x0
+        want[y0:y0 + h, x0:x0 + w] = a[:h, :w] * g[:h, :w] + (1 - a[:h, :w]) * want[y0:y0 + h, x0:x0 + w]
+        assert np.abs(out.astype(np.float32) - want).max() <= 1.0
+        assert np.array_equal(out[:y0], frame[:y0]) and np.array_equal(out[:, :x0], frame[:, :x0])
+    y0, y1, x0, x1 = geometry.paste_support(16, m)
+    a = geometry.paste_alpha(16, m)
+    assert (a[:y0] == 0).all() and (a[y1:] == 0).all() and (a[:, :x0] == 0).all() and (a[:, x1:] == 0).all()
+    assert (y1 - y0) * (x1 - x0) < 0.9 * CROP * CROP                # the jaw mask leaves the top of the crop out
+    crop = geometry.crop_face(frame, box)
+    gen = np.clip(geometry.inner(crop) * 0.8 + 40, 0, 255).astype(np.uint8)   # another tint: the match matters
+    item = (frame, box, crop, gen, gen, -10.0)
+    whole = crop.copy()
+    whole[utils.BORDER:utils.BORDER + INNER, utils.BORDER:utils.BORDER + INNER] = gen
+    whole = geometry.match_color(whole, crop, compose.seam_mask(16, m))
+    ref = geometry.paste_back(frame, box, whole, 16, m)
+    got = compose.compose(item, compose.RenderOptions(silence_gate=False), m)
+    assert np.array_equal(got, ref)
+
+
 def test_resize_uses_one_convention():
     img = np.zeros((100, 100, 3), np.uint8)
     img[:, 50:] = 255
