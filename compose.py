@@ -7,6 +7,7 @@ masked crop (References), the guided U-Net output (guide), and the paste (compos
 """
 from dataclasses import dataclass, fields
 
+import cv2
 import numpy as np
 
 import geometry
@@ -152,8 +153,8 @@ def compose(item, opts=RenderOptions(), mask=None):
     if opts.silence_gate:
         w = float(vad.ramp(db, opts.silence_db, opts.speech_db))
         if w < 1.0:                      # silence: the mouth rests as in the closed reference
-            a = geometry.mouth_alpha(*region) * (1.0 - w)
-            gen = (gen * (1 - a) + closed * a + 0.5).astype(np.uint8)
+            a = geometry.mouth_alpha(*region)[..., 0] * np.float32(1.0 - w)
+            gen = cv2.blendLinear(np.ascontiguousarray(closed), np.ascontiguousarray(gen), a, 1.0 - a)
     out[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = gen
     if opts.color_match:             # only where the paste takes the crop's pixels (the same statistics)
         y0, y1, x0, x1 = geometry.paste_support(opts.feather, mask)
