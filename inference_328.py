@@ -203,10 +203,10 @@ class LipSyncModel:
     def generate_crops(self, ref_crops, masked, audio_windows, guidance=GUIDANCE):
         """Batched generator: reference and masked 320 crops (B, 320, 320, 3) uint8 BGR, audio
         windows (B, 32, 16, 16) -> painted 320 crops (B, 320, 320, 3) uint8 BGR (compose.guide)."""
-        img = np.concatenate([ref_crops, masked], axis=-1)                    # (B, 320, 320, 6)
-        img = np.ascontiguousarray(img.transpose(0, 3, 1, 2), np.float32) * np.float32(1 / 255)
+        img = np.empty((len(masked), 6) + masked.shape[1:3], np.float32)    # [reference | masked] NCHW, filled in place:
+        img[:, :3], img[:, 3:] = ref_crops.transpose(0, 3, 1, 2), masked.transpose(0, 3, 1, 2)   # 0.25 ms a frame, not 1.8
         silent = self.silent_window() if guidance != 1.0 else None
-        out = guide(self.runner, img, np.ascontiguousarray(audio_windows, np.float32), silent, guidance)
+        out = guide(self.runner, np.multiply(img, np.float32(1 / 255), out=img), np.ascontiguousarray(audio_windows, np.float32), silent, guidance)
         return (out.transpose(0, 2, 3, 1) * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
     def paint(self, crops, ref_crops, audio_windows, guidance=GUIDANCE):
