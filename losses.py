@@ -110,6 +110,7 @@ class Objective:
     syncnet: object = None            # frozen SyncNet for the sync term, or None
     sync_weight: float = 0.0
     sync_ramp: int = 0
+    sync_from: int = 0                # the step the sync term starts at (its ramp counts from there)
 
     def __call__(self, pred, target, step, mouth=None, opening=None, clip_mel=None, n_clips=0):
         """pred/target (B, 3, 320, 320); the last n_clips x T rows of the batch are clip frames
@@ -129,7 +130,7 @@ class Objective:
             a_emb, v_emb = self.syncnet(face, clip_mel.to(pred.device))        # face (C, 3T, 320, 320), oldest first
             logits = self.syncnet.logits(a_emb, v_emb).float()
             terms["sync"] = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-            loss = loss + self.sync_weight * min(1.0, (step + 1) / max(self.sync_ramp, 1)) * terms["sync"]
+            loss = loss + self.sync_weight * min(1.0, (step - self.sync_from + 1) / max(self.sync_ramp, 1)) * terms["sync"]
         return loss, terms
 
 

@@ -42,6 +42,10 @@ class Config:
     audio_source: str = "mel"      # audio features: mel or speech (syncnet_328 --audio_source); the mel SyncNet judges every run
     open_weight: float = 0.0       # [0..] sampling weight of extreme mouth openings (train_328 --open_weight)
     audio_lr_mult: float = 1.0     # [>0..] audio-branch learning-rate multiplier (train_328 --audio_lr_mult)
+    sync_weight: float = 0.0       # [0..] SyncNet loss weight, against the run's SyncNet (train_328 --sync_weight); judge with --judge another one
+    sync_start: float = 0.0        # [0..1] share of the steps before the sync loss starts (train_328 --sync_start)
+    sync_ramp: int = 50            # [0..] steps over which it rises to its weight (train_328 --sync_ramp)
+    sync_clips: int = 1            # [1..] clips of 5 frames per step for it (train_328 --sync_clips)
     amp: bool = True               # mixed precision (train_328 --amp: bf16 on GPUs and on CPUs with bf16 units)
     ema: float = train_328.Config.ema          # [0..0.9999] moving average of the generator's weights (train_328 --ema)
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
@@ -163,13 +167,15 @@ def main(cfg):
                           + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else "")
                           + (f"_win{cfg.window}x{cfg.window_share:g}" if cfg.window else "")
                           + (f"_perc{cfg.perceptual}" if cfg.perceptual != train_328.Config.perceptual else "")
-                          + (f"_pw{cfg.perceptual_weight:g}" if cfg.perceptual_weight >= 0 else ""))
+                          + (f"_pw{cfg.perceptual_weight:g}" if cfg.perceptual_weight >= 0 else "")
+                          + (f"_sync{cfg.sync_weight:g}from{cfg.sync_start:g}c{cfg.sync_clips}" if cfg.sync_weight else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
     workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
+        sync_weight=cfg.sync_weight, sync_start=cfg.sync_start, sync_ramp=cfg.sync_ramp, sync_clips=cfg.sync_clips, syncnet=str(sync_dir / utils.SYNCNET_BEST),
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
         preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))

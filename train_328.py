@@ -75,6 +75,7 @@ class Config:
     perceptual_weight: float = -1.0  # weight of the perceptual term; < 0 = the kind's default (VGG 0.01, MS-SSIM 0.5)
     sync_weight: float = 0.0        # [0..] SyncNet loss weight; 0 = off. The reference's 10 only worked because its SyncNet had learned nothing (loss ~0); against ours it swamps L1 (see README, section 3)
     sync_ramp: int = 2000           # [0..] steps over which the sync weight rises from 0: a face must exist before its sync matters
+    sync_start: float = 0.0         # [0..1] share of the steps trained before the sync loss starts (its clips are drawn, and its ramp counts, from there)
     sync_clips: int = 2             # [0..] clips of the SyncNet's T (5) consecutive frames per step for the sync loss (also in L1)
     syncnet: str = ""               # SyncNet checkpoint; default CKPT_ROOT/NAME/syncnet_best.pth (alias --syncnet_checkpoint)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
@@ -228,7 +229,7 @@ def _objective(cfg, out, name, device):
         syncnet = syncnet_model.load_syncnet(sync_path, device)[0].requires_grad_(False)   # frozen, eval mode
     elif sync_weight > 0:
         sync_weight = 0.0
-    sync_note = (f"sync loss weight {sync_weight} (SyncNet {sync_path}, ramp {cfg.sync_ramp} steps)" if syncnet is not None
+    sync_note = (f"sync loss weight {sync_weight} (SyncNet {sync_path}, from {cfg.sync_start:.0%} of the steps, ramp {cfg.sync_ramp} steps)" if syncnet is not None
                  else f"sync loss OFF: no SyncNet checkpoint at {sync_path} (python syncnet_328.py --name {name})"
                  if cfg.sync_weight > 0 and cfg.sync_clips > 0 else "sync loss OFF (--sync_weight 0 or --sync_clips 0)")
     perc_kind, perc_fn = make_perceptual(cfg.perceptual, device)
@@ -293,7 +294,7 @@ def _model(cfg, widths, device, ckpt, opening):
     return model, head, optimizer, scaler, ema, step, best_loss
 
 
-def _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, syncnet, step, rank, world, device, master):
+def _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, syncnet, step, rank, world, device, master, syncnet_from=0):
     """The step-indexed training batches (from `step` on), the SyncNet's clips when the sync loss is
     on, and the held-out loader (master only). -> (batches, clips or None, val_loader or None)."""
     def loader(dataset, batch_sampler):
@@ -306,7 +307,8 @@ def _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, syncnet, step, 
         clip_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, clip=syncnet.T, ref_frames=refs,
                               mel_offsets=syncnet.audio_offsets, mask=mask, audio_source=syncnet.audio_source,
                               ref_by_audio=cfg.reference == "audio")
-        clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, step, rank, world, salt=1)))
+        first = max(step, syncnet_from)    # step-indexed from where the sync loss starts (a resume draws the same clips)
+        clips = iter(loader(clip_set, StepBatches(len(clip_set), cfg.sync_clips, cfg.seed, first, rank, world, salt=1)))
     if not (master and len(val_idx)):
         return batches, clips, None
     val_sub = val_idx[np.linspace(0, len(val_idx) - 1, min(cfg.val_frames, len(val_idx))).round().astype(int)]
@@ -323,6 +325,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
     max_steps = cfg.max_steps or cfg.epochs * per_epoch
     objective, perc_kind, sync_path, loss_note = _objective(cfg, out, name, device)
+    objective.sync_from = int(round(cfg.sync_start * max_steps))
     check_window(cfg, perc_kind, objective.syncnet is not None)
     raw_model, opening_head, optimizer, scaler, ema, step, best_loss = _model(cfg, widths, device, ckpt, train_set.opening[train_idx])
     objective.opening_head = opening_head
@@ -330,7 +333,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches, clips, val_loader = _loaders(cfg, ds, train_set, train_idx, val_idx, refs, mask, objective.syncnet,
-                                          step, rank, world, device, master)
+                                          step, rank, world, device, master, objective.sync_from)
     resolved = dict(dataclasses.asdict(cfg), name=name, dataset=str(ds), out_dir=str(out), widths=widths,   # the run record
                     widths_preset=cfg.widths if cfg.widths in WIDTHS else "custom", perceptual=perc_kind,
                     perceptual_weight=objective.perc_weight, sync_weight=objective.sync_weight, syncnet=str(sync_path) if objective.syncnet else "",
@@ -381,7 +384,7 @@ def _loop(cfg, model, objective, optimizer, scaler, batches, clips, validate_fn,
             g["lr"] = lr * g.get("lr_mult", 1.0)
         t0 = time.perf_counter()
         b = next(batches)
-        c = next(clips) if clips is not None else None
+        c = next(clips) if clips is not None and step >= objective.sync_from else None
         t1, c1 = time.perf_counter(), time.process_time()
         window = (pick_window(cfg.seed, step, cfg.window), cfg.window) if cfg.window and step < cfg.window_share * max_steps else None
         pred, terms = train_step(model, objective, optimizer, scaler, b, c, step, device, cfg.amp, cfg.channels_last, cfg.grad_clip, window)

@@ -371,6 +371,32 @@ def test_msssim_loss_is_exact_under_bf16_autocast():
     assert float(torch.nn.functional.cosine_similarity(g16, g32, 0)) > 0.9
 
 
+def test_sync_start_adds_the_sync_loss_late_and_resumes_exactly(data_root, tmp_path):
+    """--sync_start 0.5 of 4 steps: steps 1-2 train without the SyncNet's clips, steps 3-4 with
+    them (the ramp counting from step 3); a run stopped at the start resumes to the same losses."""
+    def run(out, stop=None, **kw):
+        seen = {}
+        res = train_328.main(config(data_root, out, max_steps=4, sync_weight=0.1, sync_clips=1, sync_ramp=2,
+                                    sync_start=0.5, **kw),
+                             progress=lambda s, n, losses: seen.__setitem__(s, losses), should_stop=stop)
+        return seen, res
+    for d in ("a", "b"):
+        fake_syncnet(tmp_path / d / "syncnet_best.pth")
+    straight, _ = run(tmp_path / "a")
+    assert [("sync" in straight[s]) for s in (1, 2, 3, 4)] == [False, False, True, True]
+    # the ramp counts from the start: half the weight at step 3, all of it at step 4
+    for s, w in ((3, 0.05), (4, 0.1)):
+        rest = straight[s]["l1"] + 0.5 * straight[s].get("perc", 0.0)
+        assert abs(straight[s]["total"] - (rest + w * straight[s]["sync"])) < 1e-4
+    calls = iter(range(100))
+    _, first = run(tmp_path / "b", stop=lambda: next(calls) >= 1)              # stopped after step 2
+    assert first["step"] == 2
+    resumed, _ = run(tmp_path / "b", resume="auto")
+    for s in (3, 4):
+        for k, v in straight[s].items():
+            assert abs(resumed[s][k] - v) <= 1e-6, (s, k, v, resumed[s][k])
+
+
 def test_objective_sums_its_weighted_terms():
     g = torch.Generator().manual_seed(2)
     pred, target = torch.rand(2, 3, 320, 320, generator=g), torch.rand(2, 3, 320, 320, generator=g)
