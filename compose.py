@@ -156,8 +156,8 @@ def compose(item, opts=RenderOptions(), mask=None):
             a = geometry.mouth_alpha(*region)[..., 0] * np.float32(1.0 - w)
             gen = cv2.blendLinear(np.ascontiguousarray(closed), np.ascontiguousarray(gen), a, 1.0 - a)
     out[BORDER:BORDER + INNER, BORDER:BORDER + INNER] = gen
-    if opts.color_match:             # only where the paste takes the crop's pixels (the same statistics)
-        y0, y1, x0, x1 = geometry.paste_support(opts.feather, mask)
+    y0, y1, x0, x1 = geometry.paste_support(opts.feather, mask)
+    if opts.color_match and y1 > y0 and x1 > x0:   # only where the paste takes the crop's pixels (the same statistics)
         out[y0:y1, x0:x1] = geometry.match_color(out[y0:y1, x0:x1], crop[y0:y1, x0:x1],
                                                  seam_mask(opts.feather, mask)[y0:y1, x0:x1])
     return geometry.paste_back(frame, box, out, opts.feather, mask)

@@ -145,6 +145,10 @@ def test_paste_back_is_the_feathered_blend_and_colour_match_needs_only_the_paste
     ref = geometry.paste_back(frame, box, whole, 16, m)
     got = compose.compose(item, compose.RenderOptions(silence_gate=False), m)
     assert np.array_equal(got, ref)
+    tiny = np.zeros((INNER, INNER), bool)
+    tiny[150:160, 150:160] = True                                      # a mask the feather erodes away: nothing to paste
+    assert geometry.paste_support(64, tiny) == (0, 0, 0, 0)
+    assert np.array_equal(compose.compose(item, compose.RenderOptions(feather=64, silence_gate=False), tiny), frame)
 
 
 def test_resize_uses_one_convention():
