@@ -39,6 +39,7 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)   # where --name lives
     work: str = "/tmp/bench_inference"        # scratch folder (dataset, checkpoint, audio, outputs)
     widths: str = "full"           # U-Net widths: full or light
+    stem: str = "conv"             # the U-Net's first level: conv (320 px) or s2d (train_328 --stem)
     seconds: float = 8.0           # length of the short end-to-end case, s
     long_seconds: float = 600.0    # length of the long (memory) case, s; 0 skips it
     mid_seconds: float = 30.0      # a middle case for the memory comparison, s; 0 skips it
@@ -65,20 +66,20 @@ def current_rss_mb():
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures: a random checkpoint, a dataset, audio
-def random_checkpoint(path, widths="full", seed=0):
+def random_checkpoint(path, widths="full", seed=0, stem="conv"):
     """UNet328 + AudioEncoder with random weights and BatchNorm statistics measured on random
     inputs (so activations keep a realistic scale), saved as train_328.py would."""
     import torch
     import unet_328
     torch.manual_seed(seed)
-    unet, enc = unet_328.UNet328(unet_328.WIDTHS[widths]), unet_328.AudioEncoder()
+    unet, enc = unet_328.UNet328(unet_328.WIDTHS[widths], stem=stem), unet_328.AudioEncoder()
     for m in list(unet.modules()) + list(enc.modules()):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
     with torch.no_grad():
         unet.train()(torch.rand(2, 6, utils.INNER, utils.INNER), torch.randn(2, 32, 16, 16))
         enc.train()(torch.rand(16, 1, 80, 16) * 8 - 4)
-    utils.save_checkpoint(dict(model=unet.state_dict(), config=dict(widths=list(unet_328.WIDTHS[widths])),
+    utils.save_checkpoint(dict(model=unet.state_dict(), config=dict(widths=list(unet_328.WIDTHS[widths]), stem=stem),
                                audio_encoder=enc.state_dict(), step=0, epoch=0), path)
     return Path(path)
 
@@ -132,7 +133,7 @@ def case_unet(arg):
     import unet_328
     load0 = os.getloadavg()[0]
     ckpt = utils.load_checkpoint(arg["ckpt"])
-    unet = unet_328.UNet328(tuple(ckpt["config"]["widths"])).eval()
+    unet = unet_328.UNet328(tuple(ckpt["config"]["widths"]), stem=ckpt["config"].get("stem", "conv")).eval()
     unet.load_state_dict(ckpt["model"])
     x, a = runner.fresh_inputs(1, seed=2)
     xn, an = x.numpy(), a.numpy()
@@ -149,7 +150,7 @@ def case_unet(arg):
 
     # copies made outside inference_mode: the ONNX exporter cannot trace inference tensors
     folded = unet_328.fold_bn(unet).to(memory_format=torch.channels_last)
-    unfolded_cl = unet_328.UNet328(unet.widths).eval()
+    unfolded_cl = unet_328.UNet328(unet.widths, stem=unet.stem).eval()
     unfolded_cl.load_state_dict(unet.state_dict())
     unfolded_cl.to(memory_format=torch.channels_last)
     xc = x.contiguous(memory_format=torch.channels_last)
@@ -270,10 +271,10 @@ def main(cfg):
     work.mkdir(parents=True, exist_ok=True)
     print(f"hardware: {utils.hardware()}")
     name, root = ensure_dataset(cfg)
-    ckpt = work / f"random_{cfg.widths}.pth"
+    ckpt = work / f"random_{cfg.widths}{'' if cfg.stem == 'conv' else '_' + cfg.stem}.pth"
     if not ckpt.is_file():
-        random_checkpoint(ckpt, cfg.widths)
-    print(f"model: UNet328 {cfg.widths} widths, random weights; dataset {root}/{name}; "
+        random_checkpoint(ckpt, cfg.widths, stem=cfg.stem)
+    print(f"model: UNet328 {cfg.widths} widths, stem {cfg.stem}, random weights; dataset {root}/{name}; "
           f"malloc settings {' '.join(f'{k}={v}' for k, v in inf.MALLOC_ENV.items())}", flush=True)
 
     res = child("unet", {"ckpt": str(ckpt), "iters": cfg.iters, "compile": cfg.compile})

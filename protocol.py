@@ -37,6 +37,7 @@ class Config:
     batch_size: int = 4            # [0..] generator frames per step; 0 = sized to the GPU's memory (auto_batch)
     lr: float = train_328.Config.lr            # [>0..] generator peak learning rate (train_328's default)
     warmup_steps: int = train_328.Config.warmup_steps   # [0..] generator lr warm-up steps (train_328's default)
+    stem: str = train_328.Config.stem          # the U-Net's first level (train_328 --stem)
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
     audio_source: str = "mel"      # audio features: mel or speech (syncnet_328 --audio_source); the mel SyncNet judges every run
@@ -69,12 +70,12 @@ ROWS = ("psnr_mouth", "ssim_mouth", "lmd_mouth_px", "opening_r", "opening_width_
         "sync_stretch_acc_gen", "silence_gen", "silence_true", "seam_ratio", "identity_cos")
 
 
-def auto_batch(widths, device, start=4, limit=256):
+def auto_batch(widths, device, stem="conv", start=4, limit=256):
     """Largest power-of-two batch (<= limit) whose training step fits in the GPU's memory, halved
     for headroom (the perceptual loss and the data stream need some too)."""
     import torch
     from unet_328 import UNet328
-    model = UNet328(widths).to(device, memory_format=torch.channels_last)
+    model = UNet328(widths, stem=stem).to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters())
     b, ok = start, 0
     while b <= limit:
@@ -157,13 +158,13 @@ def main(cfg):
 
     # the generator
     widths = train_328.parse_widths(cfg.widths)
-    batch = cfg.batch_size or (auto_batch(widths, device) if device.type == "cuda" else 4)
+    batch = cfg.batch_size or (auto_batch(widths, device, cfg.stem) if device.type == "cuda" else 4)
     label = cfg.label or (f"{cfg.widths}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
                           + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "")
                           + (f"_sw{cfg.open_weight:g}" if cfg.open_weight else "")
                           + (f"_alr{cfg.audio_lr_mult:g}" if cfg.audio_lr_mult != 1 else "") + ("" if cfg.amp else "_fp32") + (f"_ema{cfg.ema:g}" if cfg.ema else "")
                           + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
-                          + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
+                          + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_{cfg.stem}" if cfg.stem != "conv" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
                           + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else "")
                           + (f"_win{cfg.window}x{cfg.window_share:g}" if cfg.window else "")
                           + (f"_perc{cfg.perceptual}" if cfg.perceptual != train_328.Config.perceptual else "")
@@ -174,7 +175,7 @@ def main(cfg):
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
-        lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
         sync_weight=cfg.sync_weight, sync_start=cfg.sync_start, sync_ramp=cfg.sync_ramp, sync_clips=cfg.sync_clips, syncnet=str(sync_dir / utils.SYNCNET_BEST),
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),

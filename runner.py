@@ -30,7 +30,7 @@ ONNX_CACHE_KEEP = 8               # exported U-Net graphs kept in the cache fold
 # The generator of a checkpoint file
 def load_generator(path):
     """A generator checkpoint file (train_328.py) -> (unet, audio_encoder, info) on the CPU: the
-    UNet328 of its widths and base and the audio encoder that made its training features, weights
+    UNet328 of its widths, base and stem and the audio encoder that made its training features, weights
     loaded, BatchNorm not yet folded; info = widths, step, config and mask (the area it repaints:
     bool (320, 320), None = MASK_RECT). A file that does not hold them is one UserError."""
     from audio_features import encoder_from_state
@@ -39,7 +39,8 @@ def load_generator(path):
     ckpt = utils.load_checkpoint(path, "cpu")
     widths = _widths_of(ckpt, path)
     try:
-        unet = UNet328(widths, base=(ckpt.get("config") or {}).get("base", "none"))
+        config = ckpt.get("config") or {}
+        unet = UNet328(widths, base=config.get("base", "none"), stem=config.get("stem", "conv"))
     except ValueError as e:
         raise UserError(f"{path}: {e}; it was written by a newer train_328.py") from None
     try:

@@ -36,7 +36,7 @@ from runlog import RunLog, save_preview
 from losses import PERCEPTUAL_WEIGHT, Objective, OpeningHead, cut_window, make_perceptual, pick_window, train_step, validate
 from datasets import (LipDataset, StepBatches, feature_encoder, generator_mask, opening_weights, read_feature_info,
                       reference_pool, split_frames)
-from unet_328 import BASES, STRIDE, WIDTHS, UNet328, count_params
+from unet_328 import BASES, STEMS, STRIDE, WIDTHS, UNet328, count_params
 from utils import UserError
 
 
@@ -53,6 +53,7 @@ class Config:
     batch_size: int = 8             # [1..] frames per step per process (reference: 8)
     held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
+    stem: str = "s2d"               # s2d: the U-Net folds 2 x 2 pixels into channels, so every level runs at half the resolution (CPU steps ~2x cheaper, better at equal time: README round 11); conv: its first level convolves the 320 px crop (the reference design). A resumed run keeps its checkpoint's
     base: str = "none"              # none: the U-Net paints the whole crop (reference); ref: it paints a change over the reference in the hole (unet_328.UNet328)
     reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the tenth of them with the most closed mouth, like inference's default reference; audio: one of a bank of 64 training frames that sounds like the sample (the bank is saved for inference --reference audio)
     mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
@@ -178,6 +179,8 @@ def main(cfg, progress=None, should_stop=None):
     widths = parse_widths(cfg.widths)
     if cfg.base not in BASES:
         raise UserError(f"--base {cfg.base!r}: choose {' or '.join(BASES)}")
+    if cfg.stem not in STEMS:
+        raise UserError(f"--stem {cfg.stem!r}: choose {' or '.join(STEMS)}")
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = utils.get_device(cfg.device)
@@ -212,6 +215,10 @@ def _data(cfg, ds, ckpt, enc_id):
             note = f"; it keeps the checkpoint's --mask {got} (not {cfg.mask})"
             cfg = dataclasses.replace(cfg, mask=got)
         mask = utils.checkpoint_mask(ckpt)
+        got = ckpt.get("config", {}).get("stem", "conv")   # checkpoints from before --stem: conv
+        if got != cfg.stem:
+            note += f"; it keeps the checkpoint's --stem {got} (not {cfg.stem})"
+            cfg = dataclasses.replace(cfg, stem=got)
     else:
         mask = generator_mask(ds, train_idx, cfg.mask)
     refs = reference_pool(ds, train_idx, cfg.reference)
@@ -255,7 +262,7 @@ def _model(cfg, widths, device, ckpt, opening):
     Adam, the loss scaler, the weights' moving average (--ema; updated by each optimizer step),
     restored from ckpt when resuming. -> (model, head, optimizer, scaler, ema or None, step, best loss)."""
     torch.manual_seed(cfg.seed)
-    model = UNet328(widths, base=cfg.base).to(device)
+    model = UNet328(widths, base=cfg.base, stem=cfg.stem).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     head = OpeningHead(widths[-1], opening.mean(), opening.std()).to(device) if cfg.opening_weight > 0 else None

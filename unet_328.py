@@ -23,6 +23,7 @@ WIDTHS = {"full": (32, 32, 64, 128, 256, 512), "light": (16, 16, 32, 64, 128, 25
 EXPAND = 2                      # inverted-residual expansion; 2 gives the reference 12.2 M params
 IMG_CHANNELS = 6                # reference crop (3) + masked current crop (3)
 BASES = ("none", "ref")         # what the output starts from: nothing (paint the whole crop) or the reference in the hole
+STEMS = ("conv", "s2d")         # the first level: 320 px convolutions (reference), or 2 x 2 pixels folded into channels
 AUDIO_SHAPE = (32, 16, 16)      # FEAT_WIN vectors of FEAT_DIM, reshaped (SPEC §5)
 STRIDE = 32                     # one bottleneck cell = 32 x 32 px of the crop (five stride-2 stages)
 assert AUDIO_SHAPE[0] * AUDIO_SHAPE[1] * AUDIO_SHAPE[2] == FEAT_WIN * FEAT_DIM
@@ -116,17 +117,24 @@ class UNet328(nn.Module):
     zero, so an untrained model already returns the reference's skin and texture in the hole and
     training learns what must change there (the mouth) instead of repainting everything."""
 
-    def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0], base="none"):
+    def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0], base="none", stem="conv"):
         super().__init__()
         if len(widths) != 6:
             raise ValueError(f"widths: need 6 encoder widths (320 .. 10 px), got {widths}")
         if base not in BASES:
             raise ValueError(f"base: choose one of {BASES}, got {base!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem: choose one of {STEMS}, got {stem!r}")
         w0, w1, w2, w3, w4, w5 = widths
-        self.widths, self.audio_channels, self.base = tuple(widths), audio_channels, base
-        # Encoder: full resolution, then five stride-2 stages 320 -> 10 px.
-        self.inc = DoubleConv(IMG_CHANNELS, w0)
-        self.down = nn.ModuleList([DoubleConv(a, b, stride=2) for a, b in zip(widths[:-1], widths[1:])])
+        self.widths, self.audio_channels, self.base, self.stem = tuple(widths), audio_channels, base, stem
+        # The encoder's levels: 320, 160, 80, 40, 20, 10 px (conv), or with stem s2d each 2 x 2 pixel
+        # block folded into channels (pixel_unshuffle) so the levels are 160 .. 10 px, the 160 px one
+        # max(2 w0, w1) wide; the output is painted as 4 sub-pixels a position (pixel_shuffle). The
+        # 320 px level is most of a CPU step's time (memory-bound BatchNorm and ReLU): s2d steps take
+        # ~0.35x the time at light widths.
+        levels = tuple(widths) if stem == "conv" else (max(2 * w0, w1), w2, w3, w4, w5)
+        self.inc = DoubleConv(IMG_CHANNELS * (1 if stem == "conv" else 4), levels[0])
+        self.down = nn.ModuleList([DoubleConv(a, b, stride=2) for a, b in zip(levels[:-1], levels[1:])])
         # Audio branch 16 -> 10 px: three valid (unpadded) 3x3 convs shrink 16 -> 14 -> 12 -> 10,
         # each followed by a residual IR; two more IRs at the bottleneck width.
         a1, a2 = w5 // 4, w5 // 2
@@ -138,15 +146,11 @@ class UNet328(nn.Module):
         )
         # Fusion at the bottleneck: [image | audio] 2*w5 -> w5 -> w4.
         self.fuse = nn.Sequential(DoubleConv(2 * w5, w5), DoubleConv(w5, w4))
-        # Decoder: widths back up, each level concatenating the encoder skip of its resolution.
-        self.up = nn.ModuleList([
-            Up(w4, w4, w3),        # 10 -> 20 px
-            Up(w3, w3, w2),        # 20 -> 40
-            Up(w2, w2, w1),        # 40 -> 80
-            Up(w1, w1, w0),        # 80 -> 160
-            Up(w0, w0, w0 // 2),   # 160 -> 320
-        ])
-        self.outc = nn.Conv2d(w0 // 2, 3, 1)
+        # Decoder: widths back up, each level concatenating the encoder skip of its resolution
+        # (conv: 10 -> 20 -> 40 -> 80 -> 160 -> 320 px, ending w0 / 2 wide; s2d: up to 160 px).
+        outs = levels[-3::-1] + ((w0 // 2,) if stem == "conv" else (levels[0],))
+        self.up = nn.ModuleList([Up(c, c, o) for c, o in zip(levels[-2::-1], outs)])
+        self.outc = nn.Conv2d(outs[-1], 3 if stem == "conv" else 12, 1)
         if base == "ref":
             nn.init.zeros_(self.outc.weight)
             nn.init.zeros_(self.outc.bias)
@@ -161,7 +165,7 @@ class UNet328(nn.Module):
         else:
             check_window(img, offset)
         check_shape(audio, (self.audio_channels, AUDIO_SHAPE[1], AUDIO_SHAPE[2]), "UNet328 audio")
-        skips = [self.inc(img)]                     # (B, w0, 320, 320)
+        skips = [self.inc(img if self.stem == "conv" else nn.functional.pixel_unshuffle(img, 2))]   # (B, w0, 320, 320)
         for down in self.down:
             skips.append(down(skips[-1]))           # ... (B, w5, 10, 10)
         a = self.audio_branch(audio)                # (B, w5, 10, 10)
@@ -171,9 +175,10 @@ class UNet328(nn.Module):
         x = self.fuse(torch.cat([skips.pop(), a], dim=1))   # (B, w4, 10, 10)
         for up in self.up:
             x = up(x, skips.pop())                  # (B, w3, 20, 20) ... (B, w0/2, 320, 320)
+        y = self.outc(x) if self.stem == "conv" else nn.functional.pixel_shuffle(self.outc(x), 2)
         if self.base == "ref":
-            return torch.sigmoid(self.outc(x) + base_logit(img))
-        return torch.sigmoid(self.outc(x))          # (B, 3, 320, 320)
+            return torch.sigmoid(y + base_logit(img))
+        return torch.sigmoid(y)                     # (B, 3, 320, 320)
 
 
 def check_window(img, offset):

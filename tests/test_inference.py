@@ -22,21 +22,21 @@ from compose import References, RenderOptions, compose
 from conftest import ROOT
 
 
-def random_light_checkpoint(path, seed=0):
+def random_light_checkpoint(path, seed=0, stem="conv"):
     """A checkpoint as train_328.py writes it: light UNet328 + AudioEncoder with random weights.
     BatchNorm statistics are measured on random inputs (one train-mode pass), as training would
     leave them, so signals neither vanish nor explode: the output depends visibly on image and
     audio, like a trained model's, and folding the BN is not a no-op."""
     torch.manual_seed(seed)
-    unet, enc = unet_328.UNet328(unet_328.WIDTHS["light"]), unet_328.AudioEncoder()
+    unet, enc = unet_328.UNet328(unet_328.WIDTHS["light"], stem=stem), unet_328.AudioEncoder()
     for m in list(unet.modules()) + list(enc.modules()):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None                    # running stats = plain average of the passes
     with torch.no_grad():
         unet.train()(torch.rand(2, 6, utils.INNER, utils.INNER), torch.randn(2, 32, 16, 16))
         enc.train()(torch.rand(16, 1, 80, 16) * 8 - 4)
-    utils.save_checkpoint(dict(model=unet.state_dict(), config=dict(widths=list(unet_328.WIDTHS["light"])),
-                               audio_encoder=enc.state_dict(), step=0, epoch=0), path)
+    config = dict(widths=list(unet_328.WIDTHS["light"]), **({} if stem == "conv" else {"stem": stem}))   # old files: no stem
+    utils.save_checkpoint(dict(model=unet.state_dict(), config=config, audio_encoder=enc.state_dict(), step=0, epoch=0), path)
     return path
 
 
@@ -162,6 +162,33 @@ def test_a_base_ref_checkpoint_starts_from_its_reference(setup, tmp_path):
     bad = tmp_path / "future.pth"
     utils.save_checkpoint(dict(ck, config=dict(ck["config"], base="template")), bad)
     with pytest.raises(utils.UserError, match="base"):
+        inf.LipSyncModel(bad, "cpu")
+
+
+def test_an_s2d_checkpoint_paints_as_its_eager_unet_in_every_runtime(setup, tmp_path):
+    """--stem s2d travels in the checkpoint's config: inference builds the s2d U-Net, and its folded,
+    ONNX Runtime and OpenVINO forms paint what the eager one does; an unknown stem is one UserError."""
+    path = random_light_checkpoint(tmp_path / "s2d.pth", seed=3, stem="s2d")
+    unet = unet_328.UNet328(unet_328.WIDTHS["light"], stem="s2d").eval()
+    unet.load_state_dict(utils.load_checkpoint(path)["model"])
+    rng = np.random.default_rng(1)
+    ref, crops = rng.integers(0, 256, (2, 2, 320, 320, 3), dtype=np.uint8)
+    masked = geometry.mask_inner(crops)
+    aud = rng.normal(size=(2, 32, 16, 16)).astype(np.float32)
+    img = np.concatenate([ref, masked], -1).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    with torch.inference_mode():
+        want = (unet(torch.from_numpy(img), torch.from_numpy(aud)).numpy().transpose(0, 2, 3, 1) * 255 + 0.5).clip(0, 255)
+    backends = ["eager", "auto"] + (["ort"] if __import__("importlib").util.find_spec("onnx") else [])
+    for backend in backends:
+        model = inf.LipSyncModel(path, "cpu", backend=backend)
+        out = model.generate_crops(ref, masked, aud, guidance=1.0).astype(np.float32)
+        tol = 2.0 if model.runner.kind == "ov" else 1.0               # bf16 rounding: near, not equal
+        assert np.abs(out - want).mean() < tol, backend
+    assert np.abs(want - setup["model"].generate_crops(ref, masked, aud, guidance=1.0)).mean() > 5   # another net than conv's
+    bad = tmp_path / "future.pth"
+    ck = utils.load_checkpoint(path)
+    utils.save_checkpoint(dict(ck, config=dict(ck["config"], stem="s4d")), bad)
+    with pytest.raises(utils.UserError, match="stem"):
         inf.LipSyncModel(bad, "cpu")
 
 

@@ -56,6 +56,40 @@ def test_unet_output_shape_and_range():
     assert 0 < y.min() and y.max() < 1
 
 
+def test_s2d_stem_runs_every_level_at_half_the_resolution_and_paints_whole_pixels():
+    """--stem s2d: 2 x 2 pixels folded into channels, so the first level is 160 px (not 320), the
+    bottleneck still 10 px (a window's cells line up as with conv), and the output is painted per
+    pixel (sub-pixel convolution), not upsampled; BatchNorm folding keeps it; it learns."""
+    m = UNet328(WIDTHS["light"], stem="s2d")
+    assert abs(count_params(m) - count_params(UNet328(WIDTHS["light"]))) < 0.02 * count_params(m)
+    sizes = []
+    m.inc.register_forward_hook(lambda mod, i, o: sizes.append(tuple(o.shape)))
+    m.down[-1].register_forward_hook(lambda mod, i, o: sizes.append(tuple(o.shape)))
+    img, audio = unet_inputs(2)
+    with torch.no_grad():
+        y = randomise_bn(m)(img, audio)
+        win = m(img[:, :, 64:256, 32:288], audio, (64, 32))
+    assert sizes[:2] == [(2, 32, 160, 160), (2, 256, 10, 10)]
+    assert y.shape == (2, 3, 320, 320) and 0 < y.min() and y.max() < 1
+    assert (y[..., 0::2, 0::2] - y[..., 1::2, 1::2]).abs().mean() > 1e-3      # the four sub-pixels differ
+    assert win.shape == (2, 3, 192, 256)
+    assert (win[..., 48:-48, 48:-48] - y[..., 112:208, 80:240]).abs().max() < 0.05   # a window's centre: as in the whole crop
+    with torch.no_grad():
+        assert torch.allclose(fold_bn(m)(img, audio), y, atol=1e-5)
+    target = img[:, :3].flip(-1)
+    opt = torch.optim.Adam(m.train().parameters(), 1e-2)
+    losses = []
+    for _ in range(4):
+        loss = F.l1_loss(m(img, audio), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="stem"):
+        UNet328(WIDTHS["light"], stem="s4d")
+
+
 def test_base_ref_starts_from_the_reference_in_the_hole_and_learns_a_change():
     ref = torch.rand(2, 3, 320, 320) * 0.6 + 0.2
     gain, offset = torch.tensor([0.7, 1.2, 1.0]).view(1, 3, 1, 1), torch.tensor([0.1, -0.1, 0.05]).view(1, 3, 1, 1)

@@ -300,11 +300,16 @@ def test_resume_errors_are_one_line(light_run, data_root, tmp_path):
     utils.save_checkpoint(ck, tmp_path / "broken.pth")
     with pytest.raises(utils.UserError, match="does not fit"):
         train_328.main(config(data_root, tmp_path / "x", resume=str(tmp_path / "broken.pth"), widths="light"))
+    stem = utils.load_checkpoint(out / "last.pth")["config"]["stem"]
+    other = "conv" if stem == "s2d" else "s2d"
     res = train_328.main(config(data_root, tmp_path / "y", resume=str(out / "last.pth"), widths="light", mask="rect",
-                                max_steps=3))                               # a resume keeps the checkpoint's mask
+                                stem=other, max_steps=3))                   # a resume keeps the checkpoint's mask and stem
     ck = utils.load_checkpoint(tmp_path / "y" / "last.pth")
-    assert res["step"] == 3 and ck["config"]["mask"] == "jaw" and ck["mask"] is not None
-    assert "keeps the checkpoint's --mask jaw (not rect)" in (tmp_path / "y" / "log.txt").read_text()
+    assert res["step"] == 3 and ck["config"]["mask"] == "jaw" and ck["mask"] is not None and ck["config"]["stem"] == stem
+    log = (tmp_path / "y" / "log.txt").read_text()
+    assert "keeps the checkpoint's --mask jaw (not rect)" in log and f"keeps the checkpoint's --stem {stem} (not {other})" in log
+    with pytest.raises(utils.UserError, match="--stem 's4d'"):
+        train_328.main(config(data_root, tmp_path / "z", stem="s4d"))
     with pytest.raises(utils.UserError, match="--resume auto"):                # no silent overwrite of a run
         train_328.main(config(data_root, out, widths="light"))
     with pytest.raises(utils.UserError, match="--base"):                       # a model that starts from another base
