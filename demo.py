@@ -44,7 +44,7 @@ class Config:
     heldout_seconds: float = 8.0   # held-out clip for evaluate.py, s (own video: taken from its end)
     sync_steps: int = 60           # SyncNet optimizer steps
     sync_batch: int = 16           # SyncNet face windows per step
-    train_steps: int = 200         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is)
+    train_steps: int = 400         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is; 400 s2d steps take the time 200 conv ones did)
     batch_size: int = 4            # generator frames per step
     widths: str = "light"          # U-Net widths (light: CPU-sized)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
