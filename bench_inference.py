@@ -132,9 +132,7 @@ def case_unet(arg):
     import runner
     import unet_328
     load0 = os.getloadavg()[0]
-    ckpt = utils.load_checkpoint(arg["ckpt"])
-    unet = unet_328.UNet328(tuple(ckpt["config"]["widths"]), stem=ckpt["config"].get("stem", "conv")).eval()
-    unet.load_state_dict(ckpt["model"])
+    unet = runner.load_generator(arg["ckpt"])[0].eval()      # its widths, base and stem, as inference builds it
     x, a = runner.fresh_inputs(1, seed=2)
     xn, an = x.numpy(), a.numpy()
     res = {}
