@@ -12,7 +12,7 @@ The steps, each one the project's own script (imported, not re-implemented):
      SYNTHETIC: a still photo whose jaw opens with the loudness of the speech (synthetic.py), so
      its lips follow loudness, not phonemes. A training clip and a held-out clip, different text;
   3. process.py on the training clip;  4. syncnet_328.py, briefly (the audio encoder + features);
-  5. train_328.py, briefly, on CPU with the light widths (a fixed number of steps);
+  5. train_328.py, briefly, on CPU with the narrow widths (a fixed number of steps);
   6. inference_328.py: the face says a DIFFERENT sentence;
   7. evaluate.py on the held-out clip: the model, then the template baseline (ignores audio).
 Minutes of CPU training give a blurry mouth that moves with the audio, not a finished avatar:
@@ -44,9 +44,9 @@ class Config:
     heldout_seconds: float = 8.0   # held-out clip for evaluate.py, s (own video: taken from its end)
     sync_steps: int = 60           # SyncNet optimizer steps
     sync_batch: int = 16           # SyncNet face windows per step
-    train_steps: int = 400         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is; 400 s2d steps take the time 200 conv ones did)
+    train_steps: int = 540         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is; 540 narrow s2d steps take the time 400 light ones or 200 conv ones did)
     batch_size: int = 4            # generator frames per step
-    widths: str = "light"          # U-Net widths (light: CPU-sized)
+    widths: str = "narrow"         # U-Net widths (narrow and light: CPU-sized)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
     threads: int = 0               # torch CPU threads; 0 = auto: all cores, or 1 when the machine is already busy
     tts: str = "auto"              # speech engine: auto (piper, espeak-ng, synthetic), piper, espeak, synthetic

@@ -32,8 +32,8 @@ class Config:
     out_dir: str = str(utils.REPO / "result" / "protocol")         # datasets, checkpoints, evaluations
     label: str = ""                # name of this generator run; "" = built from the settings
     sync_steps: int = 400          # [1..] SyncNet optimizer steps (syncnet_328.py's default)
-    steps: int = 500               # [1..] generator optimizer steps (budget A on CPU: the README's recipe)
-    widths: str = "light"          # U-Net widths: light on CPU, full on a GPU
+    steps: int = 1350              # [1..] generator optimizer steps (budget A on CPU with the narrow widths: README round 12)
+    widths: str = "narrow"         # U-Net widths: narrow (or light) on CPU, full on a GPU
     batch_size: int = 4            # [0..] generator frames per step; 0 = sized to the GPU's memory (auto_batch)
     lr: float = train_328.Config.lr            # [>0..] generator peak learning rate (train_328's default)
     warmup_steps: int = train_328.Config.warmup_steps   # [0..] generator lr warm-up steps (train_328's default)
@@ -159,7 +159,7 @@ def main(cfg):
     # the generator
     widths = train_328.parse_widths(cfg.widths)
     batch = cfg.batch_size or (auto_batch(widths, device, cfg.stem) if device.type == "cuda" else 4)
-    label = cfg.label or (f"{cfg.widths}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
+    label = cfg.label or (f"{cfg.widths.replace(',', '-')}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
                           + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "")
                           + (f"_sw{cfg.open_weight:g}" if cfg.open_weight else "")
                           + (f"_alr{cfg.audio_lr_mult:g}" if cfg.audio_lr_mult != 1 else "") + ("" if cfg.amp else "_fp32") + (f"_ema{cfg.ema:g}" if cfg.ema else "")

@@ -49,7 +49,7 @@ class Config:
     ckpt_root: str = str(utils.CHECKPOINT_DIR)  # where checkpoints live
     resume: str = ""                # "" new run; "auto" (or a bare --resume) last.pth if any; "last" or a path: must exist
     overwrite: bool = False         # start a new run even where out_dir already holds one
-    widths: str = "full"            # U-Net widths: full (12.2 M params), light (CPU), or 6 ints "16,16,32,64,128,256"
+    widths: str = "full"            # U-Net widths: full (12.2 M params), light or narrow (CPU; narrow: a cheaper top level, budget A's recipe), or 6 ints "16,16,32,64,128,256"
     batch_size: int = 8             # [1..] frames per step per process (reference: 8)
     held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target

@@ -47,6 +47,19 @@ def test_param_counts_match_the_reference_design():
     assert abs(count_params(AudioEncoder()) - 2.8e6) < 0.05 * 2.8e6
 
 
+def test_narrow_preset_is_light_with_half_the_top_level():
+    """--widths narrow (budget A's CPU recipe): light's widths but the first; with the s2d stem
+    that halves the 160 px level (16 channels, not 32), the same bottleneck and audio branch."""
+    narrow, light = (UNet328(WIDTHS[w], stem="s2d") for w in ("narrow", "light"))
+    assert WIDTHS["narrow"][1:] == WIDTHS["light"][1:] and WIDTHS["narrow"][0] < WIDTHS["light"][0]
+    assert narrow.inc.block[1].conv[-1].num_features == 16 and light.inc.block[1].conv[-1].num_features == 32
+    assert count_params(narrow.audio_branch) == count_params(light.audio_branch)
+    assert 0.8 * count_params(light) < count_params(narrow) < count_params(light)
+    with torch.no_grad():
+        y = narrow.eval()(*unet_inputs(1))
+    assert y.shape == (1, 3, 320, 320) and 0 < y.min() and y.max() < 1
+
+
 # ---- shapes, ranges, input checks ------------------------------------------------------------
 def test_unet_output_shape_and_range():
     # The light preset runs the same code as full at a quarter of the cost.
