@@ -20,7 +20,7 @@ from utils import FEAT_DIM, FEAT_WIN, INNER, MEL_WIN, N_MELS
 # Encoder widths at 320, 160, 80, 40, 20, 10 px. "full" is the reference design (~12.2 M params);
 # "light" keeps the geometry and the input/output shapes at about a quarter of the FLOPs, for CPU.
 # "narrow" is light with a narrower top: with the s2d stem its 160 px level is 16 wide instead of 32,
-# the level that costs most of a CPU step (~0.7x light's step); budget A's CPU recipe (README round 12).
+# the level that costs most of a CPU step (a step 0.75x light's); budget A's CPU recipe (README round 12).
 WIDTHS = {"full": (32, 32, 64, 128, 256, 512), "light": (16, 16, 32, 64, 128, 256),
           "narrow": (8, 16, 32, 64, 128, 256)}
 EXPAND = 2                      # inverted-residual expansion; 2 gives the reference 12.2 M params
