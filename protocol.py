@@ -37,6 +37,7 @@ class Config:
     batch_size: int = 4            # [0..] generator frames per step; 0 = sized to the GPU's memory (auto_batch)
     lr: float = train_328.Config.lr            # [>0..] generator peak learning rate (train_328's default)
     warmup_steps: int = train_328.Config.warmup_steps   # [0..] generator lr warm-up steps (train_328's default)
+    min_lr_frac: float = train_328.Config.min_lr_frac   # [0..1] where the generator's cosine decay ends, x lr (train_328 --min_lr_frac)
     stem: str = train_328.Config.stem          # the U-Net's first level (train_328 --stem)
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
@@ -164,6 +165,7 @@ def main(cfg):
                           + (f"_sw{cfg.open_weight:g}" if cfg.open_weight else "")
                           + (f"_alr{cfg.audio_lr_mult:g}" if cfg.audio_lr_mult != 1 else "") + ("" if cfg.amp else "_fp32") + (f"_ema{cfg.ema:g}" if cfg.ema else "")
                           + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
+                          + (f"_mlr{cfg.min_lr_frac:g}" if cfg.min_lr_frac != train_328.Config.min_lr_frac else "")
                           + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_{cfg.stem}" if cfg.stem != "conv" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
                           + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else "")
                           + (f"_win{cfg.window}x{cfg.window_share:g}" if cfg.window else "")
@@ -175,7 +177,7 @@ def main(cfg):
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
-        lr=cfg.lr, warmup_steps=cfg.warmup_steps, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
         sync_weight=cfg.sync_weight, sync_start=cfg.sync_start, sync_ramp=cfg.sync_ramp, sync_clips=cfg.sync_clips, syncnet=str(sync_dir / utils.SYNCNET_BEST),
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
