@@ -38,8 +38,8 @@ class Config:
     name: str = ""                 # avatar dataset to use; default: the anchor clip processed into --work
     data_root: str = str(utils.DATASET_DIR)   # where --name lives
     work: str = "/tmp/bench_inference"        # scratch folder (dataset, checkpoint, audio, outputs)
-    widths: str = "full"           # U-Net widths: full or light
-    stem: str = "conv"             # the U-Net's first level: conv (320 px) or s2d (train_328 --stem)
+    widths: str = "full"           # U-Net widths: full, light or narrow (unet_328.WIDTHS)
+    stem: str = "s2d"              # the U-Net's first level: s2d (train_328's default since round 11) or conv (320 px, models trained before)
     seconds: float = 8.0           # length of the short end-to-end case, s
     long_seconds: float = 600.0    # length of the long (memory) case, s; 0 skips it
     mid_seconds: float = 30.0      # a middle case for the memory comparison, s; 0 skips it

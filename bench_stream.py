@@ -2,7 +2,7 @@
 factor, frames dropped when audio arrives in real time, A/V drift after 10 minutes, peak memory;
 per U-Net widths, each in its own process.
 
-    python bench_stream.py                                   # light and full widths, random weights, anchor clip
+    python bench_stream.py                                   # light and full widths, random weights (s2d stem), anchor clip
     python bench_stream.py --name anna --checkpoint checkpoint/anna/best.pth --widths trained
     python bench_stream.py --widths light --seconds 4 --drift_seconds 60     # CPU smoke run
 
@@ -44,7 +44,8 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)   # where --name lives
     checkpoint: str = ""           # generator checkpoint (with --widths trained)
     work: str = "/tmp/bench_inference"        # scratch folder (dataset, checkpoints, audio)
-    widths: str = "light,full"     # comma list of light, full, trained (= --checkpoint)
+    widths: str = "light,full"     # comma list of light, narrow, full (random weights) and trained (= --checkpoint)
+    stem: str = "s2d"              # the random U-Nets' first level: s2d (train_328's default) or conv (models trained before round 11)
     seconds: float = 8.0           # audio of the fast and real-time cases, s
     drift_seconds: float = 600.0   # audio of the drift case, s
     lookahead: int = 3             # [0..7] frames of look-ahead (stream.LIVE_LOOKAHEAD, the live default)
@@ -191,18 +192,19 @@ def main(cfg):
         return
     name, root = ensure_dataset(cfg)
     audio = speech(cfg.seconds, cfg.work)
+    from unet_328 import WIDTHS     # here, not at the top: a case's process must not load torch
     rows = []
     for w in [x.strip() for x in cfg.widths.split(",") if x.strip()]:
         if w == "trained":
             if not cfg.checkpoint:
                 raise UserError("--widths trained needs --checkpoint PATH")
             ckpt = cfg.checkpoint
-        elif w in ("light", "full"):
-            ckpt = Path(cfg.work) / f"random_{w}.pth"
+        elif w in WIDTHS:
+            ckpt = Path(cfg.work) / f"random_{w}{'' if cfg.stem == 'conv' else '_' + cfg.stem}.pth"
             if not ckpt.is_file():
-                random_checkpoint(ckpt, w)
+                random_checkpoint(ckpt, w, stem=cfg.stem)
         else:
-            raise UserError(f"--widths {w!r}: use light, full or trained")
+            raise UserError(f"--widths {w!r}: use {', '.join(WIDTHS)} or trained")
         arg = dict(ckpt=str(ckpt), name=name, data_root=root, audio=str(audio), lookahead=cfg.lookahead,
                    guidance=cfg.guidance, backend=cfg.backend, threads=cfg.threads, drift_seconds=cfg.drift_seconds)
         subprocess.run([sys.executable, __file__, "--part", "warm", "--arg", json.dumps(arg)], capture_output=True)
