@@ -1,7 +1,8 @@
 """What the generator minimises, and one optimizer step of it (train_328.py's inner loop).
 
 Loss = L1 over the crop + mouth_weight x L1 inside each frame's mouth box + perceptual weight x
-(VGG19 conv3_3 L1, or 1 - MS-SSIM) + opening_weight x the opening head's MSE + the ramped sync
+(VGG19 conv3_3 L1, or 1 - MS-SSIM) + edge_weight x L1 of the horizontal and vertical pixel
+differences (edge_l1) + opening_weight x the opening head's MSE + the ramped sync
 weight x the frozen SyncNet's BCE on clips of T consecutive predicted frames. `Objective` holds the
 terms a run uses; `train_step` runs forward, loss, backward, clip and optimizer step on one batch;
 `validate` measures held-out frames (L1, and how much the mouth follows the audio).
@@ -77,6 +78,13 @@ def mouth_l1(pred, target, boxes):
     return ((pred - target).abs() * inside).sum() / (3 * inside.sum()).clamp(min=1)
 
 
+def edge_l1(pred, target):
+    """Mean L1 between the neighbour differences (x and y) of prediction and target (B, 3, H, W):
+    it weighs where edges are (lip contours, teeth) more than flat skin, which plain L1 averages away."""
+    d = pred - target
+    return (d[..., :, 1:] - d[..., :, :-1]).abs().mean() + (d[..., 1:, :] - d[..., :-1, :]).abs().mean()
+
+
 class OpeningHead(torch.nn.Module):
     """Training-only probe: the U-Net's audio-branch map (B, C, 10, 10) -> the frame's mouth opening,
     standardised over the training frames. Its loss teaches the audio path the quantity the
@@ -111,6 +119,7 @@ class Objective:
     sync_weight: float = 0.0
     sync_ramp: int = 0
     sync_from: int = 0                # the step the sync term starts at (its ramp counts from there)
+    edge_weight: float = 0.0
 
     def __call__(self, pred, target, step, mouth=None, opening=None, clip_mel=None, n_clips=0):
         """pred/target (B, 3, 320, 320); the last n_clips x T rows of the batch are clip frames
@@ -120,7 +129,10 @@ class Objective:
             terms["l1_mouth"] = mouth_l1(pred.float(), target, mouth)
         if self.perc_fn is not None:
             terms["perc"] = self.perc_fn(pred, target)
-        loss = terms["l1"] + self.mouth_weight * terms.get("l1_mouth", 0.0) + self.perc_weight * terms.get("perc", 0.0)
+        if self.edge_weight > 0:
+            terms["edge"] = edge_l1(pred.float(), target)
+        loss = (terms["l1"] + self.mouth_weight * terms.get("l1_mouth", 0.0) + self.perc_weight * terms.get("perc", 0.0)
+                + self.edge_weight * terms.get("edge", 0.0))
         if self.opening_head is not None:
             terms["opening"] = self.opening_head.loss(self.opening_head.maps.pop(), opening.to(pred.device))
             loss = loss + self.opening_weight * terms["opening"]

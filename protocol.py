@@ -53,6 +53,7 @@ class Config:
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
+    edge_weight: float = 0.0       # [0..] L1 on neighbouring pixels' differences (train_328 --edge_weight)
     perceptual: str = train_328.Config.perceptual        # perceptual term (train_328 --perceptual)
     perceptual_weight: float = -1.0  # its weight; < 0 = the kind's default (train_328 --perceptual_weight)
     window: int = train_328.Config.window                # [0..320] training windows, px (train_328 --window)
@@ -160,7 +161,7 @@ def main(cfg):
     # the generator
     widths = train_328.parse_widths(cfg.widths)
     batch = cfg.batch_size or (auto_batch(widths, device, cfg.stem) if device.type == "cuda" else 4)
-    label = cfg.label or (f"{cfg.widths.replace(',', '-')}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "")
+    label = cfg.label or (f"{cfg.widths.replace(',', '-')}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "") + (f"_ew{cfg.edge_weight:g}" if cfg.edge_weight else "")
                           + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "")
                           + (f"_sw{cfg.open_weight:g}" if cfg.open_weight else "")
                           + (f"_alr{cfg.audio_lr_mult:g}" if cfg.audio_lr_mult != 1 else "") + ("" if cfg.amp else "_fp32") + (f"_ema{cfg.ema:g}" if cfg.ema else "")
@@ -177,7 +178,7 @@ def main(cfg):
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
-        lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, edge_weight=cfg.edge_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
         sync_weight=cfg.sync_weight, sync_start=cfg.sync_start, sync_ramp=cfg.sync_ramp, sync_clips=cfg.sync_clips, syncnet=str(sync_dir / utils.SYNCNET_BEST),
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
         num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),

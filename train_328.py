@@ -58,6 +58,7 @@ class Config:
     reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the tenth of them with the most closed mouth, like inference's default reference; audio: one of a bank of 64 training frames that sounds like the sample (the bank is saved for inference --reference audio)
     mask: str = "jaw"               # area the U-Net repaints: jaw (lower face under the nose, from the avatar's landmarks) or rect (the reference's whole-crop rectangle)
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
+    edge_weight: float = 0.0        # [0..] weight of an L1 on neighbouring pixels' differences (losses.edge_l1: edges such as the lips' contour count more; 0 = off)
     window: int = 0                 # [0..320] px; > 0: the first window_share of the steps train on a random WINDOW x WINDOW part of each crop (a multiple of 32, >= 192 with MS-SSIM; ~2.6x cheaper steps on CPU at 192), the rest on whole crops. 0 = whole crops throughout (measured better at equal CPU time, README round 4)
     window_share: float = 0.8       # [0..1] share of the steps (the first ones) that train on windows when --window > 0
     open_weight: float = 0.0        # [0..] draw training frames with weight 1 + W x |mouth opening's robust z-score| (the wide-open and tight-shut extremes more often; 0 = uniform, each epoch a permutation)
@@ -95,7 +96,7 @@ class Config:
 
 
 RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
-               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult", "ema")   # worth a line when a resume changes them
+               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "edge_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult", "ema")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
 
 
@@ -241,7 +242,8 @@ def _objective(cfg, out, name, device):
                  if cfg.sync_weight > 0 and cfg.sync_clips > 0 else "sync loss OFF (--sync_weight 0 or --sync_clips 0)")
     perc_kind, perc_fn = make_perceptual(cfg.perceptual, device)
     perc_weight = PERCEPTUAL_WEIGHT[perc_kind] if cfg.perceptual_weight < 0 else cfg.perceptual_weight
-    objective = Objective(perc_fn, perc_weight, cfg.mouth_weight, None, cfg.opening_weight, syncnet, sync_weight, cfg.sync_ramp)
+    objective = Objective(perc_fn, perc_weight, cfg.mouth_weight, None, cfg.opening_weight, syncnet, sync_weight, cfg.sync_ramp,
+                          edge_weight=cfg.edge_weight)
     return objective, perc_kind, sync_path, f"perceptual: {perc_kind} (weight {perc_weight}); {sync_note}"
 
 

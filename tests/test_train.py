@@ -376,6 +376,21 @@ def test_msssim_loss_is_exact_under_bf16_autocast():
     assert float(torch.nn.functional.cosine_similarity(g16, g32, 0)) > 0.9
 
 
+def test_edge_l1_counts_edges_not_offsets():
+    """edge_l1 is 0 for a prediction that is the target moved by a constant (no edge differs), and
+    for a blurred step edge it is what the blur took off the edge, while plain L1 sees less."""
+    target = torch.zeros(1, 3, 16, 16)
+    target[..., 8:] = 1.0                                                  # a vertical step edge
+    assert float(losses.edge_l1(target + 0.1, target)) == pytest.approx(0.0, abs=1e-7)
+    blur = torch.nn.functional.avg_pool2d(target, (1, 3), 1, (0, 1), count_include_pad=False)   # 0, .33, .67, 1 across x = 6..9
+    e, l1 = float(losses.edge_l1(blur, target)), float((blur - target).abs().mean())
+    assert e == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 15, abs=1e-6)      # per row: diffs 1/3, 1/3 against 0, 1, 0 over 15 pairs
+    assert e > l1 == pytest.approx(2 / 3 / 16, abs=1e-6)
+    obj = losses.Objective(edge_weight=2.0)
+    loss, terms = obj(blur, target, step=0)
+    assert float(loss) == pytest.approx(l1 + 2.0 * e, abs=1e-6) and "edge" in terms
+
+
 def test_sync_start_adds_the_sync_loss_late_and_resumes_exactly(data_root, tmp_path):
     """--sync_start 0.5 of 4 steps: steps 1-2 train without the SyncNet's clips, steps 3-4 with
     them (the ramp counting from step 3); a run stopped at the start resumes to the same losses."""
