@@ -384,7 +384,7 @@ def test_edge_l1_counts_edges_not_offsets():
     assert float(losses.edge_l1(target + 0.1, target)) == pytest.approx(0.0, abs=1e-7)
     blur = torch.nn.functional.avg_pool2d(target, (1, 3), 1, (0, 1), count_include_pad=False)   # 0, .33, .67, 1 across x = 6..9
     e, l1 = float(losses.edge_l1(blur, target)), float((blur - target).abs().mean())
-    assert e == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 15, abs=1e-6)      # per row: diffs 1/3, 1/3 against 0, 1, 0 over 15 pairs
+    assert e == pytest.approx((1 / 3 + 2 / 3 + 1 / 3) / 15, abs=1e-6)      # per row: blur - target is 1/3 at x 7, -1/3 at x 8: x steps 1/3, 2/3, 1/3 of 15; no y steps
     assert e > l1 == pytest.approx(2 / 3 / 16, abs=1e-6)
     obj = losses.Objective(edge_weight=2.0)
     loss, terms = obj(blur, target, step=0)
