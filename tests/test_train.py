@@ -385,7 +385,7 @@ def test_edge_l1_counts_edges_not_offsets():
     blur = torch.nn.functional.avg_pool2d(target, (1, 3), 1, (0, 1), count_include_pad=False)   # 0, .33, .67, 1 across x = 6..9
     e, l1 = float(losses.edge_l1(blur, target)), float((blur - target).abs().mean())
     assert e == pytest.approx((1 / 3 + 2 / 3 + 1 / 3) / 15, abs=1e-6)      # per row: blur - target is 1/3 at x 7, -1/3 at x 8: x steps 1/3, 2/3, 1/3 of 15; no y steps
-    assert e > l1 == pytest.approx(2 / 3 / 16, abs=1e-6)
+    assert l1 == pytest.approx(2 / 3 / 16, abs=1e-6) and e > l1
     obj = losses.Objective(edge_weight=2.0)
     loss, terms = obj(blur, target, step=0)
     assert float(loss) == pytest.approx(l1 + 2.0 * e, abs=1e-6) and "edge" in terms
