@@ -40,12 +40,13 @@ class RenderOptions:
     crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
 
     @classmethod
-    def from_config(cls, cfg, live=False):
+    def from_config(cls, cfg, live=False, default=None):
         """The options a script's Config sets (its fields of the same names); the rest keep their
-        defaults. A guidance < 0 means the default of the path: GUIDANCE, or LIVE_GUIDANCE if live."""
+        defaults. A guidance < 0 means the default of the path: LIVE_GUIDANCE if live, else `default`
+        (a model's fitted guidance: LipSyncModel.guidance) or GUIDANCE."""
         kw = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
         if kw.get("guidance", 0) < 0:
-            kw["guidance"] = LIVE_GUIDANCE if live else GUIDANCE
+            kw["guidance"] = LIVE_GUIDANCE if live else default or GUIDANCE
         return cls(**kw)
 
 

@@ -47,7 +47,7 @@ class Live:
     look-ahead differs."""
 
     def __init__(self, model, lookahead):
-        self.model, self.lookahead, self.mask, self.step = model, lookahead, model.mask, model.step
+        self.model, self.lookahead, self.mask, self.step, self.guidance = model, lookahead, model.mask, model.step, model.guidance
 
     def frames(self, wav, template, opts=RenderOptions(), stats=None):
         import stream

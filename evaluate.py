@@ -33,7 +33,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -81,7 +81,7 @@ class Config:
     syncnet: str = "auto"                          # SyncNet checkpoint for the secondary score; auto = CKPT_ROOT/NAME/syncnet_best.pth if present; off
     plot: bool = True                              # write plot.png (opening over time + truth|generated strip) and strip.png (the strip at full size)
     video_out: bool = True                         # write side_by_side.mp4 (truth | generated, with the audio)
-    guidance: float = RenderOptions.guidance       # [0..4] the painted mouth moved this many times as far from what the frame paints with silence (as inference)
+    guidance: float = -1.0                         # [-1..4] the painted mouth moved this many times as far from what the frame paints with silence (as inference); -1 = the checkpoint's fitted guidance (1.25 when it holds none)
     seed: int = RenderOptions.seed                 # [0..] seed of a random reference choice
     lookahead: int = 7                             # [0..7] frames of audio past each frame the model may read: 7 = the file path; less = a live stream's (stream.py), fed 40 ms at a time
 
@@ -226,6 +226,8 @@ def main(cfg):
         media_io.probe(cfg.audio)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
     gen_model, gen_desc, step, ckpt_path = make_generator(cfg)   # fails fast on a missing checkpoint
+    if cfg.guidance < 0:                                         # what inference gives a file: the model's fitted guidance
+        cfg = replace(cfg, guidance=getattr(gen_model, "guidance", RenderOptions.guidance))
     timing = {}
     created = not out_dir.exists()      # a refused or failed evaluation leaves no folder it made behind
     out_dir.mkdir(parents=True, exist_ok=True)

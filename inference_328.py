@@ -24,9 +24,8 @@ references differ by 18.5 grey levels per pixel on the anchor clip: flicker) and
 prior (mouth opening 0.021 vs 0.105 on average for random frames), so any mouth motion has to come
 from the audio. Silence: a per-frame gate (loudness normalised to the recording's loud frames,
 and a voice-activity detector, vad.py, so a music or noise bed does not count as speech) blends
-the lips and jaw of that closed reference over the generated ones in the pauses; with a generator that ignores audio (the template's own talking mouth) it brings the
-dlib mouth opening in silent stretches from 0.091 to 0.016 (closed reference: 0.021) and leaves
-speech frames untouched (0.109 vs 0.109).
+the lips and jaw of that closed reference over the generated ones in the pauses; with a generator that ignores audio (the template's own talking
+mouth) it brings the dlib mouth opening in silent stretches from 0.091 to 0.016 (closed reference: 0.021), speech frames untouched.
 
 Speed on CPU (bench_inference.py): the U-Net runs (runner.py) with BatchNorm folded into the convs
 through ONNX Runtime when it is installed and the graph matches eager PyTorch to 1e-3 (0.20 CPU s a
@@ -57,8 +56,7 @@ from templates import open_template
 from utils import FPS, HOP, MEL_FPS, MEL_WIN, N_FFT, SR, UserError
 
 
-# The render options (start_frame, feather, color_match, reference, silence_gate, silence_db,
-# speech_db, vad, seed, guidance, crf) take their defaults from compose.RenderOptions, as evaluate.py's do.
+# The render options (start_frame, feather, color_match, reference, silence_gate, silence_db, speech_db, vad, seed, guidance, crf) default as compose.RenderOptions.
 @dataclass
 class Config:
     name: str = ""                                   # avatar (dataset and checkpoint) name
@@ -80,7 +78,7 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)          # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
-    guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = 1.25 for a file, 1 with --stream (real time)
+    guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; 1.25 when it holds none), 1 with --stream (real time)
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
     lookahead: int = 3                               # [0..7] --stream: frames of audio past each frame the generator waits for (7 = the file path's frames, 0.41 s delay; 3 = 0.25 s, lips measured as good)
@@ -132,6 +130,7 @@ class LipSyncModel:
         else:
             info = self._load_torch(device, backend, batch_size)
         self.widths, self.step, self.config = info["widths"], info["step"], info["config"]
+        self.guidance = info.get("guidance") or GUIDANCE    # a file's default push: the checkpoint's fitted one (guidance_fit.py)
         self.mask = info["mask"]                    # the area it repaints: bool (320, 320), None = MASK_RECT
         self.ref_bank = info.get("ref_bank")        # (crops, keys) of --reference audio, None when trained without it
         self._silent = None                         # silent_window(), made on first use
@@ -422,9 +421,10 @@ def main(cfg):
         with_vad = vad.use_vad(cfg.vad)          # --vad on without the detector fails now
         t0 = time.perf_counter()
         model = LipSyncModel(ckpt, cfg.device, cfg.backend, cfg.batch_size)
+        opts = RenderOptions.from_config(cfg, live=cfg.stream, default=model.guidance)
         print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
               f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
-              f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}")
+              f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}; guidance {opts.guidance:g}")
         if cfg.stream:
             return stream.main(cfg, model, template, out)
         bar = tqdm(unit="f", desc="lip-sync", dynamic_ncols=True)
@@ -435,7 +435,7 @@ def main(cfg):
 
         stats = {}
         t0 = time.perf_counter()
-        model.render(cfg.audio_path, out, template, RenderOptions.from_config(cfg), progress=progress, stats=stats)
+        model.render(cfg.audio_path, out, template, opts, progress=progress, stats=stats)
         bar.close()
     finally:
         template.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import media_io
 import templates
-from compose import GUIDANCE, RenderOptions
+from compose import RenderOptions
 import utils
 from speech import synthesize_speech
 from utils import UserError
@@ -404,7 +404,7 @@ class Worker:
         template = templates.open_template(job["avatar"], s.data_root, inp.get("template") or "")
         rel = Path("results") / f"{job['id']}.mp4"
         try:
-            opts = RenderOptions(guidance=float(req.get("guidance", GUIDANCE)))
+            opts = RenderOptions(guidance=float(req.get("guidance", model.guidance)))     # default: the model's fitted guidance
             model.render(audio, Path(s.data_dir) / rel, template=template, opts=opts, progress=prog,
                          should_stop=self.should_stop, tmp_dir=Path(s.data_dir) / "tmp")
         finally:

@@ -221,7 +221,7 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
              template: Optional[UploadFile] = File(None, description="optional photo of a face to animate instead of the avatar's video"),
              checkpoint: Optional[str] = Form(None, description="checkpoint file, e.g. last.pth (default best, else last)"),
              guidance: Optional[float] = Form(None, ge=0, le=4, description=f"how far the mouth moves: 1 = the network's own output, "
-                                              f"more opens it wider (inference_328 --guidance; default {GUIDANCE})"),
+                                              f"more opens it wider (inference_328 --guidance; default: the model's fitted one, else {GUIDANCE})"),
              s=Depends(get_settings), store: JobStore = Depends(get_store), worker: Worker = Depends(get_worker),
              state: dict = Depends(get_state)):
     """Queue a generate job: the avatar says the audio; the result is an mp4 with that audio."""

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import utils
+import guidance_fit
 import syncnet_model
+import utils
 from runlog import RunLog, save_preview
 from losses import PERCEPTUAL_WEIGHT, Objective, OpeningHead, cut_window, make_perceptual, pick_window, train_step, validate
 from datasets import (LipDataset, StepBatches, feature_encoder, generator_mask, opening_weights, read_feature_info,
@@ -93,10 +94,10 @@ class Config:
     save_minutes: float = 0.0       # [0..] also save last.pth once this many minutes passed since the last save (0 = off): a killed job loses at most that
     snapshot_every: int = 5000      # [0..] steps between kept step_XXXXXX.pth copies (0 = none)
     tensorboard: bool = False       # also log to OUT_DIR/tb (needs the tensorboard package)
+    fit_guidance: bool = True       # at the end, fit the guidance inference gives this model (guidance_fit.py: how wide it opens on the held-out tail; ~20 s on CPU)
 
 
-RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment",
-               "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "edge_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult", "ema")   # worth a line when a resume changes them
+RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment", "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "edge_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult", "ema")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
 
 
@@ -195,7 +196,10 @@ def main(cfg, progress=None, should_stop=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     try:
-        return _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop)
+        res = _train(cfg, ds, name, out, info, widths, device, rank, world, master, progress, should_stop)
+        if master and cfg.fit_guidance and not res["stopped"]:
+            guidance_fit.fit_run(out, ds, cfg.held_out, device, RunLog(out, True).line)
+        return res
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"out of {device.type} memory at --batch_size {cfg.batch_size}; try --batch_size "
                         f"{max(1, cfg.batch_size // 2)} (or --widths light)") from None

@@ -182,6 +182,7 @@ def test_two_steps_leave_a_complete_checkpoint(light_run):
     mask = datasets.generator_mask(ck["config"]["dataset"],
                                    range(ck["config"]["train_frames"]), "jaw")
     assert torch.equal(ck["mask"], torch.from_numpy(mask))                      # inference masks exactly this area
+    assert "guidance" not in ck and "the default guidance" in (out / "log.txt").read_text()   # a 4-frame tail: not fitted
 
 
 def test_jaw_mask_samples_hide_the_lower_face_only(data_root):

@@ -1,0 +1,92 @@
+"""guidance_fit: the guidance a model gets by default, fitted from how wide it paints the mouth on
+its training video's held-out tail, stored in its checkpoint and used by inference, evaluation and
+the server unless a guidance is given."""
+import shutil
+
+import numpy as np
+import pytest
+
+import geometry
+import guidance_fit
+import inference_328 as inf
+import utils
+from compose import GUIDANCE, LIVE_GUIDANCE, RenderOptions
+from test_inference import random_light_checkpoint
+
+# Tail widths measured on the grid protocol's models (README round 14): narrow 4500 steps, narrow 1350 steps.
+LONG = {1.0: 0.753, 1.05: 0.813, 1.1: 0.892, 1.15: 0.951, 1.2: 1.021, 1.25: 1.067}
+SHORT = {1.0: 0.611, 1.05: 0.661, 1.1: 0.712, 1.15: 0.772, 1.2: 0.811, 1.25: 0.844}
+
+
+def test_choose_interpolates_to_the_target_within_the_grid():
+    assert guidance_fit.choose(LONG) == 1.11          # 1.1 + 0.05 x (0.9 - 0.892) / (0.951 - 0.892)
+    assert guidance_fit.choose(LONG, target=0.8) == 1.04
+    assert guidance_fit.choose(SHORT) == GUIDANCE     # never reaches 0.9: the full default push
+    assert guidance_fit.choose({1.0: 0.95, 1.1: 1.1}) == 1.0   # opens wide enough by itself
+
+
+def test_tail_frames_are_the_training_runs_held_out_tail():
+    from datasets import split_frames
+    f = guidance_fit.tail_frames(7500, 0.1)
+    assert len(f) == guidance_fit.MAX_FRAMES and f[0] == 6750 and f[-1] == 7499 and np.all(np.diff(f) > 0)
+    assert np.array_equal(guidance_fit.tail_frames(1000, 0.1), split_frames(1000, 0.1)[1])
+
+
+class Painter:
+    """A stand-in generator whose audio pass paints `share` of the way from the closed reference to
+    the true frame (1 = the truth itself) and whose silent pass paints the reference: its mouth
+    moves `share` as far as the truth's."""
+    mask = None
+
+    def __init__(self, share):
+        self.share, self.runner = share, lambda img, audio: img
+
+    def paint(self, crops, refs, audio, guidance):
+        truth = np.stack([geometry.inner(c) for c in crops]).astype(np.float32) / 255
+        still = np.stack(refs).astype(np.float32) / 255
+        for x in (still + np.float32(self.share) * (truth - still), still):
+            self.runner(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), audio)
+
+
+@pytest.fixture(scope="module")
+def tail_dataset(tiny_dataset, tmp_path_factory):
+    """The synthetic talking clip's dataset with (zero) audio features: the Painter ignores them."""
+    ds = tmp_path_factory.mktemp("gf") / "tiny"
+    shutil.copytree(tiny_dataset, ds)
+    n = len(utils.load_npy(ds / utils.LANDMARKS)["crop_boxes"])
+    np.save(ds / utils.AUD_FEAT, np.zeros((n, utils.FEAT_DIM), np.float32))
+    return ds, n
+
+
+def test_widths_measure_how_far_the_painted_mouth_opens(tail_dataset):
+    ds, n = tail_dataset
+    frames = np.arange(0, n, 2)
+    full, r = guidance_fit.tail_widths(Painter(1.0), ds, frames)
+    assert full[1.0] == pytest.approx(1.0, abs=0.02) and r > 0.98      # the truth repainted: as wide as the truth
+    assert guidance_fit.choose(full) == 1.0
+    half, _ = guidance_fit.tail_widths(Painter(0.5), ds, frames)
+    assert half[1.0] < 0.8 * full[1.0]                                  # half the motion: a narrower opening
+    assert half[1.25] > half[1.0] + 0.05                                # which guidance widens
+    assert guidance_fit.choose(half) > 1.0
+
+
+def test_a_short_tail_keeps_the_default_and_leaves_the_checkpoint_alone(tail_dataset, tmp_path):
+    ds, n = tail_dataset
+    path = random_light_checkpoint(tmp_path / "last.pth")
+    before = path.read_bytes()
+    res = guidance_fit.fit_checkpoint(path, ds, 0.1)                    # 6 s of video: a 15-frame tail
+    assert res["value"] is None and res["frames"] < guidance_fit.MIN_FRAMES and "default guidance" in res["note"]
+    assert path.read_bytes() == before
+    assert inf.LipSyncModel(path, "cpu", "eager").guidance == GUIDANCE
+
+
+def test_a_fitted_guidance_is_every_paths_default(tmp_path):
+    path = random_light_checkpoint(tmp_path / "last.pth")
+    guidance_fit.store(path, dict(value=1.1, frames=200, note="test"))
+    model = inf.LipSyncModel(path, "cpu", "eager")
+    assert model.guidance == 1.1 and utils.load_checkpoint(path)["guidance_fit"]["frames"] == 200
+    cfg = inf.Config(guidance=-1.0)
+    assert RenderOptions.from_config(cfg, default=model.guidance).guidance == 1.1      # a file
+    assert RenderOptions.from_config(cfg, live=True, default=model.guidance).guidance == LIVE_GUIDANCE
+    assert RenderOptions.from_config(inf.Config(guidance=1.3), default=model.guidance).guidance == 1.3   # asked for
+    assert RenderOptions.from_config(cfg).guidance == GUIDANCE
