@@ -206,6 +206,7 @@ def main(cfg):
     summary = dict(label=label, device=utils.hardware(device), load_average=os.getloadavg(), batch_size=batch,
                    widths=widths, train_steps=tr["step"], samples_per_s=round(tr["timing"]["samples_per_s"], 2),
                    ms_per_step=round(tr["timing"]["compute_ms"] + tr["timing"]["data_ms"]), times=times,
+                   guidance=res["config"]["guidance"],       # what evaluate.py painted with: the model's fitted guidance
                    metrics=res["metrics"], baseline=base["metrics"] if base else None, config=asdict(cfg))
     with utils.atomic_file(run / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
@@ -216,7 +217,8 @@ def main(cfg):
 
 def format_summary(s):
     lines = [f"{s['label']}: {s['train_steps']} steps, batch {s['batch_size']}, {s['samples_per_s']} samples/s, "
-             f"{s['ms_per_step']} ms/step; {s['device']}; load {s['load_average'][0]:.1f}; times {s['times']}",
+             f"{s['ms_per_step']} ms/step; guidance {s.get('guidance')}; {s['device']}; load {s['load_average'][0]:.1f}; "
+             f"times {s['times']}",
              "| metric | model | template baseline |", "|---|---|---|"]
     for k in ROWS:
         m, b = s["metrics"].get(k), (s["baseline"] or {}).get(k)

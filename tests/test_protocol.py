@@ -20,6 +20,7 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     assert (run / "eval" / "strip.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "| opening_r |" in out and "template baseline" in out
+    assert s["guidance"] == 1.25 and "guidance 1.25;" in out        # a 6 s clip: too short a tail to fit, the default
     s2 = protocol.main(cfg)                                         # a second run reuses datasets, SyncNet, baseline
     assert "syncnet_s" not in s2["times"] and s2["baseline"] == s["baseline"]
     judge = tmp_path / "judge.pth"                                  # --judge: a fixed SyncNet scores model and baseline
