@@ -165,6 +165,8 @@ class Config:
 
 def main(cfg):
     utils.check_config(cfg)
+    if not cfg.name:
+        raise UserError("no avatar given: python guidance_fit.py --name NAME [--checkpoint FILE]")
     utils.check_name(cfg.name, "avatar name")
     ds = utils.dataset_path(cfg.name, cfg.data_root)
     if not ds.is_dir():

@@ -68,6 +68,16 @@ def test_numeric_settings_out_of_range_are_refused(fake_root, args, expect):
     assert not (fake_root / "ck").exists()
 
 
+def test_guidance_fit_says_which_step_is_missing(fake_root):
+    data, ck = ("--data_root", fake_root / "data"), ("--ckpt_root", fake_root / "ck")
+    for args, expect in (((), "no avatar given: python guidance_fit.py --name NAME"),
+                         (("--name", "nosuch", *data), "run python process.py --name nosuch first"),
+                         (("--name", "fake", *data, *ck), "run python train_328.py --name fake first"),
+                         (("--name", "fake", *data, "--checkpoint", fake_root / "no.pth"), "checkpoint not found")):
+        rc, last, err = run("guidance_fit.py", *args)
+        assert rc == 2 and last.startswith("error:") and expect in last and "Traceback" not in err, err
+
+
 def test_syncnet_on_a_truncated_crop_cache(fake_root):
     d = fake_root / "data" / "fake"
     media_io.write_wav(d / "aud.wav", np.random.default_rng(0).uniform(-0.3, 0.3, 40 * utils.SR // utils.FPS).astype(np.float32))
