@@ -140,17 +140,24 @@ def store(path, result):
 
 def fit_run(out, ds, held_out, device="cpu", log=print):
     """After a training run: fit last.pth and best.pth of run folder `out` (best.pth's result is
-    reused when it holds the same step)."""
+    reused when it holds the same step). A fit that cannot run (no landmark model, say) is logged, not
+    raised: the training itself succeeded, and the default guidance applies."""
+    from landmarks import LandmarkError
     done = {}
     for f in (utils.LAST, utils.BEST):
         path = Path(out) / f
         if not path.is_file():
             continue
         step = utils.load_checkpoint(path, mmap=True).get("step")
-        if step in done:
-            store(path, done[step])
-        else:
-            done[step] = fit_checkpoint(path, ds, held_out, device)
+        try:
+            if step in done:
+                store(path, done[step])
+            else:
+                done[step] = fit_checkpoint(path, ds, held_out, device)
+        except (UserError, LandmarkError) as e:
+            log(f"{f} (step {step}): guidance not fitted ({e}); the default {GUIDANCE:g} applies "
+                f"(python guidance_fit.py refits it)")
+            continue
         log(f"{f} (step {step}): {done[step]['note']}")
 
 

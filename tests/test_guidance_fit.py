@@ -90,3 +90,33 @@ def test_a_fitted_guidance_is_every_paths_default(tmp_path):
     assert RenderOptions.from_config(cfg, live=True, default=model.guidance).guidance == LIVE_GUIDANCE
     assert RenderOptions.from_config(inf.Config(guidance=1.3), default=model.guidance).guidance == 1.3   # asked for
     assert RenderOptions.from_config(cfg).guidance == GUIDANCE
+
+
+def test_fit_run_stores_a_fitted_guidance_in_both_checkpoints(tail_dataset, tmp_path, monkeypatch):
+    ds, n = tail_dataset
+    monkeypatch.setattr(guidance_fit, "MIN_FRAMES", 10)          # the 6 s clip's 15-frame tail, for speed
+    out = tmp_path / "run"
+    random_light_checkpoint(out / "last.pth")
+    (out / "best.pth").write_bytes((out / "last.pth").read_bytes())
+    lines = []
+    guidance_fit.fit_run(out, ds, 0.1, log=lines.append)
+    fits = [utils.load_checkpoint(out / f) for f in ("last.pth", "best.pth")]
+    assert fits[0]["guidance"] == fits[1]["guidance"] and 1.0 <= fits[0]["guidance"] <= GUIDANCE
+    assert fits[0]["guidance_fit"]["frames"] == 15 and set(fits[0]["guidance_fit"]["widths"]) == {str(g) for g in guidance_fit.GRID}
+    assert len(lines) == 2 and all("opening width ratio on 15 held-out frames" in s for s in lines)
+    assert inf.LipSyncModel(out / "best.pth", "cpu", "eager").guidance == fits[0]["guidance"]
+
+
+def test_fit_run_logs_a_fit_it_cannot_make_and_keeps_the_checkpoint(tail_dataset, tmp_path, monkeypatch):
+    import landmarks
+    ds, n = tail_dataset
+    monkeypatch.setattr(guidance_fit, "MIN_FRAMES", 10)
+
+    def no_model(*a, **k):
+        raise landmarks.LandmarkError("dlib backend needs its model: pip install face-recognition-models")
+    monkeypatch.setattr(landmarks, "make_detector", no_model)
+    path = random_light_checkpoint(tmp_path / "run" / "last.pth")
+    before, lines = path.read_bytes(), []
+    guidance_fit.fit_run(path.parent, ds, 0.1, log=lines.append)
+    assert path.read_bytes() == before and len(lines) == 1
+    assert "guidance not fitted (dlib backend needs its model" in lines[0] and "default 1.25 applies" in lines[0]
