@@ -78,8 +78,7 @@ def tail_widths(model, ds, frames, grid=GRID, batch=8):
             model.paint(crops, [ref] * len(idx), np.stack([media_io.feature_window(feats, j) for j in idx]), 2.0)
             out, still = (np.asarray(p, np.float32).transpose(0, 2, 3, 1) * 255 for p in passes)   # its audio; silence
             for i, j in enumerate(idx):
-                k = utils.CROP / (crop_boxes[j, 2] - crop_boxes[j, 0])          # detector box in 328-crop pixels
-                box = (boxes[j] - np.tile(crop_boxes[j, :2], 2)) * k
+                box = geometry.to_crop_coords(boxes[j].reshape(1, 2, 2), crop_boxes[j][None])[0].ravel() + utils.BORDER   # detector box, 328-crop px
                 true.append(opening(crops[i], box))
                 inner = geometry.inner(crops[i]).astype(np.float32)
                 for g in grid:
