@@ -1,6 +1,6 @@
 """The main job in one command, no user file: a face learns to talk, says a new sentence, is measured.
 
-    python demo.py                     # synthetic actor, 5-12 min alone on a 2-core CPU (README)  -> demo_out/
+    python demo.py                     # synthetic actor, 5-12 min alone on a 2-core CPU (README) -> demo_out/
     python demo.py --video MY.mp4      # the same chain on your own video (its last seconds are held out)
     python demo.py --quick             # CPU smoke run (a few minutes): tiny budgets, proves the chain works
 
