@@ -54,6 +54,8 @@ class Config:
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
     edge_weight: float = 0.0       # [0..] L1 on neighbouring pixels' differences (train_328 --edge_weight)
+    adv_weight: float = 0.0        # [0..] adversarial term's weight (train_328 --adv_weight)
+    adv_start: float = train_328.Config.adv_start        # [0..1] share of the steps before it starts (train_328 --adv_start)
     perceptual: str = train_328.Config.perceptual        # perceptual term (train_328 --perceptual)
     perceptual_weight: float = -1.0  # its weight; < 0 = the kind's default (train_328 --perceptual_weight)
     window: int = train_328.Config.window                # [0..320] training windows, px (train_328 --window)
@@ -172,7 +174,8 @@ def main(cfg):
                           + (f"_win{cfg.window}x{cfg.window_share:g}" if cfg.window else "")
                           + (f"_perc{cfg.perceptual}" if cfg.perceptual != train_328.Config.perceptual else "")
                           + (f"_pw{cfg.perceptual_weight:g}" if cfg.perceptual_weight >= 0 else "")
-                          + (f"_sync{cfg.sync_weight:g}from{cfg.sync_start:g}c{cfg.sync_clips}" if cfg.sync_weight else ""))
+                          + (f"_sync{cfg.sync_weight:g}from{cfg.sync_start:g}c{cfg.sync_clips}" if cfg.sync_weight else "")
+                          + (f"_adv{cfg.adv_weight:g}from{cfg.adv_start:g}" if cfg.adv_weight else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
     workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
     t = time.time()
@@ -181,7 +184,7 @@ def main(cfg):
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, edge_weight=cfg.edge_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
         sync_weight=cfg.sync_weight, sync_start=cfg.sync_start, sync_ramp=cfg.sync_ramp, sync_clips=cfg.sync_clips, syncnet=str(sync_dir / utils.SYNCNET_BEST),
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
-        num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
+        adv_weight=cfg.adv_weight, adv_start=cfg.adv_start, num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
         preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))
     times["train_s"] = round(time.time() - t, 1)
 

@@ -34,7 +34,7 @@ import guidance_fit
 import syncnet_model
 import utils
 from runlog import RunLog, save_preview
-from losses import PERCEPTUAL_WEIGHT, Objective, OpeningHead, cut_window, make_perceptual, pick_window, train_step, validate
+from losses import PERCEPTUAL_WEIGHT, Adversary, Objective, OpeningHead, cut_window, make_perceptual, mask_box, pick_window, train_step, validate
 from datasets import (LipDataset, StepBatches, feature_encoder, generator_mask, opening_weights, read_feature_info,
                       reference_pool, split_frames)
 from unet_328 import BASES, STEMS, STRIDE, WIDTHS, UNet328, count_params
@@ -79,6 +79,10 @@ class Config:
     sync_weight: float = 0.0        # [0..] SyncNet loss weight; 0 = off. The reference's 10 only worked because its SyncNet had learned nothing (loss ~0); against ours it swamps L1 (see README, section 3)
     sync_ramp: int = 2000           # [0..] steps over which the sync weight rises from 0: a face must exist before its sync matters
     sync_start: float = 0.0         # [0..1] share of the steps trained before the sync loss starts (its clips are drawn, and its ramp counts, from there)
+    adv_weight: float = 0.0         # [0..] weight of an adversarial term: a patch critic on the repainted area (losses.Adversary) against the blur that L1 leaves; 0 = off
+    adv_start: float = 0.5          # [0..1] share of the steps trained before the adversarial term starts (a face must exist first)
+    adv_ramp: int = 100             # [0..] steps over which its weight rises from 0
+    adv_lr: float = 1e-3            # [>0..] the critic's Adam learning rate (constant)
     sync_clips: int = 2             # [0..] clips of the SyncNet's T (5) consecutive frames per step for the sync loss (also in L1)
     syncnet: str = ""               # SyncNet checkpoint; default CKPT_ROOT/NAME/syncnet_best.pth (alias --syncnet_checkpoint)
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
@@ -97,7 +101,7 @@ class Config:
     fit_guidance: bool = True       # at the end, fit the guidance inference gives this model (guidance_fit.py: how wide it opens on the held-out tail; ~20 s on CPU)
 
 
-RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment", "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "edge_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult", "ema")   # worth a line when a resume changes them
+RESUME_NOTE = ("lr", "max_steps", "batch_size", "warmup_steps", "min_lr_frac", "seed", "held_out", "augment", "perceptual", "perceptual_weight", "sync_weight", "world_size", "mouth_weight", "edge_weight", "opening_weight", "reference", "window", "window_share", "audio_lr_mult", "ema", "adv_weight", "adv_start")   # worth a line when a resume changes them
 ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_size", "syncnet_checkpoint": "syncnet"}
 
 
@@ -128,6 +132,8 @@ def set_rng_state(s):
 
 def check_window(cfg, perc_kind, sync_loss):
     """UserError unless --window fits the U-Net's grid, the perceptual term and the loss terms."""
+    if cfg.window and cfg.adv_weight > 0:
+        raise UserError("--window trains on parts of the crop, but the adversarial term judges the whole repainted area: pass --window 0 or --adv_weight 0")
     if cfg.window and (cfg.window % STRIDE or not STRIDE <= cfg.window <= utils.INNER):
         raise UserError(f"--window {cfg.window}: a multiple of {STRIDE} from {STRIDE} to {utils.INNER} px, or 0 for whole crops")
     if cfg.window and perc_kind == "msssim" and cfg.window < 192:
@@ -232,9 +238,9 @@ def _data(cfg, ds, ckpt, enc_id):
     return cfg, note, train_idx, val_idx, mask, refs, train_set
 
 
-def _objective(cfg, out, name, device):
-    """The loss terms: perceptual kind and weight, the optional frozen SyncNet. -> (Objective,
-    perceptual kind, SyncNet path, a line for the log)."""
+def _objective(cfg, out, name, device, mask, max_steps, world):
+    """The loss terms: perceptual kind and weight, the optional frozen SyncNet, the optional
+    adversary on the mask's box. -> (Objective, perceptual kind, SyncNet path, a line for the log)."""
     sync_path = Path(cfg.syncnet) if cfg.syncnet else out / utils.SYNCNET_BEST
     syncnet, sync_weight = None, cfg.sync_weight
     if sync_weight > 0 and cfg.sync_clips > 0 and (cfg.syncnet or sync_path.is_file()):
@@ -246,9 +252,15 @@ def _objective(cfg, out, name, device):
                  if cfg.sync_weight > 0 and cfg.sync_clips > 0 else "sync loss OFF (--sync_weight 0 or --sync_clips 0)")
     perc_kind, perc_fn = make_perceptual(cfg.perceptual, device)
     perc_weight = PERCEPTUAL_WEIGHT[perc_kind] if cfg.perceptual_weight < 0 else cfg.perceptual_weight
+    adversary, adv_note = None, ""
+    if cfg.adv_weight > 0:
+        if world > 1:
+            raise UserError("--adv_weight trains its critic in one process; train on one GPU (or pass --adv_weight 0)")
+        adversary = Adversary(cfg.adv_weight, round(cfg.adv_start * max_steps), cfg.adv_ramp, mask_box(mask), device, cfg.adv_lr, cfg.seed)
+        adv_note = f"; adversarial weight {cfg.adv_weight} from step {adversary.start} (ramp {cfg.adv_ramp}), critic on rows:cols {adversary.box}"
     objective = Objective(perc_fn, perc_weight, cfg.mouth_weight, None, cfg.opening_weight, syncnet, sync_weight, cfg.sync_ramp,
-                          edge_weight=cfg.edge_weight)
-    return objective, perc_kind, sync_path, f"perceptual: {perc_kind} (weight {perc_weight}); {sync_note}"
+                          edge_weight=cfg.edge_weight, adversary=adversary)
+    return objective, perc_kind, sync_path, f"perceptual: {perc_kind} (weight {perc_weight}); {sync_note}{adv_note}"
 
 
 def ema_update(decay):
@@ -337,7 +349,9 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
     cfg, mask_note, train_idx, val_idx, mask, refs, train_set = _data(cfg, ds, ckpt, enc_id)
     per_epoch = StepBatches(len(train_set), cfg.batch_size, world=world).per_epoch
     max_steps = cfg.max_steps or cfg.epochs * per_epoch
-    objective, perc_kind, sync_path, loss_note = _objective(cfg, out, name, device)
+    objective, perc_kind, sync_path, loss_note = _objective(cfg, out, name, device, mask, max_steps, world)
+    if objective.adversary is not None and ckpt is not None and ckpt.get("adversary"):
+        objective.adversary.load_state_dict(ckpt["adversary"])
     objective.sync_from = int(round(cfg.sync_start * max_steps))
     check_window(cfg, perc_kind, objective.syncnet is not None)
     raw_model, opening_head, optimizer, scaler, ema, step, best_loss = _model(cfg, widths, device, ckpt, train_set.opening[train_idx])
@@ -366,7 +380,8 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
                                    config=resolved, rng=rng_state(device), best_loss=best_loss, val_l1=val_l1,
                                    audio_encoder=audio_encoder, audio_source=audio_source, encoder_id=enc_id,
                                    opening_head=opening_head.state_dict() if opening_head is not None else None,
-                                   mask=None if mask is None else torch.from_numpy(mask), ref_bank=bank), path)
+                                   mask=None if mask is None else torch.from_numpy(mask), ref_bank=bank,
+                                   adversary=objective.adversary.state_dict() if objective.adversary is not None else None), path)
 
     run_log.line(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
                  f"({count_params(raw_model) / 1e6:.2f} M params) on {device} x{world}, batch {cfg.batch_size}, "

@@ -556,3 +556,55 @@ def test_ema_update_fades_the_first_weights_fast_then_keeps_its_decay():
     avg = [torch.zeros(3)]
     update(avg, new, torch.tensor(1000))              # later: the configured decay
     assert torch.allclose(avg[0], torch.full((3,), 0.1))
+
+
+def test_adversarial_term_starts_late_ramps_and_resumes_exactly(data_root, tmp_path):
+    """--adv_weight 0.2 --adv_start 0.5 of 4 steps: steps 1-2 train without the critic, steps 3-4
+    with it (its weight ramping from step 3); a run stopped inside that phase resumes to the same
+    losses, so the critic and its optimizer travel in last.pth."""
+    def run(out, stop=None, **kw):
+        seen = {}
+        res = train_328.main(config(data_root, out, max_steps=4, adv_weight=0.2, adv_start=0.5, adv_ramp=2, **kw),
+                             progress=lambda s, n, losses: seen.__setitem__(s, losses), should_stop=stop)
+        return seen, res
+    straight, _ = run(tmp_path / "a")
+    assert [("adv" in straight[s], "critic" in straight[s]) for s in (1, 2, 3, 4)] == [(False, False)] * 2 + [(True, True)] * 2
+    for s, w in ((3, 0.1), (4, 0.2)):
+        rest = straight[s]["l1"] + 0.5 * straight[s].get("perc", 0.0)
+        assert abs(straight[s]["total"] - (rest + w * straight[s]["adv"])) < 1e-4
+    ck = utils.load_checkpoint(tmp_path / "a" / "last.pth")
+    assert set(ck["adversary"]) == {"critic", "optimizer"} and ck["adversary"]["optimizer"]["state"]
+    calls = iter(range(100))
+    _, first = run(tmp_path / "b", stop=lambda: next(calls) >= 2)              # stopped after step 3
+    assert first["step"] == 3
+    resumed, _ = run(tmp_path / "b", resume="auto")
+    assert sorted(resumed) == [4]
+    for k, v in straight[4].items():
+        assert abs(resumed[4][k] - v) <= 1e-6, (k, v, resumed[4][k])
+
+
+def test_critic_learns_to_tell_blur_from_texture():
+    """Trained on sharp textures (real) against their blurred copies (fake), the critic's loss
+    falls and the generator's adversarial loss is then higher for the blur than for the texture."""
+    torch.manual_seed(0)
+    adv = losses.Adversary(1.0, 0, 1, (0, 64, 0, 64), torch.device("cpu"), lr=1e-3)
+    sharp = torch.rand(4, 3, 320, 320)
+    blur = torch.nn.functional.avg_pool2d(sharp, 5, 1, 2)
+    first = adv.critic_step(blur, sharp).item()
+    for _ in range(40):
+        last = adv.critic_step(blur, sharp).item()
+    assert last < 0.5 * first, (first, last)
+    assert adv.generator_loss(blur).item() > adv.generator_loss(sharp).item() + 0.2
+    assert all(p.grad is None or p.requires_grad for p in adv.critic.parameters())
+
+
+def test_mask_box_bounds_the_mask_on_an_aligned_grid():
+    m = np.zeros((320, 320), bool)
+    m[131:300, 45:277] = True
+    assert losses.mask_box(m) == (128, 304, 40, 280)
+    assert losses.mask_box(None) == (0, 320, 0, 320)
+
+
+def test_adversarial_term_refuses_windows(data_root, tmp_path):
+    with pytest.raises(utils.UserError, match="--adv_weight 0"):
+        train_328.main(config(data_root, tmp_path / "w", adv_weight=0.1, window=192))
