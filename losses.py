@@ -193,6 +193,30 @@ def mask_box(mask, size=utils.INNER, align=8):
     return lo(ys.min()), hi(ys.max()), lo(xs.min()), hi(xs.max())
 
 
+def check_window(cfg, perc_kind, sync_loss):
+    """UserError unless train_328's --window fits the U-Net's grid, the perceptual term and the loss terms."""
+    if cfg.window and cfg.adv_weight > 0:
+        raise UserError("--window trains on parts of the crop, but the adversarial term judges the whole repainted area: pass --window 0 or --adv_weight 0")
+    if cfg.window and (cfg.window % STRIDE or not STRIDE <= cfg.window <= utils.INNER):
+        raise UserError(f"--window {cfg.window}: a multiple of {STRIDE} from {STRIDE} to {utils.INNER} px, or 0 for whole crops")
+    if cfg.window and perc_kind == "msssim" and cfg.window < 192:
+        raise UserError(f"--window {cfg.window}: MS-SSIM needs windows of at least 192 px; pass --window 192 or --perceptual off")
+    if cfg.window and sync_loss:
+        raise UserError("--window trains on parts of the crop, but the SyncNet loss needs whole crops: pass --window 0 or --sync_weight 0")
+
+
+def ema_update(decay):
+    """The moving average's step: decay min(decay, (1 + n) / (10 + n)) after n updates, so the
+    random initial weights fade within tens of steps (a flat 0.99 kept 13% of them at step 200)."""
+    def update(avg, new, n):
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        if avg[0].is_floating_point():
+            torch._foreach_lerp_(avg, new, 1.0 - d)
+        else:                                      # BatchNorm's step counters: the newest
+            torch._foreach_copy_(avg, new)
+    return update
+
+
 @dataclass
 class Objective:
     """The loss terms of a run (train_328.Config's weights, the perceptual fn, optional heads)."""

@@ -34,10 +34,11 @@ import guidance_fit
 import syncnet_model
 import utils
 from runlog import RunLog, save_preview
-from losses import PERCEPTUAL_WEIGHT, Adversary, Objective, OpeningHead, cut_window, make_perceptual, mask_box, pick_window, train_step, validate
+from losses import (PERCEPTUAL_WEIGHT, Adversary, Objective, OpeningHead, check_window, cut_window, ema_update, make_perceptual,
+                    mask_box, pick_window, train_step, validate)
 from datasets import (LipDataset, StepBatches, feature_encoder, generator_mask, opening_weights, read_feature_info,
                       reference_pool, split_frames)
-from unet_328 import BASES, STEMS, STRIDE, WIDTHS, UNet328, count_params
+from unet_328 import BASES, STEMS, WIDTHS, UNet328, count_params
 from utils import UserError
 
 
@@ -128,18 +129,6 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"].cpu())
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
-
-
-def check_window(cfg, perc_kind, sync_loss):
-    """UserError unless --window fits the U-Net's grid, the perceptual term and the loss terms."""
-    if cfg.window and cfg.adv_weight > 0:
-        raise UserError("--window trains on parts of the crop, but the adversarial term judges the whole repainted area: pass --window 0 or --adv_weight 0")
-    if cfg.window and (cfg.window % STRIDE or not STRIDE <= cfg.window <= utils.INNER):
-        raise UserError(f"--window {cfg.window}: a multiple of {STRIDE} from {STRIDE} to {utils.INNER} px, or 0 for whole crops")
-    if cfg.window and perc_kind == "msssim" and cfg.window < 192:
-        raise UserError(f"--window {cfg.window}: MS-SSIM needs windows of at least 192 px; pass --window 192 or --perceptual off")
-    if cfg.window and sync_loss:
-        raise UserError("--window trains on parts of the crop, but the SyncNet loss needs whole crops: pass --window 0 or --sync_weight 0")
 
 
 def resolve_paths(cfg):
@@ -261,18 +250,6 @@ def _objective(cfg, out, name, device, mask, max_steps, world):
     objective = Objective(perc_fn, perc_weight, cfg.mouth_weight, None, cfg.opening_weight, syncnet, sync_weight, cfg.sync_ramp,
                           edge_weight=cfg.edge_weight, adversary=adversary)
     return objective, perc_kind, sync_path, f"perceptual: {perc_kind} (weight {perc_weight}); {sync_note}{adv_note}"
-
-
-def ema_update(decay):
-    """The moving average's step: decay min(decay, (1 + n) / (10 + n)) after n updates, so the
-    random initial weights fade within tens of steps (a flat 0.99 kept 13% of them at step 200)."""
-    def update(avg, new, n):
-        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
-        if avg[0].is_floating_point():
-            torch._foreach_lerp_(avg, new, 1.0 - d)
-        else:                                      # BatchNorm's step counters: the newest
-            torch._foreach_copy_(avg, new)
-    return update
 
 
 def _model(cfg, widths, device, ckpt, opening):

@@ -549,7 +549,7 @@ def test_audio_lr_mult_gives_the_audio_branch_its_own_rate_and_resumes(data_root
 
 
 def test_ema_update_fades_the_first_weights_fast_then_keeps_its_decay():
-    update = train_328.ema_update(0.9)
+    update = losses.ema_update(0.9)
     avg, new = [torch.zeros(3)], [torch.ones(3)]
     update(avg, new, torch.tensor(1))                 # second update: decay 2/11, mostly the new weights
     assert torch.allclose(avg[0], torch.full((3,), 1 - 2 / 11))
