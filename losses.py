@@ -113,7 +113,7 @@ class PatchCritic(torch.nn.Module):
     ~46 px patch; spectral norm on every convolution keeps it from overpowering the generator. It
     sees only the fine detail, the image minus its 5 x 5 local mean (x HP_GAIN): on raw pixels
     neither it nor a critic without spectral norm told grid's true crops from copies blurred by a
-    Gaussian of sigma 3 in 500 steps, on the detail both tell sigma 0.8 apart within 300."""
+    Gaussian of sigma 0.8-3 (150-500 steps), on the detail both tell sigma 0.8 apart within 300."""
 
     HP_GAIN = 4.0
 
