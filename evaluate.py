@@ -308,6 +308,7 @@ def _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, sil
     m.update(psnr_crop=mean_finite(main_pass["psnr"]), ssim_crop=float(np.mean(main_pass["ssim"])),
              psnr_mouth=mean_finite(main_pass["psnr_m"]), ssim_mouth=float(np.mean(main_pass["ssim_m"])),
              lmd_mouth_px=lmd(gen320, true320))
+    main_pass["lms320"] = (gen320, true320)      # kept in tracks.npz: per-frame analyses of the landmarks
     m["opening_r"] = pearson(g_open, t_open)
     m["opening_lag"], m["opening_r_at_lag"] = best_lag(g_open, t_open, cfg.max_lag)
     m["opening_r_chance"] = chance_r(g_open, t_open)
@@ -418,6 +419,8 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     tracks = dict(gen_opening=g_open, true_opening=t_open, loudness_db=db, silent=silent)
     if other_open is not None:
         tracks["other_opening"] = other_open
+    if "lms320" in main_pass:                    # (N, 68, 2) each, in the 320 crop's pixels
+        tracks["gen_lms320"], tracks["true_lms320"] = main_pass["lms320"]
     np.savez(out_dir / "tracks.npz", **tracks)
     outputs["tracks"] = str(out_dir / "tracks.npz")
     return {

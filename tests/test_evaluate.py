@@ -200,6 +200,10 @@ def test_template_baseline_end_to_end(tiny_dataset, tmp_path):
         assert (out / f).stat().st_size > 0
     info = media_io.probe(out / "side_by_side.mp4")
     assert info["audio"] is not None and abs(info["duration"] - 3.0) < 0.2
+    tracks = np.load(out / "tracks.npz")                         # the landmarks behind LMD, frame by frame
+    g, t = tracks["gen_lms320"], tracks["true_lms320"]
+    assert g.shape == t.shape == (75, 68, 2) and 0 < g[:, 48:].min() and g[:, 48:].max() < 320   # mouth in the crop
+    assert abs(np.mean([metrics.lmd(g[i:i + 1], t[i:i + 1]) for i in range(75)]) - m["lmd_mouth_px"]) < 1e-4
 
 
 def test_copy_baseline_needs_the_gap(tiny_dataset, tmp_path):
