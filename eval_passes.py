@@ -29,7 +29,8 @@ SIDE_MAX_H = 512         # px: the side-by-side mp4 is scaled down to this heigh
 def make_generator(cfg):
     """-> (generator with .frames() and .mask, description, training step, checkpoint path)."""
     if cfg.baseline:
-        return Baseline(cfg.baseline), f"baseline {cfg.baseline}", None, None
+        shift = f", shifted {cfg.copy_shift:g} px" if cfg.baseline == "copy" and cfg.copy_shift else ""
+        return Baseline(cfg.baseline, cfg.copy_shift), f"baseline {cfg.baseline}{shift}", None, None
     import inference_328 as inf
     ckpt = inf.resolve_checkpoint(cfg.name, cfg.ckpt_root, cfg.checkpoint)
     model = inf.LipSyncModel(ckpt, cfg.device, cfg.backend)
@@ -65,12 +66,13 @@ class Live:
 class Baseline:
     """A stand-in with LipSyncModel.frames()'s signature. template: the reference crop the model
     would be given, pasted back unchanged (the output of a generator that ignores audio); copy: the
-    template frame's own crop pasted back (a model that copies the template mouth)."""
+    template frame's own crop pasted back (a model that copies the template mouth), moved by `shift`
+    px right and down (bilinear) when given: a perfect mouth drawn that far from where the truth's is."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, shift=0.0):
         if kind not in ("template", "copy"):
             raise UserError(f"--baseline {kind!r}: choose template or copy (or leave it empty for the model)")
-        self.kind, self.step, self.mask = kind, None, None   # pastes over MASK_RECT
+        self.kind, self.step, self.mask, self.shift = kind, None, None, float(shift)   # pastes over MASK_RECT
 
     def frames(self, wav, template, opts=RenderOptions(), stats=None):
         n = media_io.num_frames(len(wav))
@@ -82,6 +84,9 @@ class Baseline:
         for k, (j, frame, box) in enumerate(template.stream(opts.start_frame, n)):
             crop = geometry.crop_face(frame, box)
             gen = np.ascontiguousarray(geometry.inner(crop)) if copy else refs.crop(k, j)
+            if copy and self.shift:
+                gen = cv2.warpAffine(gen, np.float32([[1, 0, self.shift], [0, 1, self.shift]]), gen.shape[1::-1],
+                                     flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
             yield compose((frame, box, crop, gen, refs.closed, loud[k]), opts)   # no mouth region: the gate uses DEFAULT_MOUTH
 
 

@@ -69,6 +69,7 @@ class Config:
     eval_root: str = ""                            # where the held-out video is processed; "" = a temp folder, removed at the end; an existing copy there is reused
     max_frames: int = 0                            # [0..] evaluate only the first N frames (0 = all)
     baseline: str = ""                             # "" = the model; template = paste the reference back (ignores audio); copy = paste the template back
+    copy_shift: float = 0.0                        # [0..16] px: the copy baseline's crop moved this far right and down (a perfect mouth misplaced: LMD's sensitivity, README section 5)
     device: str = "auto"                           # auto (cuda -> mps -> cpu), cpu, cuda, mps
     backend: str = "auto"                          # U-Net runtime for inference (auto, ov, ort, compile, eager)
     reference: str = RenderOptions.reference       # reference crop rule, as in inference_328 (closed, open, random or audio)
@@ -220,6 +221,8 @@ def main(cfg):
         raise UserError("no avatar given: python evaluate.py --name NAME --video HELDOUT.mp4 (or --checkpoint / --baseline)")
     if cfg.name:
         utils.check_name(cfg.name, "avatar name")
+    if cfg.copy_shift and cfg.baseline != "copy":
+        raise UserError(f"--copy_shift {cfg.copy_shift:g} moves the copy baseline's crop: add --baseline copy, or drop it")
     if not Path(cfg.video).is_dir():
         media_io.probe(cfg.video)
     if cfg.audio:

@@ -3,6 +3,7 @@ perfect, a delayed track is found at its delay, an untouched frame has seam rati
 has identity ~1), and a model that ignores audio (the template baseline) scores ~0 on the opening
 correlation and the audio-ablation gap, end to end on the synthetic dataset."""
 import json
+from dataclasses import replace
 import math
 
 import numpy as np
@@ -212,6 +213,10 @@ def test_copy_baseline_needs_the_gap(tiny_dataset, tmp_path):
                     max_frames=40, id_frames=2, syncnet="off", plot=False, video_out=False)
     m = ev.main(cfg)["metrics"]
     assert m["opening_r"] > 0.9 and abs(m["ablation_gap"]) < 0.05
+    moved = ev.main(replace(cfg, copy_shift=1.0, out_dir=str(tmp_path / "moved")))["metrics"]   # the same mouth, 1 px off
+    assert moved["psnr_mouth"] < m["psnr_mouth"] - 3 and moved["opening_r"] > 0.9
+    with pytest.raises(utils.UserError, match="add --baseline copy"):
+        ev.main(replace(cfg, baseline="", copy_shift=1.0))
 
 
 def test_user_errors(tiny_dataset, tmp_path):
