@@ -133,10 +133,7 @@ class LipDataset(torch.utils.data.Dataset):
             raise ValueError(f"frames outside 0..{n - 1}")
         self.n, self.clip, self.seed, self.augment, self.ref_gap = n, clip, seed, augment, ref_gap
         self.mel_offsets = tuple(mel_offsets)
-        z = utils.load_npy(ds / utils.LANDMARKS)    # per-frame mouth boxes in the 320 crop, for held-out metrics
-        if "lms" not in z:
-            raise UserError(f"{ds}/landmarks.npz holds no landmarks; re-run: python process.py VIDEO --name {ds.name} --overwrite")
-        lm320 = geometry.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
+        lm320 = templates.dataset_landmarks320(ds, n)   # per-frame mouth boxes in the 320 crop, for held-out metrics
         self.mouth = np.array([geometry.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
         self.opening = templates.mouth_opening(lm320).astype(np.float32)          # (N,) inner-lip gap / width
         self.mask = None if mask is None else np.asarray(mask, bool)             # (320, 320); None = MASK_RECT
@@ -345,10 +342,7 @@ def opening_weights(opening, w):
     """Sampling weights of training frames by their mouth opening: 1 + w x |z|, z the opening's
     distance from its median in robust standard deviations (capped at 3), so the wide-open and
     the tightly closed frames, the extremes an L1-trained mouth under-shoots, come up more often."""
-    o = np.asarray(opening, np.float64)
-    med = np.median(o)
-    scale = 1.4826 * np.median(np.abs(o - med)) or (np.std(o) or 1.0)
-    return 1.0 + w * np.minimum(np.abs(o - med) / scale, 3.0)
+    return 1.0 + w * np.minimum(np.abs(templates.robust_z(opening)), 3.0)
 
 
 # ----------------------------------------------------------------------------------------------

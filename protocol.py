@@ -42,6 +42,7 @@ class Config:
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
     audio_source: str = "mel"      # audio features: mel or speech (syncnet_328 --audio_source); the mel SyncNet judges every run
+    sync_opening_weight: float = 0.0  # [0..] the SyncNet's auxiliary mouth-opening loss (syncnet_328 --opening_weight)
     open_weight: float = 0.0       # [0..] sampling weight of extreme mouth openings (train_328 --open_weight)
     audio_lr_mult: float = 1.0     # [>0..] audio-branch learning-rate multiplier (train_328 --audio_lr_mult)
     sync_weight: float = 0.0       # [0..] SyncNet loss weight, against the run's SyncNet (train_328 --sync_weight); judge with --judge another one
@@ -123,12 +124,14 @@ def syncnet_stage(cfg, train_ds, ckpt_root, times):
     name, data_root = train_ds.name, train_ds.parent
     root = ckpt_root if cfg.audio_source == "mel" else ckpt_root / cfg.audio_source
     sync_dir = root / name
-    stamp = dict(steps=cfg.sync_steps, seed=cfg.seed, **({} if cfg.audio_source == "mel" else {"audio_source": cfg.audio_source}))
+    stamp = dict(steps=cfg.sync_steps, seed=cfg.seed, **({} if cfg.audio_source == "mel" else {"audio_source": cfg.audio_source}),
+                 **({"opening_weight": cfg.sync_opening_weight} if cfg.sync_opening_weight else {}))
     stamp_file = sync_dir / "protocol_syncnet.json"
     base = dict(name=name, data_root=str(data_root), ckpt_root=str(root), device=cfg.device, seed=cfg.seed)
     t = time.time()
     if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
-        syncnet_328.main(syncnet_328.Config(**base, max_steps=cfg.sync_steps, audio_source=cfg.audio_source))
+        syncnet_328.main(syncnet_328.Config(**base, max_steps=cfg.sync_steps, audio_source=cfg.audio_source,
+                                            opening_weight=cfg.sync_opening_weight))
         stamp_file.write_text(json.dumps(stamp))
         times["syncnet_s"] = round(time.time() - t, 1)
     else:

@@ -46,6 +46,7 @@ class Config:
     frames: int = SYNC_T            # [2..] video frames per sample (13 with --audio_windows 3: 0.52 s; see SYNC_T)
     audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
+    opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off)
     audio_source: str = "mel"       # audio feature source: mel (the AudioEncoder learns from scratch) or speech (frozen pretrained speech embedding + a small head; audio_features.py)
     max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at most 4000 steps (5 minutes ~4000, 25 s ~330); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
@@ -201,7 +202,7 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15, stretch_s=1
 # Fixed by the checkpoint on --resume: they shape the model, the data stream or the held-out set.
 RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "motion_only", "emb_dim", "frames", "audio_windows",
                 "audio_stride", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
-                "aug_variants", "gain_db", "snr_db", "speed", "audio_source")
+                "aug_variants", "gain_db", "snr_db", "speed", "audio_source", "opening_weight")
 
 
 def parse_widths(w):
@@ -221,11 +222,14 @@ def model_args_from(cfg):
         raise UserError(f"--face_size {cfg.face_size}: give h,w of at least 8 px each, e.g. 80,80")
     if cfg.frames < 1 or cfg.audio_windows < 1 or cfg.audio_stride < 1:
         raise UserError(f"--frames {cfg.frames} --audio_windows {cfg.audio_windows} --audio_stride {cfg.audio_stride}: all must be >= 1")
+    if cfg.opening_weight < 0:
+        raise UserError(f"--opening_weight {cfg.opening_weight}: give 0 (off) or a positive weight, e.g. 1")
     if cfg.audio_source not in SOURCES or (cfg.reference_encoder and cfg.audio_source != "mel"):
         raise UserError(f"--audio_source {cfg.audio_source}: use {' or '.join(SOURCES)} (--reference_encoder needs mel)")
     return dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=cfg.frames, lower_half=cfg.lower_half,
                 face_size=face_size, region=region, motion_only=cfg.motion_only,
-                audio_k=cfg.audio_windows, audio_stride=cfg.audio_stride, audio_source=cfg.audio_source)
+                audio_k=cfg.audio_windows, audio_stride=cfg.audio_stride, audio_source=cfg.audio_source,
+                opening_head=cfg.opening_weight > 0)
 
 
 def lr_at(step, cfg, total):
@@ -308,15 +312,17 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
 
 def train_step(model, opt, cfg, lr, batch, device):
     """One AdamW step on one batch of train_batch. -> (loss, accuracy) tensors."""
-    face, mel, frames, groups = batch
+    face, mel, frames, groups, opening = batch
     for g in opt.param_groups:
         g["lr"] = lr
     model.train()
     with utils.autocast(device, cfg.amp, cpu=True):
-        a = model.embed_audio(mel.to(device))                          # (B, D)
+        a, feat = model.embed_audio(mel.to(device), with_feature=True)   # (B, D), (B, 512)
         v = model.embed_face(face.to(device))                          # (B, D)
     loss, acc = sync_loss(model, a.float(), v.float(), frames.to(device), groups.to(device),
                           cfg.min_shift, cfg.inbatch_negatives)
+    if model.opening_head is not None and cfg.opening_weight > 0:   # the features also say how far the mouth opens
+        loss = loss + cfg.opening_weight * F.mse_loss(model.opening_head(feat.float()).squeeze(1), opening.to(device))
     opt.zero_grad(set_to_none=True)             # the reference never cleared its gradients
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

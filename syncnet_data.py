@@ -17,6 +17,7 @@ import media_io
 import utils
 from audio_features import read_wav, speech_embeddings
 from syncnet_model import SYNC_T, audio_offsets, downscale_face
+from templates import dataset_landmarks320, mouth_opening, robust_z
 from utils import BORDER, INNER, N_MELS, UserError
 
 AUTO_EPOCHS, AUTO_STEPS = 20, 4000   # syncnet_328 --max_steps -1 (the default): measured on a 5-minute and a 25 s recording (README section 2)
@@ -83,12 +84,16 @@ class Clip:
     n = frames covered by both the video and the audio, so every index below n has a face and its
     audio."""
 
-    def __init__(self, ds_dir, model, aug_variants=0, aug_cfg=None, seed=0):
+    def __init__(self, ds_dir, model, aug_variants=0, aug_cfg=None, seed=0, opening=False):
         self.ds_dir = Path(ds_dir)
         self.meta = check_dataset(ds_dir)
         self.faces = face_inputs(self.ds_dir / utils.CROPS, model)
         wav = read_wav(ds_dir)
         self.n = min(len(self.faces), media_io.num_frames(len(wav)))
+        # opening: each frame's mouth opening in robust sd from the clip's median, within [-3, 3]
+        # (the target of the SyncNet's opening head, --opening_weight); else None
+        self.opening = (np.clip(robust_z(mouth_opening(dataset_landmarks320(ds_dir, self.n))), -3, 3).astype(np.float32)
+                        if opening else None)
         rng = np.random.default_rng([seed, 1])
         self.source = getattr(model, "audio_source", "mel")
         wins = [audio_windows(wav, self.n, source=self.source)]
@@ -176,7 +181,8 @@ def train_batch(clip, step, cfg, hi):
     """The batch of `step`, a pure function of (seed, step) so that resume and worker processes
     replay it exactly: batch_size face windows in [0, hi) in groups of group_size, each with its
     in-sync audio windows (centred on the middle frame) from a random audio variant, SpecAugmented.
-    Returns face (B, 3T, h, w), mel (B, K, 1, 80, 16), centre frames (B,), groups (B,)."""
+    Returns face (B, 3T, h, w), mel (B, K, 1, 80, 16), centre frames (B,), groups (B,) and the
+    centre frames' mouth openings (B,) (empty when the clip has none: Clip(opening=False))."""
     rng = np.random.default_rng([cfg.seed, 2, step])
     T = cfg.frames
     k = cfg.group_size
@@ -188,7 +194,8 @@ def train_batch(clip, step, cfg, hi):
         mel = augment_mel(mel, rng, cfg.spec_mask, cfg.tilt)
     face = augment_faces(face_windows(clip.faces, centres - T // 2, T), rng, cfg.jitter, cfg.shift_px, cfg.flip)
     groups = np.repeat(np.arange(n_groups), k)
-    return face, torch.from_numpy(mel), torch.from_numpy(centres), torch.from_numpy(groups)
+    opening = clip.opening[centres] if clip.opening is not None else np.zeros(0, np.float32)
+    return face, torch.from_numpy(mel), torch.from_numpy(centres), torch.from_numpy(groups), torch.from_numpy(opening)
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -242,7 +249,7 @@ def training_data(cfg, ds_dir, model):
     """Everything a training run reads: the clip (faces as `model` sees them, cfg.aug_variants
     augmented audio copies), the split, the held-out pairs and the run's length; the checks of
     --group_size and --max_steps/--epochs against this clip."""
-    clip = Clip(ds_dir, model, cfg.aug_variants, cfg, cfg.seed)
+    clip = Clip(ds_dir, model, cfg.aug_variants, cfg, cfg.seed, opening=cfg.opening_weight > 0)
     train_hi, val_lo = split(clip.n, cfg)
     if cfg.group_size < 1 or (cfg.group_size - 1) * cfg.min_shift > min(cfg.max_shift, train_hi - cfg.frames):
         raise UserError(f"--group_size {cfg.group_size}: {cfg.group_size} windows {cfg.min_shift} frames apart "

@@ -83,7 +83,8 @@ class SyncNet(nn.Module):
     area-downscaled to `face_size`; with motion_only, each frame minus the window's mean frame."""
 
     def __init__(self, widths=SYNC_WIDTHS["full"], emb_dim=EMB_DIM, T=SYNC_T, lower_half=True, face_size=None,
-                 region=None, motion_only=False, audio_k=AUDIO_K, audio_stride=AUDIO_STRIDE, audio_source="mel"):
+                 region=None, motion_only=False, audio_k=AUDIO_K, audio_stride=AUDIO_STRIDE, audio_source="mel",
+                 opening_head=False):
         super().__init__()
         self.audio_source = audio_source
         self.T, self.lower_half, self.motion_only = T, lower_half, motion_only
@@ -112,6 +113,9 @@ class SyncNet(nn.Module):
         # Learned as a log so it stays positive; the bias lets "in sync" start at any cosine.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(INIT_SCALE)))
         self.logit_bias = nn.Parameter(torch.zeros(()))
+        # opening_head: a linear read-out of the mouth opening from the centre window's 512-d vector
+        # (the per-frame feature the generator gets), trained beside the sync loss (--opening_weight)
+        self.opening_head = nn.Linear(FEAT_DIM, 1) if opening_head else None
 
     def prepare_face(self, face):
         """Full crops (B, 3T, 320, 320) -> face-tower input (B, 3T, *face_size): the region (or
@@ -132,14 +136,16 @@ class SyncNet(nn.Module):
         x = self.face_encoder(face)                         # (B, C, h/32, w/32)
         return F.normalize(self.face_head(x.mean(dim=(2, 3))), dim=1)   # (B, emb_dim)
 
-    def embed_audio(self, mel):
+    def embed_audio(self, mel, with_feature=False):
+        """-> (B, emb_dim) unit embeddings; with_feature: also the centre window's 512-d encoder vector."""
         K = len(self.audio_offsets)
         one = (SPEECH_DIM,) if self.audio_source == "speech" else (1, N_MELS, MEL_WIN)
         if K == 1 and mel.dim() == len(one) + 1:
             mel = mel[:, None]                                                  # (B, 1, *one)
         check_shape(mel, (K, *one), "SyncNet audio")
         e = self.audio_encoder(mel.flatten(0, 1)).reshape(len(mel), K * FEAT_DIM)   # (B, K * 512)
-        return F.normalize(self.audio_head(e), dim=1)                           # (B, emb_dim)
+        emb = F.normalize(self.audio_head(e), dim=1)                            # (B, emb_dim)
+        return (emb, e[:, (K // 2) * FEAT_DIM:(K // 2 + 1) * FEAT_DIM]) if with_feature else emb
 
     def forward(self, face, mel):
         return self.embed_audio(mel), self.embed_face(face)

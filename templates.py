@@ -34,6 +34,25 @@ def mouth_opening(lms):
     return gap / np.maximum(width, 1e-6)
 
 
+def robust_z(x):
+    """Each value's distance from the median in robust standard deviations (1.4826 x the median
+    absolute deviation; the plain sd, else 1, where that is 0). [N] -> float64 [N]."""
+    x = np.asarray(x, np.float64)
+    med = np.median(x)
+    scale = 1.4826 * np.median(np.abs(x - med)) or (np.std(x) or 1.0)
+    return (x - med) / scale
+
+
+def dataset_landmarks320(ds_dir, n=None):
+    """A processed dataset's 68 landmarks per frame in its 320 crop's pixels, float [N, 68, 2]
+    (the first n frames); UserError when landmarks.npz holds none."""
+    ds = Path(ds_dir)
+    z = utils.load_npy(ds / utils.LANDMARKS)
+    if "lms" not in z:
+        raise UserError(f"{ds}/landmarks.npz holds no landmarks; re-run: python process.py VIDEO --name {ds.name} --overwrite")
+    return geometry.to_crop_coords(z["lms"][:n], z["crop_boxes"][:n])
+
+
 def typical_box(boxes):
     """[N, 4] crop boxes -> [N] bool: side within 10% of the median (not an odd pose or a bad detection)."""
     side = np.asarray(boxes, np.float64)[:, 2] - np.asarray(boxes, np.float64)[:, 0]

@@ -304,3 +304,48 @@ def test_default_step_count_is_passes_over_the_clip_capped(tmp_path):
     assert auto["steps"] == passes * per_epoch and 0 < auto["steps"] < cap
     assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "b"), epochs=2))["steps"] == 2 * per_epoch
     assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "c"), max_steps=3))["steps"] == 3
+
+
+def add_toy_landmarks(ds, open_px):
+    """landmarks.npz for a toy dataset: 68 points per frame whose inner lips part by open_px [n] px
+    (frame pixels, crop box = the whole 328 crop), 100 px wide: the mouth opening is open_px / 100."""
+    n = len(open_px)
+    lms = np.tile(np.linspace(40, 280, 68)[None, :, None], (n, 1, 2))
+    lms[:, 60], lms[:, 64] = (115, 250), (215, 250)
+    for top, bottom, x in ((61, 67, 140), (62, 66, 165), (63, 65, 190)):
+        lms[:, top] = np.stack([np.full(n, x), 250 - open_px / 2], 1)
+        lms[:, bottom] = np.stack([np.full(n, x), 250 + open_px / 2], 1)
+    np.savez(ds / utils.LANDMARKS, lms=lms.astype(np.float32), crop_boxes=np.tile([[0, 0, utils.CROP, utils.CROP]], (n, 1)))
+
+
+def test_opening_head_learns_the_mouth_opening_from_the_audio(tmp_path):
+    """--opening_weight: the clip's targets are the robust z of its landmarks' opening; the head
+    (on the centre window's 512-d vector, the generator's feature) learns to read it off the audio,
+    the checkpoint records it, and features are still the plain encoder's."""
+    ds = make_toy_dataset(tmp_path / "data")
+    rng = np.random.default_rng(1)
+    loud = np.array([np.sqrt((w ** 2).mean()) for w in np.array_split(media_io.load_audio(ds / "aud.wav"), N_FRAMES)])
+    open_px = 2 + 40 * loud / loud.max() + rng.normal(0, 0.5, N_FRAMES)   # the mouth opens with the loudness
+    add_toy_landmarks(ds, open_px)
+    cfg = sn.Config(name="toy", data_root=str(tmp_path / "data"), ckpt_root=str(tmp_path / "ckpt"),
+                    max_steps=60, val_every=30, opening_weight=1.0, **TOY)
+    model = sm.SyncNet(**sn.model_args_from(cfg))
+    clip = sd.Clip(ds, model, opening=True)
+    o = open_px / 100
+    z = (o - np.median(o)) / (1.4826 * np.median(np.abs(o - np.median(o))))
+    np.testing.assert_allclose(clip.opening, np.clip(z, -3, 3), rtol=1e-4, atol=1e-4)
+    assert sd.Clip(ds, model).opening is None
+    batch = sd.train_batch(clip, 3, cfg, 150)
+    np.testing.assert_array_equal(batch[4].numpy(), clip.opening[batch[2].numpy()])   # the centres' targets
+    sn.main(cfg)
+    best, ck = sm.load_syncnet(tmp_path / "ckpt" / "toy" / "syncnet_best.pth")
+    assert ck["config"]["model_args"]["opening_head"] is True and best.opening_head is not None
+    mel = torch.from_numpy(media_io.mel_windows(media_io.melspectrogram(media_io.load_audio(ds / "aud.wav")), np.arange(N_FRAMES)))
+    with torch.no_grad():
+        emb, feat = best.embed_audio(mel, with_feature=True)
+        pred = best.opening_head(feat).squeeze(1).numpy()
+    assert torch.equal(emb, best.embed_audio(mel))
+    np.testing.assert_allclose(feat.numpy(), np.load(ds / "aud_feat.npy"), rtol=1e-4, atol=1e-4)   # the written features
+    assert np.corrcoef(pred, o)[0, 1] > 0.6, np.corrcoef(pred, o)[0, 1]
+    with pytest.raises(utils.UserError, match="--opening_weight"):
+        sn.model_args_from(sn.Config(opening_weight=-1))
