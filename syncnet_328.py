@@ -8,6 +8,7 @@ held-out pairs, is folded into the logit bias), then dataset/NAME/aud_feat.npy.
 
     python syncnet_328.py --name anna                        # train, then write dataset/anna/aud_feat.npy
     python syncnet_328.py --name anna --max_steps 20 --val_every 10 --batch_size 8   # CPU smoke run
+    python syncnet_328.py --name anna --opening_weight 1     # the features also learn how far the mouth opens (README round 19)
     python syncnet_328.py --name anna --eval_only --eval_on anna_take2                # accuracy on another clip
     python syncnet_328.py --name anna --features_only --reference_encoder audio_visual_encoder.pth
 """
