@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import syncnet_328
 import train_328
 import utils
 from utils import UserError
@@ -42,7 +43,7 @@ class Config:
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
     audio_source: str = "mel"      # audio features: mel or speech (syncnet_328 --audio_source); the mel SyncNet judges every run
-    sync_opening_weight: float = 0.0  # [0..] the SyncNet's auxiliary mouth-opening loss (syncnet_328 --opening_weight)
+    sync_opening_weight: float = syncnet_328.Config.opening_weight  # [0..] the SyncNet's auxiliary mouth-opening loss (syncnet_328 --opening_weight)
     open_weight: float = 0.0       # [0..] sampling weight of extreme mouth openings (train_328 --open_weight)
     audio_lr_mult: float = 1.0     # [>0..] audio-branch learning-rate multiplier (train_328 --audio_lr_mult)
     sync_weight: float = 0.0       # [0..] SyncNet loss weight, against the run's SyncNet (train_328 --sync_weight); judge with --judge another one
@@ -118,7 +119,6 @@ def syncnet_stage(cfg, train_ds, ckpt_root, times):
     The mel SyncNet lives in CKPT_ROOT/NAME, where evaluate.py finds it as the judge of every run,
     whatever its source; a speech SyncNet in CKPT_ROOT/speech/NAME. -> the SyncNet's folder."""
     import audio_features
-    import syncnet_328
     if cfg.audio_source not in audio_features.SOURCES:
         raise UserError(f"--audio_source {cfg.audio_source}: use {' or '.join(audio_features.SOURCES)}")
     name, data_root = train_ds.name, train_ds.parent

@@ -26,6 +26,18 @@ TOY = dict(widths="8,8,16,16,32", face_size=(32, 32), emb_dim=32, batch_size=16,
            aug_variants=1, lr=3e-3, warmup_steps=5, write_features=True, seed=0)
 
 
+def add_toy_landmarks(ds, open_px):
+    """landmarks.npz for a toy dataset: 68 points per frame whose inner lips part by open_px [n] px
+    (frame pixels, crop box = the whole 328 crop), 100 px wide: the mouth opening is open_px / 100."""
+    n = len(open_px)
+    lms = np.tile(np.linspace(40, 280, 68)[None, :, None], (n, 1, 2))
+    lms[:, 60], lms[:, 64] = (115, 250), (215, 250)
+    for top, bottom, x in ((61, 67, 140), (62, 66, 165), (63, 65, 190)):
+        lms[:, top] = np.stack([np.full(n, x), 250 - open_px / 2], 1)
+        lms[:, bottom] = np.stack([np.full(n, x), 250 + open_px / 2], 1)
+    np.savez(ds / utils.LANDMARKS, lms=lms.astype(np.float32), crop_boxes=np.tile([[0, 0, utils.CROP, utils.CROP]], (n, 1)))
+
+
 def make_toy_dataset(root, name="toy", n=N_FRAMES, seed=0):
     """A processed-looking dataset whose lower face brightens with the audio loudness: loudness
     steps every 2-5 frames, so audio shifted by >= 5 frames no longer matches the face."""
@@ -42,6 +54,7 @@ def make_toy_dataset(root, name="toy", n=N_FRAMES, seed=0):
     crops[:, 200:300, 80:250] = mouth.astype(np.uint8)                   # the mouth area, lower half
     ds = root / name
     ds.mkdir(parents=True)
+    add_toy_landmarks(ds, 2 + 40 * env + rng.normal(0, 0.5, n))         # and the lips part with it
     np.save(ds / "crops.npy", crops)
     media_io.write_wav(ds / "aud.wav", wav)
     np.save(ds / "mel.npy", media_io.melspectrogram(wav))
@@ -306,35 +319,23 @@ def test_default_step_count_is_passes_over_the_clip_capped(tmp_path):
     assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "c"), max_steps=3))["steps"] == 3
 
 
-def add_toy_landmarks(ds, open_px):
-    """landmarks.npz for a toy dataset: 68 points per frame whose inner lips part by open_px [n] px
-    (frame pixels, crop box = the whole 328 crop), 100 px wide: the mouth opening is open_px / 100."""
-    n = len(open_px)
-    lms = np.tile(np.linspace(40, 280, 68)[None, :, None], (n, 1, 2))
-    lms[:, 60], lms[:, 64] = (115, 250), (215, 250)
-    for top, bottom, x in ((61, 67, 140), (62, 66, 165), (63, 65, 190)):
-        lms[:, top] = np.stack([np.full(n, x), 250 - open_px / 2], 1)
-        lms[:, bottom] = np.stack([np.full(n, x), 250 + open_px / 2], 1)
-    np.savez(ds / utils.LANDMARKS, lms=lms.astype(np.float32), crop_boxes=np.tile([[0, 0, utils.CROP, utils.CROP]], (n, 1)))
-
-
 def test_opening_head_learns_the_mouth_opening_from_the_audio(tmp_path):
     """--opening_weight: the clip's targets are the robust z of its landmarks' opening; the head
     (on the centre window's 512-d vector, the generator's feature) learns to read it off the audio,
     the checkpoint records it, and features are still the plain encoder's."""
-    ds = make_toy_dataset(tmp_path / "data")
-    rng = np.random.default_rng(1)
-    loud = np.array([np.sqrt((w ** 2).mean()) for w in np.array_split(media_io.load_audio(ds / "aud.wav"), N_FRAMES)])
-    open_px = 2 + 40 * loud / loud.max() + rng.normal(0, 0.5, N_FRAMES)   # the mouth opens with the loudness
-    add_toy_landmarks(ds, open_px)
+    ds = make_toy_dataset(tmp_path / "data")                              # its lips part with the loudness
+    lm = np.load(ds / utils.LANDMARKS)["lms"]
+    open_px = lm[:, 66, 1] - lm[:, 62, 1]
     cfg = sn.Config(name="toy", data_root=str(tmp_path / "data"), ckpt_root=str(tmp_path / "ckpt"),
-                    max_steps=60, val_every=30, opening_weight=1.0, **TOY)
+                    max_steps=60, val_every=30, **TOY)
+    assert cfg.opening_weight == 1.0                                       # the default
     model = sm.SyncNet(**sn.model_args_from(cfg))
     clip = sd.Clip(ds, model, opening=True)
     o = open_px / 100
     z = (o - np.median(o)) / (1.4826 * np.median(np.abs(o - np.median(o))))
     np.testing.assert_allclose(clip.opening, np.clip(z, -3, 3), rtol=1e-4, atol=1e-4)
     assert sd.Clip(ds, model).opening is None
+    assert sn.model_args_from(sn.Config(opening_weight=0))["opening_head"] is False
     batch = sd.train_batch(clip, 3, cfg, 150)
     np.testing.assert_array_equal(batch[4].numpy(), clip.opening[batch[2].numpy()])   # the centres' targets
     sn.main(cfg)
