@@ -8,7 +8,7 @@ held-out pairs, is folded into the logit bias), then dataset/NAME/aud_feat.npy.
 
     python syncnet_328.py --name anna                        # train, then write dataset/anna/aud_feat.npy
     python syncnet_328.py --name anna --max_steps 20 --val_every 10 --batch_size 8   # CPU smoke run
-    python syncnet_328.py --name anna --opening_weight 0     # sync loss only (before README round 19)
+    python syncnet_328.py --name anna --opening_weight 1     # the features also learn how far the mouth opens (README round 19)
     python syncnet_328.py --name anna --eval_only --eval_on anna_take2                # accuracy on another clip
     python syncnet_328.py --name anna --features_only --reference_encoder audio_visual_encoder.pth
 """
@@ -47,7 +47,7 @@ class Config:
     frames: int = SYNC_T            # [2..] video frames per sample (13 with --audio_windows 3: 0.52 s; see SYNC_T)
     audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
-    opening_weight: float = 1.0     # [0..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off, the SyncNet before README round 19)
+    opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off; 1 won on grid and andrew, README round 19, but not yet in the demo)
     audio_source: str = "mel"       # audio feature source: mel (the AudioEncoder learns from scratch) or speech (frozen pretrained speech embedding + a small head; audio_features.py)
     max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at most 4000 steps (5 minutes ~4000, 25 s ~330); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins

@@ -327,15 +327,14 @@ def test_opening_head_learns_the_mouth_opening_from_the_audio(tmp_path):
     lm = np.load(ds / utils.LANDMARKS)["lms"]
     open_px = lm[:, 66, 1] - lm[:, 62, 1]
     cfg = sn.Config(name="toy", data_root=str(tmp_path / "data"), ckpt_root=str(tmp_path / "ckpt"),
-                    max_steps=60, val_every=30, **TOY)
-    assert cfg.opening_weight == 1.0                                       # the default
+                    max_steps=60, val_every=30, opening_weight=1.0, **TOY)
     model = sm.SyncNet(**sn.model_args_from(cfg))
     clip = sd.Clip(ds, model, opening=True)
     o = open_px / 100
     z = (o - np.median(o)) / (1.4826 * np.median(np.abs(o - np.median(o))))
     np.testing.assert_allclose(clip.opening, np.clip(z, -3, 3), rtol=1e-4, atol=1e-4)
     assert sd.Clip(ds, model).opening is None
-    assert sn.model_args_from(sn.Config(opening_weight=0))["opening_head"] is False
+    assert sn.model_args_from(sn.Config())["opening_head"] is False                       # off by default
     batch = sd.train_batch(clip, 3, cfg, 150)
     np.testing.assert_array_equal(batch[4].numpy(), clip.opening[batch[2].numpy()])   # the centres' targets
     sn.main(cfg)
