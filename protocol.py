@@ -12,6 +12,7 @@ the model with the template baseline (the reference crop pasted back: it ignores
 held-out video; summary.json beside it holds every figure, the commands' configs and the times.
 Steps are fixed, never minutes: a result must not depend on how busy the machine is.
 """
+import dataclasses
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import syncnet_328
+import syncnet_data
 import train_328
 import utils
 from utils import UserError
@@ -43,7 +45,7 @@ class Config:
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
     audio_source: str = "mel"      # audio features: mel or speech (syncnet_328 --audio_source); the mel SyncNet judges every run
-    sync_opening_weight: float = syncnet_328.Config.opening_weight  # [0..] the SyncNet's auxiliary mouth-opening loss (syncnet_328 --opening_weight)
+    sync_opening_weight: float = syncnet_328.Config.opening_weight  # [-1..] the SyncNet's auxiliary mouth-opening loss (syncnet_328 --opening_weight; -1 = auto: on from 2000 steps)
     open_weight: float = 0.0       # [0..] sampling weight of extreme mouth openings (train_328 --open_weight)
     audio_lr_mult: float = 1.0     # [>0..] audio-branch learning-rate multiplier (train_328 --audio_lr_mult)
     sync_weight: float = 0.0       # [0..] SyncNet loss weight, against the run's SyncNet (train_328 --sync_weight); judge with --judge another one
@@ -124,14 +126,16 @@ def syncnet_stage(cfg, train_ds, ckpt_root, times):
     name, data_root = train_ds.name, train_ds.parent
     root = ckpt_root if cfg.audio_source == "mel" else ckpt_root / cfg.audio_source
     sync_dir = root / name
+    sync_cfg = syncnet_data.resolve_opening(syncnet_328.Config(
+        name=name, data_root=str(data_root), ckpt_root=str(root), device=cfg.device, seed=cfg.seed,
+        max_steps=cfg.sync_steps, audio_source=cfg.audio_source, opening_weight=cfg.sync_opening_weight), train_ds)
+    ow = sync_cfg.opening_weight
     stamp = dict(steps=cfg.sync_steps, seed=cfg.seed, **({} if cfg.audio_source == "mel" else {"audio_source": cfg.audio_source}),
-                 **({"opening_weight": cfg.sync_opening_weight} if cfg.sync_opening_weight else {}))
+                 **({"opening_weight": ow} if ow else {}))
     stamp_file = sync_dir / "protocol_syncnet.json"
-    base = dict(name=name, data_root=str(data_root), ckpt_root=str(root), device=cfg.device, seed=cfg.seed)
     t = time.time()
     if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
-        syncnet_328.main(syncnet_328.Config(**base, max_steps=cfg.sync_steps, audio_source=cfg.audio_source,
-                                            opening_weight=cfg.sync_opening_weight))
+        syncnet_328.main(sync_cfg)
         stamp_file.write_text(json.dumps(stamp))
         times["syncnet_s"] = round(time.time() - t, 1)
     else:
@@ -139,7 +143,7 @@ def syncnet_stage(cfg, train_ds, ckpt_root, times):
     info = train_ds / utils.AUD_FEAT_INFO
     made_by = json.loads(info.read_text()).get("source") if info.is_file() and (train_ds / utils.AUD_FEAT).is_file() else None
     if made_by != str(sync_dir / utils.SYNCNET_BEST):
-        syncnet_328.main(syncnet_328.Config(**base, features_only=True, audio_source=cfg.audio_source))
+        syncnet_328.main(dataclasses.replace(sync_cfg, features_only=True))
     return sync_dir
 
 

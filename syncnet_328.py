@@ -8,7 +8,7 @@ held-out pairs, is folded into the logit bias), then dataset/NAME/aud_feat.npy.
 
     python syncnet_328.py --name anna                        # train, then write dataset/anna/aud_feat.npy
     python syncnet_328.py --name anna --max_steps 20 --val_every 10 --batch_size 8   # CPU smoke run
-    python syncnet_328.py --name anna --opening_weight 1     # the features also learn how far the mouth opens (README round 19)
+    python syncnet_328.py --name anna --opening_weight 0     # sync loss only (default: the opening head from 2000 steps)
     python syncnet_328.py --name anna --eval_only --eval_on anna_take2                # accuracy on another clip
     python syncnet_328.py --name anna --features_only --reference_encoder audio_visual_encoder.pth
 """
@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import utils
 from audio_features import SOURCE_REFERENCE, SOURCES, load_reference_encoder, write_features
-from syncnet_data import Clip, StepBatches, check_dataset, clip_audio, eval_pairs, face_windows, training_data
+from syncnet_data import (Clip, StepBatches, check_dataset, clip_audio, eval_pairs, face_windows, resolve_opening,
+                          training_data)
 from syncnet_model import AUDIO_K, AUDIO_STRIDE, EMB_DIM, MAX_SCALE, SYNC_T, SYNC_WIDTHS, SyncNet, load_syncnet
 from utils import INNER, UserError
 
@@ -47,7 +48,7 @@ class Config:
     frames: int = SYNC_T            # [2..] video frames per sample (13 with --audio_windows 3: 0.52 s; see SYNC_T)
     audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
-    opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off; 1 won on grid and andrew, README round 19, but not yet in the demo)
+    opening_weight: float = -1.0    # [-1..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off, the sync loss alone; -1 = auto: 1 for runs of 2000 steps or more, else 0; README rounds 19-20)
     audio_source: str = "mel"       # audio feature source: mel (the AudioEncoder learns from scratch) or speech (frozen pretrained speech embedding + a small head; audio_features.py)
     max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at most 4000 steps (5 minutes ~4000, 25 s ~330); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
@@ -204,6 +205,7 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15, stretch_s=1
 RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "motion_only", "emb_dim", "frames", "audio_windows",
                 "audio_stride", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
                 "aug_variants", "gain_db", "snr_db", "speed", "audio_source", "opening_weight")
+BEFORE = {"opening_weight": 0.0}   # checkpoints older than the setting trained without it
 
 
 def parse_widths(w):
@@ -223,8 +225,8 @@ def model_args_from(cfg):
         raise UserError(f"--face_size {cfg.face_size}: give h,w of at least 8 px each, e.g. 80,80")
     if cfg.frames < 1 or cfg.audio_windows < 1 or cfg.audio_stride < 1:
         raise UserError(f"--frames {cfg.frames} --audio_windows {cfg.audio_windows} --audio_stride {cfg.audio_stride}: all must be >= 1")
-    if cfg.opening_weight < 0:
-        raise UserError(f"--opening_weight {cfg.opening_weight}: give 0 (off) or a positive weight, e.g. 1")
+    if cfg.opening_weight < 0 and cfg.opening_weight != -1:
+        raise UserError(f"--opening_weight {cfg.opening_weight}: give 0 (off), a positive weight such as 1, or -1 (auto)")
     if cfg.audio_source not in SOURCES or (cfg.reference_encoder and cfg.audio_source != "mel"):
         raise UserError(f"--audio_source {cfg.audio_source}: use {' or '.join(SOURCES)} (--reference_encoder needs mel)")
     return dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=cfg.frames, lower_half=cfg.lower_half,
@@ -244,8 +246,8 @@ def resume_point(cfg, last_path, device):
     ckpt = utils.resume_checkpoint(cfg.resume, last_path, device, existing="note")
     if ckpt is None:
         return cfg, None
-    # a setting newer than the checkpoint has the value it had before it existed: the default
-    fixed = {k: ckpt["config"].get(k, getattr(Config, k)) for k in RESUME_FIXED}
+    # a setting newer than the checkpoint has the value it had before it existed (BEFORE, else the default)
+    fixed = {k: ckpt["config"].get(k, BEFORE.get(k, getattr(Config, k))) for k in RESUME_FIXED}
     changed = {k: (getattr(cfg, k), v) for k, v in fixed.items() if getattr(cfg, k) != v}
     if changed:
         print(f"note: --resume keeps the checkpoint's {', '.join(f'{k}={v[1]}' for k, v in changed.items())}")
@@ -271,8 +273,8 @@ def make_model(cfg, device, ckpt):
 def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
     last_path, best_path = ckpt_dir / utils.SYNCNET_LAST, ckpt_dir / utils.SYNCNET_BEST
-    cfg, ckpt = resume_point(cfg, last_path, device)
     check_dataset(ds_dir)
+    cfg, ckpt = resume_point(resolve_opening(cfg, ds_dir), last_path, device)
     model, model_args, opt = make_model(cfg, device, ckpt)
     t0 = time.time()
     data = training_data(cfg, ds_dir, model)

@@ -4,6 +4,7 @@ train / held-out split of the clip and its fixed held-out pairs.
 
     python -c "import syncnet_data as sd; print(sd.split(1500, __import__('syncnet_328').Config()))"
 """
+import dataclasses
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -257,7 +258,13 @@ def training_data(cfg, ds_dir, model):
     if cfg.group_size == 1 and not cfg.inbatch_negatives:
         raise UserError("--group_size 1 with --no-inbatch_negatives leaves no negatives; use a group of 2 or more")
     val_pairs = eval_pairs(val_lo, clip.n, cfg.val_pairs, cfg.seed, cfg.min_shift, cfg.max_shift, cfg.frames)
-    steps_per_epoch = math.ceil((train_hi - cfg.frames + 1) / cfg.batch_size)
+    return TrainData(clip, train_hi, val_lo, val_pairs, *run_length(cfg, clip.n))
+
+
+def run_length(cfg, n):
+    """(steps of one pass, the run's last step) of a training run on a clip of n frames: the
+    smaller of --max_steps and --epochs passes (--max_steps -1: auto_length)."""
+    steps_per_epoch = math.ceil((split(n, cfg)[0] - cfg.frames + 1) / cfg.batch_size)
     max_steps, epochs = cfg.max_steps, cfg.epochs
     if max_steps < 0:                          # auto: passes over the clip, capped
         passes, max_steps = auto_length(cfg)
@@ -265,4 +272,17 @@ def training_data(cfg, ds_dir, model):
     limits = [x for x in (max_steps, epochs * steps_per_epoch) if x > 0]
     if not limits:
         raise UserError("--max_steps and --epochs are both 0: set one of them")
-    return TrainData(clip, train_hi, val_lo, val_pairs, steps_per_epoch, min(limits))
+    return steps_per_epoch, min(limits)
+
+
+OPENING_AUTO = (1.0, 2000)   # --opening_weight -1 (auto): weight 1 for runs of 2000 steps or more, else 0 (README round 20)
+
+
+def resolve_opening(cfg, ds_dir):
+    """cfg with --opening_weight -1 (auto) replaced by its value for this run on ds_dir (the clip's
+    length read from its meta.json): OPENING_AUTO's weight when the run is that many steps or longer,
+    else 0 (on shorter runs the head cost the generator's sync check, README round 20)."""
+    if cfg.opening_weight >= 0:
+        return cfg
+    total = run_length(cfg, int(check_dataset(ds_dir).get("frames", 0)))[1]
+    return dataclasses.replace(cfg, opening_weight=OPENING_AUTO[0] if total >= OPENING_AUTO[1] else 0.0)

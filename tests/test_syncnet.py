@@ -334,7 +334,7 @@ def test_opening_head_learns_the_mouth_opening_from_the_audio(tmp_path):
     z = (o - np.median(o)) / (1.4826 * np.median(np.abs(o - np.median(o))))
     np.testing.assert_allclose(clip.opening, np.clip(z, -3, 3), rtol=1e-4, atol=1e-4)
     assert sd.Clip(ds, model).opening is None
-    assert sn.model_args_from(sn.Config())["opening_head"] is False                       # off by default
+    assert sn.model_args_from(sn.Config(opening_weight=0))["opening_head"] is False
     batch = sd.train_batch(clip, 3, cfg, 150)
     np.testing.assert_array_equal(batch[4].numpy(), clip.opening[batch[2].numpy()])   # the centres' targets
     sn.main(cfg)
@@ -348,4 +348,28 @@ def test_opening_head_learns_the_mouth_opening_from_the_audio(tmp_path):
     np.testing.assert_allclose(feat.numpy(), np.load(ds / "aud_feat.npy"), rtol=1e-4, atol=1e-4)   # the written features
     assert np.corrcoef(pred, o)[0, 1] > 0.6, np.corrcoef(pred, o)[0, 1]
     with pytest.raises(utils.UserError, match="--opening_weight"):
-        sn.model_args_from(sn.Config(opening_weight=-1))
+        sn.model_args_from(sn.Config(opening_weight=-0.5))
+    # a checkpoint from before the setting existed resumes without the head, whatever the default
+    ck["config"].pop("opening_weight")
+    (tmp_path / "old" / "toy").mkdir(parents=True)
+    torch.save(ck, tmp_path / "old" / "toy" / utils.SYNCNET_LAST)
+    kept, _ = sn.resume_point(sn.Config(**{**vars(cfg), "resume": "auto"}), tmp_path / "old" / "toy" / utils.SYNCNET_LAST, "cpu")
+    assert kept.opening_weight == 0.0
+
+
+def test_opening_weight_auto_follows_the_run_length(tmp_path):
+    """--opening_weight -1 (the default): the head on for runs of OPENING_AUTO[1] steps or more
+    (by --max_steps, or by --epochs over this clip), off for shorter ones; explicit weights stay."""
+    ds = make_toy_dataset(tmp_path / "data")
+    base = dict(name="toy", data_root=str(tmp_path / "data"), **TOY)
+    assert sn.Config().opening_weight == -1
+    on_from = sd.OPENING_AUTO[1]
+    assert sd.resolve_opening(sn.Config(**base, max_steps=on_from), ds).opening_weight == sd.OPENING_AUTO[0] == 1.0
+    assert sd.resolve_opening(sn.Config(**base, max_steps=on_from - 1), ds).opening_weight == 0.0
+    per_pass = sd.run_length(sn.Config(**base), N_FRAMES)[0]
+    passes = -(-on_from // per_pass)
+    assert sd.resolve_opening(sn.Config(**base, max_steps=0, epochs=passes), ds).opening_weight == 1.0
+    assert sd.resolve_opening(sn.Config(**base, max_steps=0, epochs=passes - 1), ds).opening_weight == 0.0
+    assert sd.resolve_opening(sn.Config(**base, max_steps=60, opening_weight=0.5), ds).opening_weight == 0.5
+    assert sd.resolve_opening(sn.Config(**base, max_steps=on_from, opening_weight=0), ds).opening_weight == 0.0
+    assert sn.model_args_from(sn.Config(**base))["opening_head"] is False   # unresolved: no head yet
