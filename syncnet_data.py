@@ -284,5 +284,8 @@ def resolve_opening(cfg, ds_dir):
     else 0 (on shorter runs the head cost the generator's sync check, README round 20)."""
     if cfg.opening_weight >= 0:
         return cfg
-    total = run_length(cfg, int(check_dataset(ds_dir).get("frames", 0)))[1]
+    try:
+        total = run_length(cfg, int(check_dataset(ds_dir).get("frames", 0)))[1]
+    except UserError:   # a clip too short, lengths both 0: training_data says so, after the dataset's own checks
+        total = 0
     return dataclasses.replace(cfg, opening_weight=OPENING_AUTO[0] if total >= OPENING_AUTO[1] else 0.0)
