@@ -357,6 +357,24 @@ def test_held_out_audio_effect_is_zero_only_for_a_model_that_ignores_audio(data_
     assert effect > 0 and 0 < l1 < 1        # audio reaches the mouth box, in 0-255 levels
 
 
+def test_ms_ssim_matches_the_reference_implementation():
+    """losses.ms_ssim (the maps stacked, channels-last filters, the target outside autograd) gives
+    pytorch_msssim's figure and gradient, including odd sizes where the pooling pads."""
+    from pytorch_msssim import ms_ssim
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 3, 176, 200), (1, 3, 161, 193)):
+        target = torch.rand(*shape, generator=g)
+        pred = (target + 0.1 * torch.randn(*shape, generator=g)).clamp(0, 1)
+        ours, ref = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+        v_ours, v_ref = losses.ms_ssim(ours, target), ms_ssim(ref, target, data_range=1.0)
+        (v_ours + v_ref).backward()
+        assert 0.5 < v_ref.item() < 0.99
+        assert abs(v_ours.item() - v_ref.item()) < 1e-5
+        assert float((ours.grad - ref.grad).norm() / ref.grad.norm()) < 1e-3
+    blurred = torch.nn.functional.avg_pool2d(target, 3, 1, 1)
+    assert losses.ms_ssim(target, target).item() > 0.9999 > losses.ms_ssim(blurred, target).item()
+
+
 def test_msssim_loss_is_exact_under_bf16_autocast():
     """Mixed precision must not reach the MS-SSIM term: in bf16 its variances cancel and its
     gradient points anywhere (a full-width GPU run collapsed to a dark frame)."""
