@@ -47,6 +47,20 @@ def count_params(m):
 # ----------------------------------------------------------------------------------------------
 # Building blocks. Every Conv2d that is followed by a BatchNorm2d sits next to it inside one
 # nn.Sequential, so fold_bn can find the pairs in execution order.
+class StridedDepthwise(nn.Conv2d):
+    """The 3x3 depthwise conv of a strided block. Under CPU autocast it computes in fp32: oneDNN's
+    bf16 kernels for strided depthwise convs are 3-17x slower than its fp32 ones (forward +
+    backward at batch 4, 1 thread: 13.6 against 0.8 ms for 256 channels at 20 px), while at stride
+    1 bf16 stays the faster (README "Generator recipes", round 21). Same weights, same state-dict
+    keys; elsewhere (GPU, fp32, export) a plain Conv2d."""
+
+    def forward(self, x):
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand, 3x3 depthwise (carries the stride), 1x1 linear project.
     Most of the FLOPs sit in the 1x1 convs; the depthwise conv gives the spatial context."""
@@ -57,7 +71,7 @@ class InvertedResidual(nn.Module):
         self.residual = stride == 1 and cin == cout
         self.conv = nn.Sequential(
             nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            (StridedDepthwise if stride > 1 else nn.Conv2d)(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             # No ReLU after the projection: a narrow ReLU bottleneck would destroy information.
             nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from syncnet_model import SYNC_WIDTHS, SyncNet, sync_logits
-from unet_328 import WIDTHS, AudioEncoder, UNet328, count_params, fold_bn
+from unet_328 import WIDTHS, AudioEncoder, StridedDepthwise, UNet328, count_params, fold_bn
 
 # Face-tower widths for the training test: tiny, so its steps take a fraction of a second.
 TINY_SYNC = (8, 8, 16, 16, 32)
@@ -193,6 +193,30 @@ def test_audio_encoder_rejects_mismatched_state_dicts():
         AudioEncoder().load_reference_state_dict({**bare, "12.conv_block.0.bias": torch.zeros(7)})
     with pytest.raises(ValueError, match="audio towers"):
         AudioEncoder().load_reference_state_dict(UNet328(WIDTHS["light"]).state_dict())
+
+
+def test_strided_depthwise_convs_compute_in_fp32_under_cpu_autocast():
+    """The strided blocks' depthwise convs leave bf16 on a CPU (oneDNN's strided depthwise bf16
+    kernels are the slow ones) and nothing else changes: same class family, same keys, plain
+    convs at stride 1, the fp32 figure under autocast."""
+    model = UNet328(WIDTHS["narrow"], stem="s2d")
+    strided = [m for m in model.modules() if isinstance(m, StridedDepthwise)]
+    assert len(strided) == 4 and all(m.stride == (2, 2) and m.groups == m.in_channels for m in strided)
+    assert all(m.stride == (1, 1) for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1
+               and not isinstance(m, StridedDepthwise))
+    plain = UNet328(WIDTHS["narrow"], stem="s2d")
+    assert list(plain.state_dict()) == list(model.state_dict())
+    conv = strided[0]
+    x = torch.randn(2, conv.in_channels, 40, 40).to(torch.bfloat16)
+    with torch.no_grad():
+        want = F.conv2d(x.float(), conv.weight, stride=2, padding=1, groups=conv.groups)   # fp32 on the same input
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = conv(x)
+            bf16 = F.conv2d(x, conv.weight.to(torch.bfloat16), stride=2, padding=1, groups=conv.groups)
+    assert got.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert (got - want).abs().max() < 1e-5 < (bf16.float() - want).abs().max()
+    x = x.float()
+    assert conv(x).dtype == torch.float32 and torch.equal(conv(x), F.conv2d(x, conv.weight, None, 2, 1, 1, conv.groups))
 
 
 # ---- BatchNorm folding -----------------------------------------------------------------------
