@@ -29,7 +29,7 @@ class Config:
     stem: str = train_328.Config.stem        # the U-Net's first level: conv (320 px) or s2d (train_328 --stem)
     batch_size: int = 8                      # frames per step (reference: 8)
     steps: int = 3                           # measured steps per preset (after one warm-up step)
-    num_workers: int = 2                     # DataLoader workers, as train_328's default
+    num_workers: int = train_328.Config.num_workers   # DataLoader workers; -1 = train_328's auto (0 on a CPU, 2 on a GPU)
     device: str = "auto"                     # auto (cuda -> mps -> cpu), cpu, cuda
     threads: int = 0                         # torch CPU threads (0 = torch's default)
     channels_last: bool = True               # NHWC layout, as train_328's default

@@ -66,7 +66,7 @@ class Config:
     window_share: float = train_328.Config.window_share  # [0..1] share of the steps on windows (train_328 --window_share)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
     threads: int = 0               # [0..] torch CPU threads (0 = torch's default)
-    num_workers: int = -1          # [-1..] DataLoader workers; -1 = 1 on CPU, 6 on a GPU
+    num_workers: int = -1          # [-1..] DataLoader workers; -1 = 0 on a CPU (train_328 --num_workers), 6 on a GPU
     eval_frames: int = 0           # [0..] evaluate only the first N held-out frames (0 = all)
     judge: str = ""                # SyncNet checkpoint that scores every run's sync check; "" = the run's mel SyncNet (OUT_DIR/checkpoint/NAME): pass a fixed one to compare runs whose SyncNets differ
     baseline: bool = True          # also evaluate the template baseline
@@ -184,7 +184,7 @@ def main(cfg):
                           + (f"_sync{cfg.sync_weight:g}from{cfg.sync_start:g}c{cfg.sync_clips}" if cfg.sync_weight else "")
                           + (f"_adv{cfg.adv_weight:g}from{cfg.adv_start:g}" if cfg.adv_weight else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (6 if device.type == "cuda" else 1)
+    workers = train_328.loader_workers(cfg.num_workers, device, gpu=6)
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,

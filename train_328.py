@@ -67,7 +67,7 @@ class Config:
     audio_lr_mult: float = 1.0      # [>0..] the U-Net's audio branch learns at lr x this (1 = one rate for all)
     ema: float = 0.99               # [0..0.9999] > 0: keep an exponential moving average of the weights (this decay per step, less in the first steps: ema_update); checkpoints' model and the held-out check use it (0 = off; README round 9)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
-    num_workers: int = 2            # [0..] DataLoader worker processes per loader and process
+    num_workers: int = -1           # [-1..] DataLoader worker processes per loader and process; -1 = auto: 0 on a CPU (a worker's process slows the training threads more than it saves: 1.27x the steps/s at 2 threads, README round 22), 2 on a GPU
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
     epochs: int = 100               # [1..] passes over the training frames (reference: 100); used when max_steps is 0
     max_steps: int = 0              # [0..] optimizer steps; 0 = epochs x steps per epoch
@@ -110,6 +110,11 @@ ALIASES = {"dataset_dir": "dataset", "save_dir": "out_dir", "batchsize": "batch_
 def lr_at(step, cfg, max_steps):
     """Linear warm-up, then cosine decay to lr x min_lr_frac: a pure function of step."""
     return utils.warmup_cosine(step, cfg.lr, cfg.warmup_steps, max_steps, cfg.min_lr_frac)
+
+
+def loader_workers(n, device, gpu=2):
+    """DataLoader workers: n, or for n < 0 none on a CPU (their processes slow the training threads more than they save) and `gpu` on a GPU."""
+    return n if n >= 0 else (gpu if device.type == "cuda" else 0)
 
 
 def parse_widths(text):
@@ -183,6 +188,7 @@ def main(cfg, progress=None, should_stop=None):
     device = utils.get_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    cfg = dataclasses.replace(cfg, num_workers=loader_workers(cfg.num_workers, device))
     if ddp:
         import torch.distributed as dist
         if device.type == "cuda":

@@ -242,6 +242,16 @@ def test_audio_reference_bank(data_root, tmp_path):
     assert np.allclose(bank["keys"].numpy(), datasets.frame_keys(s.feats, train))
 
 
+def test_loader_workers_default_to_none_on_cpu(data_root, tmp_path, monkeypatch):
+    # worker processes compete with the training threads for a CPU's cores (README round 22): in-process there
+    seen, real = [], torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **kw: seen.append(kw.get("num_workers", 0)) or real(*a, **kw))
+    train_328.main(config(data_root, tmp_path / "fake", num_workers=train_328.Config.num_workers, fit_guidance=False))
+    assert train_328.Config.num_workers == -1 and seen and set(seen) == {0}
+    assert train_328.loader_workers(-1, torch.device("cuda")) == 2 and train_328.loader_workers(-1, torch.device("cuda"), gpu=6) == 6
+    assert train_328.loader_workers(3, torch.device("cpu")) == 3
+
+
 def test_resume_is_exact(data_root, tmp_path):
     """4 steps straight == 2 steps, stop, resume 2 steps: same losses, same weights and weight
     average (sync loss, opening head and --ema on)."""
