@@ -53,7 +53,7 @@ def main(cfg):
                 preview_every=10 ** 9, save_every=10 ** 9, snapshot_every=0, overwrite=True))
             rows.append((preset, res["timing"]))
     print(utils.hardware(device))
-    print(f"stem {cfg.stem}, batch {cfg.batch_size}, {cfg.steps} measured steps, {cfg.num_workers} workers, device {device}, "
+    print(f"stem {cfg.stem}, batch {cfg.batch_size}, {cfg.steps} measured steps, {train_328.loader_workers(cfg.num_workers, device)} workers, device {device}, "
           f"channels_last {cfg.channels_last}, amp {cfg.amp}, dataset {cfg.name or 'synthetic'}")
     print(f"{'widths':8s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s} {'compute CPU ms':>15s}")
     for preset, t in rows:
