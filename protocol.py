@@ -185,14 +185,15 @@ def main(cfg):
                           + (f"_adv{cfg.adv_weight:g}from{cfg.adv_start:g}" if cfg.adv_weight else ""))
     run = sync_dir / "runs" / utils.check_name(label, "--label")
     workers = train_328.loader_workers(cfg.num_workers, device, gpu=6)
+    quarter = -(-cfg.steps // 4)   # held-out checks, previews and saves 4 times, the last at the end (not 2 steps before it as well)
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, edge_weight=cfg.edge_weight, opening_weight=cfg.opening_weight, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
         sync_weight=cfg.sync_weight, sync_start=cfg.sync_start, sync_ramp=cfg.sync_ramp, sync_clips=cfg.sync_clips, syncnet=str(sync_dir / utils.SYNCNET_BEST),
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
-        adv_weight=cfg.adv_weight, adv_start=cfg.adv_start, num_workers=workers, seed=cfg.seed, overwrite=True, val_every=max(cfg.steps // 4, 1),
-        preview_every=max(cfg.steps // 4, 1), save_every=max(cfg.steps // 4, 1)))
+        adv_weight=cfg.adv_weight, adv_start=cfg.adv_start, num_workers=workers, seed=cfg.seed, overwrite=True, val_every=quarter,
+        preview_every=quarter, save_every=quarter))
     times["train_s"] = round(time.time() - t, 1)
 
     # evaluate.py on the held-out video: the model, then the template baseline

@@ -59,14 +59,19 @@ def audio_input(inputs, centres, offsets):
     return media_io.mel_windows(inputs, frames.reshape(-1)).reshape(len(frames), len(offsets), 1, N_MELS, MEL_WIN)
 
 
+def face_box(lower_half=True, region=None):
+    """The part of the 320 crop the face tower sees: (y0, y1, x0, x1), half-open."""
+    if region:
+        return tuple(region)
+    return (INNER // 2 if lower_half else 0, INNER, 0, INNER)
+
+
 def downscale_face(face, face_size, lower_half=True, region=None):
     """320 crops (B, C, 320, 320), any C -> (B, C, *face_size): the rows/cols `region` = (y0, y1,
-    x0, x1) of the crop if given, else its lower half when lower_half, then an area downscale."""
-    if region:
-        y0, y1, x0, x1 = region
-        face = face[:, :, y0:y1, x0:x1]
-    elif lower_half:
-        face = face[:, :, INNER // 2:]                      # (B, C, 160, 320)
+    x0, x1) of the crop if given, else its lower half when lower_half (face_box), then an area
+    downscale. A face already cut to that box: pass lower_half=False and no region."""
+    y0, y1, x0, x1 = face_box(lower_half, region)
+    face = face[:, :, y0:y1, x0:x1]
     if tuple(face.shape[2:]) != tuple(face_size):
         face = F.interpolate(face, size=tuple(face_size), mode="area")
     return face

@@ -188,6 +188,45 @@ def test_face_downscale_matches_the_resize_convention():
         assert torch.allclose(net.embed_face(full), net.embed_face(net.prepare_face(full)), atol=1e-6)
 
 
+
+
+@pytest.mark.parametrize("kw", [dict(region=(32, 288, 32, 288)), dict(lower_half=True), dict(lower_half=False)])
+def test_face_inputs_read_only_the_box_and_match_downscale_face(tmp_path, kw):
+    """face_inputs cuts the face box out of the uint8 crops before converting: the same bytes as
+    downscale_face of the whole 320 crop, for the default region, the lower half and the whole crop."""
+    crops = np.random.default_rng(2).integers(0, 256, (5, utils.CROP, utils.CROP, 3), dtype=np.uint8)
+    np.save(tmp_path / "crops.npy", crops)
+    net = sm.SyncNet(sm.SYNC_WIDTHS["light"], face_size=(80, 80), **kw)
+    got = sd.face_inputs(tmp_path / "crops.npy", net, chunk=2)
+    b, n = utils.BORDER, utils.INNER
+    x = torch.from_numpy(crops[:, b:b + n, b:b + n]).permute(0, 3, 1, 2).float() / 255
+    want = (sm.downscale_face(x, (80, 80), net.lower_half, net.region) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert got.shape == (5, 3, 80, 80) and np.array_equal(got, want)
+    assert sm.face_box(**kw) == (kw.get("region") or ((160 if kw["lower_half"] else 0), 320, 0, 320))
+def test_auto_threads_step_at_one_and_build_at_all_cores(tmp_path, monkeypatch):
+    """--threads 0 on a 2-core CPU: the face inputs and the features are built at both cores, the
+    training steps run at 1; the caller's count comes back. An explicit --threads applies to all."""
+    ds_root = tmp_path / "data"
+    make_toy_dataset(ds_root, n=160, seed=3)
+    seen = {}
+    spy = lambda key, fn: (lambda *a, **k: (seen.setdefault(key, set()).add(torch.get_num_threads()), fn(*a, **k))[1])
+    monkeypatch.setattr(sd, "face_inputs", spy("faces", sd.face_inputs))
+    monkeypatch.setattr(sn, "train_step", spy("step", sn.train_step))
+    monkeypatch.setattr(sn, "write_features", spy("features", sn.write_features))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        sn.main(sn.Config(**dict(TOY, name="toy", data_root=str(ds_root), ckpt_root=str(tmp_path / "ck"), max_steps=2,
+                                 val_every=2, device="cpu")))
+        assert seen == {"faces": {2}, "step": {1}, "features": {2}} and torch.get_num_threads() == 2
+        seen.clear()
+        sn.main(sn.Config(**dict(TOY, name="toy", data_root=str(ds_root), ckpt_root=str(tmp_path / "ck2"), max_steps=2,
+                                 val_every=2, device="cpu", threads=1)))
+        assert seen == {"faces": {1}, "step": {1}, "features": {1}} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_stop_then_resume_is_exact(tmp_path):
     ds_root = tmp_path / "data"
     make_toy_dataset(ds_root, n=160, seed=3)
