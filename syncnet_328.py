@@ -78,7 +78,7 @@ class Config:
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
     amp: bool = True                # mixed precision: bf16 (else fp16) on GPU, bf16 on CPUs with bf16 units (AVX512-BF16/AMX), else fp32
     num_workers: int = 0            # [0..] batch-building worker processes (batches are cheap; 0 is usually fastest)
-    threads: int = 0                # [0..] torch CPU threads; 0 = auto: the training steps at 1 on a <= 2-core CPU (2 spinning OpenMP threads ran ~7x slower on a busy 2-core box), the data and features at all cores; else torch's default
+    threads: int = 0                # [0..] torch CPU threads; 0 = torch's default (the usable cores: on an idle 2-core EPYC a step at 2 threads is 1.6x faster than at 1, README round 23)
     seed: int = 0                   # [0..] seeds init, batches, augmentation and the held-out pairs
     resume: str = ""                # "" new run; "auto" (or a bare --resume) syncnet_last.pth if any; "last" or a path: must exist
     reference_encoder: str = ""     # SyncTalk_2D audio_visual_encoder.pth: initialise the audio tower from it
@@ -270,17 +270,14 @@ def make_model(cfg, device, ckpt):
     return model, model_args, opt
 
 
-def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None, threads=0):
-    """The training run; returns dict(best, val, best_path, last_path, steps, stopped). The data is
-    built at the caller's torch threads, the steps run at `threads` (0: the same)."""
+def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
+    """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
     last_path, best_path = ckpt_dir / utils.SYNCNET_LAST, ckpt_dir / utils.SYNCNET_BEST
     check_dataset(ds_dir)
     cfg, ckpt = resume_point(resolve_opening(cfg, ds_dir), last_path, device)
     model, model_args, opt = make_model(cfg, device, ckpt)
     t0 = time.time()
     data = training_data(cfg, ds_dir, model)
-    if threads:
-        torch.set_num_threads(threads)
     step, best = 0, {"acc": -1.0, "loss": float("inf")}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -395,17 +392,13 @@ def main(cfg, progress=None, should_stop=None):
     before = torch.get_num_threads()                # torch's default: the usable cores
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    step_threads = 1 if not cfg.threads and device.type == "cpu" and before <= 2 else 0
     try:
-        return _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop, step_threads)
+        return _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop)
     finally:
         torch.set_num_threads(before)           # callers in the same process (server) keep theirs
 
 
-def _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop, step_threads):
-    """main's work. With --threads 0 on a <= 2-core CPU the training steps run at 1 thread
-    (step_threads), while the face inputs and the features are built at all cores (the same values
-    at any count; the features' 32 s at 1 thread take 16 at 2)."""
+def _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop):
     others = [n.strip() for n in cfg.eval_on.split(",") if n.strip()]
     if cfg.eval_only and not others:
         raise UserError("--eval_only needs --eval_on OTHER_NAME[,...]")
@@ -419,11 +412,7 @@ def _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop, step_t
             raise UserError(f"no trained SyncNet at {best_path}; train it first (python syncnet_328.py "
                             f"--name {cfg.name}) or pass --reference_encoder PATH")
     else:
-        before = torch.get_num_threads()
-        try:
-            result = train(cfg, ds_dir, ckpt_dir, device, progress, should_stop, step_threads)
-        finally:
-            torch.set_num_threads(before)
+        result = train(cfg, ds_dir, ckpt_dir, device, progress, should_stop)
         if result["stopped"]:
             return result
         encoder, source = load_syncnet(best_path, device)[0].audio_encoder, best_path

@@ -75,7 +75,7 @@ class Config:
     warmup_steps: int = 50          # [0..] linear lr warm-up, steps (before: 200)
     min_lr_frac: float = 0.1        # [0..1] the cosine decay ends at lr x this
     grad_clip: float = 1.0          # [0..] gradient-norm clip (0 = off): guards against sync-loss spikes
-    perceptual: str = "auto"        # auto | vgg | msssim | off; auto = VGG19 conv3_3 when its weights are on disk, else MS-SSIM
+    perceptual: str = "auto"        # auto | vgg | msssim | msssim_y (MS-SSIM of the luma only) | off; auto = VGG19 conv3_3 when its weights are on disk, else MS-SSIM
     perceptual_weight: float = -1.0  # weight of the perceptual term; < 0 = the kind's default (VGG 0.01, MS-SSIM 0.5)
     sync_weight: float = 0.0        # [0..] SyncNet loss weight; 0 = off. The reference's 10 only worked because its SyncNet had learned nothing (loss ~0); against ours it swamps L1 (see README, section 3)
     sync_ramp: int = 2000           # [0..] steps over which the sync weight rises from 0: a face must exist before its sync matters

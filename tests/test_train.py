@@ -405,6 +405,29 @@ def test_msssim_loss_is_exact_under_bf16_autocast():
     assert float(torch.nn.functional.cosine_similarity(g16, g32, 0)) > 0.9
 
 
+def test_msssim_y_judges_the_luma_and_leaves_colour_to_the_l1():
+    """--perceptual msssim_y: 1 - MS-SSIM of the BT.601 luma, in fp32 under autocast. A change of
+    colour at the same luma costs it nothing (the RGB term sees it); a blur costs both."""
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(2, 3, 176, 176, generator=g) * 0.6 + 0.2
+    w = torch.tensor(losses.LUMA_BGR).view(1, 3, 1, 1)
+    assert losses.make_perceptual("msssim_y", "cpu")[0] == "msssim_y" and losses.PERCEPTUAL_WEIGHT["msssim_y"] == 0.5
+    # move B up and R down so that 0.114 dB - 0.299 dR = 0: same luma, another colour (a per-pixel amount)
+    d = 0.1 * torch.rand(2, 1, 176, 176, generator=g)
+    recoloured = target + torch.cat([d, torch.zeros_like(d), d * 0.114 / 0.299 * -1], 1)
+    assert torch.allclose((recoloured * w).sum(1), (target * w).sum(1), atol=1e-6)
+    assert losses.msssim_y_loss(recoloured, target).item() < 1e-5 < losses.msssim_loss(recoloured, target).item()
+    blurred = torch.nn.functional.avg_pool2d(target, 3, 1, 1)
+    pred = blurred.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = losses.msssim_y_loss(pred, target)
+    assert loss.dtype == torch.float32 and loss.item() > 0.05
+    want = 1 - losses.ms_ssim((blurred * w).sum(1, keepdim=True), (target * w).sum(1, keepdim=True))
+    assert abs(loss.item() - want.item()) < 1e-6
+    loss.backward()
+    assert pred.grad.abs().sum() > 0 and torch.isfinite(pred.grad).all()
+
+
 def test_edge_l1_counts_edges_not_offsets():
     """edge_l1 is 0 for a prediction that is the target moved by a constant (no edge differs), and
     for a blurred step edge it is what the blur took off the edge, while plain L1 sees less."""
