@@ -8,7 +8,7 @@
 Each step: a batch of single frames (reference = another frame, masked crop, audio window), plus,
 with --sync_weight > 0 and a SyncNet checkpoint, `sync_clips` clips of the SyncNet's T (5) consecutive
 frames whose predictions SyncNet (frozen) judges against the clip's mel windows. Loss = L1 +
-perceptual_weight x perceptual (VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM)
+perceptual_weight x perceptual (VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM of the luma)
 + sync weight x sync BCE (off by default: measured to hurt, see README section 3).
 Writes last.pth (every save_every steps and at the end), best.pth (lowest held-out L1),
 step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference | masked |
@@ -75,7 +75,7 @@ class Config:
     warmup_steps: int = 50          # [0..] linear lr warm-up, steps (before: 200)
     min_lr_frac: float = 0.1        # [0..1] the cosine decay ends at lr x this
     grad_clip: float = 1.0          # [0..] gradient-norm clip (0 = off): guards against sync-loss spikes
-    perceptual: str = "auto"        # auto | vgg | msssim | msssim_y (MS-SSIM of the luma only) | off; auto = VGG19 conv3_3 when its weights are on disk, else MS-SSIM
+    perceptual: str = "auto"        # auto | vgg | msssim | msssim_y (MS-SSIM of the luma only) | off; auto = VGG19 conv3_3 when its weights are on disk, else msssim_y (a resume keeps the checkpoint's)
     perceptual_weight: float = -1.0  # weight of the perceptual term; < 0 = the kind's default (VGG 0.01, MS-SSIM 0.5)
     sync_weight: float = 0.0        # [0..] SyncNet loss weight; 0 = off. The reference's 10 only worked because its SyncNet had learned nothing (loss ~0); against ours it swamps L1 (see README, section 3)
     sync_ramp: int = 2000           # [0..] steps over which the sync weight rises from 0: a face must exist before its sync matters
@@ -225,6 +225,8 @@ def _data(cfg, ds, ckpt, enc_id):
         if got != cfg.stem:
             note += f"; it keeps the checkpoint's --stem {got} (not {cfg.stem})"
             cfg = dataclasses.replace(cfg, stem=got)
+        got = ckpt.get("config", {}).get("perceptual", "msssim")   # auto resumes the checkpoint's kind
+        cfg = dataclasses.replace(cfg, perceptual=got) if cfg.perceptual == "auto" and got in PERCEPTUAL_WEIGHT else cfg
     else:
         mask = generator_mask(ds, train_idx, cfg.mask)
     refs = reference_pool(ds, train_idx, cfg.reference)

@@ -286,6 +286,19 @@ def test_resume_is_exact(data_root, tmp_path):
     assert set(ha) == {"fc.weight", "fc.bias", "mean", "std"} and all(torch.equal(ha[k], hb[k]) for k in ha)
 
 
+def test_auto_perceptual_is_luma_msssim_and_a_resume_keeps_the_checkpoints_kind(data_root, tmp_path):
+    """--perceptual auto (the default) trains a new run on the luma's MS-SSIM (VGG only with its
+    weights on disk); resumed with the default, a run started on RGB MS-SSIM goes on with it."""
+    kind = lambda out: json.loads((out / "config.json").read_text())["perceptual"]
+    vgg = (Path(torch.hub.get_dir()) / "checkpoints" / losses.VGG_FILE).is_file()
+    train_328.main(config(data_root, tmp_path / "new", max_steps=1))
+    assert kind(tmp_path / "new") == ("vgg" if vgg else "msssim_y")
+    train_328.main(config(data_root, tmp_path / "old", max_steps=1, perceptual="msssim"))
+    res = train_328.main(config(data_root, tmp_path / "old", max_steps=2, resume="auto"))
+    assert res["step"] == 2 and kind(tmp_path / "old") == "msssim"
+    assert utils.load_checkpoint(tmp_path / "old" / "last.pth")["config"]["perceptual"] == "msssim"
+
+
 def test_time_based_saves_leave_a_resumable_checkpoint_early(data_root, tmp_path):
     """save_minutes: a job killed long before save_every still finds a last.pth (the server's case)."""
     seen = []
