@@ -69,8 +69,8 @@ def audio_windows(wav, n, speed=1.0, source="mel"):
 def face_inputs(crops_path, model, chunk=64):
     """crops.npy [N, 328, 328, 3] -> uint8 [N, 3, h, w] face-tower inputs of `model` (its part of
     the 320 crop, area-downscaled by its own downscale_face), computed once and kept in memory.
-    Only that part is read and converted (the lower half by default: 2x cheaper than the whole crop,
-    the same bytes)."""
+    Only that box is read and converted (by default the 256 px nose-to-chin square, 64% of the
+    crop; the same bytes as converting the whole crop, in 0.6x the time)."""
     crops = utils.load_npy(crops_path, mmap=True)
     out = np.empty((len(crops), 3, *model.face_size), np.uint8)
     y0, y1, x0, x1 = face_box(model.lower_half, model.region)
