@@ -235,7 +235,7 @@ def generator_mask(ds_dir, frames, kind):
         return None
     z = utils.load_npy(Path(ds_dir) / utils.LANDMARKS)
     idx = np.asarray(frames, np.int64)
-    return geometry.jaw_mask(geometry.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]))
+    return geometry.jaw_mask(geometry.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]), up=0.0 if kind == "under_nose" else None)
 
 
 REFERENCES = ("random", "closed", "audio")   # training's reference pool: any training frame, the closed-mouth share, or the audio bank

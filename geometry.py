@@ -136,7 +136,7 @@ def rect_mask():
     return m
 
 
-def jaw_mask(lm320, grow=JAW_GROW, share=JAW_SHARE, max_frames=600):
+def jaw_mask(lm320, grow=JAW_GROW, share=JAW_SHARE, max_frames=600, up=None):
     """The area a generator repaints for one avatar, a bool (320, 320) map: the lower face under
     the nose (outline JAW_OUTLINE) in the frames' 320-crop landmarks [N, 68, 2], united over the
     frames (a pixel counts when >= `share` of them cover it, so a few bad landmarks do not widen
@@ -154,7 +154,10 @@ def jaw_mask(lm320, grow=JAW_GROW, share=JAW_SHARE, max_frames=600):
         acc += one
     m = (acc >= max(1.0, share * len(lm))).astype(np.uint8)
     g = max(int(round(grow * INNER)), 1)
-    m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * g + 1, 2 * g + 1)))
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * g + 1, 2 * g + 1))
+    if up is not None:     # grow upwards by at most `up` x 320 px (a kernel row below the anchor lifts the mask's top)
+        k[g + int(round(up * INNER)) + 1:] = 0
+    m = cv2.dilate(m, k)
     return (m > 0) & rect_mask()
 
 

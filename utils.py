@@ -49,7 +49,7 @@ REF_GAP = 5              # frames: a reference crop is MORE than this far from e
 JAW_OUTLINE = list(range(2, 15)) + [35, 34, 33, 32, 31]   # iBUG-68: jaw line cheek to cheek, back along the nose bottom
 JAW_GROW = 0.04          # the jaw mask is grown by this share of the 320 crop (13 px) beyond the outline
 JAW_SHARE = 0.02         # ... after uniting the outlines of all frames, each pixel covered by >= this share of them
-MASKS = ("jaw", "rect")  # the generator's masked area: jaw = jaw_mask of the avatar's landmarks; rect = MASK_RECT
+MASKS = ("jaw", "under_nose", "rect")  # the generator's masked area: jaw = jaw_mask of the avatar's landmarks; under_nose = the same not grown upwards; rect = MASK_RECT
 MOUTH_MARGIN = 0.3       # mouth box = landmark extent of points 48-67 grown by this share of the mouth width each side
 CKPT_VERSION = 1         # bumped when the checkpoint dict changes shape
 REPO = Path(__file__).resolve().parent

@@ -194,6 +194,8 @@ def test_jaw_mask_samples_hide_the_lower_face_only(data_root):
     with np.load(data_root / "fake" / "landmarks.npz") as z:                   # every lip point of every frame is repainted
         lips = geometry.to_crop_coords(z["lms"], z["crop_boxes"])[:, utils.MOUTH].reshape(-1, 2).round().astype(int)
     assert m[lips[:, 1], lips[:, 0]].all()
+    low = datasets.generator_mask(data_root / "fake", range(36), "under_nose")   # not grown over the nose: a smaller area
+    assert low[lips[:, 1], lips[:, 0]].all() and not (low & ~mask).any() and low.sum() < mask.sum()
     with pytest.raises(utils.UserError, match="--mask"):
         datasets.generator_mask(data_root / "fake", range(36), "oval")
 

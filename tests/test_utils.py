@@ -95,6 +95,9 @@ def test_jaw_mask_covers_every_frames_mouth_and_chin_but_not_the_nose():
     assert not m[:60].any()                                     # the nose (above its bottom at y 90, less the margin) stays visible
     assert not (m & ~geometry.rect_mask()).any()                   # never outside the reference's rectangle
     assert 0.3 < m.mean() < geometry.rect_mask().mean()
+    low = geometry.jaw_mask(lm, up=0.0)                         # not grown upwards: the nose bottom (y 90) stays the frame's
+    assert not low[:90].any() and low[90:].sum() > 0.9 * m[90:].sum() and not (low & ~m).any()
+    assert np.array_equal(low[200:], m[200:])                   # the chin's margin is the same
     lm = jaw_track(100)                                         # (>= 2% of frames must agree)
     m, bad = geometry.jaw_mask(lm), lm.copy()
     bad[0, :17, 1] += 150                                       # one frame with wild landmarks does not widen it
