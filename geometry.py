@@ -140,7 +140,8 @@ def jaw_mask(lm320, grow=JAW_GROW, share=JAW_SHARE, max_frames=600, up=None):
     """The area a generator repaints for one avatar, a bool (320, 320) map: the lower face under
     the nose (outline JAW_OUTLINE) in the frames' 320-crop landmarks [N, 68, 2], united over the
     frames (a pixel counts when >= `share` of them cover it, so a few bad landmarks do not widen
-    it), grown by `grow` x 320 px and kept inside MASK_RECT. One fixed map for all frames: a mask
+    it), grown by `grow` x 320 px (upwards only by `up` x 320 px when given: 0 leaves the nose
+    bottom where the landmarks put it) and kept inside MASK_RECT. One fixed map for all frames: a mask
     that followed each frame's chin would tell the network how far the jaw is open."""
     lm = np.asarray(lm320, np.float64)
     if lm.ndim == 2:
