@@ -178,9 +178,9 @@ def test_two_steps_leave_a_complete_checkpoint(light_run):
     assert ck["encoder_id"] == audio_features.encoder_id(enc)
     assert (out / "config.json").is_file() and (out / "best.pth").is_file()
     assert (out / "previews" / "step_000002.png").is_file()
-    assert ck["config"]["mask"] == "jaw"                                         # the default: the lower face only
+    assert ck["config"]["mask"] == "under_nose"                                  # the default: the lower face only
     mask = datasets.generator_mask(ck["config"]["dataset"],
-                                   range(ck["config"]["train_frames"]), "jaw")
+                                   range(ck["config"]["train_frames"]), "under_nose")
     assert torch.equal(ck["mask"], torch.from_numpy(mask))                      # inference masks exactly this area
     assert "guidance" not in ck and "the default guidance" in (out / "log.txt").read_text()   # a 4-frame tail: not fitted
 
@@ -331,9 +331,9 @@ def test_resume_errors_are_one_line(light_run, data_root, tmp_path):
     res = train_328.main(config(data_root, tmp_path / "y", resume=str(out / "last.pth"), widths="light", mask="rect",
                                 stem=other, max_steps=3))                   # a resume keeps the checkpoint's mask and stem
     ck = utils.load_checkpoint(tmp_path / "y" / "last.pth")
-    assert res["step"] == 3 and ck["config"]["mask"] == "jaw" and ck["mask"] is not None and ck["config"]["stem"] == stem
+    assert res["step"] == 3 and ck["config"]["mask"] == "under_nose" and ck["mask"] is not None and ck["config"]["stem"] == stem
     log = (tmp_path / "y" / "log.txt").read_text()
-    assert "keeps the checkpoint's --mask jaw (not rect)" in log and f"keeps the checkpoint's --stem {stem} (not {other})" in log
+    assert "keeps the checkpoint's --mask under_nose (not rect)" in log and f"keeps the checkpoint's --stem {stem} (not {other})" in log
     with pytest.raises(utils.UserError, match="--stem 's4d'"):
         train_328.main(config(data_root, tmp_path / "z", stem="s4d"))
     with pytest.raises(utils.UserError, match="--resume auto"):                # no silent overwrite of a run
