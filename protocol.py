@@ -2,7 +2,7 @@
 held-out video, beside the template baseline, with the training speed.
 
     python protocol.py                                            # CPU, budget A: grid_s1_5min -> grid_s1_heldout_1min
-    python protocol.py --device cuda --widths full --batch_size 64 --lr 2e-3 --warmup_steps 40 --steps 800   # GPU: the measured 4-minute H200 recipe (README)
+    python protocol.py --device cuda --widths full --batch_size 64 --lr 2e-3 --warmup_steps 100 --steps 2460 --sync_steps 2000   # GPU: the measured 8-minute H200 recipe (README round 26)
     python protocol.py --device cuda --widths full --batch_size 0 --steps 6000   # GPU: batch sized to the card
     python protocol.py --train_video a.mp4 --heldout_video b.mp4 --sync_steps 8 --steps 4 --eval_frames 60   # CPU smoke run
 
