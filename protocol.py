@@ -71,6 +71,7 @@ class Config:
     judge: str = ""                # SyncNet checkpoint that scores every run's sync check; "" = the run's mel SyncNet (OUT_DIR/checkpoint/NAME): pass a fixed one to compare runs whose SyncNets differ
     baseline: bool = True          # also evaluate the template baseline
     video_out: bool = False        # write evaluate.py's side-by-side mp4s
+    voices: str = ""               # other voices the trained model also speaks (evaluate.py --audio over the held-out frames; no truth): comma list of audio files, or "shared" = MEDIA/speech_*.wav; "" = none
     seed: int = 0                  # [0..] seeds SyncNet and generator
 
 
@@ -154,6 +155,8 @@ def main(cfg):
     for v in (cfg.train_video, cfg.heldout_video):
         if not Path(v).is_file():
             raise UserError(f"video not found: {v} (give --train_video and --heldout_video)")
+    if cfg.voices:
+        voice_files(cfg.voices)
     device = utils.get_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -214,16 +217,45 @@ def main(cfg):
         else:
             base = evaluate.main(evaluate.Config(**ev, baseline="template", out_dir=str(bdir)))
 
+    voices = voice_checks(cfg, ev, run) if cfg.voices else None
     summary = dict(label=label, device=utils.hardware(device), load_average=os.getloadavg(), batch_size=batch,
                    widths=widths, train_steps=tr["step"], samples_per_s=round(tr["timing"]["samples_per_s"], 2),
                    ms_per_step=round(tr["timing"]["compute_ms"] + tr["timing"]["data_ms"]), times=times,
                    guidance=res["config"]["guidance"],       # what evaluate.py painted with: the model's fitted guidance
-                   metrics=res["metrics"], baseline=base["metrics"] if base else None, config=asdict(cfg))
+                   metrics=res["metrics"], baseline=base["metrics"] if base else None, voices=voices, config=asdict(cfg))
     with utils.atomic_file(run / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
     print(format_summary(summary))
     print(f"summary: {run / 'summary.json'}; strip: {res['outputs'].get('strip')}")
     return summary
+
+
+def voice_files(spec):
+    """--voices -> the audio files (checked before any training)."""
+    files = sorted(MEDIA.glob("speech_*.wav")) if spec == "shared" else [Path(v.strip()) for v in spec.split(",") if v.strip()]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise UserError(f"--voices {spec}: {'not found: ' + ', '.join(missing) if missing else 'no audio files'}")
+    return files
+
+
+def voice_checks(cfg, ev, run):
+    """The trained model driven by voices it never heard, over the held-out frames (evaluate.py
+    --audio; no truth, so no image figures): -> {file name: loudness r of the painted opening, the
+    judge's 1 s sync check, sd of the painted opening over the speech frames}. The held-out minute's
+    own audio scores the same figures in the main table (env_r_gen, sync_stretch_acc_gen)."""
+    import evaluate
+    import numpy as np
+    out = {}
+    for f in voice_files(cfg.voices):
+        r = evaluate.main(evaluate.Config(**{**ev, "video_out": False}, audio=str(f), plot=False, checkpoint=str(run / utils.LAST),
+                                          out_dir=str(run / "voices" / utils.safe_stem(f))))
+        with np.load(r["outputs"]["tracks"]) as z:
+            speech = ~z["silent"].astype(bool)
+            sd = float(z["gen_opening"][speech].std()) if speech.any() else None
+        out[f.name] = dict(env_r_gen=r["metrics"].get("env_r_gen"), sync_stretch_acc_gen=r["metrics"].get("sync_stretch_acc_gen"),
+                           opening_sd_gen=sd)
+    return out
 
 
 def format_summary(s):
@@ -234,6 +266,10 @@ def format_summary(s):
     for k in ROWS:
         m, b = s["metrics"].get(k), (s["baseline"] or {}).get(k)
         lines.append(f"| {k} | {evaluate_fmt(m)} | {evaluate_fmt(b)} |")
+    if s.get("voices"):
+        lines += ["", "| voice it never heard | opening vs loudness r | sync check | opening sd |", "|---|---|---|---|"]
+        lines += [f"| {v} | {evaluate_fmt(f['env_r_gen'])} | {evaluate_fmt(f['sync_stretch_acc_gen'])} | {evaluate_fmt(f['opening_sd_gen'])} |"
+                  for v, f in s["voices"].items()]
     return "\n".join(lines)
 
 

@@ -3,7 +3,10 @@ evaluate.py beside the template baseline) and reuses what it made. Tiny budgets 
 clip; about a minute on 2 CPU cores."""
 import json
 
+import pytest
+
 import protocol
+from utils import UserError
 
 
 def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, capsys):
@@ -28,11 +31,20 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     assert "syncnet_s" not in s2["times"] and s2["baseline"] == s["baseline"]
     judge = tmp_path / "judge.pth"                                  # --judge: a fixed SyncNet scores model and baseline
     judge.write_bytes((tmp_path / "checkpoint" / "talk" / "syncnet_best.pth").read_bytes())
-    protocol.main(protocol.Config(**{**vars(cfg), "judge": str(judge), "label": "judged"}))
+    capsys.readouterr()
+    s3 = protocol.main(protocol.Config(**{**vars(cfg), "judge": str(judge), "label": "judged",
+                                          "voices": str(synthetic_clip)}))   # --voices: any audio file (here a video's track)
     used = [json.loads(p.read_text())["syncnet"]["checkpoint"] for p in (
         tmp_path / "checkpoint" / "talk" / "runs" / "judged" / "eval" / "metrics.json",
-        tmp_path / "checkpoint" / "talk" / "eval_baseline_template" / "metrics.json")]
-    assert used == [str(judge), str(judge)]
+        tmp_path / "checkpoint" / "talk" / "eval_baseline_template" / "metrics.json",
+        tmp_path / "checkpoint" / "talk" / "runs" / "judged" / "voices" / synthetic_clip.stem / "metrics.json")]
+    assert used == [str(judge)] * 3                                 # the judge scores the other voices too
+    v = s3["voices"][synthetic_clip.name]
+    assert -1 <= v["env_r_gen"] <= 1 and 0 <= v["sync_stretch_acc_gen"] <= 1 and v["opening_sd_gen"] > 0
+    assert f"| {synthetic_clip.name} |" in capsys.readouterr().out and s["voices"] is None
+    with pytest.raises(UserError, match="--voices .*not found"):   # checked before any training
+        protocol.main(protocol.Config(**{**vars(cfg), "voices": str(tmp_path / "none.wav"), "label": "x"}))
+    assert not (tmp_path / "checkpoint" / "talk" / "runs" / "x").exists()
 
 
 def test_protocol_switches_audio_sources_without_retraining(synthetic_clip, tmp_path):
