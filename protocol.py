@@ -248,8 +248,9 @@ def voice_checks(cfg, ev, run):
     import numpy as np
     out = {}
     for f in voice_files(cfg.voices):
-        r = evaluate.main(evaluate.Config(**{**ev, "video_out": False}, audio=str(f), plot=False, checkpoint=str(run / utils.LAST),
-                                          out_dir=str(run / "voices" / utils.safe_stem(f))))
+        r = evaluate.main(evaluate.Config(**{**ev, "video_out": False}, audio=str(f), checkpoint=str(run / utils.LAST),
+                                          out_dir=str(run / "voices" / utils.safe_stem(f)),
+                                          reference="audio" if cfg.reference == "audio" else evaluate.Config.reference))
         with np.load(r["outputs"]["tracks"]) as z:
             speech = ~z["silent"].astype(bool)
             sd = float(z["gen_opening"][speech].std()) if speech.any() else None
