@@ -1,7 +1,7 @@
 """Train the person-specific generator (SPEC §7) on dataset/NAME, writing checkpoint/NAME/.
 
     python train_328.py --name anna                                   # GPU: full widths, batch 8
-    python train_328.py --name anna --batch_size 64 --lr 2e-3 --warmup_steps 100 --max_steps 2460 --num_workers 12   # 8 min on an H200 (README, budget B)
+    python train_328.py --name anna --batch_size 64 --lr 2e-3 --warmup_steps 100 --max_steps 2460 --num_workers 12 --perceptual msssim_y   # 8 min on an H200 (README, budget B)
     python train_328.py --name anna --widths light --batch_size 2 --max_steps 20 --device cpu   # CPU smoke run
     torchrun --nproc_per_node 4 train_328.py --name anna             # multi-GPU (DDP)
 
