@@ -2,27 +2,24 @@
 
     python evaluate.py --name anna --video heldout.mp4                    # table + result/eval/anna_heldout/
     python evaluate.py --name anna --video heldout.mp4 --audio other.wav  # an unseen voice: no ground truth
+    python evaluate.py --name anna --video heldout.mp4 --audio dataset/bob  # bob's voice; his own mouth is the truth
     python evaluate.py --name tiny --video clip.mp4 --baseline template --max_frames 50   # CPU smoke run, no model
 
 The held-out video is processed like training data (process.py, into a temp data root); the model
-regenerates its frames from their own audio, with the held-out frames as templates and the
-reference crop chosen exactly as inference chooses it, and the result is compared with the truth:
-image quality (PSNR/SSIM on the 320 crop and the mouth box), mouth landmarks (LMD), mouth opening
-over time against the truth (Pearson r, lag), the same with the audio of another moment (the
-ablation gap: a model that ignores audio scores ~0; the moment is one whose loudness is unrelated
-to the real audio's, since a steady speak-pause rhythm lines up with itself), mouth closed in silence, jitter, the paste
-seam, identity (dlib face descriptor) and, when trained, our SyncNet's confidence.
+regenerates its frames from their own audio (held-out frames as templates, the reference crop as
+inference picks it) against the truth: PSNR/SSIM (320 crop, mouth box), mouth landmarks (LMD), the
+opening over time (Pearson r, lag), the same with the audio of another moment whose loudness is
+unrelated to the real one (the ablation gap: ~0 for a model that ignores audio), mouth closed in
+silence, jitter, the paste seam, identity (dlib descriptor) and, when trained, our SyncNet's check.
+With another person's dataset as --audio, their own mouth opening is the truth of the opening.
 
-`--baseline template` replaces the model by one that ignores audio: the reference crop it would be
-given is pasted back unchanged on every frame; its opening r and ablation gap come out ~0 (and it
-is "perfect" at silence, which is why no single number is enough). `--baseline copy` pastes the
-template crop itself back (here that is the truth): r ~1 but ablation gap ~0 -- the failure of a
-model that copies the template mouth, caught only by the gap.
+`--baseline template` pastes back the reference crop the model would get (it ignores audio): r and
+gap ~0, "perfect" at silence, so no single number is enough. `--baseline copy` pastes the template
+crop (the truth): r ~1, gap ~0, the failure of a model that copies the template mouth.
 
-inference_328's silence gate (a loudness rule that closes the mouth in silence) is OFF here by
-default: it correlates the mouth with the audio by itself (a 27-step, untrained model scored an
-ablation gap of 0.43 with it and 0.04 without), so with it on the sync numbers credit the rule, not
-the network. `--silence_gate` measures the product as it ships.
+inference_328's silence gate (closes the mouth in silence) is OFF here by default: it correlates
+the mouth with the audio by itself (an untrained model's gap: 0.43 with it, 0.04 without), so the
+numbers would credit the rule. `--silence_gate` measures the product as it ships.
 
 Every metric is a pure numpy function of arrays, in metrics.py; the generation passes they are
 computed from (the model or a baseline, measured frame by frame) are in eval_passes.py.
@@ -61,7 +58,7 @@ from utils import FPS, INNER, MOUTH_MARGIN, SR, UserError
 class Config:
     name: str = ""                                 # avatar (checkpoint) name
     video: str = ""                                # held-out video of the same person (never used in training), or a folder process.py made from one
-    audio: str = ""                                # optional other audio (unseen voice): the held-out frames become templates, no ground truth
+    audio: str = ""                                # optional other audio (unseen voice): the held-out frames become templates; a folder process.py made from another person's video: its aud.wav drives, that person's own mouth is the opening's truth (speaker_r)
     json: str = ""                                 # metrics JSON; default OUT_DIR/metrics.json
     out_dir: str = ""                              # where metrics, plot and side-by-side mp4 go; default result/eval/NAME_VIDEO[_AUDIO][_BASELINE]
     checkpoint: str = ""                           # generator checkpoint; default CKPT_ROOT/NAME/best.pth, else last.pth
@@ -87,12 +84,9 @@ class Config:
     lookahead: int = 7                             # [0..7] frames of audio past each frame the model may read: 7 = the file path; less = a live stream's (stream.py), fed 40 ms at a time
 
 
-# ----------------------------------------------------------------------------------------------
 STRIP_FRAMES = 6         # sample frames in the plot's strip, chosen from closed to wide open
 
 
-# ----------------------------------------------------------------------------------------------
-# Measuring one generation pass against the truth (or the templates)
 # ----------------------------------------------------------------------------------------------
 # Reports
 def write_strip(path, strip):
@@ -174,6 +168,10 @@ ROWS = [  # key, label, ideal / reading
     ("speech_frames", "speech frames (louder than silence)", ""),
     ("opening_r_speech", "opening r vs truth, speech frames only", "1"),
     ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
+    ("speaker_r", "opening r vs the speaker's own (--audio DATASET)", "1"),
+    ("speaker_r_at_lag", "  at its best lag", "1"),
+    ("speaker_lag", "  that lag (frames, + = late)", "0"),
+    ("speaker_r_template", "  the template frames' opening vs the speaker's", "~0"),
     ("env_r_gen", "opening r vs audio loudness (gen)", "~truth's"),
     ("env_lag_gen", "lag vs audio loudness (gen, frames)", "~truth's"),
     ("env_r_true", "opening r vs audio loudness (truth/template)", ""),
@@ -225,7 +223,10 @@ def main(cfg):
         raise UserError(f"--copy_shift {cfg.copy_shift:g} moves the copy baseline's crop: add --baseline copy, or drop it")
     if not Path(cfg.video).is_dir():
         media_io.probe(cfg.video)
-    if cfg.audio:
+    if cfg.audio and Path(cfg.audio).is_dir():    # another person's processed video: its audio and landmarks
+        if not all((Path(cfg.audio) / f).is_file() for f in (utils.AUDIO_WAV, utils.LANDMARKS)):
+            raise UserError(f"--audio {cfg.audio}: a folder must be one process.py made (aud.wav, landmarks.npz)")
+    elif cfg.audio:
         media_io.probe(cfg.audio)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
     gen_model, gen_desc, step, ckpt_path = make_generator(cfg)   # fails fast on a missing checkpoint
@@ -279,15 +280,17 @@ def _audio(cfg, ds, template):
     """The audio to drive the model (the held-out clip's own, or --audio) cut to the frames measured
     -> (wav, n frames, self-reenactment?)."""
     self_mode = not cfg.audio
-    wav = media_io.load_audio(cfg.audio) if cfg.audio else media_io.load_audio(ds / utils.AUDIO_WAV)
+    speaker = Path(cfg.audio) if cfg.audio and Path(cfg.audio).is_dir() else None     # another person's dataset
+    wav = media_io.load_audio(cfg.audio if cfg.audio and not speaker else (speaker or ds) / utils.AUDIO_WAV)
     n = media_io.num_frames(len(wav))
-    if self_mode:
-        n = min(n, template.n)
+    s_open = mouth_opening(templates.dataset_landmarks320(speaker)) if speaker else None   # the speaker's own opening
+    if self_mode or speaker:
+        n = min(n, template.n if self_mode else len(s_open))
     if cfg.max_frames:
         n = min(n, cfg.max_frames)
     if n < 2 * cfg.max_lag + 3:
         raise UserError(f"only {n} frames to evaluate; give at least {2 * cfg.max_lag + 3} ({(2 * cfg.max_lag + 3) / FPS:.1f} s)")
-    return wav[:n * SR // FPS], n, self_mode
+    return wav[:n * SR // FPS], n, self_mode, None if s_open is None else s_open[:n]
 
 
 def _syncnet_path(cfg):
@@ -360,7 +363,7 @@ def _thresholds(cfg, silence_db, thresh, jbox):
 def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     template = templates.FolderTemplate.from_dataset(ds)
     det_boxes = detector_boxes(ds)
-    wav, n, self_mode = _audio(cfg, ds, template)
+    wav, n, self_mode, s_open = _audio(cfg, ds, template)
     detector = landmarks.make_detector("dlib")
     try:
         describer = landmarks.FaceDescriber()
@@ -404,6 +407,9 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         other_open = _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, silence_db, other_pass)
     m["env_lag_gen"], m["env_r_gen"] = best_lag(g_open, db, cfg.max_lag)
     m["env_lag_true"], m["env_r_true"] = best_lag(t_open, db, cfg.max_lag)
+    if s_open is not None:      # the opening against the speaker's own (r at lag 0, best lag); the template frames' as chance
+        m["speaker_r"], (m["speaker_lag"], m["speaker_r_at_lag"]) = pearson(g_open, s_open), best_lag(g_open, s_open, cfg.max_lag)
+        m["speaker_r_template"] = pearson(t_open, s_open)
     m["silent_frames"] = int(silent.sum())
     m["silence_gen"] = silence_score(g_open, silent, thresh)
     m["silence_true"] = silence_score(t_open, silent, thresh)
@@ -414,14 +420,17 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         m["identity_cos"] = float(np.mean(cosine(np.stack(main_pass["gen_id"]), np.stack(main_pass["true_id"]))))
     sync = _sync_metrics(cfg, m, sync_path, keep, wav, timing) if keep is not None else {}
     if cfg.plot:
-        labels = ("truth", "generated", "generated, other audio") if self_mode else ("template", "generated", "")
-        write_plot(out_dir / "plot.png", t_open, g_open, other_open, db, silent, thresh, main_pass["strip"], labels)
+        labels = ("truth", "generated", "generated, other audio") if self_mode else ("template", "generated", "the speaker's own")
+        write_plot(out_dir / "plot.png", t_open, g_open, other_open if s_open is None else s_open, db, silent, thresh,
+                   main_pass["strip"], labels)
         outputs["plot"] = str(out_dir / "plot.png")
         write_strip(out_dir / "strip.png", main_pass["strip"])
         outputs["strip"] = str(out_dir / "strip.png")
     tracks = dict(gen_opening=g_open, true_opening=t_open, loudness_db=db, silent=silent)
     if other_open is not None:
         tracks["other_opening"] = other_open
+    if s_open is not None:
+        tracks["speaker_opening"] = s_open
     if "lms320" in main_pass:                    # (N, 68, 2) each, in the 320 crop's pixels
         tracks["gen_lms320"], tracks["true_lms320"] = main_pass["lms320"]
     np.savez(out_dir / "tracks.npz", **tracks)

@@ -26,6 +26,7 @@ import utils
 from utils import UserError
 
 MEDIA = utils.REPO.parent / "shared" / "media"
+SPEAKERS = ("andrew_clip2_27s.mp4", "feifei_clip2_15s.mp4", "german_anchor_20s.mp4", "aoc_hdtf_8s.mp4", "outdoor_7s.mp4")  # --voices shared: other people, filmed
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Config:
     judge: str = ""                # SyncNet checkpoint that scores every run's sync check; "" = the run's mel SyncNet (OUT_DIR/checkpoint/NAME): pass a fixed one to compare runs whose SyncNets differ
     baseline: bool = True          # also evaluate the template baseline
     video_out: bool = False        # write evaluate.py's side-by-side mp4s
-    voices: str = ""               # other voices the trained model also speaks (evaluate.py --audio over the held-out frames; no truth): comma list of audio files, or "shared" = MEDIA/speech_*.wav; "" = none
+    voices: str = ""               # other voices the trained model also speaks (evaluate.py --audio over the held-out frames): comma list of audio files or videos of other people (processed once; their own mouth becomes the truth of the opening: speaker r), or "shared" = MEDIA/speech_*.wav + SPEAKERS; "" = none
     seed: int = 0                  # [0..] seeds SyncNet and generator
 
 
@@ -217,7 +218,7 @@ def main(cfg):
         else:
             base = evaluate.main(evaluate.Config(**ev, baseline="template", out_dir=str(bdir)))
 
-    voices = voice_checks(cfg, ev, run) if cfg.voices else None
+    voices = voice_checks(cfg, ev, run, data_root) if cfg.voices else None
     summary = dict(label=label, device=utils.hardware(device), load_average=os.getloadavg(), batch_size=batch,
                    widths=widths, train_steps=tr["step"], samples_per_s=round(tr["timing"]["samples_per_s"], 2),
                    ms_per_step=round(tr["timing"]["compute_ms"] + tr["timing"]["data_ms"]), times=times,
@@ -232,30 +233,35 @@ def main(cfg):
 
 def voice_files(spec):
     """--voices -> the audio files (checked before any training)."""
-    files = sorted(MEDIA.glob("speech_*.wav")) if spec == "shared" else [Path(v.strip()) for v in spec.split(",") if v.strip()]
+    files = (sorted(MEDIA.glob("speech_*.wav")) + [MEDIA / v for v in SPEAKERS] if spec == "shared"
+             else [Path(v.strip()) for v in spec.split(",") if v.strip()])
     missing = [str(f) for f in files if not f.is_file()]
     if missing or not files:
         raise UserError(f"--voices {spec}: {'not found: ' + ', '.join(missing) if missing else 'no audio files'}")
     return files
 
 
-def voice_checks(cfg, ev, run):
+def voice_checks(cfg, ev, run, data_root):
     """The trained model driven by voices it never heard, over the held-out frames (evaluate.py
-    --audio; no truth, so no image figures): -> {file name: loudness r of the painted opening, the
-    judge's 1 s sync check, sd of the painted opening over the speech frames}. The held-out minute's
-    own audio scores the same figures in the main table (env_r_gen, sync_stretch_acc_gen)."""
+    --audio; no image truth): -> {file name: loudness r of the painted opening, the judge's 1 s sync
+    check, sd of the painted opening over the speech frames and, for a video of another person
+    (processed into DATA_ROOT once), r of the painted opening vs that person's own}. The held-out
+    minute's own audio scores the same figures in the main table (env_r_gen, sync_stretch_acc_gen)."""
     import evaluate
+    import media_io
     import numpy as np
     out = {}
     for f in voice_files(cfg.voices):
-        r = evaluate.main(evaluate.Config(**{**ev, "video_out": False}, audio=str(f), checkpoint=str(run / utils.LAST),
+        audio = prepare(f, data_root) if media_io.probe(f)["video"] else f     # a filmed speaker: their dataset
+        r = evaluate.main(evaluate.Config(**{**ev, "video_out": False}, audio=str(audio), checkpoint=str(run / utils.LAST),
                                           out_dir=str(run / "voices" / utils.safe_stem(f)),
                                           reference="audio" if cfg.reference == "audio" else evaluate.Config.reference))
         with np.load(r["outputs"]["tracks"]) as z:
             speech = ~z["silent"].astype(bool)
             sd = float(z["gen_opening"][speech].std()) if speech.any() else None
         out[f.name] = dict(env_r_gen=r["metrics"].get("env_r_gen"), sync_stretch_acc_gen=r["metrics"].get("sync_stretch_acc_gen"),
-                           opening_sd_gen=sd)
+                           opening_sd_gen=sd, speaker_r=r["metrics"].get("speaker_r"),
+                           speaker_r_at_lag=r["metrics"].get("speaker_r_at_lag"), speaker_lag=r["metrics"].get("speaker_lag"))
     return out
 
 
@@ -268,9 +274,11 @@ def format_summary(s):
         m, b = s["metrics"].get(k), (s["baseline"] or {}).get(k)
         lines.append(f"| {k} | {evaluate_fmt(m)} | {evaluate_fmt(b)} |")
     if s.get("voices"):
-        lines += ["", "| voice it never heard | opening vs loudness r | sync check | opening sd |", "|---|---|---|---|"]
-        lines += [f"| {v} | {evaluate_fmt(f['env_r_gen'])} | {evaluate_fmt(f['sync_stretch_acc_gen'])} | {evaluate_fmt(f['opening_sd_gen'])} |"
-                  for v, f in s["voices"].items()]
+        lines += ["", "| voice it never heard | opening vs loudness r | sync check | opening sd | vs the speaker's own opening: r (best lag) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {v} | {evaluate_fmt(f['env_r_gen'])} | {evaluate_fmt(f['sync_stretch_acc_gen'])} | {evaluate_fmt(f['opening_sd_gen'])} | "
+                  + (f"{f['speaker_r']:.3f} ({f.get('speaker_r_at_lag', 0):.3f} at {f.get('speaker_lag')})" if f.get("speaker_r") is not None else "")
+                  + " |" for v, f in s["voices"].items()]
     return "\n".join(lines)
 
 

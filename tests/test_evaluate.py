@@ -262,3 +262,22 @@ def test_unseen_audio_mode(tiny_dataset, tmp_path):
     assert "opening_r" not in m and "ablation_gap" not in m and "psnr_crop" not in m
     assert abs(m["env_r_gen"]) < 0.5 and m["silent_frames"] > 0 and m["silence_gen"] == 1.0
     assert (tmp_path / "out" / "plot.png").is_file()
+
+
+def test_another_speakers_dataset_as_audio(tiny_dataset, tmp_path):
+    """--audio DATASET: that person's audio drives the model and their own mouth opening is the truth
+    of the opening track. The clip's own dataset as the speaker: pasting the template (= the
+    speaker's frames) back follows them (r ~1 at lag 0); a pasted still reference does not."""
+    cfg = ev.Config(name="tiny", video=str(tiny_dataset), audio=str(tiny_dataset), baseline="copy", max_frames=60,
+                    out_dir=str(tmp_path / "copy"), id_frames=2, syncnet="off", plot=False, video_out=False)
+    m = ev.main(cfg)["metrics"]
+    assert m["speaker_r"] > 0.9 and m["speaker_lag"] == 0 and m["speaker_r_template"] > 0.9
+    assert "opening_r" not in m                                   # no image truth: the frames are templates
+    still = ev.main(replace(cfg, baseline="template", out_dir=str(tmp_path / "still")))["metrics"]
+    assert abs(still["speaker_r"]) < 0.3 < m["speaker_r"] - 0.5
+    tracks = np.load(tmp_path / "still" / "tracks.npz")
+    assert tracks["speaker_opening"].shape == tracks["gen_opening"].shape == (60,)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(utils.UserError, match="a folder must be one process.py made"):
+        ev.main(replace(cfg, audio=str(tmp_path / "empty"), out_dir=str(tmp_path / "none")))
+    assert not (tmp_path / "none").exists()

@@ -32,8 +32,12 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     judge = tmp_path / "judge.pth"                                  # --judge: a fixed SyncNet scores model and baseline
     judge.write_bytes((tmp_path / "checkpoint" / "talk" / "syncnet_best.pth").read_bytes())
     capsys.readouterr()
+    import media_io
+    import synthetic
+    wav = tmp_path / "voice.wav"
+    media_io.write_wav(wav, synthetic.synth_speech(2.0, seed=3, lead_silence=0.4))
     s3 = protocol.main(protocol.Config(**{**vars(cfg), "judge": str(judge), "label": "judged",
-                                          "voices": str(synthetic_clip)}))   # --voices: any audio file (here a video's track)
+                                          "voices": f"{synthetic_clip},{wav}"}))   # --voices: a filmed speaker, an audio file
     used = [json.loads(p.read_text())["syncnet"]["checkpoint"] for p in (
         tmp_path / "checkpoint" / "talk" / "runs" / "judged" / "eval" / "metrics.json",
         tmp_path / "checkpoint" / "talk" / "eval_baseline_template" / "metrics.json",
@@ -41,6 +45,8 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     assert used == [str(judge)] * 3                                 # the judge scores the other voices too
     v = s3["voices"][synthetic_clip.name]
     assert -1 <= v["env_r_gen"] <= 1 and 0 <= v["sync_stretch_acc_gen"] <= 1 and v["opening_sd_gen"] > 0
+    assert -1 <= v["speaker_r"] <= v["speaker_r_at_lag"] <= 1 and abs(v["speaker_lag"]) <= 10   # a video: its own mouth is the truth
+    assert s3["voices"]["voice.wav"]["speaker_r"] is None and s3["voices"]["voice.wav"]["opening_sd_gen"] >= 0
     assert f"| {synthetic_clip.name} |" in capsys.readouterr().out and s["voices"] is None
     with pytest.raises(UserError, match="--voices .*not found"):   # checked before any training
         protocol.main(protocol.Config(**{**vars(cfg), "voices": str(tmp_path / "none.wav"), "label": "x"}))
