@@ -376,11 +376,8 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     id_idx = set(np.linspace(0, n - 1, min(cfg.id_frames, n)).astype(int).tolist())
     opts = RenderOptions.from_config(cfg)          # the render options evaluate.py sets; the rest as inference's defaults
     sync_path = _syncnet_path(cfg)
-    keep = None
-    if sync_path is not None:
-        shape = (n, INNER, INNER, 3)
-        keep = (np.lib.format.open_memmap(work / "gen320.npy", "w+", np.uint8, shape),
-                np.lib.format.open_memmap(work / "true320.npy", "w+", np.uint8, shape))
+    keep = None if sync_path is None else tuple(   # the generated and true 320 crops the SyncNet reads
+        np.lib.format.open_memmap(work / f"{side}320.npy", "w+", np.uint8, (n, INNER, INNER, 3)) for side in ("gen", "true"))
 
     outputs = {}
     t = time.time()
@@ -408,8 +405,8 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     m["env_lag_gen"], m["env_r_gen"] = best_lag(g_open, db, cfg.max_lag)
     m["env_lag_true"], m["env_r_true"] = best_lag(t_open, db, cfg.max_lag)
     if s_open is not None:      # the opening against the speaker's own (r at lag 0, best lag); the template frames' as chance
-        m["speaker_r"], (m["speaker_lag"], m["speaker_r_at_lag"]) = pearson(g_open, s_open), best_lag(g_open, s_open, cfg.max_lag)
-        m["speaker_r_template"] = pearson(t_open, s_open)
+        m.update(speaker_r=pearson(g_open, s_open), speaker_r_template=pearson(t_open, s_open))
+        m["speaker_lag"], m["speaker_r_at_lag"] = best_lag(g_open, s_open, cfg.max_lag)
     m["silent_frames"] = int(silent.sum())
     m["silence_gen"] = silence_score(g_open, silent, thresh)
     m["silence_true"] = silence_score(t_open, silent, thresh)
@@ -426,11 +423,9 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         outputs["plot"] = str(out_dir / "plot.png")
         write_strip(out_dir / "strip.png", main_pass["strip"])
         outputs["strip"] = str(out_dir / "strip.png")
-    tracks = dict(gen_opening=g_open, true_opening=t_open, loudness_db=db, silent=silent)
-    if other_open is not None:
-        tracks["other_opening"] = other_open
-    if s_open is not None:
-        tracks["speaker_opening"] = s_open
+    tracks = dict(gen_opening=g_open, true_opening=t_open, loudness_db=db, silent=silent, other_opening=other_open,
+                  speaker_opening=s_open)
+    tracks = {k: v for k, v in tracks.items() if v is not None}
     if "lms320" in main_pass:                    # (N, 68, 2) each, in the 320 crop's pixels
         tracks["gen_lms320"], tracks["true_lms320"] = main_pass["lms320"]
     np.savez(out_dir / "tracks.npz", **tracks)
