@@ -139,6 +139,7 @@ def encode_audio(wav_or_mel, audio_encoder, device="cpu", batch=256, n_frames=No
                    audio_encoder, device, batch)   # (b, 1, 80, 16)
 
 
+@torch.no_grad()
 def _encode(inputs, n, audio_encoder, device, batch):
     """inputs(start, stop) -> the encoder's inputs of those frames; -> features [n, 512]."""
     device = torch.device(device)

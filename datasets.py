@@ -6,18 +6,17 @@
 A sample for frame i (SPEC §3, contract "Training sample"): the 320 inner crop of a reference
 frame that is NOT i nor one of its neighbours (so the mouth cannot be copied from it, as at
 inference where the template is another frame), the masked 320 crop of frame i, the true 320 crop
-of frame i, and the audio-feature window [32, 16, 16] of frame i. Channel order stays BGR end to
-end; tensors are float in [0, 1], CHW. With `clip=T` a sample is T consecutive frames sharing one
-reference, plus the mel window centred on the clip: the input of SyncNet's sync loss.
+of frame i, and the audio-feature window [32, 16, 16] of frame i (with `voice_aug`, sometimes of an
+augmented copy of the audio). BGR end to end; float in [0, 1], CHW. With `clip=T` a sample is T
+consecutive frames, one reference, the mel window centred on the clip (SyncNet's sync loss).
 
 Every random choice (reference frame, augmentation) is a pure function of (seed, epoch, frame), and
 `StepBatches` makes the batch order a pure function of (seed, step): a resumed run sees exactly the
 batches an uninterrupted one would, without replaying anything.
 
-The crop cache pays, modestly at these resolutions: reading crops.npy (memmap) vs decoding
-frames/*.jpg and cropping on the fly, `python datasets.py --name NAME` on this 2-core Xeon (torch
-2.14.1, one thread, in-process, batch 8; two runs while other jobs kept the load average at 6-10,
-so CPU ms are the figures to trust): 512x512 video (german_anchor_20s) 3.2-3.6 vs 5.3-6.7 CPU
+The crop cache pays, modestly: crops.npy (memmap) vs decoding frames/*.jpg, `python datasets.py
+--name NAME` on a 2-core Xeon (one thread, batch 8, load 6-10: CPU ms are the figures to trust):
+512x512 video (german_anchor_20s) 3.2-3.6 vs 5.3-6.7 CPU
 ms/sample (194 vs 123 samples/s wall in the quieter run); 256x256 video (feifei_clip1_10s)
 3.4-3.7 vs 4.4-4.8. What is left in the cached path is float conversion and batching; the JPEG
 cost grows with the source resolution (1080p decodes ~8x the pixels of 512x512), the cache's
@@ -115,7 +114,7 @@ class LipDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
                  clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,), mask=None, audio_source="mel",
-                 ref_by_audio=False):
+                 ref_by_audio=False, voice_aug=0.0):
         ds = Path(ds_dir)
         self.ds = ds
         info = read_feature_info(ds)
@@ -128,6 +127,11 @@ class LipDataset(torch.utils.data.Dataset):
         if self.feats.ndim != 2 or len(self.feats) < n:
             raise UserError(f"{ds}/aud_feat.npy has shape {self.feats.shape}, fewer rows than the {n} "
                             f"frames; re-run: python syncnet_328.py --name {ds.name}")
+        self.voice_aug, z = voice_aug, utils.load_npy(ds / utils.AUD_FEAT_AUG) if voice_aug > 0 else None  # share of items heard in another voice
+        if z is not None and (str(z["encoder_id"]) != self.encoder_id or z["feats"].shape[1] < n):
+            raise UserError(f"{ds}/{utils.AUD_FEAT_AUG} was not made with aud_feat.npy's encoder; re-run: "
+                            f"python syncnet_328.py --name {ds.name} --features_only --feature_variants 4")
+        self.variants = None if z is None else z["feats"]                                 # (K, >=N, 512) float16
         frames = np.arange(n) if frames is None else np.asarray(frames, np.int64)
         if len(frames) and (frames.min() < 0 or frames.max() >= n):
             raise ValueError(f"frames outside 0..{n - 1}")
@@ -214,7 +218,9 @@ class LipDataset(torch.utils.data.Dataset):
             bias = np.float32(255 * rng.uniform(-AUG_BIAS, AUG_BIAS) + 0.5)   # + 0.5: round, not floor
             ref, cur = (np.clip(x * gain + bias, 0, 255).astype(np.uint8) for x in (ref, cur))
         masked = geometry.mask_inner(cur, self.mask)
-        audio = np.stack([media_io.feature_window(self.feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
+        feats = self.feats if self.variants is None or rng.random() >= self.voice_aug else \
+            self.variants[rng.integers(len(self.variants))]           # the same words in another voice
+        audio = np.stack([media_io.feature_window(feats, f) for f in range(i, i + self.clip)])  # (T, 32, 16, 16)
         out = dict(ref=_tensor(ref), masked=_tensor(masked), target=_tensor(cur), audio=torch.from_numpy(audio),
                    mouth=torch.from_numpy(self.mouth[i:i + self.clip]),
                    opening=torch.from_numpy(self.opening[i:i + self.clip]), index=i, ref_index=j)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import utils
 from audio_features import SOURCE_REFERENCE, SOURCES, load_reference_encoder, write_features
 from syncnet_data import (Clip, StepBatches, check_dataset, clip_audio, eval_pairs, face_windows, resolve_opening,
-                          training_data)
+                          training_data, write_feature_variants)
 from syncnet_model import AUDIO_K, AUDIO_STRIDE, EMB_DIM, MAX_SCALE, SYNC_T, SYNC_WIDTHS, SyncNet, load_syncnet
 from utils import INNER, UserError
 
@@ -83,6 +83,7 @@ class Config:
     resume: str = ""                # "" new run; "auto" (or a bare --resume) syncnet_last.pth if any; "last" or a path: must exist
     reference_encoder: str = ""     # SyncTalk_2D audio_visual_encoder.pth: initialise the audio tower from it
     write_features: bool = True     # at the end, write dataset/NAME/aud_feat.npy with the best audio encoder
+    feature_variants: int = 0       # [0..] with the features, also those of this many augmented copies of the audio (other pitch/formants, gain, noise: aud_feat_aug.npz) for train_328 --voice_aug
     features_only: bool = False     # no training: write features with syncnet_best.pth (or --reference_encoder)
     eval_on: str = ""               # comma list of other datasets of the same person: evaluate the best checkpoint on them
     eval_only: bool = False         # no training, no features: only the --eval_on evaluation
@@ -419,6 +420,8 @@ def _run(cfg, ds_dir, ckpt_dir, best_path, device, progress, should_stop):
     if cfg.write_features and not cfg.eval_only:
         feats, info = write_features(ds_dir, encoder, source, device)
         print(f"features: {ds_dir / 'aud_feat.npy'} {feats.shape}, encoder {info['encoder_id']} from {source}")
+        if cfg.feature_variants:
+            write_feature_variants(ds_dir, encoder, cfg, cfg.feature_variants, device)
         result["features"] = info
     for other in others:
         if not best_path.is_file():

@@ -278,6 +278,29 @@ def run_length(cfg, n):
     return steps_per_epoch, min(limits)
 
 
+VARIANT_SPEED = (0.8, 1.25)  # --feature_variants: the copies' resampling range, wider than training's (other voices' pitch and formants)
+
+
+def write_feature_variants(ds_dir, encoder, cfg, k, device="cpu"):
+    """dataset/NAME/aud_feat_aug.npz: the audio features of k augmented copies of the recording
+    (augment_wav with VARIANT_SPEED: another pitch and formants, gain, noise; each frame's window
+    on the same video frame), float16 [k, n, 512], with the encoder's id. train_328 --voice_aug
+    trains on them, so the generator hears the person's words in other voices."""
+    from audio_features import _encode, encoder_id, source_of
+    wav = read_wav(ds_dir)
+    n = max(int(utils.load_meta(ds_dir).get("frames", 0)), media_io.num_frames(len(wav)))   # as aud_feat.npy's rows
+    rng = np.random.default_rng([cfg.seed, 2])
+    out = np.zeros((k, n, utils.FEAT_DIM), np.float16)
+    for v in tqdm(range(k), desc="feature variants", unit="copy", leave=False):
+        aug, speed = augment_wav(wav, rng, dataclasses.replace(cfg, speed=VARIANT_SPEED))
+        wins = audio_windows(aug, n, speed, source_of(encoder))
+        out[v] = _encode(lambda a, b: wins[a:b], n, encoder, device, 256)
+    with utils.atomic_file(Path(ds_dir) / utils.AUD_FEAT_AUG) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, feats=out, encoder_id=encoder_id(encoder))
+    return out
+
+
 OPENING_AUTO = (1.0, 2000)   # --opening_weight -1 (auto): weight 1 for runs of 2000 steps or more, else 0 (README round 20)
 
 

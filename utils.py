@@ -61,8 +61,8 @@ CROPS = "crops.npy"              # (N, 328, 328, 3) uint8 BGR face crops
 MEL = "mel.npy"                  # (80, T) log-mel of the whole wav, 80 frames per second
 LANDMARKS = "landmarks.npz"      # lms (N, 68, 2) smoothed, crop_boxes (N, 4), found (N,)
 AUDIO_WAV = "aud.wav"            # the recording's audio, 16 kHz mono
-AUD_FEAT = "aud_feat.npy"        # (N, 512) audio features, one per frame (syncnet_328.py)
-AUD_FEAT_INFO = "aud_feat.json"  # which encoder made them (encoder_id, source)
+AUD_FEAT, AUD_FEAT_INFO = "aud_feat.npy", "aud_feat.json"   # (N, 512) audio features, one per frame (syncnet_328.py); which encoder made them
+AUD_FEAT_AUG = "aud_feat_aug.npz"   # feats (K, N, 512) of K augmented copies of the audio, encoder_id (syncnet_328 --feature_variants)
 SYNCNET_BEST, SYNCNET_LAST = "syncnet_best.pth", "syncnet_last.pth"
 BEST, LAST = "best.pth", "last.pth"     # the generator's checkpoints
 
@@ -72,8 +72,7 @@ def frame_file(folder, i):
     return Path(folder) / f"{i:06d}.jpg"
 
 
-# ----------------------------------------------------------------------------------------------
-# Errors a user can cause end as one line, never a traceback.
+# ---------------------------------------------------------------- errors a user can cause: one line, no traceback
 class UserError(Exception):
     """A problem the user can fix; the message is one line saying what and how."""
 
@@ -416,7 +415,8 @@ def load_meta(ds):
     return out
 
 
-_REBUILD = {AUD_FEAT: "python syncnet_328.py --name {name} --features_only"}   # what rebuilds a damaged file
+_REBUILD = {AUD_FEAT: "python syncnet_328.py --name {name} --features_only",   # what rebuilds a damaged file
+            AUD_FEAT_AUG: "python syncnet_328.py --name {name} --features_only --feature_variants 4"}
 
 
 def load_npy(path, mmap=False):

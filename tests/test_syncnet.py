@@ -413,3 +413,30 @@ def test_opening_weight_auto_follows_the_run_length(tmp_path):
     assert sd.resolve_opening(sn.Config(**base, max_steps=60, opening_weight=0.5), ds).opening_weight == 0.5
     assert sd.resolve_opening(sn.Config(**base, max_steps=on_from, opening_weight=0), ds).opening_weight == 0.0
     assert sn.model_args_from(sn.Config(**base))["opening_head"] is False   # unresolved: no head yet
+
+
+def test_feature_variants_feed_the_generator_other_voices(trained):
+    """--features_only --feature_variants 2: the features of two augmented copies of the audio (another
+    pitch and formants, gain, noise) by the same encoder, frame-aligned with the clean ones; a
+    LipDataset with voice_aug 1 reads its audio windows from them, and refuses copies made by
+    another encoder."""
+    import dataclasses
+    from datasets import LipDataset
+    cfg, ds, ck, result = trained
+    sn.main(dataclasses.replace(cfg, features_only=True, feature_variants=2))
+    z = np.load(ds / utils.AUD_FEAT_AUG)
+    clean = np.load(ds / "aud_feat.npy")
+    assert z["feats"].shape == (2, N_FRAMES, utils.FEAT_DIM) and z["feats"].dtype == np.float16
+    assert str(z["encoder_id"]) == json.loads((ds / "aud_feat.json").read_text())["encoder_id"]
+    for v in z["feats"].astype(np.float32):      # the same loudness steps, heard differently
+        assert 0.01 < np.abs(v - clean).mean() / np.abs(clean).mean() < 1.0
+        r = np.corrcoef(v.mean(1), clean.mean(1))[0, 1]
+        assert r > 0.5, r
+    plain, aug = LipDataset(ds), LipDataset(ds, voice_aug=1.0)
+    k = 100
+    a, b = plain[k]["audio"].numpy(), aug[k]["audio"].numpy()
+    assert np.allclose(a, media_io.feature_window(clean, k)) and not np.allclose(a, b)
+    assert any(np.allclose(b, media_io.feature_window(v, k)) for v in z["feats"])
+    np.savez(ds / utils.AUD_FEAT_AUG, feats=z["feats"], encoder_id="000000000000")
+    with pytest.raises(utils.UserError, match="--feature_variants"):
+        LipDataset(ds, voice_aug=0.5)
