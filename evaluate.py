@@ -278,7 +278,7 @@ def _clean(v):
 
 def _audio(cfg, ds, template):
     """The audio to drive the model (the held-out clip's own, or --audio) cut to the frames measured
-    -> (wav, n frames, self-reenactment?)."""
+    -> (wav, n frames, self-reenactment?, the speaker's own opening [n] when --audio is their dataset, else None)."""
     self_mode = not cfg.audio
     speaker = Path(cfg.audio) if cfg.audio and Path(cfg.audio).is_dir() else None     # another person's dataset
     wav = media_io.load_audio(cfg.audio if cfg.audio and not speaker else (speaker or ds) / utils.AUDIO_WAV)

@@ -160,8 +160,7 @@ def main(cfg):
     for v in (cfg.train_video, cfg.heldout_video):
         if not Path(v).is_file():
             raise UserError(f"video not found: {v} (give --train_video and --heldout_video)")
-    if cfg.voices:
-        voice_files(cfg.voices)
+    voice_files(cfg.voices) if cfg.voices else None     # missing files: said before anything runs
     device = utils.get_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -170,6 +169,7 @@ def main(cfg):
     times = {}
     t = time.time()
     train_ds, held_ds = prepare(cfg.train_video, data_root), prepare(cfg.heldout_video, data_root)
+    voices = voice_inputs(cfg.voices, data_root) if cfg.voices else []   # filmed speakers processed before any training
     times["process_s"] = round(time.time() - t, 1)
     name = train_ds.name
 
@@ -222,7 +222,7 @@ def main(cfg):
         else:
             base = evaluate.main(evaluate.Config(**ev, baseline="template", out_dir=str(bdir)))
 
-    voices = voice_checks(cfg, ev, run, data_root) if cfg.voices else None
+    voices = voice_checks(cfg, ev, run, voices) if voices else None
     summary = dict(label=label, device=utils.hardware(device), load_average=os.getloadavg(), batch_size=batch,
                    widths=widths, train_steps=tr["step"], samples_per_s=round(tr["timing"]["samples_per_s"], 2),
                    ms_per_step=round(tr["timing"]["compute_ms"] + tr["timing"]["data_ms"]), times=times,
@@ -245,18 +245,23 @@ def voice_files(spec):
     return files
 
 
-def voice_checks(cfg, ev, run, data_root):
-    """The trained model driven by voices it never heard, over the held-out frames (evaluate.py
-    --audio; no image truth): -> {file name: loudness r of the painted opening, the judge's 1 s sync
-    check, sd of the painted opening over the speech frames and, for a video of another person
-    (processed into DATA_ROOT once), r of the painted opening vs that person's own}. The held-out
-    minute's own audio scores the same figures in the main table (env_r_gen, sync_stretch_acc_gen)."""
-    import evaluate
+def voice_inputs(spec, data_root):
+    """--voices -> [(file, what evaluate.py --audio gets)]: an audio file as it is, a video of another
+    person as the dataset process.py makes of it in DATA_ROOT (once)."""
     import media_io
+    return [(f, prepare(f, data_root) if media_io.probe(f)["video"] else f) for f in voice_files(spec)]
+
+
+def voice_checks(cfg, ev, run, voices):
+    """The trained model driven by voices it never heard (voice_inputs), over the held-out frames
+    (evaluate.py --audio; no image truth): -> {file name: loudness r of the painted opening, the
+    judge's 1 s sync check, sd of the painted opening over the speech frames and, for a filmed
+    speaker, r of the painted opening vs their own}. The held-out minute's own audio scores the same
+    figures in the main table (env_r_gen, sync_stretch_acc_gen)."""
+    import evaluate
     import numpy as np
     out = {}
-    for f in voice_files(cfg.voices):
-        audio = prepare(f, data_root) if media_io.probe(f)["video"] else f     # a filmed speaker: their dataset
+    for f, audio in voices:
         r = evaluate.main(evaluate.Config(**{**ev, "video_out": False}, audio=str(audio), checkpoint=str(run / utils.LAST),
                                           out_dir=str(run / "voices" / utils.safe_stem(f)),
                                           reference="audio" if cfg.reference == "audio" else evaluate.Config.reference))
