@@ -11,6 +11,8 @@ from one of two sources (the encoder's `source`, recorded in the checkpoints and
   speech  a frozen pretrained speech embedding (Google's speech_embedding, 96-d, 0.76 s around the
           frame; ONNX models shipped inside the openwakeword 0.5.1 wheel, run by ONNX Runtime,
           nothing downloaded) through a small trainable head (unet_328.SpeechEncoder)
+  both    the two side by side ([flattened mel window | speech embedding], 1376 numbers a frame)
+          through both encoders, their outputs summed (unet_328.BothEncoder)
 `encoder_id` names the encoder that made a set of features, so that a generator is never fed
 features of another encoder.
 """
@@ -30,7 +32,7 @@ from unet_328 import SPEECH_DIM, AudioEncoder, make_audio_encoder
 from utils import FEAT_DIM, FPS, N_MELS, SR, UserError
 
 SOURCE_REFERENCE = "reference"      # aud_feat.json "source" prefix for the original encoder
-SOURCES = ("mel", "speech")         # audio feature sources (module docstring)
+SOURCES = ("mel", "speech", "both")   # audio feature sources (module docstring)
 SPEECH_PACKAGE = "openwakeword==0.5.1"   # the only version whose wheel ships the ONNX models
 SPEECH_HOP, SPEECH_NFFT = 160, 512  # its mel: a frame every 10 ms over 32 ms, no padding (measured with a click)
 SPEECH_WIN = 76                     # its mel frames per embedding (0.76 s)
@@ -93,11 +95,22 @@ def speech_embeddings(wav, n_frames=None, frames=None, batch=512):
     return out
 
 
+def both_frames(mel_windows, emb):
+    """Mel windows [n, 1, 80, 16] and speech embeddings [n, 96] of the same frames -> the "both"
+    source's per-frame inputs [n, 1376] (unet_328.BothEncoder splits them again)."""
+    return np.concatenate([np.asarray(mel_windows, np.float32).reshape(len(mel_windows), -1),
+                           np.asarray(emb, np.float32)], axis=1)
+
+
 def sync_inputs(wav, source="mel"):
-    """What the SyncNet's audio tower indexes for a whole wav: the mel [80, T] (source mel) or one
-    speech embedding per frame [n_frames, 96] (source speech); syncnet_model.audio_input cuts them."""
+    """What the SyncNet's audio tower indexes for a whole wav: the mel [80, T] (source mel), one
+    speech embedding per frame [n_frames, 96] (source speech) or [n_frames, 1376] (source both);
+    syncnet_model.audio_input cuts them."""
     if source == "speech":
         return speech_embeddings(wav)
+    if source == "both":
+        emb = speech_embeddings(wav)
+        return both_frames(media_io.mel_windows(media_io.melspectrogram(wav), np.arange(len(emb))), emb)
     return media_io.melspectrogram(wav)
 
 
@@ -122,11 +135,16 @@ def encode_audio(wav_or_mel, audio_encoder, device="cpu", batch=256, n_frames=No
     if isinstance(wav_or_mel, (str, Path)):
         wav_or_mel = media_io.load_audio(wav_or_mel)
     x = np.asarray(wav_or_mel, np.float32)
-    if source_of(audio_encoder) == "speech":
+    source = source_of(audio_encoder)
+    if source != "mel":
         if x.ndim != 1:
-            raise ValueError("encode_audio: the speech source reads a wav [S], not a mel")
+            raise ValueError(f"encode_audio: the {source} source reads a wav [S], not a mel")
         emb = speech_embeddings(x, n_frames)[first:]
-        return _encode(lambda s, e: emb[s:e], len(emb), audio_encoder, device, batch)
+        if source == "speech":
+            return _encode(lambda s, e: emb[s:e], len(emb), audio_encoder, device, batch)
+        mel = media_io.melspectrogram(x)
+        return _encode(lambda s, e: both_frames(media_io.mel_windows(mel, np.arange(s, e) + first), emb[s:e]),
+                       len(emb), audio_encoder, device, batch)
     if x.ndim == 1:
         mel = media_io.melspectrogram(x)
         n = media_io.num_frames(len(x)) if n_frames is None else n_frames

@@ -150,8 +150,8 @@ class LipDataset(torch.utils.data.Dataset):
             raise UserError(f"{ds}: need at least 2 frames to draw reference frames from")
         self.pool_keys = frame_keys(self.feats, self.ref_pool) if ref_by_audio else None   # (P, 512): --reference audio
         self.mel = None
-        if clip > 1 and audio_source == "speech":      # a speech SyncNet reads speech embeddings, not the mel
-            self.mel = audio_features.sync_inputs(audio_features.read_wav(ds), "speech")      # (n_frames, 96)
+        if clip > 1 and audio_source != "mel":      # a speech/both SyncNet reads per-frame inputs, not the mel alone
+            self.mel = audio_features.sync_inputs(audio_features.read_wav(ds), audio_source)  # (n_frames, 96 | 1376)
         elif clip > 1:
             if not (ds / utils.MEL).is_file():
                 raise UserError(f"{ds} has no mel.npy; run: python process.py VIDEO --name {ds.name}")

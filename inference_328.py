@@ -165,11 +165,11 @@ class LipSyncModel:
         stop = n if stop is None else min(stop, n)
         if stop <= start:
             return np.zeros((0, utils.FEAT_DIM), np.float32)
-        if self.source == "speech":
+        if self.source != "mel":
             from audio_features import encode_audio
-            # speech embeddings see 0.38 s (+ a 30 ms chunk context) each side, on an 80 ms (2 frame)
-            # chunk grid from the wav's start: 14 frames of audio each side, a slice on that grid
-            base = max(0, (start - 14) // 2 * 2)
+            # speech embeddings see 0.38 s (+ a 30 ms chunk context) each side, on an 80 ms (2 frame) chunk grid from
+            # the wav's start: 14 frames of audio each side, a slice on that grid (both: and on the mel's 5-frame grid)
+            base = max(0, (start - 14) // (2 if self.source == "speech" else 10) * (2 if self.source == "speech" else 10))
             s0, s1 = base * SR // FPS, min(len(wav), (stop + 14) * SR // FPS)
             feats = encode_audio(wav[s0:s1], self.audio_encoder, self.device, batch=256, n_frames=stop - base,
                                  first=start - base)
@@ -193,8 +193,8 @@ class LipSyncModel:
     def feature_reach(self, stop):
         """Samples of audio (from the wav's start) that features(wav, a, stop) reads: once a stream
         holds this many, the features of frames < stop are final (equal to the whole wav's)."""
-        if self.source == "speech":
-            return (stop + 14) * SR // FPS
+        if self.source != "mel":
+            return (stop + 14) * SR // FPS      # the speech embedding's reach (beyond the mel's)
         last = int(media_io.mel_window_starts([stop - 1])[0]) + MEL_WIN - 1     # the last mel frame read
         return last * HOP + N_FFT // 2                 # its centred STFT window ends here (pre-emphasis looks back only)
 

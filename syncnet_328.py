@@ -49,7 +49,7 @@ class Config:
     audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
     opening_weight: float = -1.0    # [-1..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off, the sync loss alone; -1 = auto: 1 for runs of 2000 steps or more, else 0; README rounds 19-20)
-    audio_source: str = "mel"       # audio feature source: mel (the AudioEncoder learns from scratch) or speech (frozen pretrained speech embedding + a small head; audio_features.py)
+    audio_source: str = "mel"       # audio feature source: mel (the AudioEncoder learns from scratch), speech (frozen pretrained speech embedding + a small head) or both (the two summed; audio_features.py)
     max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at most 4000 steps (5 minutes ~4000, 25 s ~330); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
     batch_size: int = 32            # [2..] face windows per step, each with its in-sync audio window

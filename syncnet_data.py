@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 import media_io
 import utils
-from audio_features import read_wav, speech_embeddings
+from audio_features import both_frames, read_wav, speech_embeddings
 from syncnet_model import SYNC_T, audio_offsets, downscale_face, face_box
 from templates import dataset_landmarks320, mouth_opening, robust_z
-from utils import BORDER, INNER, N_MELS, UserError
+from utils import BORDER, INNER, MEL_WIN, N_MELS, UserError
 
 AUTO_EPOCHS, AUTO_STEPS = 20, 4000   # syncnet_328 --max_steps -1 (the default): measured on a 5-minute and a 25 s recording (README section 2)
 AUTO_BF16 = (30, 6000)               # the same where training runs in bf16 (a GPU, a CPU with bf16 units): 0.922 per window at 6000 on 5 minutes
@@ -63,7 +63,8 @@ def audio_windows(wav, n, speed=1.0, source="mel"):
     frames = (np.arange(n) + 0.5) / speed - 0.5                        # fractional frames in the resampled audio
     if source == "speech":
         return speech_embeddings(wav, frames=frames)
-    return media_io.mel_windows(media_io.melspectrogram(wav), frames)
+    wins = media_io.mel_windows(media_io.melspectrogram(wav), frames)
+    return both_frames(wins, speech_embeddings(wav, frames=frames)) if source == "both" else wins
 
 
 def face_inputs(crops_path, model, chunk=64):
@@ -196,6 +197,10 @@ def train_batch(clip, step, cfg, hi):
                      audio_offsets(cfg.audio_windows, cfg.audio_stride))         # (B, K, 1, 80, 16)
     if clip.source == "mel":          # SpecAugment works on mel bands; the speech source gets wav augmentation only
         mel = augment_mel(mel, rng, cfg.spec_mask, cfg.tilt)
+    elif clip.source == "both":       # ... and on the mel part of the both source's inputs
+        B, K = mel.shape[:2]
+        wins = augment_mel(mel[..., :N_MELS * MEL_WIN].reshape(B, K, 1, N_MELS, MEL_WIN), rng, cfg.spec_mask, cfg.tilt)
+        mel = np.concatenate([wins.reshape(B, K, -1), mel[..., N_MELS * MEL_WIN:]], axis=-1)
     face = augment_faces(face_windows(clip.faces, centres - T // 2, T), rng, cfg.jitter, cfg.shift_px, cfg.flip)
     groups = np.repeat(np.arange(n_groups), k)
     opening = clip.opening[centres] if clip.opening is not None else np.zeros(0, np.float32)

@@ -4,7 +4,8 @@ mouth frames? Trained by syncnet_328.py; its `audio_encoder` makes the generator
 A face tower embeds T (5) consecutive 320x320 crops (the nose-to-chin part, as motion), an
 audio tower embeds the matching 0.2 s of audio: K (1) mel windows of 0.2 s, 4 frames apart,
 each through the Wav2Lip AudioEncoder (or, with audio_source "speech", K frozen speech embeddings
-through the SpeechEncoder head; audio_features.py), joined by a small head. Both embeddings are L2-normalised
+through the SpeechEncoder head; with "both", K [mel window | speech embedding] rows through both, summed;
+audio_features.py), joined by a small head. Both embeddings are L2-normalised
 and their scaled cosine is a logit for BCE-with-logits.
 
     python -c "import torch, syncnet_model as s; a, v = s.SyncNet()(torch.rand(2, 15, 320, 320), torch.randn(2, 1, 1, 80, 16)); print(a.shape, v.shape)"
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 import media_io
 import utils
-from unet_328 import SPEECH_DIM, Conv2dBlock, check_shape, make_audio_encoder
+from unet_328 import BOTH_DIM, SPEECH_DIM, Conv2dBlock, check_shape, make_audio_encoder
 from utils import FEAT_DIM, INNER, MEL_WIN, N_MELS, UserError
 
 # Face-tower widths, one stride-2 stage each: 160x320 -> 80x160 -> 40x80 -> 20x40 -> 10x20 -> 5x10.
@@ -54,7 +55,7 @@ def audio_input(inputs, centres, offsets):
     silence around it). THE audio geometry of the sync expert, shared by generator training and
     evaluation."""
     frames = np.asarray(centres)[:, None] + np.asarray(offsets)[None]          # (N, K)
-    if inputs.ndim == 2 and inputs.shape[1] == SPEECH_DIM and inputs.shape[0] != N_MELS:
+    if inputs.ndim == 2 and inputs.shape[1] in (SPEECH_DIM, BOTH_DIM) and inputs.shape[0] != N_MELS:   # per-frame inputs
         return inputs[np.clip(frames, 0, len(inputs) - 1)]
     return media_io.mel_windows(inputs, frames.reshape(-1)).reshape(len(frames), len(offsets), 1, N_MELS, MEL_WIN)
 
@@ -79,7 +80,7 @@ def downscale_face(face, face_size, lower_half=True, region=None):
 
 class SyncNet(nn.Module):
     """forward(face (B, 3T, 320, 320) in [0, 1], audio (B, K, 1, 80, 16); with audio_source "speech"
-    (B, K, 96)) -> (a_emb, v_emb), each
+    (B, K, 96), "both" (B, K, 1376)) -> (a_emb, v_emb), each
     (B, emb_dim) with unit L2 norm. Frames are stacked along channels, oldest first; the K mel
     windows are centred on the middle frame + audio_offsets(K, stride) (audio_input builds them;
     with K = 1 a plain (B, 1, 80, 16) window is accepted too). Each window goes through the
@@ -112,7 +113,7 @@ class SyncNet(nn.Module):
         self.face_encoder = nn.Sequential(*layers)
         # Averaging over the last map keeps the head small; by then each cell sees the whole mouth.
         self.face_head = nn.Linear(cin, emb_dim)
-        self.audio_encoder = make_audio_encoder(audio_source)   # mel: Wav2Lip AudioEncoder; speech: SpeechEncoder head
+        self.audio_encoder = make_audio_encoder(audio_source)   # mel: Wav2Lip AudioEncoder; speech: SpeechEncoder head; both: the two
         self.audio_head = nn.Sequential(nn.Linear(FEAT_DIM * audio_k, FEAT_DIM), nn.ReLU(inplace=True),
                                         nn.Linear(FEAT_DIM, emb_dim))
         # Learned as a log so it stays positive; the bias lets "in sync" start at any cosine.
@@ -144,7 +145,7 @@ class SyncNet(nn.Module):
     def embed_audio(self, mel, with_feature=False):
         """-> (B, emb_dim) unit embeddings; with_feature: also the centre window's 512-d encoder vector."""
         K = len(self.audio_offsets)
-        one = (SPEECH_DIM,) if self.audio_source == "speech" else (1, N_MELS, MEL_WIN)
+        one = tuple(self.audio_encoder.input_shape)
         if K == 1 and mel.dim() == len(one) + 1:
             mel = mel[:, None]                                                  # (B, 1, *one)
         check_shape(mel, (K, *one), "SyncNet audio")

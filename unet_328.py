@@ -247,6 +247,7 @@ class AudioEncoder(nn.Module):
     """Mel window (B, 1, 80, 16) -> (B, 512). State dict keys follow Wav2Lip's layout
     (`audio_encoder.<i>.conv_block.<0|1>.*`)."""
     source = "mel"           # the audio feature source whose per-frame inputs it reads (audio_features.py)
+    input_shape = (1, N_MELS, MEL_WIN)     # one frame's input
 
     def __init__(self):
         super().__init__()
@@ -297,6 +298,7 @@ class SpeechEncoder(nn.Module):
     the 0.76 s around a frame (B, 96) -> (B, 512), the size the generator reads. Small on purpose:
     the pretrained part carries what a few minutes of one voice cannot teach."""
     source = "speech"
+    input_shape = (SPEECH_DIM,)
 
     def __init__(self, dim=SPEECH_DIM, hidden=FEAT_DIM):
         super().__init__()
@@ -309,7 +311,29 @@ class SpeechEncoder(nn.Module):
         return self.net(emb)
 
 
-AUDIO_ENCODERS = {"mel": AudioEncoder, "speech": SpeechEncoder}   # feature source -> its trainable encoder
+MEL_FLAT = N_MELS * MEL_WIN  # a mel window, flattened
+BOTH_DIM = MEL_FLAT + SPEECH_DIM   # one frame's input of the "both" source: [mel window | speech embedding]
+
+
+class BothEncoder(nn.Module):
+    """The "both" source: a frame's mel window through the AudioEncoder plus its speech embedding
+    through a SpeechEncoder, the two 512-vectors summed. (B, 1376) = [flattened 80x16 mel | 96]
+    -> (B, 512). The mel carries the timing of this voice, the pretrained embedding what carries
+    over to other voices (a linear read-out of the mouth opening from both: README section 2)."""
+    source = "both"
+    input_shape = (BOTH_DIM,)
+
+    def __init__(self):
+        super().__init__()
+        self.mel = AudioEncoder()
+        self.speech = SpeechEncoder()
+
+    def forward(self, x):
+        check_shape(x, (BOTH_DIM,), "BothEncoder input")
+        return self.mel(x[:, :MEL_FLAT].reshape(-1, 1, N_MELS, MEL_WIN)) + self.speech(x[:, MEL_FLAT:])
+
+
+AUDIO_ENCODERS = {"mel": AudioEncoder, "speech": SpeechEncoder, "both": BothEncoder}   # feature source -> its trainable encoder
 
 
 def make_audio_encoder(source="mel"):
