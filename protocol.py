@@ -70,7 +70,7 @@ class Config:
     threads: int = 0               # [0..] torch CPU threads (0 = torch's default)
     num_workers: int = -1          # [-1..] DataLoader workers; -1 = 0 on a CPU (train_328 --num_workers), 6 on a GPU
     eval_frames: int = 0           # [0..] evaluate only the first N held-out frames (0 = all)
-    judge: str = ""                # SyncNet checkpoint that scores every run's sync check; "" = the run's mel SyncNet (OUT_DIR/checkpoint/NAME): pass a fixed one to compare runs whose SyncNets differ
+    judge: str = ""                # SyncNet checkpoint (or the folder holding its syncnet_best.pth) that scores every run's sync check; "" = the run's mel SyncNet (OUT_DIR/checkpoint/NAME): pass a fixed one to compare runs whose SyncNets differ
     baseline: bool = True          # also evaluate the template baseline
     video_out: bool = False        # write evaluate.py's side-by-side mp4s
     voices: str = ""               # other voices the trained model also speaks (evaluate.py --audio over the held-out frames): comma list of audio files or videos of other people (processed once; their own mouth becomes the truth of the opening: speaker r), or "shared" = MEDIA/speech_*.wav + SPEAKERS; "" = none
@@ -118,6 +118,25 @@ def prepare(video, data_root):
     return ds
 
 
+def check_inputs(cfg):
+    """Videos, voices and judge that are not there: said before anything runs. -> cfg, its judge a file."""
+    for v in (cfg.train_video, cfg.heldout_video):
+        if not Path(v).is_file():
+            raise UserError(f"video not found: {v} (give --train_video and --heldout_video)")
+    voice_files(cfg.voices) if cfg.voices else None
+    return dataclasses.replace(cfg, judge=judge_file(cfg.judge))
+
+
+def judge_file(judge):
+    """--judge: "" (the run's own mel SyncNet), a checkpoint, or a folder holding syncnet_best.pth -> the file."""
+    if not judge:
+        return ""
+    path = Path(judge) / utils.SYNCNET_BEST if Path(judge).is_dir() else Path(judge)
+    if not path.is_file():
+        raise UserError(f"--judge {judge}: no SyncNet checkpoint there (give a {utils.SYNCNET_BEST} or the folder holding one)")
+    return str(path)
+
+
 def syncnet_stage(cfg, train_ds, ckpt_root, times):
     """The SyncNet of the run's audio source, trained once per (video, steps, seed, source), and the
     train dataset's aud_feat.npy made by it (rewritten when another source's run left its own).
@@ -157,10 +176,7 @@ def main(cfg):
     utils.check_config(cfg)
     import torch
     import evaluate
-    for v in (cfg.train_video, cfg.heldout_video):
-        if not Path(v).is_file():
-            raise UserError(f"video not found: {v} (give --train_video and --heldout_video)")
-    voice_files(cfg.voices) if cfg.voices else None     # missing files: said before anything runs
+    cfg = check_inputs(cfg)
     device = utils.get_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -29,20 +29,21 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     assert json.loads((sync_dir / "syncnet_config.json").read_text())["opening_weight"] == 0.0
     s2 = protocol.main(cfg)                                         # a second run reuses datasets, SyncNet, baseline
     assert "syncnet_s" not in s2["times"] and s2["baseline"] == s["baseline"]
-    judge = tmp_path / "judge.pth"                                  # --judge: a fixed SyncNet scores model and baseline
+    judge = tmp_path / "judge" / "syncnet_best.pth"                 # --judge: a fixed SyncNet scores model and baseline
+    judge.parent.mkdir()
     judge.write_bytes((tmp_path / "checkpoint" / "talk" / "syncnet_best.pth").read_bytes())
     capsys.readouterr()
     import media_io
     import synthetic
     wav = tmp_path / "voice.wav"
     media_io.write_wav(wav, synthetic.synth_speech(2.0, seed=3, lead_silence=0.4))
-    s3 = protocol.main(protocol.Config(**{**vars(cfg), "judge": str(judge), "label": "judged",
+    s3 = protocol.main(protocol.Config(**{**vars(cfg), "judge": str(judge.parent), "label": "judged",
                                           "voices": f"{synthetic_clip},{wav}"}))   # --voices: a filmed speaker, an audio file
     used = [json.loads(p.read_text())["syncnet"]["checkpoint"] for p in (
         tmp_path / "checkpoint" / "talk" / "runs" / "judged" / "eval" / "metrics.json",
         tmp_path / "checkpoint" / "talk" / "eval_baseline_template" / "metrics.json",
         tmp_path / "checkpoint" / "talk" / "runs" / "judged" / "voices" / synthetic_clip.stem / "metrics.json")]
-    assert used == [str(judge)] * 3                                 # the judge scores the other voices too
+    assert used == [str(judge)] * 3                                 # the folder's SyncNet scores the other voices too
     v = s3["voices"][synthetic_clip.name]
     assert -1 <= v["env_r_gen"] <= 1 and 0 <= v["sync_stretch_acc_gen"] <= 1 and v["opening_sd_gen"] > 0
     assert -1 <= v["speaker_r"] <= v["speaker_r_at_lag"] <= 1 and abs(v["speaker_lag"]) <= 10   # a video: its own mouth is the truth
@@ -51,6 +52,9 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     with pytest.raises(UserError, match="--voices .*not found"):   # checked before any training
         protocol.main(protocol.Config(**{**vars(cfg), "voices": str(tmp_path / "none.wav"), "label": "x"}))
     assert not (tmp_path / "checkpoint" / "talk" / "runs" / "x").exists()
+    with pytest.raises(UserError, match="--judge .*no SyncNet checkpoint"):   # so is a judge that is not there
+        protocol.main(protocol.Config(**{**vars(cfg), "judge": str(tmp_path), "label": "y"}))
+    assert not (tmp_path / "checkpoint" / "talk" / "runs" / "y").exists()
 
 
 def test_protocol_switches_audio_sources_without_retraining(synthetic_clip, tmp_path):
