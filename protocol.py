@@ -45,7 +45,7 @@ class Config:
     stem: str = train_328.Config.stem          # the U-Net's first level (train_328 --stem)
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
-    audio_source: str = "mel"      # audio features: mel, speech or both (syncnet_328 --audio_source); the mel SyncNet judges every run
+    audio_source: str = "mel"      # audio features: mel, speech or both (syncnet_328 --audio_source); the mel SyncNet in --out_dir (or --judge) judges every run
     sync_opening_weight: float = syncnet_328.Config.opening_weight  # [-1..] the SyncNet's auxiliary mouth-opening loss (syncnet_328 --opening_weight; -1 = auto: on from 2000 steps)
     open_weight: float = 0.0       # [0..] sampling weight of extreme mouth openings (train_328 --open_weight)
     audio_lr_mult: float = 1.0     # [>0..] audio-branch learning-rate multiplier (train_328 --audio_lr_mult)
@@ -227,6 +227,9 @@ def main(cfg):
     res = evaluate.main(evaluate.Config(**ev, checkpoint=str(run / utils.LAST), out_dir=str(run / "eval"),   # a bank-trained model picks from its bank
                                         reference="audio" if cfg.reference == "audio" else evaluate.Config.reference))
     times["eval_s"] = round(time.time() - t, 1)
+    if not res["syncnet"]["checkpoint"]:    # a speech/both run in a fresh --out_dir: no mel SyncNet there to judge it
+        print(f"note: no sync check: {ckpt_root / name} holds no mel SyncNet to judge this run; give --judge FILE "
+              "or run the mel protocol in this --out_dir first")
     base = None
     if cfg.baseline:
         bdir = ckpt_root / name / "eval_baseline_template"
