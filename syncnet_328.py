@@ -206,7 +206,7 @@ def evaluate_sync(ckpt, ds_dir, device="cpu", seed=0, max_offset=15, stretch_s=1
 RESUME_FIXED = ("widths", "face_size", "lower_half", "region", "motion_only", "emb_dim", "frames", "audio_windows",
                 "audio_stride", "seed", "val_frac", "val_pairs", "min_shift", "max_shift",
                 "aug_variants", "gain_db", "snr_db", "speed", "audio_source", "opening_weight")
-BEFORE = {"opening_weight": 0.0}   # checkpoints older than the setting trained without it
+BEFORE = {"opening_weight": 0.0, "audio_source": "mel"}   # checkpoints older than the setting trained without it / on the mel
 
 
 def parse_widths(w):

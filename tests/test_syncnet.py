@@ -391,10 +391,12 @@ def test_opening_head_learns_the_mouth_opening_from_the_audio(tmp_path):
         sn.model_args_from(sn.Config(opening_weight=-0.5))
     # a checkpoint from before the setting existed resumes without the head, whatever the default
     ck["config"].pop("opening_weight")
+    ck["config"].pop("audio_source")            # nor a source: those ran on the mel, whatever auto would pick now
     (tmp_path / "old" / "toy").mkdir(parents=True)
     torch.save(ck, tmp_path / "old" / "toy" / utils.SYNCNET_LAST)
-    kept, _ = sn.resume_point(sn.Config(**{**vars(cfg), "resume": "auto"}), tmp_path / "old" / "toy" / utils.SYNCNET_LAST, "cpu")
-    assert kept.opening_weight == 0.0
+    kept, _ = sn.resume_point(sn.Config(**{**vars(cfg), "resume": "auto", "audio_source": "speech"}),
+                              tmp_path / "old" / "toy" / utils.SYNCNET_LAST, "cpu")
+    assert kept.opening_weight == 0.0 and kept.audio_source == "mel"
 
 
 def test_opening_weight_auto_follows_the_run_length(tmp_path):
