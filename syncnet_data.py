@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import audio_features
 import media_io
 import utils
 from audio_features import both_frames, read_wav, speech_embeddings
@@ -335,10 +336,10 @@ def resolve_source(cfg, ds_dir):
         return cfg
     if getattr(cfg, "reference_encoder", ""):     # protocol.py's config has none
         return dataclasses.replace(cfg, audio_source="mel")
-    import audio_features
-    seconds = int(check_dataset(ds_dir).get("frames", 0)) / utils.FPS
-    long_enough = seconds >= SPEECH_AUTO_S
-    if long_enough and not audio_features.speech_available():
+    if int(check_dataset(ds_dir).get("frames", 0)) / utils.FPS < SPEECH_AUTO_S:
+        return dataclasses.replace(cfg, audio_source="mel")
+    if not audio_features.speech_available():
         print(f"note: --audio_source auto: mel, as the speech source's wheel is not installed "
               f"(pip install --no-deps {audio_features.SPEECH_PACKAGE}; bash setup.sh does)")
-    return dataclasses.replace(cfg, audio_source="speech" if long_enough and audio_features.speech_available() else "mel")
+        return dataclasses.replace(cfg, audio_source="mel")
+    return dataclasses.replace(cfg, audio_source="speech")
