@@ -18,7 +18,7 @@ from templates import closed_score, open_score
 from utils import BORDER, FEAT_WIN, INNER, UserError
 
 REFERENCES = ("closed", "open", "random", "audio")
-GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (README "Generator recipes", round 8)
+GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (RESULTS.md round 8)
 LIVE_GUIDANCE = 1.0  # a live stream's (stream.py): one U-Net pass a frame keeps light widths in real time
 BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
 

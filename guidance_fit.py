@@ -2,7 +2,7 @@
 on its training video's held-out tail, at each guidance from GRID, and the least guidance at which
 that width ratio reaches TARGET_WIDTH (never above compose.GUIDANCE). A model trained briefly paints an
 averaged, half-open mouth and keeps the full push; one trained for longer opens by itself and gets
-less, which costs it less sharpness (README "Generator recipes", round 14). train_328.py fits it at
+less, which costs it less sharpness (RESULTS.md round 14). train_328.py fits it at
 the end of a run and stores it in the checkpoint ("guidance"); inference, evaluation and the server
 use it unless told otherwise (--guidance G).
 

@@ -108,7 +108,7 @@ def msssim_y_loss(pred, target):
 
 def make_perceptual(kind, device):
     """-> (name, loss fn or None). auto picks VGG only when its weights are already on disk, else
-    the luma's MS-SSIM (level with the RGB one at budget A and the standard preset, ~15% cheaper a step: README round 23)."""
+    the luma's MS-SSIM (level with the RGB one at budget A and the standard preset, ~15% cheaper a step: RESULTS.md round 23)."""
     vgg_path = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
     if kind == "auto":
         kind = "vgg" if vgg_path.is_file() else "msssim_y"

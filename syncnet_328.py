@@ -48,8 +48,8 @@ class Config:
     frames: int = SYNC_T            # [2..] video frames per sample (13 with --audio_windows 3: 0.52 s; see SYNC_T)
     audio_windows: int = AUDIO_K    # [1..] 0.2 s mel windows per sample, each through the AudioEncoder
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
-    opening_weight: float = -1.0    # [-1..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off, the sync loss alone; -1 = auto: 1 for runs of 2000 steps or more, else 0; README rounds 19-20)
-    audio_source: str = "auto"      # audio feature source: mel (the AudioEncoder learns from scratch), speech (frozen pretrained speech embedding + a small head), both (the two summed; audio_features.py) or auto: speech for recordings of a minute or more, else mel (syncnet_data.SPEECH_AUTO_S; README round 30)
+    opening_weight: float = -1.0    # [-1..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off, the sync loss alone; -1 = auto: 1 for runs of 2000 steps or more, else 0; RESULTS.md rounds 19-20)
+    audio_source: str = "auto"      # audio feature source: mel (the AudioEncoder learns from scratch), speech (frozen pretrained speech embedding + a small head), both (the two summed; audio_features.py) or auto: speech for recordings of a minute or more, else mel (syncnet_data.SPEECH_AUTO_S; RESULTS.md round 30)
     max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at most 4000 steps (5 minutes ~4000, 25 s ~330); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
     batch_size: int = 32            # [2..] face windows per step, each with its in-sync audio window
@@ -78,7 +78,7 @@ class Config:
     device: str = "auto"            # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
     amp: bool = True                # mixed precision: bf16 (else fp16) on GPU, bf16 on CPUs with bf16 units (AVX512-BF16/AMX), else fp32
     num_workers: int = 0            # [0..] batch-building worker processes (batches are cheap; 0 is usually fastest)
-    threads: int = 0                # [0..] torch CPU threads; 0 = torch's default (the usable cores: on an idle 2-core EPYC a step at 2 threads is 1.6x faster than at 1, README round 23)
+    threads: int = 0                # [0..] torch CPU threads; 0 = torch's default (the usable cores: on an idle 2-core EPYC a step at 2 threads is 1.6x faster than at 1, RESULTS.md round 23)
     seed: int = 0                   # [0..] seeds init, batches, augmentation and the held-out pairs
     resume: str = ""                # "" new run; "auto" (or a bare --resume) syncnet_last.pth if any; "last" or a path: must exist
     reference_encoder: str = ""     # SyncTalk_2D audio_visual_encoder.pth: initialise the audio tower from it

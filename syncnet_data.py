@@ -307,13 +307,13 @@ def write_feature_variants(ds_dir, encoder, cfg, k, device="cpu"):
     return out
 
 
-OPENING_AUTO = (1.0, 2000)   # --opening_weight -1 (auto): weight 1 for runs of 2000 steps or more, else 0 (README round 20)
+OPENING_AUTO = (1.0, 2000)   # --opening_weight -1 (auto): weight 1 for runs of 2000 steps or more, else 0 (RESULTS.md round 20)
 
 
 def resolve_opening(cfg, ds_dir):
     """cfg with --opening_weight -1 (auto) replaced by its value for this run on ds_dir (the clip's
     length read from its meta.json): OPENING_AUTO's weight when the run is that many steps or longer,
-    else 0 (on shorter runs the head cost the generator's sync check, README round 20)."""
+    else 0 (on shorter runs the head cost the generator's sync check, RESULTS.md round 20)."""
     if cfg.opening_weight >= 0:
         return cfg
     try:
@@ -323,13 +323,13 @@ def resolve_opening(cfg, ds_dir):
     return dataclasses.replace(cfg, opening_weight=OPENING_AUTO[0] if total >= OPENING_AUTO[1] else 0.0)
 
 
-SPEECH_AUTO_S = 55.0    # --audio_source auto: the speech source for recordings of this many seconds or more (a minute, give or take), else mel (README round 30)
+SPEECH_AUTO_S = 55.0    # --audio_source auto: the speech source for recordings of this many seconds or more (a minute, give or take), else mel (RESULTS.md round 30)
 
 
 def resolve_source(cfg, ds_dir):
     """cfg with --audio_source auto replaced by the source for the recording in ds_dir (its length
     read from its meta.json): speech from SPEECH_AUTO_S seconds on, where its SyncNet has enough
-    to learn from and the generator follows other voices better (README rounds 27-30); mel on
+    to learn from and the generator follows other voices better (RESULTS.md rounds 27-30); mel on
     shorter recordings, where a speech SyncNet falls behind (section 2), without the wheel, or with
     --reference_encoder (a mel tower)."""
     if cfg.audio_source != "auto":

@@ -54,24 +54,24 @@ class Config:
     batch_size: int = 8             # [1..] frames per step per process (reference: 8)
     held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
-    stem: str = "s2d"               # s2d: the U-Net folds 2 x 2 pixels into channels, so every level runs at half the resolution (CPU steps ~2x cheaper, better at equal time: README round 11); conv: its first level convolves the 320 px crop (the reference design). A resumed run keeps its checkpoint's
+    stem: str = "s2d"               # s2d: the U-Net folds 2 x 2 pixels into channels, so every level runs at half the resolution (CPU steps ~2x cheaper, better at equal time: RESULTS.md round 11); conv: its first level convolves the 320 px crop (the reference design). A resumed run keeps its checkpoint's
     base: str = "none"              # none: the U-Net paints the whole crop (reference); ref: it paints a change over the reference in the hole (unet_328.UNet328)
     reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the tenth of them with the most closed mouth, like inference's default reference; audio: one of a bank of 64 training frames that sounds like the sample (the bank is saved for inference --reference audio)
-    mask: str = "under_nose"        # area the U-Net repaints: under_nose (the lower face under the nose, from the avatar's landmarks, grown 13 px down and sideways, not up: the nose stays the frame's; README round 25), jaw (the same grown up too) or rect (the reference's whole-crop rectangle)
+    mask: str = "under_nose"        # area the U-Net repaints: under_nose (the lower face under the nose, from the avatar's landmarks, grown 13 px down and sideways, not up: the nose stays the frame's; RESULTS.md round 25), jaw (the same grown up too) or rect (the reference's whole-crop rectangle)
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
     edge_weight: float = 0.0        # [0..] weight of an L1 on neighbouring pixels' differences (losses.edge_l1: edges such as the lips' contour count more; 0 = off)
-    window: int = 0                 # [0..320] px; > 0: the first window_share of the steps train on a random WINDOW x WINDOW part of each crop (a multiple of 32, >= 192 with MS-SSIM; ~2.6x cheaper steps on CPU at 192), the rest on whole crops. 0 = whole crops throughout (measured better at equal CPU time, README round 4)
+    window: int = 0                 # [0..320] px; > 0: the first window_share of the steps train on a random WINDOW x WINDOW part of each crop (a multiple of 32, >= 192 with MS-SSIM; ~2.6x cheaper steps on CPU at 192), the rest on whole crops. 0 = whole crops throughout (measured better at equal CPU time, RESULTS.md round 4)
     window_share: float = 0.8       # [0..1] share of the steps (the first ones) that train on windows when --window > 0
     open_weight: float = 0.0        # [0..] draw training frames with weight 1 + W x |mouth opening's robust z-score| (the wide-open and tight-shut extremes more often; 0 = uniform, each epoch a permutation)
     audio_lr_mult: float = 1.0      # [>0..] the U-Net's audio branch learns at lr x this (1 = one rate for all)
-    ema: float = 0.99               # [0..0.9999] > 0: keep an exponential moving average of the weights (this decay per step, less in the first steps: ema_update); checkpoints' model and the held-out check use it (0 = off; README round 9)
+    ema: float = 0.99               # [0..0.9999] > 0: keep an exponential moving average of the weights (this decay per step, less in the first steps: ema_update); checkpoints' model and the held-out check use it (0 = off; RESULTS.md round 9)
     voice_aug: float = 0.0          # [0..1] share of training samples whose audio features come from an augmented copy of the recording (another pitch/formants, gain, noise: aud_feat_aug.npz, syncnet_328 --feature_variants): the words in other voices
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
-    num_workers: int = -1           # [-1..] DataLoader worker processes per loader and process; -1 = auto: 0 on a CPU (a worker's process slows the training threads more than it saves: 1.27x the steps/s at 2 threads, README round 22), 2 on a GPU
+    num_workers: int = -1           # [-1..] DataLoader worker processes per loader and process; -1 = auto: 0 on a CPU (a worker's process slows the training threads more than it saves: 1.27x the steps/s at 2 threads, RESULTS.md round 22), 2 on a GPU
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
     epochs: int = 100               # [1..] passes over the training frames (reference: 100); used when max_steps is 0
     max_steps: int = 0              # [0..] optimizer steps; 0 = epochs x steps per epoch
-    lr: float = 4e-3                # [>0..] Adam peak learning rate (reference: 1e-3; with a 50-step warm-up 2e-3 and then 4e-3 measured better at 500 CPU steps, README "Generator recipes")
+    lr: float = 4e-3                # [>0..] Adam peak learning rate (reference: 1e-3; with a 50-step warm-up 2e-3 and then 4e-3 measured better at 500 CPU steps, RESULTS.md, rounds 2-3)
     warmup_steps: int = 50          # [0..] linear lr warm-up, steps (before: 200)
     min_lr_frac: float = 0.1        # [0..1] the cosine decay ends at lr x this
     grad_clip: float = 1.0          # [0..] gradient-norm clip (0 = off): guards against sync-loss spikes

@@ -20,7 +20,7 @@ from utils import FEAT_DIM, FEAT_WIN, INNER, MEL_WIN, N_MELS
 # Encoder widths at 320, 160, 80, 40, 20, 10 px. "full" is the reference design (~12.2 M params);
 # "light" keeps the geometry and the input/output shapes at about a quarter of the FLOPs, for CPU.
 # "narrow" is light with a narrower top: with the s2d stem its 160 px level is 16 wide instead of 32,
-# the level that costs most of a CPU step (a step 0.75x light's); budget A's CPU recipe (README round 12).
+# the level that costs most of a CPU step (a step 0.75x light's); budget A's CPU recipe (RESULTS.md round 12).
 WIDTHS = {"full": (32, 32, 64, 128, 256, 512), "light": (16, 16, 32, 64, 128, 256),
           "narrow": (8, 16, 32, 64, 128, 256)}
 EXPAND = 2                      # inverted-residual expansion; 2 gives the reference 12.2 M params
@@ -51,7 +51,7 @@ class StridedDepthwise(nn.Conv2d):
     """The 3x3 depthwise conv of a strided block. Under CPU autocast it computes in fp32: oneDNN's
     bf16 kernels for strided depthwise convs are 3-17x slower than its fp32 ones (forward +
     backward at batch 4, 1 thread: 13.6 against 0.8 ms for 256 channels at 20 px), while at stride
-    1 bf16 stays the faster (README "Generator recipes", round 21). Same weights, same state-dict
+    1 bf16 stays the faster (RESULTS.md round 21). Same weights, same state-dict
     keys; elsewhere (GPU, fp32, export) a plain Conv2d."""
 
     def forward(self, x):

@@ -13,7 +13,7 @@ import utils
 from compose import GUIDANCE, LIVE_GUIDANCE, RenderOptions
 from test_inference import random_light_checkpoint
 
-# Tail widths measured on the grid protocol's models (README round 14): narrow 4500 steps, narrow 1350 steps.
+# Tail widths measured on the grid protocol's models (RESULTS.md round 14): narrow 4500 steps, narrow 1350 steps.
 LONG = {1.0: 0.753, 1.05: 0.813, 1.1: 0.892, 1.15: 0.951, 1.2: 1.021, 1.25: 1.067}
 SHORT = {1.0: 0.611, 1.05: 0.661, 1.1: 0.712, 1.15: 0.772, 1.2: 0.811, 1.25: 0.844}
 

@@ -245,7 +245,7 @@ def test_audio_reference_bank(data_root, tmp_path):
 
 
 def test_loader_workers_default_to_none_on_cpu(data_root, tmp_path, monkeypatch):
-    # worker processes compete with the training threads for a CPU's cores (README round 22): in-process there
+    # worker processes compete with the training threads for a CPU's cores (RESULTS.md round 22): in-process there
     seen, real = [], torch.utils.data.DataLoader
     monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **kw: seen.append(kw.get("num_workers", 0)) or real(*a, **kw))
     train_328.main(config(data_root, tmp_path / "fake", num_workers=train_328.Config.num_workers, fit_guidance=False))
