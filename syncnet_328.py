@@ -275,6 +275,7 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
     """The training run; returns dict(best, val, best_path, last_path, steps, stopped)."""
     last_path, best_path = ckpt_dir / utils.SYNCNET_LAST, ckpt_dir / utils.SYNCNET_BEST
     check_dataset(ds_dir)
+    asked = cfg.audio_source
     cfg, ckpt = resume_point(resolve_opening(resolve_source(cfg, ds_dir), ds_dir), last_path, device)
     model, model_args, opt = make_model(cfg, device, ckpt)
     t0 = time.time()
@@ -295,7 +296,8 @@ def train(cfg, ds_dir, ckpt_dir, device, progress=None, should_stop=None):
 
         clip = data.clip
         log(f"syncnet {cfg.name}: {clip.n} frames, train [0, {data.train_hi}) val [{data.val_lo}, {clip.n}) "
-            f"({data.val_pairs[0].size * 2} fixed pairs), {len(clip.windows)} audio variants, face {model.face_size}, "
+            f"({data.val_pairs[0].size * 2} fixed pairs), audio {cfg.audio_source}{' (auto)' if asked == 'auto' else ''}, "
+            f"{len(clip.windows)} audio variants, face {model.face_size}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, device {device}, "
             f"steps {step}->{data.total}, data ready in {time.time() - t0:.1f} s")
 
