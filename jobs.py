@@ -360,7 +360,7 @@ class Worker:
         every = max(1, min(500, req["steps"]))              # a short run still validates and saves
         _call_main(train_328.main, _script_config(train_328, **{
             **dict(name=name, data_root=s.data_root, ckpt_root=s.ckpt_root, widths=req["widths"],
-                   max_steps=req["steps"], batch_size=req["batch_size"], device=s.device,
+                   max_steps=req["steps"], batch_size=req["batch_size"], stem=req.get("stem", train_328.Config.stem), device=s.device,
                    num_workers=s.train_workers, overwrite=not resume, resume="auto" if resume else "",
                    val_every=every, save_every=every, save_minutes=SAVE_MINUTES),
             **json_object(s.train_extra, "train_extra")}), progress=prog, should_stop=self.should_stop)

@@ -116,11 +116,11 @@ def check_name_free(s, store, name, replace):
 
 def avatar_options(s, preset, steps, syncnet_steps):
     """What an avatar job of this request will really run: the preset, the request's step counts
-    and the server's train_extra widths / batch size."""
+    and the server's train_extra widths / batch size / stem."""
     opts = dict(PRESETS[preset], preset=preset)
     opts["steps"] = steps or opts["steps"]
     opts["syncnet_steps"] = syncnet_steps or opts["syncnet_steps"]
-    opts.update({k: v for k, v in json_object(s.train_extra, "train_extra").items() if k in ("widths", "batch_size")})
+    opts.update({k: v for k, v in json_object(s.train_extra, "train_extra").items() if k in ("widths", "batch_size", "stem")})
     if max(opts["steps"], opts["syncnet_steps"]) > s.max_train_steps:
         raise UserError(f"at most {s.max_train_steps} training steps per job (server setting max_train_steps)")
     return opts

@@ -26,7 +26,8 @@ WIDTHS = {"full": (32, 32, 64, 128, 256, 512), "light": (16, 16, 32, 64, 128, 25
 EXPAND = 2                      # inverted-residual expansion; 2 gives the reference 12.2 M params
 IMG_CHANNELS = 6                # reference crop (3) + masked current crop (3)
 BASES = ("none", "ref")         # what the output starts from: nothing (paint the whole crop) or the reference in the hole
-STEMS = ("conv", "s2d")         # the first level: 320 px convolutions (reference), or 2 x 2 pixels folded into channels
+STEMS = ("conv", "s2d", "s2d4")   # the first level: 320 px convolutions (reference), or 2 x 2 (4 x 4) pixels folded into channels
+FOLD = {"conv": 1, "s2d": 2, "s2d4": 4}   # pixels per side folded into channels by each stem
 AUDIO_SHAPE = (32, 16, 16)      # FEAT_WIN vectors of FEAT_DIM, reshaped (SPEC §5)
 STRIDE = 32                     # one bottleneck cell = 32 x 32 px of the crop (five stride-2 stages)
 assert AUDIO_SHAPE[0] * AUDIO_SHAPE[1] * AUDIO_SHAPE[2] == FEAT_WIN * FEAT_DIM
@@ -134,7 +135,8 @@ class UNet328(nn.Module):
     zero, so an untrained model already returns the reference's skin and texture in the hole and
     training learns what must change there (the mouth) instead of repainting everything.
     stem "conv": the first level convolves the 320 px crop (the reference design); "s2d": it
-    starts from 2 x 2 pixel blocks folded into channels (train_328 --stem)."""
+    starts from 2 x 2 pixel blocks folded into channels (train_328 --stem); "s2d4" from 4 x 4 blocks,
+    so its levels are 80 .. 10 px."""
 
     def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0], base="none", stem="conv"):
         super().__init__()
@@ -151,8 +153,10 @@ class UNet328(nn.Module):
         # max(2 w0, w1) wide; the output is painted as 4 sub-pixels a position (pixel_shuffle). The
         # 320 px level is most of a CPU step's time (memory-bound BatchNorm and ReLU): a light s2d
         # training step at batch 4 takes about half the time (0.43 against 0.84 s on 2 cores).
-        levels = tuple(widths) if stem == "conv" else (max(2 * w0, w1), w2, w3, w4, w5)
-        self.inc = DoubleConv(IMG_CHANNELS * (1 if stem == "conv" else 4), levels[0])
+        # s2d4 folds 4 x 4 blocks: its levels are 80 .. 10 px, the 80 px one max(2 w1, w2) wide.
+        levels = {"conv": tuple(widths), "s2d": (max(2 * w0, w1), w2, w3, w4, w5), "s2d4": (max(2 * w1, w2), w3, w4, w5)}[stem]
+        self.fold = FOLD[stem]
+        self.inc = DoubleConv(IMG_CHANNELS * self.fold ** 2, levels[0])
         self.down = nn.ModuleList([DoubleConv(a, b, stride=2) for a, b in zip(levels[:-1], levels[1:])])
         # Audio branch 16 -> 10 px: three valid (unpadded) 3x3 convs shrink 16 -> 14 -> 12 -> 10,
         # each followed by a residual IR; two more IRs at the bottleneck width.
@@ -169,7 +173,7 @@ class UNet328(nn.Module):
         # (conv: 10 -> 20 -> 40 -> 80 -> 160 -> 320 px, ending w0 / 2 wide; s2d: up to 160 px).
         outs = levels[-3::-1] + ((w0 // 2,) if stem == "conv" else (levels[0],))
         self.up = nn.ModuleList([Up(c, c, o) for c, o in zip(levels[-2::-1], outs)])
-        self.outc = nn.Conv2d(outs[-1], 3 if stem == "conv" else 12, 1)
+        self.outc = nn.Conv2d(outs[-1], 3 * self.fold ** 2, 1)
         if base == "ref":
             nn.init.zeros_(self.outc.weight)
             nn.init.zeros_(self.outc.bias)
@@ -184,7 +188,7 @@ class UNet328(nn.Module):
         else:
             check_window(img, offset)
         check_shape(audio, (self.audio_channels, AUDIO_SHAPE[1], AUDIO_SHAPE[2]), "UNet328 audio")
-        skips = [self.inc(img if self.stem == "conv" else nn.functional.pixel_unshuffle(img, 2))]   # (B, w0, 320, 320) / s2d (B, 2 w0, 160, 160)
+        skips = [self.inc(img if self.fold == 1 else nn.functional.pixel_unshuffle(img, self.fold))]   # (B, w0, 320, 320) / s2d (B, 2 w0, 160, 160)
         for down in self.down:
             skips.append(down(skips[-1]))           # ... (B, w5, 10, 10)
         a = self.audio_branch(audio)                # (B, w5, 10, 10)
@@ -194,7 +198,7 @@ class UNet328(nn.Module):
         x = self.fuse(torch.cat([skips.pop(), a], dim=1))   # (B, w4, 10, 10)
         for up in self.up:
             x = up(x, skips.pop())                  # (B, w3, 20, 20) ... (B, w0/2, 320, 320)
-        y = self.outc(x) if self.stem == "conv" else nn.functional.pixel_shuffle(self.outc(x), 2)
+        y = self.outc(x) if self.fold == 1 else nn.functional.pixel_shuffle(self.outc(x), self.fold)
         if self.base == "ref":
             return torch.sigmoid(y + base_logit(img))
         return torch.sigmoid(y)                     # (B, 3, 320, 320)

@@ -165,11 +165,12 @@ def test_a_base_ref_checkpoint_starts_from_its_reference(setup, tmp_path):
         inf.LipSyncModel(bad, "cpu")
 
 
-def test_an_s2d_checkpoint_paints_as_its_eager_unet_in_every_runtime(setup, tmp_path):
-    """--stem s2d travels in the checkpoint's config: inference builds the s2d U-Net, and its folded,
+@pytest.mark.parametrize("stem", ["s2d", "s2d4"])
+def test_an_s2d_checkpoint_paints_as_its_eager_unet_in_every_runtime(setup, tmp_path, stem):
+    """--stem s2d (s2d4) travels in the checkpoint's config: inference builds that U-Net, and its folded,
     ONNX Runtime and OpenVINO forms paint what the eager one does; an unknown stem is one UserError."""
-    path = random_light_checkpoint(tmp_path / "s2d.pth", seed=3, stem="s2d")
-    unet = unet_328.UNet328(unet_328.WIDTHS["light"], stem="s2d").eval()
+    path = random_light_checkpoint(tmp_path / f"{stem}.pth", seed=3, stem=stem)
+    unet = unet_328.UNet328(unet_328.WIDTHS["light"], stem=stem).eval()
     unet.load_state_dict(utils.load_checkpoint(path)["model"])
     rng = np.random.default_rng(1)
     ref, crops = rng.integers(0, 256, (2, 2, 320, 320, 3), dtype=np.uint8)

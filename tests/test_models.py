@@ -69,11 +69,12 @@ def test_unet_output_shape_and_range():
     assert 0 < y.min() and y.max() < 1
 
 
-def test_s2d_stem_runs_every_level_at_half_the_resolution_and_paints_whole_pixels():
-    """--stem s2d: 2 x 2 pixels folded into channels, so the first level is 160 px (not 320), the
-    bottleneck still 10 px (a window's cells line up as with conv), and the output is painted per
-    pixel (sub-pixel convolution), not upsampled; BatchNorm folding keeps it; it learns."""
-    m = UNet328(WIDTHS["light"], stem="s2d")
+@pytest.mark.parametrize("stem, top", [("s2d", 160), ("s2d4", 80)])
+def test_s2d_stems_run_every_level_at_a_lower_resolution_and_paint_whole_pixels(stem, top):
+    """--stem s2d: 2 x 2 pixels folded into channels, so the first level is 160 px (not 320); s2d4:
+    4 x 4, 80 px. The bottleneck stays 10 px (a window's cells line up as with conv), and the output
+    is painted per pixel (sub-pixel convolution), not upsampled; BatchNorm folding keeps it; it learns."""
+    m = UNet328(WIDTHS["light"], stem=stem)
     assert abs(count_params(m) - count_params(UNet328(WIDTHS["light"]))) < 0.02 * count_params(m)
     sizes = []
     m.inc.register_forward_hook(lambda mod, i, o: sizes.append(tuple(o.shape)))
@@ -82,9 +83,10 @@ def test_s2d_stem_runs_every_level_at_half_the_resolution_and_paints_whole_pixel
     with torch.no_grad():
         y = randomise_bn(m)(img, audio)
         win = m(img[:, :, 64:256, 32:288], audio, (64, 32))
-    assert sizes[:2] == [(2, 32, 160, 160), (2, 256, 10, 10)]
+    assert sizes[:2] == [(2, 32, top, top), (2, 256, 10, 10)]
     assert y.shape == (2, 3, 320, 320) and 0 < y.min() and y.max() < 1
-    assert (y[..., 0::2, 0::2] - y[..., 1::2, 1::2]).abs().mean() > 1e-3      # the four sub-pixels differ
+    f = 320 // (2 * top)
+    assert (y[..., 0::2 * f, 0::2 * f] - y[..., 2 * f - 1::2 * f, 2 * f - 1::2 * f]).abs().mean() > 1e-3   # a block's sub-pixels differ
     assert win.shape == (2, 3, 192, 256)
     assert (win[..., 48:-48, 48:-48] - y[..., 112:208, 80:240]).abs().max() < 0.05   # a window's centre: as in the whole crop
     with torch.no_grad():
