@@ -170,7 +170,7 @@ class UNet328(nn.Module):
         # Fusion at the bottleneck: [image | audio] 2*w5 -> w5 -> w4.
         self.fuse = nn.Sequential(DoubleConv(2 * w5, w5), DoubleConv(w5, w4))
         # Decoder: widths back up, each level concatenating the encoder skip of its resolution
-        # (conv: 10 -> 20 -> 40 -> 80 -> 160 -> 320 px, ending w0 / 2 wide; s2d: up to 160 px).
+        # (conv: 10 -> 20 -> 40 -> 80 -> 160 -> 320 px, ending w0 / 2 wide; s2d: up to 160 px; s2d4: up to 80 px).
         outs = levels[-3::-1] + ((w0 // 2,) if stem == "conv" else (levels[0],))
         self.up = nn.ModuleList([Up(c, c, o) for c, o in zip(levels[-2::-1], outs)])
         self.outc = nn.Conv2d(outs[-1], 3 * self.fold ** 2, 1)
