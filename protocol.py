@@ -2,7 +2,7 @@
 held-out video, beside the template baseline, with the training speed.
 
     python protocol.py                                            # CPU, budget A: grid_s1_5min -> grid_s1_heldout_1min
-    python protocol.py --device cuda --widths full --batch_size 64 --lr 2e-3 --warmup_steps 100 --steps 2460 --sync_steps 2000   # GPU: the measured 8-minute H200 recipe (RESULTS.md round 26)
+    python protocol.py --device cuda --widths full --batch_size 64 --lr 2e-3 --warmup_steps 100 --steps 2460 --sync_steps 2000 --stem s2d   # GPU: the measured 8-minute H200 recipe (RESULTS.md round 26)
     python protocol.py --device cuda --widths full --batch_size 0 --steps 6000   # GPU: batch sized to the card
     python protocol.py --train_video a.mp4 --heldout_video b.mp4 --sync_steps 8 --steps 4 --eval_frames 60   # CPU smoke run
 
@@ -36,7 +36,7 @@ class Config:
     out_dir: str = str(utils.REPO / "result" / "protocol")         # datasets, checkpoints, evaluations
     label: str = ""                # name of this generator run; "" = built from the settings
     sync_steps: int = 400          # [1..] SyncNet optimizer steps (syncnet_328.py's default)
-    steps: int = 1350              # [1..] generator optimizer steps (budget A on CPU with the narrow widths: RESULTS.md round 12)
+    steps: int = 1930              # [1..] generator optimizer steps (budget A on CPU with the narrow widths and the s2d4 stem: the minutes of round 12's 1350 s2d steps, RESULTS.md round 33)
     widths: str = "narrow"         # U-Net widths: narrow (or light) on CPU, full on a GPU
     batch_size: int = 4            # [0..] generator frames per step; 0 = sized to the GPU's memory (auto_batch)
     lr: float = train_328.Config.lr            # [>0..] generator peak learning rate (train_328's default)

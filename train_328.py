@@ -1,7 +1,7 @@
 """Train the person-specific generator (SPEC §7) on dataset/NAME, writing checkpoint/NAME/.
 
     python train_328.py --name anna                                   # GPU: full widths, batch 8
-    python train_328.py --name anna --batch_size 64 --lr 2e-3 --warmup_steps 100 --max_steps 2460 --num_workers 12 --perceptual msssim_y   # 8 min on an H200 (README, budget B)
+    python train_328.py --name anna --batch_size 64 --lr 2e-3 --warmup_steps 100 --max_steps 2460 --stem s2d --num_workers 12 --perceptual msssim_y   # 8 min on an H200 (README, budget B)
     python train_328.py --name anna --widths light --batch_size 2 --max_steps 20 --device cpu   # CPU smoke run
     torchrun --nproc_per_node 4 train_328.py --name anna             # multi-GPU (DDP)
 
@@ -54,7 +54,7 @@ class Config:
     batch_size: int = 8             # [1..] frames per step per process (reference: 8)
     held_out: float = 0.1           # [0..0.5] share of frames held out for validation (a contiguous tail)
     augment: bool = True            # random brightness gain/offset, the same on reference and target
-    stem: str = "s2d"               # s2d: the U-Net folds 2 x 2 pixels into channels, so every level runs at half the resolution (CPU steps ~2x cheaper, better at equal time: RESULTS.md round 11); s2d4: 4 x 4 pixels, levels 80 .. 10 px (a narrow step ~0.7x s2d's; RESULTS.md round 33); conv: its first level convolves the 320 px crop (the reference design). A resumed run keeps its checkpoint's
+    stem: str = "s2d4"              # s2d4: the U-Net folds 4 x 4 pixels into channels, levels 80 .. 10 px (a narrow step ~0.7x s2d's, better at equal minutes: RESULTS.md round 33); s2d: 2 x 2 pixels, every level at half the resolution (CPU steps ~2x cheaper than conv's, better at equal time: round 11; the measured GPU recipe's); conv: its first level convolves the 320 px crop (the reference design). A resumed run keeps its checkpoint's
     base: str = "none"              # none: the U-Net paints the whole crop (reference); ref: it paints a change over the reference in the hole (unet_328.UNet328)
     reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the tenth of them with the most closed mouth, like inference's default reference; audio: one of a bank of 64 training frames that sounds like the sample (the bank is saved for inference --reference audio)
     mask: str = "under_nose"        # area the U-Net repaints: under_nose (the lower face under the nose, from the avatar's landmarks, grown 13 px down and sideways, not up: the nose stays the frame's; RESULTS.md round 25), jaw (the same grown up too) or rect (the reference's whole-crop rectangle)
