@@ -44,7 +44,7 @@ class Config:
     heldout_seconds: float = 8.0   # held-out clip for evaluate.py, s (own video: taken from its end)
     sync_steps: int = 60           # SyncNet optimizer steps
     sync_batch: int = 16           # SyncNet face windows per step
-    train_steps: int = 770         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is; 770 narrow s2d4 steps take the time 540 s2d, 400 light or 200 conv ones did)
+    train_steps: int = 920         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is; 920 narrow s2d4l steps take the time 770 s2d4, 540 s2d, 400 light or 200 conv ones did)
     batch_size: int = 4            # generator frames per step
     widths: str = "narrow"         # U-Net widths (narrow and light: CPU-sized)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda

@@ -36,7 +36,7 @@ class Config:
     out_dir: str = str(utils.REPO / "result" / "protocol")         # datasets, checkpoints, evaluations
     label: str = ""                # name of this generator run; "" = built from the settings
     sync_steps: int = 400          # [1..] SyncNet optimizer steps (syncnet_328.py's default)
-    steps: int = 1930              # [1..] generator optimizer steps (budget A on CPU with the narrow widths and the s2d4 stem: the minutes of round 12's 1350 s2d steps, RESULTS.md round 33)
+    steps: int = 2300              # [1..] generator optimizer steps (budget A on CPU with the narrow widths and the s2d4l stem: the minutes of round 12's 1350 s2d steps, 1930 s2d4 ones; RESULTS.md rounds 33, 35)
     widths: str = "narrow"         # U-Net widths: narrow (or light) on CPU, full on a GPU
     batch_size: int = 4            # [0..] generator frames per step; 0 = sized to the GPU's memory (auto_batch)
     lr: float = train_328.Config.lr            # [>0..] generator peak learning rate (train_328's default)

@@ -26,8 +26,9 @@ WIDTHS = {"full": (32, 32, 64, 128, 256, 512), "light": (16, 16, 32, 64, 128, 25
 EXPAND = 2                      # inverted-residual expansion; 2 gives the reference 12.2 M params
 IMG_CHANNELS = 6                # reference crop (3) + masked current crop (3)
 BASES = ("none", "ref")         # what the output starts from: nothing (paint the whole crop) or the reference in the hole
-STEMS = ("conv", "s2d", "s2d4")   # the first level: 320 px convolutions (reference), or 2 x 2 (4 x 4) pixels folded into channels
-FOLD = {"conv": 1, "s2d": 2, "s2d4": 4}   # pixels per side folded into channels by each stem
+STEMS = ("conv", "s2d", "s2d4", "s2d4l")   # the first level: 320 px convolutions (reference), or 2 x 2 (4 x 4) pixels folded into channels
+FOLD = {"conv": 1, "s2d": 2, "s2d4": 4, "s2d4l": 4}   # pixels per side folded into channels by each stem
+LEAN_TOP = ("s2d4l",)           # stems whose top-level (80 px) inverted residuals do not expand (UNet328)
 AUDIO_SHAPE = (32, 16, 16)      # FEAT_WIN vectors of FEAT_DIM, reshaped (SPEC §5)
 STRIDE = 32                     # one bottleneck cell = 32 x 32 px of the crop (five stride-2 stages)
 assert AUDIO_SHAPE[0] * AUDIO_SHAPE[1] * AUDIO_SHAPE[2] == FEAT_WIN * FEAT_DIM
@@ -86,9 +87,9 @@ class InvertedResidual(nn.Module):
 class DoubleConv(nn.Module):
     """One (possibly strided) inverted residual that changes width, then one residual one."""
 
-    def __init__(self, cin, cout, stride=1):
+    def __init__(self, cin, cout, stride=1, expand=(EXPAND, EXPAND)):
         super().__init__()
-        self.block = nn.Sequential(InvertedResidual(cin, cout, stride), InvertedResidual(cout, cout))
+        self.block = nn.Sequential(InvertedResidual(cin, cout, stride, expand[0]), InvertedResidual(cout, cout, expand=expand[1]))
 
     def forward(self, x):  # (B, cin, H, W) -> (B, cout, H / stride, W / stride)
         return self.block(x)
@@ -114,10 +115,10 @@ class Conv2dBlock(nn.Module):
 class Up(nn.Module):
     """Bilinear x2 upsample, concat the encoder skip, DoubleConv to the next width."""
 
-    def __init__(self, cin, cskip, cout):
+    def __init__(self, cin, cskip, cout, expand=(EXPAND, EXPAND)):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        self.conv = DoubleConv(cin + cskip, cout)
+        self.conv = DoubleConv(cin + cskip, cout, expand=expand)
 
     def forward(self, x, skip):  # (B, cin, H, W), (B, cskip, 2H, 2W) -> (B, cout, 2H, 2W)
         return self.conv(torch.cat([self.up(x), skip], dim=1))
@@ -136,7 +137,7 @@ class UNet328(nn.Module):
     training learns what must change there (the mouth) instead of repainting everything.
     stem "conv": the first level convolves the 320 px crop (the reference design); "s2d": it
     starts from 2 x 2 pixel blocks folded into channels (train_328 --stem); "s2d4" from 4 x 4 blocks,
-    so its levels are 80 .. 10 px."""
+    so its levels are 80 .. 10 px; "s2d4l" is s2d4 whose 80 px inverted residuals do not expand."""
 
     def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0], base="none", stem="conv"):
         super().__init__()
@@ -154,10 +155,13 @@ class UNet328(nn.Module):
         # 320 px level is most of a CPU step's time (memory-bound BatchNorm and ReLU): a light s2d
         # training step at batch 4 takes about half the time (0.43 against 0.84 s on 2 cores).
         # s2d4 folds 4 x 4 blocks: its levels are 80 .. 10 px, the 80 px one max(2 w1, w2) wide.
-        levels = {"conv": tuple(widths), "s2d": (max(2 * w0, w1), w2, w3, w4, w5), "s2d4": (max(2 * w1, w2), w3, w4, w5)}[stem]
+        # s2d4l is s2d4 whose blocks at 80 px do not expand (expand 1: a CPU step ~0.84x s2d4's).
+        levels = {"conv": tuple(widths), "s2d": (max(2 * w0, w1), w2, w3, w4, w5)}.get(stem, (max(2 * w1, w2), w3, w4, w5))
         self.fold = FOLD[stem]
-        self.inc = DoubleConv(IMG_CHANNELS * self.fold ** 2, levels[0])
-        self.down = nn.ModuleList([DoubleConv(a, b, stride=2) for a, b in zip(levels[:-1], levels[1:])])
+        top = (1, 1) if stem in LEAN_TOP else (EXPAND, EXPAND)      # the expansions of the top level's two blocks
+        self.inc = DoubleConv(IMG_CHANNELS * self.fold ** 2, levels[0], expand=top)
+        self.down = nn.ModuleList([DoubleConv(a, b, stride=2, expand=(top[0] if i == 0 else EXPAND, EXPAND))
+                                   for i, (a, b) in enumerate(zip(levels[:-1], levels[1:]))])
         # Audio branch 16 -> 10 px: three valid (unpadded) 3x3 convs shrink 16 -> 14 -> 12 -> 10,
         # each followed by a residual IR; two more IRs at the bottleneck width.
         a1, a2 = w5 // 4, w5 // 2
@@ -172,7 +176,8 @@ class UNet328(nn.Module):
         # Decoder: widths back up, each level concatenating the encoder skip of its resolution
         # (conv: 10 -> 20 -> 40 -> 80 -> 160 -> 320 px, ending w0 / 2 wide; s2d: up to 160 px; s2d4: up to 80 px).
         outs = levels[-3::-1] + ((w0 // 2,) if stem == "conv" else (levels[0],))
-        self.up = nn.ModuleList([Up(c, c, o) for c, o in zip(levels[-2::-1], outs)])
+        self.up = nn.ModuleList([Up(c, c, o, expand=top if i == len(outs) - 1 else (EXPAND, EXPAND))
+                                 for i, (c, o) in enumerate(zip(levels[-2::-1], outs))])
         self.outc = nn.Conv2d(outs[-1], 3 * self.fold ** 2, 1)
         if base == "ref":
             nn.init.zeros_(self.outc.weight)

@@ -165,7 +165,7 @@ def test_a_base_ref_checkpoint_starts_from_its_reference(setup, tmp_path):
         inf.LipSyncModel(bad, "cpu")
 
 
-@pytest.mark.parametrize("stem", ["s2d", "s2d4"])
+@pytest.mark.parametrize("stem", ["s2d", "s2d4", "s2d4l"])
 def test_an_s2d_checkpoint_paints_as_its_eager_unet_in_every_runtime(setup, tmp_path, stem):
     """--stem s2d (s2d4) travels in the checkpoint's config: inference builds that U-Net, and its folded,
     ONNX Runtime and OpenVINO forms paint what the eager one does; an unknown stem is one UserError."""

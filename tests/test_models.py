@@ -69,11 +69,12 @@ def test_unet_output_shape_and_range():
     assert 0 < y.min() and y.max() < 1
 
 
-@pytest.mark.parametrize("stem, top", [("s2d", 160), ("s2d4", 80)])
+@pytest.mark.parametrize("stem, top", [("s2d", 160), ("s2d4", 80), ("s2d4l", 80)])
 def test_s2d_stems_run_every_level_at_a_lower_resolution_and_paint_whole_pixels(stem, top):
     """--stem s2d: 2 x 2 pixels folded into channels, so the first level is 160 px (not 320); s2d4:
-    4 x 4, 80 px. The bottleneck stays 10 px (a window's cells line up as with conv), and the output
-    is painted per pixel (sub-pixel convolution), not upsampled; BatchNorm folding keeps it; it learns."""
+    4 x 4, 80 px (s2d4l: its 80 px blocks without expansion). The bottleneck stays 10 px (a window's
+    cells line up as with conv), and the output is painted per pixel (sub-pixel convolution), not
+    upsampled; BatchNorm folding keeps it; it learns."""
     m = UNet328(WIDTHS["light"], stem=stem)
     assert abs(count_params(m) - count_params(UNet328(WIDTHS["light"]))) < 0.02 * count_params(m)
     sizes = []
@@ -84,6 +85,8 @@ def test_s2d_stems_run_every_level_at_a_lower_resolution_and_paint_whole_pixels(
         y = randomise_bn(m)(img, audio)
         win = m(img[:, :, 64:256, 32:288], audio, (64, 32))
     assert sizes[:2] == [(2, 32, top, top), (2, 256, 10, 10)]
+    top_convs = [b.conv[0] for b in (*m.inc.block, m.down[0].block[0], *m.up[-1].conv.block)]   # 1x1 expansions at the top level
+    assert all((c.out_channels == c.in_channels) == (stem == "s2d4l") for c in top_convs)
     assert y.shape == (2, 3, 320, 320) and 0 < y.min() and y.max() < 1
     f = 320 // (2 * top)
     assert (y[..., 0::2 * f, 0::2 * f] - y[..., 2 * f - 1::2 * f, 2 * f - 1::2 * f]).abs().mean() > 1e-3   # a block's sub-pixels differ

@@ -70,8 +70,8 @@ def test_protocol_switches_audio_sources_without_retraining(synthetic_clip, tmp_
     assert (tmp_path / "checkpoint" / "speech" / "talk" / "runs" / "s" / "summary.json").is_file()
     m = protocol.main(protocol.Config(**base, min_lr_frac=0.5))   # no --label: one built from the settings, --widths' commas as '-'
     runs = tmp_path / "checkpoint" / "talk" / "runs"
-    assert [p.name for p in runs.iterdir() if p.name != "m"] == ["4-4-8-8-16-16_b2_s1_under_nose_lr0.004_ema0.99_mlr0.5_s2d4"]
-    assert json.loads((runs / "4-4-8-8-16-16_b2_s1_under_nose_lr0.004_ema0.99_mlr0.5_s2d4" / "config.json").read_text())["min_lr_frac"] == 0.5
+    assert [p.name for p in runs.iterdir() if p.name != "m"] == ["4-4-8-8-16-16_b2_s1_under_nose_lr0.004_ema0.99_mlr0.5_s2d4l"]
+    assert json.loads((runs / "4-4-8-8-16-16_b2_s1_under_nose_lr0.004_ema0.99_mlr0.5_s2d4l" / "config.json").read_text())["min_lr_frac"] == 0.5
     assert "syncnet_s" not in m["times"] and json.loads((ds / "aud_feat.json").read_text())["features"] == "mel"
     judge = [{k: v for k, v in r["metrics"].items() if k.startswith("sync_") and k.endswith("_true")} for r in (s, m)]
     assert judge[0] and judge[0] == judge[1]           # one judge (the mel SyncNet) for both sources
