@@ -30,7 +30,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 PRESETS = {
     # CPU: narrow widths, batch 4 (RESULTS.md rounds 12-13: at equal minutes level with or better than light)
     "quick": dict(widths="narrow", steps=400, syncnet_steps=300, batch_size=4),    # a first look (light's 300 steps' time), not a finished avatar
-    "standard": dict(widths="narrow", steps=7600, syncnet_steps=2000, batch_size=4, stem="s2d4"),   # the 30-minute point: round 13's 4500 steps, 5300 in the same minutes since round 21, 7600 of the cheaper s2d4 stem since round 33
+    "standard": dict(widths="narrow", steps=8900, syncnet_steps=2000, batch_size=4, stem="s2d4l"),   # the 30-minute point: round 13's 4500 steps, 5300 in the same minutes since round 21, 7600 of the cheaper s2d4 stem since round 33, 8900 of s2d4l since round 35
     "full": dict(widths="full", steps=30000, syncnet_steps=5000, batch_size=8, stem="s2d"),    # the reference size: a GPU job (s2d: the stem measured on a GPU, round 26)
 }
 

@@ -518,12 +518,12 @@ def test_bad_training_overrides_are_refused_at_start(tiny_avatar, tmp_path):
 
 
 def test_presets_say_what_an_avatar_job_trains(tiny_avatar, tmp_path):
-    """quick keeps train_328's stem; standard is round 33's 30-minute point (s2d4, 7600 steps, a
+    """quick keeps train_328's stem; standard is round 35's 30-minute point (s2d4l, 8900 steps, a
     2000-step SyncNet); a request's step counts and the server's train_extra override them."""
     s = settings(tmp_path, tiny_avatar)
     quick, standard = (routes_avatars.avatar_options(s, p, None, None) for p in ("quick", "standard"))
     assert "stem" not in quick and quick["steps"] == 400
-    assert (standard["stem"], standard["steps"], standard["syncnet_steps"], standard["widths"]) == ("s2d4", 7600, 2000, "narrow")
+    assert (standard["stem"], standard["steps"], standard["syncnet_steps"], standard["widths"]) == ("s2d4l", 8900, 2000, "narrow")
     mine = routes_avatars.avatar_options(settings(tmp_path, tiny_avatar, train_extra='{"stem": "s2d", "batch_size": 2}'),
                                          "standard", 100, None)
     assert (mine["stem"], mine["batch_size"], mine["steps"], mine["syncnet_steps"]) == ("s2d", 2, 100, 2000)
@@ -559,7 +559,7 @@ def _make_an_avatar(client, synthetic_clip, media_files):
     job = r.json()
     assert job["kind"] == "avatar" and job["request"]["steps"] == 2 and job["request"]["preset"] == "standard"
     assert job["request"]["widths"] == "4,4,8,8,16,16" and job["request"]["batch_size"] == 1
-    assert job["request"]["stem"] == "s2d4"                                        # the standard preset's U-Net stem
+    assert job["request"]["stem"] == "s2d4l"                                        # the standard preset's U-Net stem
     assert post("made", synthetic_clip, steps="2").status_code == 409              # already being made
     assert client.get("/api/avatars/made").json()["job"] == job["id"]
     assert post_generate(client, media_files / "short.wav", avatar="made").status_code == 409
@@ -569,7 +569,7 @@ def _make_an_avatar(client, synthetic_clip, media_files):
     assert made["ready"] and made["job"] is None and made["dataset"]["frames"] == 150
     assert {c["file"]: c["step"] for c in made["checkpoints"]}["last.pth"] == 2
     ckpt_root = Path(client.app.state.settings.ckpt_root)
-    assert utils.load_checkpoint(ckpt_root / "made" / "last.pth")["config"]["stem"] == "s2d4"   # it reached train_328
+    assert utils.load_checkpoint(ckpt_root / "made" / "last.pth")["config"]["stem"] == "s2d4l"   # it reached train_328
     assert "made" in [a["name"] for a in client.get("/api/avatars").json()]
 
 
