@@ -45,7 +45,7 @@ class Config:
     sync_steps: int = 60           # SyncNet optimizer steps
     sync_batch: int = 16           # SyncNet face windows per step
     train_steps: int = 770         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is; 770 narrow s2d4 steps take the time 540 s2d, 400 light or 200 conv ones did)
-    stem: str = ""                 # the U-Net's first level (train_328 --stem); "" = s2d4 for the synthetic actor, whose crop's scale follows its jaw (with train_328's s2d4l its model followed the frames' jaws: gap 0.05, the new sentence's loudness r 0.42, the mouth open in its first silence, where s2d4's followed the audio: 0.16-0.29, 0.59-0.75; RESULTS.md round 35), train_328's default for --video
+    stem: str = ""                 # the U-Net's first level (train_328 --stem); "" = s2d4 for the synthetic actor, whose crop's scale follows its jaw (with train_328's s2d4l its model followed the frames' jaws more: gap 0.05, the new sentence's loudness r 0.42, where s2d4's reach 0.15-0.29, 0.59-0.75; RESULTS.md round 35), train_328's default for --video
     batch_size: int = 4            # generator frames per step
     widths: str = "narrow"         # U-Net widths (narrow and light: CPU-sized)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
