@@ -44,8 +44,8 @@ class Config:
     heldout_seconds: float = 8.0   # held-out clip for evaluate.py, s (own video: taken from its end)
     sync_steps: int = 60           # SyncNet optimizer steps
     sync_batch: int = 16           # SyncNet face windows per step
-    train_steps: int = 770         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is; 770 narrow s2d4 steps take the time 540 s2d, 400 light or 200 conv ones did)
-    stem: str = ""                 # the U-Net's first level (train_328 --stem); "" = s2d4 for the synthetic actor, whose crop's scale follows its jaw (with train_328's s2d4l its model followed the frames' jaws more: gap 0.05, the new sentence's loudness r 0.42, where s2d4's reach 0.15-0.29, 0.59-0.75; RESULTS.md round 35), train_328's default for --video
+    train_steps: int = 920         # [1..] generator optimizer steps (fixed: the result does not depend on how busy the machine is; 920 narrow s2d4l steps take the time 770 s2d4, 540 s2d, 400 light or 200 conv ones did)
+    stem: str = ""                 # the U-Net's first level (train_328 --stem); "" = train_328's default (s2d4l)
     batch_size: int = 4            # generator frames per step
     widths: str = "narrow"         # U-Net widths (narrow and light: CPU-sized)
     device: str = "auto"           # auto (cuda -> mps -> cpu), cpu, cuda
@@ -276,7 +276,7 @@ def train_avatar(cfg, stages, train_mp4, data, ckpt):
            syncnet_328.Config(name=cfg.name, data_root=str(data), ckpt_root=str(ckpt), max_steps=cfg.sync_steps,
                               batch_size=cfg.sync_batch, val_every=max(cfg.sync_steps // 2, 1),
                               warmup_steps=min(30, max(cfg.sync_steps // 5, 1)), device=cfg.device, seed=cfg.seed))
-    stem = cfg.stem or ("s2d4" if not cfg.video else train_328.Config.stem)
+    stem = cfg.stem or train_328.Config.stem
     # sync loss off: it triples the cost of a step, and a few hundred steps are spent on the face
     return stages(f"train_328.py ({cfg.train_steps} steps, {cfg.widths} widths, stem {stem})", train_328.main, train_328.Config(
         name=cfg.name, data_root=str(data), ckpt_root=str(ckpt), widths=cfg.widths, batch_size=cfg.batch_size,

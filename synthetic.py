@@ -65,6 +65,19 @@ def opening_track(wav, n_frames):
     return np.convolve(op, [0.25, 0.5, 0.25], mode="same")    # lips move smoothly
 
 
+def jaw_area(lm, shape, below):
+    """Soft (0..1) map of the photo's lower face, float32 of `shape`: inside its jaw outline
+    (utils.JAW_OUTLINE) and up to `below` px under it, feathered over ~2 px. The jaw warp stays in
+    here: beside the jaw (the cheeks' edges, the collar) it moved the picture outside the area the
+    generator repaints, and the demo's model read the opening from there, not from the audio."""
+    area = np.zeros(shape, np.uint8)
+    cv2.fillPoly(area, [np.round(lm[utils.JAW_OUTLINE]).astype(np.int32)], 1)
+    k = np.zeros((2 * int(below) + 1, 1), np.uint8)
+    k[:int(below) + 1] = 1                                       # grows downwards only
+    area = cv2.erode(cv2.dilate(area, k), np.ones((7, 7), np.uint8))   # 3 px in from the outline
+    return cv2.GaussianBlur(area.astype(np.float32), (0, 0), 1.0)
+
+
 def render_frame(face, lm, opening, drift=(0.0, 0.0)):
     """Open the jaw of `face` by `opening` (0..1) and translate it by `drift` px."""
     h, w = face.shape[:2]
@@ -80,7 +93,7 @@ def render_frame(face, lm, opening, drift=(0.0, 0.0)):
     # beyond the widest-open chin) shows how far the jaw is open; the model must take it from the
     # audio (with a 0.6 fade the demo's mouth followed its frames' jaws, not the audio: README)
     wy = np.clip((ys - my) / (0.15 * mw), 0, 1) * np.clip(1 - (ys - chin) / (0.1 * mw), 0, 1)
-    dy = drop * wx * wy
+    dy = drop * wx * wy * jaw_area(lm, (h, w), 0.1 * mw)
     out = cv2.remap(face, (xs - drift[0]).astype(np.float32), (ys - dy - drift[1]).astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if drop > 1:
         # dark mouth interior between the inner lips, as wide as the inner lip line

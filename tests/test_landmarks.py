@@ -257,3 +257,23 @@ def test_clean_track_interpolates_short_gaps_and_holds_long_ones():
     assert filled[5:8].all() and not filled[:5].any() and np.allclose(smooth[5:8, 0, 0], [5, 6, 7])
     assert held[20:36].all() and held.sum() == 16
     assert np.allclose(smooth[20:36, 0, 0], np.arange(20, 36))          # a straight line across it
+
+
+def test_synthetic_actor_moves_only_inside_its_jaw_outline(detector):
+    """The demo's actor opens its jaw by warping the photo: the picture may change only inside the
+    jaw outline (and just under the chin), the area the generator repaints; elsewhere an open jaw
+    would show the model how far it is open without the audio (RESULTS.md demo runs 20-22)."""
+    import synthetic
+    import utils
+    face = synthetic.default_face()
+    lm = detector.detect(face)[0][0]
+    closed, wide = (synthetic.render_frame(face, lm, o).astype(np.int16) for o in (0.0, 1.0))
+    changed = np.abs(wide - closed).max(-1) > 2
+    mw = np.ptp(lm[48:68, 0])
+    allowed = np.zeros(face.shape[:2], np.uint8)
+    cv2.fillPoly(allowed, [np.round(lm[utils.JAW_OUTLINE]).astype(np.int32)], 1)
+    k = np.zeros((2 * int(0.1 * mw) + 1, 1), np.uint8)
+    k[:int(0.1 * mw) + 1] = 1
+    allowed = cv2.dilate(allowed, k).astype(bool)
+    assert changed.sum() > 0.1 * allowed.sum()              # the jaw does open
+    assert not (changed & ~allowed).any(), f"{(changed & ~allowed).sum()} pixels changed outside the jaw"
