@@ -20,6 +20,8 @@ from utils import BORDER, FEAT_WIN, INNER, UserError
 REFERENCES = ("closed", "open", "random", "audio")
 GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (RESULTS.md round 8)
 LIVE_GUIDANCE = 1.0  # a live stream's (stream.py): one U-Net pass a frame keeps light widths in real time
+SHARPEN = 0.5        # RenderOptions.sharpen's default: mouth sharpness 0.74-0.78 -> 0.89-0.96 of the truth's for 0.13-0.20 dB of mouth PSNR (RESULTS.md round 39)
+SHARPEN_SIGMA = 1.0  # px of the frame (at least one of the crop): the blur the unsharp mask (sharpen) takes away
 BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
 
 
@@ -38,6 +40,7 @@ class RenderOptions:
     seed: int = 0                  # seed of the random reference choice
     guidance: float = GUIDANCE     # the painted mouth moves this many times as far from what the same frame paints with silence (guide): 1 = the network's own output
     crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
+    sharpen: float = SHARPEN       # unsharp-mask amount on the painted mouth (sharpen): 0 = the network's own output
 
     @classmethod
     def from_config(cls, cfg, live=False, default=None):
@@ -119,6 +122,15 @@ def guide(run, img, audio, silent, guidance=GUIDANCE):
     return still + np.float32(guidance) * (out - still)
 
 
+def sharpen(img, amount, sigma=SHARPEN_SIGMA):
+    """Unsharp mask of a uint8 image: img + amount x (img - its Gaussian blur of `sigma` px),
+    saturated to 0..255 (compose gives sigma in the 328 crop's pixels as one of the frame's). The L1-trained mouth holds less fine detail than the person's (evaluate.py's
+    mouth sharpness); this restores the edges it did paint, not detail it did not."""
+    if amount <= 0:
+        return img
+    return cv2.addWeighted(img, 1.0 + amount, cv2.GaussianBlur(img, (0, 0), sigma), -amount, 0)
+
+
 def _match_colours(crops, like):
     """Crops (P, 320, 320, 3) uint8 with each channel's mean and spread over all of them moved to
     those of `like` (320, 320, 3): a bank from the training video beside another recording's frames."""
@@ -151,6 +163,7 @@ def compose(item, opts=RenderOptions(), mask=None):
     geometry.DEFAULT_MOUTH. Only the generator's masked area (`mask`, None = MASK_RECT) is pasted."""
     frame, box, crop, gen, closed, db, *region = item
     out = crop.copy()                                             # the 4 px ring stays original
+    gen = sharpen(gen, opts.sharpen, SHARPEN_SIGMA * max(1.0, utils.CROP / max(box[2] - box[0], 1)))
     if opts.silence_gate:
         w = float(vad.ramp(db, opts.silence_db, opts.speech_db))
         if w < 1.0:                      # silence: the mouth rests as in the closed reference

@@ -79,6 +79,7 @@ class Baseline:
         loud = vad.gate_loudness_db(wav, n, vad.use_vad(opts.vad))    # the same silence gate as the model's
         refs = References(template, opts.reference, opts.seed)
         copy = self.kind == "copy"
+        opts = replace(opts, sharpen=0.0)   # real pixels: the unsharp mask is for the network's blur
         if copy:                    # the template's own crop is pasted back as it is
             opts = replace(opts, color_match=False, silence_gate=False)
         for k, (j, frame, box) in enumerate(template.stream(opts.start_frame, n)):

@@ -47,8 +47,8 @@ from geometry import to_crop_coords
 from metrics import (CLOSED_SHARE, JITTER_MARGIN, SEAM_PAD, SILENCE_CONTRAST_DB, SILENCE_FLOOR_DB,
                      SILENCE_HOLD, SILENCE_MIN_DB, best_lag, chance_r, closed_threshold, cosine,
                      jitter_ratio, lmd, load_syncnet, loudness_db, mean_finite, mouth_opening, pearson,
-                     seam_band, silence_score, silent_frames, speech_frames, sync_confidence, uncorrelated_shift,
-                     width_ratio)
+                     region_sharpness, seam_band, sharpness_ratio, silence_score, silent_frames, speech_frames,
+                     sync_confidence, uncorrelated_shift, width_ratio)
 from utils import FPS, INNER, MOUTH_MARGIN, SR, UserError
 
 
@@ -81,6 +81,7 @@ class Config:
     video_out: bool = True                         # write side_by_side.mp4 (truth | generated, with the audio)
     guidance: float = -1.0                         # [-1..4] the painted mouth moved this many times as far from what the frame paints with silence (as inference); -1 = the checkpoint's fitted guidance (1.25 when it holds none)
     seed: int = RenderOptions.seed                 # [0..] seed of a random reference choice
+    sharpen: float = RenderOptions.sharpen         # [0..4] unsharp-mask amount on the painted mouth (as inference)
     lookahead: int = 7                             # [0..7] frames of audio past each frame the model may read: 7 = the file path; less = a live stream's (stream.py), fed 40 ms at a time
 
 
@@ -180,6 +181,7 @@ ROWS = [  # key, label, ideal / reading
     ("silence_gen", "mouth closed in silence (gen)", "~truth's"),
     ("silence_true", "mouth closed in silence (truth/template)", ""),
     ("jitter_ratio", "jitter gen / truth", "1"),
+    ("sharpness_ratio", "mouth sharpness gen / truth", "1"),
     ("seam_ratio", "seam gradient gen / truth", "1"),
     ("identity_cos", "identity cosine gen vs truth", "1"),
     ("sync_conf_gen", "SyncNet confidence (gen)", "~truth's"),
@@ -411,6 +413,8 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     m["silence_gen"] = silence_score(g_open, silent, thresh)
     m["silence_true"] = silence_score(t_open, silent, thresh)
     m["jitter_ratio"] = jitter_ratio(np.stack(main_pass["gen_reg"]), np.stack(main_pass["true_reg"]))
+    sharp = region_sharpness(main_pass["gen_reg"]), region_sharpness(main_pass["true_reg"])
+    m["sharpness_ratio"] = sharpness_ratio(*sharp)
     eg, et = np.sum(main_pass["seam_g"]), np.sum(main_pass["seam_t"])
     m["seam_ratio"] = float(eg / et) if et > 0 else math.nan
     if main_pass["gen_id"]:
@@ -424,7 +428,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         write_strip(out_dir / "strip.png", main_pass["strip"])
         outputs["strip"] = str(out_dir / "strip.png")
     tracks = dict(gen_opening=g_open, true_opening=t_open, loudness_db=db, silent=silent, other_opening=other_open,
-                  speaker_opening=s_open)
+                  speaker_opening=s_open, gen_sharpness=sharp[0], true_sharpness=sharp[1])
     tracks = {k: v for k, v in tracks.items() if v is not None}
     if "lms320" in main_pass:                    # (N, 68, 2) each, in the 320 crop's pixels
         tracks["gen_lms320"], tracks["true_lms320"] = main_pass["lms320"]

@@ -56,7 +56,7 @@ from templates import open_template
 from utils import FPS, HOP, MEL_FPS, MEL_WIN, N_FFT, SR, UserError
 
 
-# The render options (start_frame, feather, color_match, reference, silence_gate, silence_db, speech_db, vad, seed, guidance, crf) default as compose.RenderOptions.
+# The render options (start_frame, feather, color_match, reference, silence_gate, silence_db, speech_db, vad, seed, guidance, crf, sharpen) default as compose.RenderOptions.
 @dataclass
 class Config:
     name: str = ""                                   # avatar (dataset and checkpoint) name
@@ -80,6 +80,7 @@ class Config:
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
     guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; 1.25 when it holds none), 1 with --stream (real time)
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
+    sharpen: float = RenderOptions.sharpen           # [0..4] unsharp mask on the painted mouth (amount; its blur is one pixel of the frame): 0 = the network's own output
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
     lookahead: int = 3                               # [0..7] --stream: frames of audio past each frame the generator waits for (7 = the file path's frames, 0.41 s delay; 3 = 0.25 s, lips measured as good)
     malloc_tune: bool = True                         # re-exec with glibc malloc settings when the U-Net runs in PyTorch on CPU (~1.4x, SPEC §11)
@@ -171,9 +172,8 @@ class LipSyncModel:
             # the wav's start: 14 frames of audio each side, a slice on that grid (both: and on the mel's 5-frame grid)
             base = max(0, (start - 14) // (2 if self.source == "speech" else 10) * (2 if self.source == "speech" else 10))
             s0, s1 = base * SR // FPS, min(len(wav), (stop + 14) * SR // FPS)
-            feats = encode_audio(wav[s0:s1], self.audio_encoder, self.device, batch=256, n_frames=stop - base,
-                                 first=start - base)
-            return np.asarray(feats, np.float32)
+            return np.asarray(encode_audio(wav[s0:s1], self.audio_encoder, self.device, batch=256, n_frames=stop - base,
+                                           first=start - base), np.float32)
         # A chunk starting at a multiple of 5 video frames starts at a whole mel frame (5 frames =
         # 16 mel frames), so window positions relative to the chunk are the global ones shifted.
         base = max(0, (start - 5) // 5 * 5)                       # >= 5 frames of context before start

@@ -191,6 +191,20 @@ def jitter_ratio(gen_regions, true_regions):
     return motion_energy(gen_regions) / t if t > 0 else math.nan
 
 
+def region_sharpness(regions):
+    """Per-frame mean squared grey-level gradient (Sobel) of BGR uint8 regions [N, h, w, 3] -> [N]:
+    the fine detail (teeth, lip edges) each frame's mouth box holds."""
+    return np.array([gradient_energy(r, np.ones(r.shape[:2], bool)) for r in regions], np.float64)
+
+
+def sharpness_ratio(gen_sharpness, true_sharpness):
+    """Generated mouth regions' gradient energy over the truth's (region_sharpness of each, summed
+    over frames): 1 = as much fine detail as the real person, < 1 = blurred, > 1 = sharper or
+    noisier than life."""
+    t = float(np.sum(true_sharpness))
+    return float(np.sum(gen_sharpness)) / t if t > 0 else math.nan
+
+
 def seam_band(feather, pad=SEAM_PAD, mask=None):
     """Bool [328, 328]: where a paste seam can show -- the paste alpha's transition zone (or its
     edge, for a hard paste) grown by `pad` px each way; `mask`: the generator's masked area."""

@@ -78,7 +78,7 @@ class Config:
 
 
 ROWS = ("psnr_mouth", "ssim_mouth", "lmd_mouth_px", "opening_r", "opening_width_ratio", "ablation_gap",
-        "sync_stretch_acc_gen", "silence_gen", "silence_true", "seam_ratio", "identity_cos")
+        "sync_stretch_acc_gen", "silence_gen", "silence_true", "seam_ratio", "sharpness_ratio", "identity_cos")
 
 
 def auto_batch(widths, device, stem="conv", start=4, limit=256):

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 import math
 
+import cv2
 import numpy as np
 import pytest
 
@@ -147,6 +148,17 @@ def test_jitter_ratio(rng):
     assert metrics.jitter_ratio(still, regs) == 0.0
     half = (regs.astype(np.float32) * 0.5).astype(np.uint8)
     assert metrics.motion_energy(half) < metrics.motion_energy(regs)
+
+
+def test_sharpness_ratio_falls_with_blur(rng):
+    """A blurred copy of the truth's mouth regions scores below 1, the truth itself exactly 1."""
+    regs = rng.integers(0, 256, (4, 24, 40, 3), dtype=np.uint8)
+    blurred = np.stack([cv2.GaussianBlur(r, (0, 0), 1.5) for r in regs])
+    sharp, soft = metrics.region_sharpness(regs), metrics.region_sharpness(blurred)
+    assert sharp.shape == (4,) and (soft < 0.2 * sharp).all()
+    assert metrics.sharpness_ratio(sharp, sharp) == pytest.approx(1.0)
+    assert metrics.sharpness_ratio(soft, sharp) < 0.2
+    assert metrics.sharpness_ratio(sharp, soft) > 5
 
 
 def test_seam_ratio(rng):

@@ -146,12 +146,43 @@ def test_paste_back_is_the_feathered_blend_and_colour_match_needs_only_the_paste
     whole[utils.BORDER:utils.BORDER + INNER, utils.BORDER:utils.BORDER + INNER] = gen
     whole = geometry.match_color(whole, crop, compose.seam_mask(16, m))
     ref = geometry.paste_back(frame, box, whole, 16, m)
-    got = compose.compose(item, compose.RenderOptions(silence_gate=False), m)
+    got = compose.compose(item, compose.RenderOptions(silence_gate=False, sharpen=0.0), m)
     assert np.array_equal(got, ref)
     tiny = np.zeros((INNER, INNER), bool)
     tiny[150:160, 150:160] = True                                      # a mask the feather erodes away: nothing to paste
     assert geometry.paste_support(64, tiny) == (0, 0, 0, 0)
-    assert np.array_equal(compose.compose(item, compose.RenderOptions(feather=64, silence_gate=False), tiny), frame)
+    assert np.array_equal(compose.compose(item, compose.RenderOptions(feather=64, silence_gate=False, sharpen=0.0), tiny), frame)
+
+
+def test_sharpen_restores_edges_at_the_frames_scale(rng):
+    """compose's unsharp mask: amount 0 is the network's output untouched; a positive amount puts
+    back gradient energy a blur took away, more for a larger amount, saturating at 0..255; compose
+    sizes its blur to one pixel of the frame, so a small face (the crop enlarged from it) is
+    sharpened at a coarser scale of the crop than a large one."""
+    import compose
+    import metrics
+    sharp = cv2.resize(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), (INNER, INNER), interpolation=cv2.INTER_NEAREST)
+    soft = cv2.GaussianBlur(sharp, (0, 0), 2.0)
+    energy = lambda img: metrics.region_sharpness(img[None])[0]
+    assert compose.sharpen(soft, 0.0) is soft
+    e0, e1, e2 = energy(soft), energy(compose.sharpen(soft, 0.5, 2.0)), energy(compose.sharpen(soft, 1.0, 2.0))
+    assert e0 < e1 < e2 < energy(sharp) * 2 and e2 > 1.5 * e0
+    assert compose.sharpen(soft, 4.0, 2.0).dtype == np.uint8
+    frame = rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)
+    crop = np.zeros((CROP, CROP, 3), np.uint8)
+    outs = {}
+    for side in (100, 328):                                          # a face box of 100 px, then of 328
+        box = np.array([20, 20, 20 + side, 20 + side])
+        item = (frame, box, crop, soft, soft, -10.0)
+        plain = compose.compose(item, compose.RenderOptions(silence_gate=False, color_match=False, feather=0, sharpen=0.0), None)
+        crisp = compose.compose(item, compose.RenderOptions(silence_gate=False, color_match=False, feather=0, sharpen=0.5), None)
+        want = compose.sharpen(soft, 0.5, compose.SHARPEN_SIGMA * max(1.0, CROP / side))
+        outs[side] = want
+        got = geometry.crop_face(crisp, box)[utils.BORDER:utils.BORDER + INNER, utils.BORDER:utils.BORDER + INNER]
+        assert not np.array_equal(plain, crisp)
+        if side == 328:                                              # one crop pixel per frame pixel: the paste is exact
+            assert np.abs(got[40:-40, 40:-40].astype(int) - want[40:-40, 40:-40]).max() <= 1
+    assert not np.array_equal(outs[100], outs[328])
 
 
 def test_resize_uses_one_convention():
