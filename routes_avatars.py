@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from pydantic import BaseModel, Field
 
 import utils
-from compose import GUIDANCE
+from compose import GUIDANCE, SHARPEN
 from jobs import GEN_CKPT, JobStore, Worker, checkpoint_path, json_object
 from routes_jobs import (PRESETS, JobOut, get_settings, get_state, get_store, get_worker, job_out, new_job_dir,
                          require_key)
@@ -222,6 +222,8 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
              checkpoint: Optional[str] = Form(None, description="checkpoint file, e.g. last.pth (default best, else last)"),
              guidance: Optional[float] = Form(None, ge=0, le=4, description=f"how far the mouth moves: 1 = the network's own output, "
                                               f"more opens it wider (inference_328 --guidance; default: the model's fitted one, else {GUIDANCE})"),
+             sharpen: Optional[float] = Form(None, ge=0, le=4, description=f"unsharp mask on the painted mouth: 0 = the network's "
+                                             f"own output (inference_328 --sharpen; default {SHARPEN})"),
              s=Depends(get_settings), store: JobStore = Depends(get_store), worker: Worker = Depends(get_worker),
              state: dict = Depends(get_state)):
     """Queue a generate job: the avatar says the audio; the result is an mp4 with that audio."""
@@ -234,6 +236,8 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
     inputs, request = {"dir": str(folder), "shown": {}}, {"checkpoint": checkpoint or ""}
     if guidance is not None:
         request["guidance"] = guidance
+    if sharpen is not None:
+        request["sharpen"] = sharpen
     try:
         if has_audio:
             shown = shown_name(audio, "audio")

@@ -615,6 +615,11 @@ async function submitGenerate(ev) {
       if (!(Number(g) >= 0 && Number(g) <= 4)) throw new Error("mouth movement: give a number from 0 to 4 (or leave it empty)");
       form.append("guidance", g);
     }
+    const sh = $("#sharpen").value.trim();
+    if (sh) {
+      if (!(Number(sh) >= 0 && Number(sh) <= 4)) throw new Error("mouth sharpening: give a number from 0 to 4 (or leave it empty)");
+      form.append("sharpen", sh);
+    }
     btn.disabled = true;
     const job = await upload("/api/generate", form, null);
     message("Job queued.", "info");

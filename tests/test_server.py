@@ -180,6 +180,31 @@ def test_generate_guidance_is_the_requests_and_moves_the_mouth(client, media_fil
     assert r.json()["detail"][0]["loc"][-1] == "guidance" and "4" in r.json()["detail"][0]["msg"]
 
 
+def test_generate_sharpen_is_the_requests(client, media_files):
+    """`sharpen` reaches the render: the same speech at 0 (the network's output) and 3 gives frames
+    that differ in the mouth only; out of 0..4 it is refused before any job is made."""
+    ckpt = Path(client.app.state.settings.ckpt_root) / "tiny" / "step_1.pth"
+    random_light_checkpoint(ckpt)
+    videos = {}
+    try:
+        for a in ("0", "3"):
+            job = post_generate(client, media_files / "short.wav", guidance="1", sharpen=a, checkpoint=ckpt.name).json()
+            assert job["request"]["sharpen"] == float(a)
+            done = wait(client, job["id"])
+            assert done["status"] == "done", done["error"]
+            out = Path(client.app.state.settings.data_dir) / "results" / f"{job['id']}.mp4"
+            v = media_io.probe(out)["video"]
+            videos[a] = np.stack(list(media_io.iter_frames(out, v["width"], v["height"]))).astype(np.float32)
+    finally:
+        ckpt.unlink()
+    diff = np.abs(videos["0"] - videos["3"]).max(axis=(0, 3))             # (h, w): where any frame changed
+    assert diff.max() > 20 and (diff[: diff.shape[0] // 4] < 12).all()       # the painted mouth, not the top of the frame
+    n_jobs = len(client.get("/api/jobs").json())
+    r = post_generate(client, media_files / "short.wav", sharpen="5")
+    assert r.status_code == 422 and len(client.get("/api/jobs").json()) == n_jobs
+    assert r.json()["detail"][0]["loc"][-1] == "sharpen"
+
+
 def test_generate_errors(client, media_files):
     def detail(r, code):
         assert r.status_code == code, r.text
