@@ -154,24 +154,31 @@ def test_generate_job_end_to_end_with_range_requests(client, media_files):
     assert len(worker.models) == 1
 
 
-def test_generate_guidance_is_the_requests_and_moves_the_mouth(client, media_files):
-    """`guidance` reaches the render: the same speech at 0 (the frame as painted with silence) and 3
-    gives other frames; out of 0..4 it is refused before any job is made. (A light checkpoint whose
-    output depends visibly on the audio, as a trained one's does, removed at the end.)"""
+def render_each(client, media_files, key, values, **data):
+    """Generate jobs of the same speech with request field `key` at each value (a light checkpoint
+    whose output depends visibly on the audio, as a trained one's does, removed at the end) ->
+    {value: the result's frames (N, h, w, 3) float32}, checking each job records the value."""
     ckpt = Path(client.app.state.settings.ckpt_root) / "tiny" / "step_1.pth"
     random_light_checkpoint(ckpt)
     videos = {}
     try:
-        for g in ("0", "3"):
-            job = post_generate(client, media_files / "short.wav", guidance=g, checkpoint=ckpt.name).json()
-            assert job["request"]["guidance"] == float(g)
+        for value in values:
+            job = post_generate(client, media_files / "short.wav", checkpoint=ckpt.name, **{key: value}, **data).json()
+            assert job["request"][key] == float(value)
             done = wait(client, job["id"])
             assert done["status"] == "done", done["error"]
             out = Path(client.app.state.settings.data_dir) / "results" / f"{job['id']}.mp4"
             v = media_io.probe(out)["video"]
-            videos[g] = np.stack(list(media_io.iter_frames(out, v["width"], v["height"]))).astype(np.float32)
+            videos[value] = np.stack(list(media_io.iter_frames(out, v["width"], v["height"]))).astype(np.float32)
     finally:
         ckpt.unlink()
+    return videos
+
+
+def test_generate_guidance_is_the_requests_and_moves_the_mouth(client, media_files):
+    """`guidance` reaches the render: the same speech at 0 (the frame as painted with silence) and 3
+    gives other frames; out of 0..4 it is refused before any job is made."""
+    videos = render_each(client, media_files, "guidance", ("0", "3"))
     assert videos["0"].shape == videos["3"].shape
     assert np.abs(videos["0"] - videos["3"]).max(axis=(1, 2, 3)).mean() > 10       # the mouth moved, frame by frame
     n_jobs = len(client.get("/api/jobs").json())
@@ -182,21 +189,9 @@ def test_generate_guidance_is_the_requests_and_moves_the_mouth(client, media_fil
 
 def test_generate_sharpen_is_the_requests(client, media_files):
     """`sharpen` reaches the render: the same speech at 0 (the network's output) and 3 gives frames
-    that differ in the mouth only; out of 0..4 it is refused before any job is made."""
-    ckpt = Path(client.app.state.settings.ckpt_root) / "tiny" / "step_1.pth"
-    random_light_checkpoint(ckpt)
-    videos = {}
-    try:
-        for a in ("0", "3"):
-            job = post_generate(client, media_files / "short.wav", guidance="1", sharpen=a, checkpoint=ckpt.name).json()
-            assert job["request"]["sharpen"] == float(a)
-            done = wait(client, job["id"])
-            assert done["status"] == "done", done["error"]
-            out = Path(client.app.state.settings.data_dir) / "results" / f"{job['id']}.mp4"
-            v = media_io.probe(out)["video"]
-            videos[a] = np.stack(list(media_io.iter_frames(out, v["width"], v["height"]))).astype(np.float32)
-    finally:
-        ckpt.unlink()
+    that differ where the mouth is painted, not in the frame's top quarter; out of 0..4 it is refused
+    before any job is made."""
+    videos = render_each(client, media_files, "sharpen", ("0", "3"), guidance="1")
     diff = np.abs(videos["0"] - videos["3"]).max(axis=(0, 3))             # (h, w): where any frame changed
     assert diff.max() > 20 and (diff[: diff.shape[0] // 4] < 12).all()       # the painted mouth, not the top of the frame
     n_jobs = len(client.get("/api/jobs").json())
