@@ -20,7 +20,7 @@ from utils import BORDER, FEAT_WIN, INNER, UserError
 REFERENCES = ("closed", "open", "random", "audio")
 GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (RESULTS.md round 8)
 LIVE_GUIDANCE = 1.0  # a live stream's (stream.py): one U-Net pass a frame keeps light widths in real time
-SHARPEN = 0.5        # RenderOptions.sharpen's default: mouth sharpness 0.74-0.78 -> 0.89-0.96 of the truth's for 0.13-0.20 dB of mouth PSNR (RESULTS.md round 39)
+SHARPEN = 0.5        # RenderOptions.sharpen's default: mouth sharpness 0.71-0.78 -> 0.86-0.96 of the truth's for 0.13-0.20 dB of mouth PSNR (RESULTS.md round 39)
 SHARPEN_SIGMA = 1.0  # px of the frame (at least one of the crop): the blur the unsharp mask (sharpen) takes away
 BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
 
@@ -124,8 +124,9 @@ def guide(run, img, audio, silent, guidance=GUIDANCE):
 
 def sharpen(img, amount, sigma=SHARPEN_SIGMA):
     """Unsharp mask of a uint8 image: img + amount x (img - its Gaussian blur of `sigma` px),
-    saturated to 0..255 (compose gives sigma in the 328 crop's pixels as one of the frame's). The L1-trained mouth holds less fine detail than the person's (evaluate.py's
-    mouth sharpness); this restores the edges it did paint, not detail it did not."""
+    saturated to 0..255 (compose passes one pixel of the frame, in the crop's pixels). The
+    L1-trained mouth holds less fine detail than the person's (evaluate.py's mouth sharpness);
+    this restores the edges it did paint, not detail it did not."""
     if amount <= 0:
         return img
     return cv2.addWeighted(img, 1.0 + amount, cv2.GaussianBlur(img, (0, 0), sigma), -amount, 0)
