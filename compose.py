@@ -20,7 +20,7 @@ from utils import BORDER, FEAT_WIN, INNER, UserError
 REFERENCES = ("closed", "open", "random", "audio")
 GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (RESULTS.md round 8)
 LIVE_GUIDANCE = 1.0  # a live stream's (stream.py): one U-Net pass a frame keeps light widths in real time
-SHARPEN = 0.5        # RenderOptions.sharpen's default: mouth sharpness 0.71-0.78 -> 0.86-0.96 of the truth's for 0.13-0.20 dB of mouth PSNR (RESULTS.md round 39)
+SHARPEN = 0.5        # RenderOptions.sharpen's default: mouth sharpness 0.71-0.85 -> 0.86-0.99 of the truth's for 0.13-0.20 dB of mouth PSNR (RESULTS.md round 39)
 SHARPEN_SIGMA = 1.0  # px of the frame (at least one of the crop): the blur the unsharp mask (sharpen) takes away
 BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
 
