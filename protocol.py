@@ -81,7 +81,7 @@ ROWS = ("psnr_mouth", "ssim_mouth", "lmd_mouth_px", "opening_r", "opening_width_
         "sync_stretch_acc_gen", "silence_gen", "silence_true", "seam_ratio", "sharpness_ratio", "identity_cos")
 
 
-def auto_batch(widths, device, stem="conv", start=4, limit=256):
+def auto_batch(widths, device, stem="conv", amp=True, start=4, limit=256):
     """Largest power-of-two batch (<= limit) whose training step fits in the GPU's memory, halved
     for headroom (the perceptual loss and the data stream need some too)."""
     import torch
@@ -92,13 +92,15 @@ def auto_batch(widths, device, stem="conv", start=4, limit=256):
     while b <= limit:
         try:
             x = torch.rand(b, 6, utils.INNER, utils.INNER, device=device).contiguous(memory_format=torch.channels_last)
-            with utils.autocast(device, True):
+            with utils.autocast(device, amp):
                 loss = model(x, torch.randn(b, 32, 16, 16, device=device)).float().mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             ok, b = b, 2 * b
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:   # torch.cuda.OutOfMemoryError, or cuDNN failing to get its workspace
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and "CUDNN" not in str(e).upper():
+                raise
             break
         finally:
             x = loss = None
@@ -208,7 +210,7 @@ def main(cfg):
 
     # the generator
     widths = train_328.parse_widths(cfg.widths)
-    batch = cfg.batch_size or (auto_batch(widths, device, cfg.stem) if device.type == "cuda" else 4)
+    batch = cfg.batch_size or (auto_batch(widths, device, cfg.stem, cfg.amp) if device.type == "cuda" else 4)
     label = cfg.label or (f"{cfg.widths.replace(',', '-')}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "") + (f"_ew{cfg.edge_weight:g}" if cfg.edge_weight else "")
                           + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "") + (f"_va{cfg.voice_aug:g}" if cfg.voice_aug else "")
                           + (f"_sw{cfg.open_weight:g}" if cfg.open_weight else "")

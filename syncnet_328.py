@@ -322,7 +322,8 @@ def train_step(model, opt, cfg, lr, batch, device):
     for g in opt.param_groups:
         g["lr"] = lr
     model.train()
-    with utils.autocast(device, cfg.amp, cpu=True):
+    amp = cfg.amp and (device.type != "cuda" or utils.gpu_bf16())   # fp16 (older GPUs) would need loss scaling: fp32 there
+    with utils.autocast(device, amp, cpu=True):
         a, feat = model.embed_audio(mel.to(device), with_feature=True)   # (B, D), (B, 512)
         v = model.embed_face(face.to(device))                          # (B, D)
     loss, acc = sync_loss(model, a.float(), v.float(), frames.to(device), groups.to(device),

@@ -121,19 +121,19 @@ def parse_widths(text):
     return utils.parse_widths(text, WIDTHS, count=6, least=2)
 
 
-def rng_state(device):
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+def rng_state(device):   # on a GPU the device in use only: a resume may see fewer GPUs
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"].cpu())
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+    t, k = s.get("cuda"), torch.cuda.current_device() if torch.cuda.is_available() else -1
+    t = t[k] if isinstance(t, (list, tuple)) and 0 <= k < len(t) else t   # older checkpoints: a state per visible GPU
+    if k >= 0 and isinstance(t, torch.Tensor):
+        torch.cuda.set_rng_state(t.cpu())
 
 
 def resolve_paths(cfg):
@@ -275,7 +275,7 @@ def _model(cfg, widths, device, ckpt, opening):
     groups = [dict(params=rest)] + ([dict(params=audio, lr_mult=cfg.audio_lr_mult)] if audio else [])
     # fused: one kernel for all parameters; on CPU the per-tensor paths are far slower with channels_last
     optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not utils.gpu_bf16())
     step, best_loss = 0, float("inf")
     ema = None
     if cfg.ema > 0:

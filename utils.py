@@ -220,15 +220,19 @@ def cpu_bf16():
     return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def autocast(device, enabled=True, cpu=False):
-    """Mixed precision: GPU bf16 (else fp16); CPU bf16 for training loops (cpu=True) if cpu_bf16()."""
+def gpu_bf16():
+    """True where the GPU has bf16 units (Ampere on; torch's default answer counts emulation): else fp16 + loss scaling."""
     import torch
-    if enabled and device.type == "cpu" and cpu and cpu_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    if not enabled or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def autocast(device, enabled=True, cpu=False):
+    """Mixed precision: GPU bf16 where native (else fp16); CPU bf16 for training loops (cpu=True) if cpu_bf16()."""
+    import torch
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if gpu_bf16() else torch.float16)
+    on_cpu = enabled and device.type == "cpu" and cpu and cpu_bf16()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,11 +373,8 @@ def default_generator_checkpoint(folder):
 
 def package_version(dist):
     """Installed version of a distribution, or None."""
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
+    from importlib import metadata
+    return next((d.version for d in metadata.distributions(name=dist)), None)
 
 
 def warmup_cosine(step, lr, warmup, end, min_frac):
@@ -439,11 +440,8 @@ def hardware(device=None):
     """One line naming the machine a benchmark ran on (CPU model, cores, threads, GPU, load)."""
     import platform
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), platform.processor() or platform.machine())
     cuda = (device is None or getattr(device, "type", "") == "cuda") and torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(device if device is not None else 0) if cuda else "no GPU"
     return (f"{cpu}{' (bf16 units)' if cpu_bf16() else ''}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "

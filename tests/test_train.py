@@ -674,3 +674,40 @@ def test_mask_box_bounds_the_mask_on_an_aligned_grid():
 def test_adversarial_term_refuses_windows(data_root, tmp_path):
     with pytest.raises(utils.UserError, match="--adv_weight 0"):
         train_328.main(config(data_root, tmp_path / "w", adv_weight=0.1, window=192))
+
+
+def test_resume_restores_the_cuda_generator_of_the_device_in_use(monkeypatch):
+    """A CUDA run's checkpoint keeps the RNG state of its own device only, and one from before that
+    (a state per visible GPU) restores on a machine that sees fewer GPUs instead of failing."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t, device="cuda": restored.append(t.clone()))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restores every GPU's state"))
+    base = train_328.rng_state(torch.device("cpu"))
+    assert "cuda" not in base
+    one = torch.arange(16, dtype=torch.uint8)
+    train_328.set_rng_state(dict(base, cuda=one))
+    old = [torch.full((16,), k, dtype=torch.uint8) for k in (7, 8, 9)]    # saved on a 3-GPU node
+    train_328.set_rng_state(dict(base, cuda=old))
+    assert len(restored) == 2 and torch.equal(restored[0], one) and torch.equal(restored[1], old[0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)           # device 5 of a bigger node: none saved
+    train_328.set_rng_state(dict(base, cuda=old))
+    assert len(restored) == 2
+
+
+def test_gpus_without_native_bf16_train_in_fp16_with_loss_scaling(monkeypatch):
+    """torch's default bf16 answer counts emulation; a card without bf16 units (V100, T4) must get
+    fp16 under autocast and the loss scaler, an Ampere or later card bf16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+
+    def supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation          # emulated only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert utils.gpu_bf16() is False and asked == [False]
+    with utils.autocast(torch.device("cuda")) as ctx:
+        assert ctx.fast_dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert utils.gpu_bf16() is True
