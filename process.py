@@ -123,6 +123,10 @@ def apply_av_offset(wav, opening, mode):
                else f"warning: {said}; shifted it by {shift} frames as --av_offset asks")
     elif shift:
         msg = f"note: audio shifted by {shift} frames as --av_offset asks (measured offset: {d if d is not None else 'unclear'})"
+    elif d is None and abs(av["peak"]) >= av_offset.WARN_FRAMES:   # a peak, but not one to trust: say so, change nothing
+        msg = (f"note: the audio-video offset is unclear (best shift {av['peak']:+d} frames, held-out r {av['r']:.2f} against "
+               f"{av['r_at_0']:.2f} unshifted: too short or too little clear speech to be sure); kept the audio as recorded. "
+               f"If the lips of the results lag or lead the voice, process again with --av_offset N (+ = audio late)")
     record = dict(av, mode=str(mode), applied=int(shift))
     if shift:
         wav = av_offset.shift_audio(wav, shift)

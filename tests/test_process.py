@@ -165,3 +165,13 @@ def test_a_short_stretch_of_a_clip_in_sync_is_not_shifted():
     assert tail["frames"] is None or abs(tail["frames"]) < av_offset.WARN_FRAMES, tail
     late = av_offset.measure(opening, media_io.melspectrogram(av_offset.shift_audio(wav, -6)))   # made 6 frames late
     assert late["frames"] in (6, 7, 8), late
+
+
+def test_an_unclear_offset_is_kept_and_said(tmp_path):
+    """The 8 s HDTF clip peaks at +4 frames without a trustworthy margin: the audio stays as
+    recorded, and the user is told how to shift it by hand if the results look off."""
+    r = subprocess.run([sys.executable, str(ROOT / "process.py"), str(media("aoc_hdtf_8s.mp4")), "--name", "h",
+                        "--data_root", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    av = json.loads((tmp_path / "h" / "meta.json").read_text())["av_offset"]
+    assert r.returncode == 0 and av["frames"] is None and av["applied"] == 0 and abs(av["peak"]) >= 2, av
+    assert "offset is unclear" in r.stdout and "kept the audio as recorded" in r.stdout and "--av_offset N" in r.stdout, r.stdout
