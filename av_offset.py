@@ -18,9 +18,9 @@ would on a recording that short (MIN_GAIN, GAIN_SCALE / sqrt(frames)).
 Measured on windows of real clips in sync (grid, andrew, the German anchor, feifei) and the same
 windows with their audio made 6 frames late or 5 early (RESULTS.md round 40), share of windows
 left 2 frames or more off after the correction, in sync / moved, by the window's length:
-6 s 0.03 / 0.61, 10 s 0 / 0.36, 15 s 0 / 0.24, 30 s 0 / 0.05 (the opening alone with the gain
-fixed at 0.10: 0.21 / 0.79, 0.04 / 0.52, 0 / 0.60, 0 / 0.50). Whole clips (frames, + = audio
-late): outdoor_7s +9, the others 0 or +-1, left as recorded.
+6 s 0.03 / 0.61, 10 s 0 / 0.36, 15 s 0 / 0.24, 30 s 0 / 0.05 (the estimator before, the opening
+alone at ridge 0.1 and a fixed gain of 0.10: 0.21 / 0.79, 0.04 / 0.52, 0 / 0.60, 0 / 0.50). Whole
+clips (frames, + = audio late): outdoor_7s +8, the others 0 or +-1 or unclear, left as recorded.
 
     python av_offset.py dataset/anna          # the offset of a processed dataset
 """
