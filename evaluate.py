@@ -28,6 +28,7 @@ Conventions: lag > 0 means the generated mouth moves LATER than the truth (or th
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -48,7 +49,7 @@ from metrics import (CLOSED_SHARE, JITTER_MARGIN, SEAM_PAD, SILENCE_CONTRAST_DB,
                      SILENCE_HOLD, SILENCE_MIN_DB, best_lag, chance_r, closed_threshold, cosine,
                      jitter_ratio, lmd, load_syncnet, loudness_db, mean_finite, mouth_opening, pearson,
                      region_sharpness, seam_band, sharpness_ratio, silence_score, silent_frames, speech_frames,
-                     sync_confidence, uncorrelated_shift, width_ratio)
+                     sync_confidence, truth_sync_warning, uncorrelated_shift, width_ratio)
 from utils import FPS, INNER, MOUTH_MARGIN, SR, UserError
 
 
@@ -258,8 +259,9 @@ def main(cfg):
              f"{cfg.video} | {result['frames']} frames")
     print(format_table(result["metrics"], title))
     print(f"metrics: {json_path}")
-    for k, v in result["outputs"].items():
-        print(f"{k}: {v}")
+    print("\n".join(f"{k}: {v}" for k, v in result["outputs"].items()))
+    if not cfg.audio and (warn := truth_sync_warning(result["metrics"])):   # a held-out clip whose own audio is off
+        print(warn, file=sys.stderr)
     return result
 
 

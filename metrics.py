@@ -295,3 +295,15 @@ def sync_confidence(net, crops320, mel, device, max_offset=SYNC_MAX_OFFSET, batc
     return {"offset": int(lags[k]), "conf": float(curve[k] - np.median(curve)), "p_sync": p0,
             "stretch_acc": stretch_acc, "stretches": stretches, "stretch_s": stretch / utils.FPS,
             "curve": [round(float(c), 3) for c in curve]}
+
+
+def truth_sync_warning(m, min_offset=2, max_acc=0.8):
+    """A warning line when our SyncNet finds the held-out truth itself out of step with its audio
+    (offset >= min_offset frames and sync check below max_acc), else None: its audio was shifted
+    wrongly (or not at all) and every timing figure is then measured against a moved truth."""
+    off, acc = m.get("sync_offset_true"), m.get("sync_stretch_acc_true")
+    if off is None or acc is None or abs(off) < min_offset or acc >= max_acc:
+        return None
+    return (f"warning: our SyncNet finds the held-out video's own audio {off:+d} frames off its lips (sync check "
+            f"{acc:.2f}): the timing figures (opening r, sync, LMD) are measured against a moved truth; see the shift "
+            f"its meta.json records (av_offset), process the clip again with --av_offset N (0 = as recorded) and pass that dataset as --video")

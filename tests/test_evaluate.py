@@ -293,3 +293,15 @@ def test_another_speakers_dataset_as_audio(tiny_dataset, tmp_path):
     with pytest.raises(utils.UserError, match="a folder must be one process.py made"):
         ev.main(replace(cfg, audio=str(tmp_path / "empty"), out_dir=str(tmp_path / "none")))
     assert not (tmp_path / "none").exists()
+
+
+def test_a_held_out_truth_out_of_step_with_its_audio_is_warned_about():
+    """Round 40: a 6 s held-out clip shifted 3 frames by a false offset scored the truth's own sync
+    check 0.46 at offset 3; evaluate.py then says so instead of reporting timing figures silently."""
+    from metrics import truth_sync_warning
+    w = truth_sync_warning({"sync_offset_true": 3, "sync_stretch_acc_true": 0.458})
+    assert w.startswith("warning:") and "+3 frames" in w and "0.46" in w and "--av_offset N" in w
+    assert truth_sync_warning({"sync_offset_true": 0, "sync_stretch_acc_true": 0.78}) is None     # a weak judge, in step
+    assert truth_sync_warning({"sync_offset_true": -4, "sync_stretch_acc_true": 0.979}) is None   # a confident check
+    assert truth_sync_warning({"sync_offset_true": 1, "sync_stretch_acc_true": 0.3}) is None
+    assert truth_sync_warning({}) is None                                                          # no SyncNet judge
