@@ -59,18 +59,18 @@ def frame_features(mel, n):
 
 
 def _held_out_r(x, y):
-    """Pearson r of y with its ridge prediction from x, each fold predicted by the other folds."""
-    n, pred = len(y), np.zeros(len(y))
+    """Pearson r of each column of y [n, k] with its ridge prediction from x, each fold predicted by
+    the other folds (one solve for all k targets: they share the features) -> [k]."""
+    n, pred = len(y), np.zeros(y.shape)
     edges = np.linspace(0, n, FOLDS + 1).astype(int)
     for a, b in zip(edges[:-1], edges[1:]):
         tr = np.r_[0:a, b:n]
         mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
-        xt, ym = (x[tr] - mu) / sd, y[tr].mean()
+        xt, ym = (x[tr] - mu) / sd, y[tr].mean(0)
         w = np.linalg.solve(xt.T @ xt + RIDGE * len(tr) * np.eye(x.shape[1]), xt.T @ (y[tr] - ym))
         pred[a:b] = ((x[a:b] - mu) / sd) @ w + ym
-    if pred.std() < 1e-12 or y.std() < 1e-12:
-        return 0.0
-    return float(np.corrcoef(pred, y)[0, 1])
+    return np.array([0.0 if p.std() < 1e-12 or v.std() < 1e-12 else float(np.corrcoef(p, v)[0, 1])
+                     for p, v in zip(pred.T, y.T)])
 
 
 def offset_curve(opening, mel, max_lag=MAX_LAG):
@@ -78,7 +78,7 @@ def offset_curve(opening, mel, max_lag=MAX_LAG):
     frame t against the audio around frame t + lag) predicts the opening and its change (the mean
     of the two r)."""
     y = np.asarray(opening, np.float64)
-    ys = (y, np.gradient(y)) if len(y) > 1 else (y, y)
+    ys = np.stack([y, np.gradient(y) if len(y) > 1 else y], 1)     # (n, 2): the opening and its change
     n = len(y)
     feats = frame_features(mel, n)
     m = max(0, min(int(max_lag), (n - 2 * CONTEXT) // 4))
@@ -86,7 +86,7 @@ def offset_curve(opening, mel, max_lag=MAX_LAG):
     for d in lags:
         t = np.arange(max(0, CONTEXT - d), min(n, n - d - CONTEXT))
         x = np.concatenate([feats[t + d + c] for c in range(-CONTEXT, CONTEXT + 1)], 1)
-        r.append(np.mean([_held_out_r(x, v[t]) for v in ys]) if len(t) >= 5 * FOLDS else 0.0)
+        r.append(float(_held_out_r(x, ys[t]).mean()) if len(t) >= 5 * FOLDS else 0.0)
     return lags, np.array(r)
 
 
