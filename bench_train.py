@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-import datasets
+import synthetic
 import train_328
 import utils
 
@@ -44,7 +44,7 @@ def main(cfg):
     with tempfile.TemporaryDirectory() as tmp:
         root, name = (Path(cfg.data_root), cfg.name) if cfg.name else (Path(tmp) / "data", "fake")
         if not cfg.name:
-            datasets.write_fake_dataset(root / name, n=80)
+            synthetic.write_fake_dataset(root / name, n=80)
         for preset in [w.strip() for w in cfg.widths.split(",") if w.strip()]:
             res = train_328.main(train_328.Config(
                 name=name, data_root=str(root), out_dir=str(Path(tmp) / f"ck_{preset}"), widths=preset, stem=cfg.stem,

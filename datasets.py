@@ -114,7 +114,7 @@ class LipDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds_dir, frames=None, seed=0, augment=False, expected_encoder_id=None,
                  clip=1, ref_frames=None, ref_gap=REF_GAP, mel_offsets=(0,), mask=None, audio_source="mel",
-                 ref_by_audio=False, voice_aug=0.0):
+                 ref_by_audio=False, voice_aug=0.0, context_swap=0.0):
         ds = Path(ds_dir)
         self.ds = ds
         info = read_feature_info(ds)
@@ -136,6 +136,7 @@ class LipDataset(torch.utils.data.Dataset):
         if len(frames) and (frames.min() < 0 or frames.max() >= n):
             raise ValueError(f"frames outside 0..{n - 1}")
         self.n, self.clip, self.seed, self.augment, self.ref_gap = n, clip, seed, augment, ref_gap
+        self.context_swap, self.frame_set = context_swap, frozenset(frames.tolist())   # --context_swap: neighbours drawn from the subset
         self.mel_offsets = tuple(mel_offsets)
         lm320 = templates.dataset_landmarks320(ds, n)   # per-frame mouth boxes in the 320 crop, for held-out metrics
         self.mouth = np.array([geometry.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
@@ -206,6 +207,21 @@ class LipDataset(torch.utils.data.Dataset):
         """Frame i's 328 crop (uint8 BGR); the JPEG benchmark overrides this."""
         return self.crops[i]
 
+    def swap_context(self, cur, i, rng, light=None):
+        """--context_swap: frame i's crop (1, 320, 320, 3) with everything outside the masked area
+        taken from a frame CONTEXT_GAP frames away (the mouth still frame i's), so that what the
+        network sees around the hole tells it nothing of how far this mouth is open, as at
+        inference, where the template frame's surroundings belong to another moment."""
+        d = int(rng.integers(CONTEXT_GAP[0], CONTEXT_GAP[1] + 1)) * (1 if rng.random() < 0.5 else -1)
+        c = next((f for f in (i + d, i - d) if f in self.frame_set), None)
+        if c is None:
+            return cur
+        ctx = geometry.inner(self.load_crop(c))
+        if light is not None:
+            ctx = np.clip(ctx * light[0] + light[1], 0, 255).astype(np.uint8)
+        hole = geometry.rect_mask() if self.mask is None else self.mask
+        return np.where(hole[None, ..., None], cur, ctx[None])
+
     def __getitem__(self, item):
         k, epoch = item if isinstance(item, tuple) else (item, self.epoch)
         i = int(self.items[k])
@@ -217,6 +233,8 @@ class LipDataset(torch.utils.data.Dataset):
             gain = np.float32(1 + rng.uniform(-AUG_GAIN, AUG_GAIN))
             bias = np.float32(255 * rng.uniform(-AUG_BIAS, AUG_BIAS) + 0.5)   # + 0.5: round, not floor
             ref, cur = (np.clip(x * gain + bias, 0, 255).astype(np.uint8) for x in (ref, cur))
+        if self.clip == 1 and self.context_swap > 0 and rng.random() < self.context_swap:
+            cur = self.swap_context(cur, i, rng, (gain, bias) if self.augment else None)
         masked = geometry.mask_inner(cur, self.mask)
         feats = self.feats if self.variants is None or rng.random() >= self.voice_aug else \
             self.variants[rng.integers(len(self.variants))]           # the same words in another voice
@@ -244,6 +262,7 @@ def generator_mask(ds_dir, frames, kind):
     return geometry.jaw_mask(geometry.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]), up=0.0 if kind == "under_nose" else None)
 
 
+CONTEXT_GAP = (4, 25)              # --context_swap: frames (0.16-1 s) between a sample and the frame lending its surroundings
 REFERENCES = ("random", "closed", "audio")   # training's reference pool: any training frame, the closed-mouth share, or the audio bank
 CLOSED_SHARE = 0.1                 # --reference closed: the 10% of training frames with the most closed mouth
 BANK_SIZE = 64                     # --reference audio: training frames in the bank (k-means of their audio keys; saved in the checkpoint)
@@ -349,54 +368,6 @@ def opening_weights(opening, w):
     distance from its median in robust standard deviations (capped at 3), so the wide-open and
     the tightly closed frames, the extremes an L1-trained mouth under-shoots, come up more often."""
     return 1.0 + w * np.minimum(np.abs(templates.robust_z(opening)), 3.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# A synthetic dataset folder for tests and benchmarks: a "mouth" whose opening follows a scalar
-# that is also written into the audio features, so the task is learnable and audio matters.
-def write_fake_dataset(ds_dir, n=40, seed=0):
-    """Write a minimal processed dataset (crops.npy, mel.npy, aud_feat.npy/.json, meta.json,
-    landmarks.npz, an audio-encoder checkpoint as the features' source) into ds_dir."""
-    from audio_features import encoder_id
-    from unet_328 import AudioEncoder
-    ds = Path(ds_dir)
-    ds.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    openness = (0.5 + 0.5 * np.sin(np.arange(n) * 0.7)).astype(np.float32)       # (N,) in [0, 1]
-    yy, xx = np.mgrid[0:utils.CROP, 0:utils.CROP].astype(np.float32)
-    skin = np.stack([120 + 40 * yy / utils.CROP, 150 + 20 * xx / utils.CROP, 190 + 0 * xx], -1)
-    crops = np.empty((n, utils.CROP, utils.CROP, 3), np.uint8)
-    for i in range(n):
-        img = skin + rng.normal(0, 4, skin.shape)
-        mouth = ((xx - 164) / 60) ** 2 + ((yy - 240) / (4 + 30 * openness[i])) ** 2 < 1
-        img[mouth] = (40, 30, 90)
-        crops[i] = np.clip(img, 0, 255).astype(np.uint8)
-    np.save(ds / utils.CROPS, crops)
-    n_mel = n * utils.MEL_FPS // utils.FPS + 1
-    np.save(ds / utils.MEL, rng.uniform(-4, 4, (utils.N_MELS, n_mel)).astype(np.float32))
-    direction = rng.normal(0, 1, utils.FEAT_DIM).astype(np.float32)
-    feats = openness[:, None] * direction[None] + rng.normal(0, 0.1, (n, utils.FEAT_DIM)).astype(np.float32)
-    np.save(ds / utils.AUD_FEAT, feats.astype(np.float32))
-    torch.manual_seed(seed)
-    enc = AudioEncoder()
-    utils.save_checkpoint({"model": enc.state_dict()}, ds / "fake_encoder.pth")
-    (ds / utils.AUD_FEAT_INFO).write_text(json.dumps({"encoder_id": encoder_id(enc), "source": str(ds / "fake_encoder.pth"),
-                                                  "frames": n, "fake": True}))
-    boxes = np.tile(np.array([0, 0, utils.CROP, utils.CROP]), (n, 1))
-    lms = np.zeros((n, 68, 2), np.float32)                   # the mouth on the drawn ellipse, a jaw line and nose bottom around it
-    t = np.pi - np.pi * np.arange(17) / 16                    # contour 0..16: left cheek, chin, right cheek
-    lms[:, :17, 0], lms[:, :17, 1] = 164 + 150 * np.cos(t), 200 + 100 * np.sin(t)
-    lms[:, 31:36, 0], lms[:, 31:36, 1] = np.linspace(140, 188, 5), 175
-    # outer lip 48..59 on the ellipse, inner lip 60..67 inside it (the 68-point order: left corner,
-    # upper lip left to right, right corner, lower lip right to left), so mouth_opening follows it
-    for idx, scale in ((np.arange(48, 60), 1.0), (np.arange(60, 68), 0.8)):
-        ang = np.pi - 2 * np.pi * np.arange(len(idx)) / len(idx)
-        lms[:, idx, 0] = 164 + scale * 60 * np.cos(ang)
-        lms[:, idx, 1] = 240 - scale * (4 + 30 * openness[:, None]) * np.sin(ang)
-    np.savez(ds / utils.LANDMARKS, lms=lms, crop_boxes=boxes, found=np.ones(n, bool))
-    (ds / utils.META).write_text(json.dumps({"name": ds.name, "fps": utils.FPS, "frames": n, "fake": True,
-                                              "width": utils.CROP, "height": utils.CROP}))
-    return ds
 
 
 # ----------------------------------------------------------------------------------------------

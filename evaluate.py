@@ -167,6 +167,8 @@ ROWS = [  # key, label, ideal / reading
     ("ablation_shift_frames", "  other audio: rolled by (frames)", ""),
     ("ablation_audio_r", "  its loudness vs the real audio's (r)", "~0"),
     ("opening_r_other_own", "  other-audio opening vs the truth of its audio's moment", "~opening r"),
+    ("opening_width_other", "  its width ratio (the audio not the frames' own)", "~1"),
+    ("lmd_other_px", "  its LMD against that truth (px, 320 crop)", "0"),
     ("speech_frames", "speech frames (louder than silence)", ""),
     ("opening_r_speech", "opening r vs truth, speech frames only", "1"),
     ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
@@ -204,11 +206,8 @@ def format_table(metrics, title):
 
 # ----------------------------------------------------------------------------------------------
 def default_out_dir(cfg):
-    parts = [cfg.name or "model", utils.safe_stem(cfg.video)]
-    if cfg.audio:
-        parts.append(utils.safe_stem(cfg.audio))
-    if cfg.baseline:
-        parts.append(f"baseline-{cfg.baseline}")
+    parts = [cfg.name or "model", utils.safe_stem(cfg.video)] + ([utils.safe_stem(cfg.audio)] if cfg.audio else [])
+    parts += [f"baseline-{cfg.baseline}"] if cfg.baseline else []
     return utils.REPO / "result" / "eval" / "_".join(parts)
 
 
@@ -268,9 +267,7 @@ def main(cfg):
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+    return o.tolist() if isinstance(o, np.ndarray) else str(o)
 
 
 def _clean(v):
@@ -326,9 +323,11 @@ def _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, sil
     n = len(db)
     shift = (int(round(cfg.ablation_shift * n)) % n or n // 2) if cfg.ablation_shift > 0 else uncorrelated_shift(db)
     m["ablation_shift_frames"], m["ablation_audio_r"] = shift, pearson(np.roll(db, shift), db)
-    other_open = mouth_opening(other_pass()["gen_lms"])
+    other_open = mouth_opening(other := other_pass()["gen_lms"])
     m["opening_r_other_audio"] = pearson(other_open, t_open)
     m["opening_r_other_own"] = pearson(other_open, np.roll(t_open, shift))
+    m["opening_width_other"] = width_ratio(other_open, np.roll(t_open, shift))   # the product's case: audio not the frames' own
+    m["lmd_other_px"] = lmd(to_crop_coords(other, template.boxes[tmpl_idx]), np.roll(true320, shift, axis=0))
     m["ablation_gap"] = m["opening_r"] - m["opening_r_other_audio"]
     sp = speech_frames(db, silence_db)
     m["speech_frames"] = int(sp.sum())

@@ -57,6 +57,7 @@ class Config:
     ema: float = train_328.Config.ema          # [0..0.9999] moving average of the generator's weights (train_328 --ema)
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
     voice_aug: float = 0.0         # [0..1] share of samples heard through an augmented copy's features (train_328 --voice_aug; the copies are made once: syncnet_328 --feature_variants 4)
+    context_swap: float = train_328.Config.context_swap   # [0..1] share of samples whose surroundings of the hole come from another moment (train_328 --context_swap)
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
     edge_weight: float = 0.0       # [0..] L1 on neighbouring pixels' differences (train_328 --edge_weight)
@@ -78,7 +79,8 @@ class Config:
 
 
 ROWS = ("psnr_mouth", "ssim_mouth", "lmd_mouth_px", "opening_r", "opening_width_ratio", "ablation_gap",
-        "sync_stretch_acc_gen", "silence_gen", "silence_true", "seam_ratio", "sharpness_ratio", "identity_cos")
+        "opening_r_other_own", "opening_width_other", "sync_stretch_acc_gen", "silence_gen", "silence_true",
+        "seam_ratio", "sharpness_ratio", "identity_cos")
 
 
 def auto_batch(widths, device, stem="conv", amp=True, start=4, limit=256):
@@ -212,7 +214,7 @@ def main(cfg):
     widths = train_328.parse_widths(cfg.widths)
     batch = cfg.batch_size or (auto_batch(widths, device, cfg.stem, cfg.amp) if device.type == "cuda" else 4)
     label = cfg.label or (f"{cfg.widths.replace(',', '-')}_b{batch}_s{cfg.steps}_{cfg.mask}_lr{cfg.lr:g}" + (f"_mw{cfg.mouth_weight:g}" if cfg.mouth_weight else "") + (f"_ew{cfg.edge_weight:g}" if cfg.edge_weight else "")
-                          + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "") + (f"_va{cfg.voice_aug:g}" if cfg.voice_aug else "")
+                          + (f"_ow{cfg.opening_weight:g}" if cfg.opening_weight else "") + (f"_va{cfg.voice_aug:g}" if cfg.voice_aug else "") + (f"_cs{cfg.context_swap:g}" if cfg.context_swap != train_328.Config.context_swap else "")
                           + (f"_sw{cfg.open_weight:g}" if cfg.open_weight else "")
                           + (f"_alr{cfg.audio_lr_mult:g}" if cfg.audio_lr_mult != 1 else "") + ("" if cfg.amp else "_fp32") + (f"_ema{cfg.ema:g}" if cfg.ema else "")
                           + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
@@ -230,7 +232,7 @@ def main(cfg):
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
-        lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, edge_weight=cfg.edge_weight, opening_weight=cfg.opening_weight, voice_aug=cfg.voice_aug, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, edge_weight=cfg.edge_weight, opening_weight=cfg.opening_weight, voice_aug=cfg.voice_aug, context_swap=cfg.context_swap, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
         sync_weight=cfg.sync_weight, sync_start=cfg.sync_start, sync_ramp=cfg.sync_ramp, sync_clips=cfg.sync_clips, syncnet=str(sync_dir / utils.SYNCNET_BEST),
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
         adv_weight=cfg.adv_weight, adv_start=cfg.adv_start, num_workers=workers, seed=cfg.seed, overwrite=True, val_every=quarter,

@@ -1,4 +1,5 @@
-"""A synthetic talking clip from one real still face, for the demo and the tests.
+"""A synthetic talking clip from one real still face, for the demo and the tests (and a fake
+processed dataset folder, write_fake_dataset, for tests and benchmarks).
 
     python synthetic.py out.mp4                       # astronaut face + synthetic speech, 8 s
     python synthetic.py out.mp4 --wav speech.wav      # the same face driven by real speech
@@ -8,6 +9,7 @@ the audio, with a dark mouth interior drawn between the lips and a slow, small h
 honest test material (lips follow the audio at lag 0 by construction), not a real recording.
 The default face is scikit-image's astronaut photo (public domain, ships with the package).
 """
+import json
 import sys
 from pathlib import Path
 
@@ -129,6 +131,56 @@ def make_talking_clip(out_path, wav=None, face=None, seconds=8.0, seed=0, drift_
     finally:
         wav_path.unlink(missing_ok=True)
     return out_path
+
+
+# ----------------------------------------------------------------------------------------------
+# A synthetic dataset folder for tests and benchmarks: a "mouth" whose opening follows a scalar
+# that is also written into the audio features, so the task is learnable and audio matters.
+def write_fake_dataset(ds_dir, n=40, seed=0):
+    """Write a minimal processed dataset (crops.npy, mel.npy, aud_feat.npy/.json, meta.json,
+    landmarks.npz, an audio-encoder checkpoint as the features' source) into ds_dir."""
+    import torch
+
+    from audio_features import encoder_id
+    from unet_328 import AudioEncoder
+    ds = Path(ds_dir)
+    ds.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    openness = (0.5 + 0.5 * np.sin(np.arange(n) * 0.7)).astype(np.float32)       # (N,) in [0, 1]
+    yy, xx = np.mgrid[0:utils.CROP, 0:utils.CROP].astype(np.float32)
+    skin = np.stack([120 + 40 * yy / utils.CROP, 150 + 20 * xx / utils.CROP, 190 + 0 * xx], -1)
+    crops = np.empty((n, utils.CROP, utils.CROP, 3), np.uint8)
+    for i in range(n):
+        img = skin + rng.normal(0, 4, skin.shape)
+        mouth = ((xx - 164) / 60) ** 2 + ((yy - 240) / (4 + 30 * openness[i])) ** 2 < 1
+        img[mouth] = (40, 30, 90)
+        crops[i] = np.clip(img, 0, 255).astype(np.uint8)
+    np.save(ds / utils.CROPS, crops)
+    n_mel = n * utils.MEL_FPS // utils.FPS + 1
+    np.save(ds / utils.MEL, rng.uniform(-4, 4, (utils.N_MELS, n_mel)).astype(np.float32))
+    direction = rng.normal(0, 1, utils.FEAT_DIM).astype(np.float32)
+    feats = openness[:, None] * direction[None] + rng.normal(0, 0.1, (n, utils.FEAT_DIM)).astype(np.float32)
+    np.save(ds / utils.AUD_FEAT, feats.astype(np.float32))
+    torch.manual_seed(seed)
+    enc = AudioEncoder()
+    utils.save_checkpoint({"model": enc.state_dict()}, ds / "fake_encoder.pth")
+    (ds / utils.AUD_FEAT_INFO).write_text(json.dumps({"encoder_id": encoder_id(enc), "source": str(ds / "fake_encoder.pth"),
+                                                  "frames": n, "fake": True}))
+    boxes = np.tile(np.array([0, 0, utils.CROP, utils.CROP]), (n, 1))
+    lms = np.zeros((n, 68, 2), np.float32)                   # the mouth on the drawn ellipse, a jaw line and nose bottom around it
+    t = np.pi - np.pi * np.arange(17) / 16                    # contour 0..16: left cheek, chin, right cheek
+    lms[:, :17, 0], lms[:, :17, 1] = 164 + 150 * np.cos(t), 200 + 100 * np.sin(t)
+    lms[:, 31:36, 0], lms[:, 31:36, 1] = np.linspace(140, 188, 5), 175
+    # outer lip 48..59 on the ellipse, inner lip 60..67 inside it (the 68-point order: left corner,
+    # upper lip left to right, right corner, lower lip right to left), so mouth_opening follows it
+    for idx, scale in ((np.arange(48, 60), 1.0), (np.arange(60, 68), 0.8)):
+        ang = np.pi - 2 * np.pi * np.arange(len(idx)) / len(idx)
+        lms[:, idx, 0] = 164 + scale * 60 * np.cos(ang)
+        lms[:, idx, 1] = 240 - scale * (4 + 30 * openness[:, None]) * np.sin(ang)
+    np.savez(ds / utils.LANDMARKS, lms=lms, crop_boxes=boxes, found=np.ones(n, bool))
+    (ds / utils.META).write_text(json.dumps({"name": ds.name, "fps": utils.FPS, "frames": n, "fake": True,
+                                              "width": utils.CROP, "height": utils.CROP}))
+    return ds
 
 
 if __name__ == "__main__":

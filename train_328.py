@@ -5,17 +5,16 @@
     python train_328.py --name anna --widths light --batch_size 2 --max_steps 20 --device cpu   # CPU smoke run
     torchrun --nproc_per_node 4 train_328.py --name anna             # multi-GPU (DDP)
 
-Each step: a batch of single frames (reference = another frame, masked crop, audio window), plus,
-with --sync_weight > 0 and a SyncNet checkpoint, `sync_clips` clips of the SyncNet's T (5) consecutive
-frames whose predictions SyncNet (frozen) judges against the clip's mel windows. Loss = L1 +
-perceptual_weight x perceptual (VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM of the luma)
-+ sync weight x sync BCE (off by default: measured to hurt, see README section 3).
+Each step: a batch of single frames (reference = another frame, masked crop, audio window; with
+--context_swap a share of them wear a nearby frame's face around the hole), plus, with --sync_weight > 0
+and a SyncNet checkpoint, `sync_clips` clips of T (5) consecutive frames whose predictions the frozen
+SyncNet judges against the clip's mel windows. Loss = L1 + perceptual_weight x perceptual (VGG19 conv3_3
+if its ImageNet weights are on disk, else MS-SSIM of the luma) + sync weight x sync BCE (off by default).
 Writes last.pth (every save_every steps and at the end), best.pth (lowest held-out L1),
 step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference | masked |
 prediction | truth). `--resume auto` continues exactly where last.pth left off: data order,
 references and the lr schedule are pure functions of (seed, step). Ctrl-C loses at most
-save_every steps. Speed (`python bench_train.py --threads 1`, batch 8, MS-SSIM, a 2-core Xeon at load
-~5): light 10 s/step (6.7 CPU s), full 23 s/step (14.5 CPU s). Real training is a GPU job.
+save_every steps. Speed: `python bench_train.py` (README section 3).
 """
 import dataclasses
 import json
@@ -66,6 +65,7 @@ class Config:
     audio_lr_mult: float = 1.0      # [>0..] the U-Net's audio branch learns at lr x this (1 = one rate for all)
     ema: float = 0.99               # [0..0.9999] > 0: keep an exponential moving average of the weights (this decay per step, less in the first steps: ema_update); checkpoints' model and the held-out check use it (0 = off; RESULTS.md round 9)
     voice_aug: float = 0.0          # [0..1] share of training samples whose audio features come from an augmented copy of the recording (another pitch/formants, gain, noise: aud_feat_aug.npz, syncnet_328 --feature_variants): the words in other voices
+    context_swap: float = 0.25      # [0..1] share of training samples whose surroundings of the masked area come from a frame 0.16-1 s away (datasets.LipDataset.swap_context), so the mouth follows the audio, not the face around it: with audio that is not the template frames' own (every inference) the mouth opens wider and truer, for ~0.4 dB of self-reenactment PSNR (RESULTS.md round 41); 0 = the target frame's own
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
     num_workers: int = -1           # [-1..] DataLoader worker processes per loader and process; -1 = auto: 0 on a CPU (a worker's process slows the training threads more than it saves: 1.27x the steps/s at 2 threads, RESULTS.md round 22), 2 on a GPU
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
@@ -231,7 +231,7 @@ def _data(cfg, ds, ckpt, enc_id):
         mask = generator_mask(ds, train_idx, cfg.mask)
     refs = reference_pool(ds, train_idx, cfg.reference)
     train_set = LipDataset(ds, train_idx, cfg.seed, cfg.augment, expected_encoder_id=enc_id, mask=mask, ref_frames=refs,
-                           ref_by_audio=cfg.reference == "audio", voice_aug=cfg.voice_aug)
+                           ref_by_audio=cfg.reference == "audio", voice_aug=cfg.voice_aug, context_swap=cfg.context_swap)
     return cfg, note, train_idx, val_idx, mask, refs, train_set
 
 

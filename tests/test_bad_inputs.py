@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-import datasets
 import media_io
+import synthetic
 import utils
 from conftest import ROOT
 
@@ -26,7 +26,7 @@ def run(script, *args):
 
 @pytest.fixture
 def fake_root(tmp_path):
-    datasets.write_fake_dataset(tmp_path / "data" / "fake", n=40)
+    synthetic.write_fake_dataset(tmp_path / "data" / "fake", n=40)
     return tmp_path
 
 

@@ -1,6 +1,6 @@
 """Behaviour of generator training: the sample a step sees, the held-out split, the checkpoint a
 run leaves, exact resume, the one-line errors, and a 2-process torchrun on CPU. Built on a small
-synthetic dataset folder written here (datasets.write_fake_dataset), so it does not wait for
+synthetic dataset folder written here (synthetic.write_fake_dataset), so it does not wait for
 process.py or SyncNet training. CPU, about a minute.
 
     /work/venv/bin/python -m pytest -q tests/test_train.py
@@ -17,12 +17,13 @@ import torch
 
 import audio_features
 import datasets
+import geometry
 import losses
+import media_io
 import syncnet_model
+import synthetic
 import templates
 import train_328
-import geometry
-import media_io
 import utils
 from unet_328 import WIDTHS, AudioEncoder, UNet328
 
@@ -43,7 +44,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    datasets.write_fake_dataset(root / "fake", n=40)
+    synthetic.write_fake_dataset(root / "fake", n=40)
     return root
 
 
@@ -111,6 +112,25 @@ def test_samples_are_a_pure_function_of_seed_epoch_index(data_root):
     assert sampler.batch(12) == datasets.StepBatches(36, 4, seed=5, start_step=12).batch(12)
     epoch0 = sorted(k for s in range(sampler.per_epoch) for k, _ in sampler.batch(s))
     assert epoch0 == list(range(36))                                             # an epoch sees every item once
+
+
+def test_context_swap_takes_the_surroundings_of_the_hole_from_another_moment(data_root):
+    crop = np.load(data_root / "fake" / "crops.npy", mmap_mode="r")
+    plain = datasets.LipDataset(data_root / "fake", frames=range(36), seed=3)
+    swap = datasets.LipDataset(data_root / "fake", frames=range(36), seed=3, context_swap=1.0)
+    hole = geometry.rect_mask()
+    for k in (2, 17, 33):
+        s, p = swap[k], plain[k]
+        assert torch.equal(s["target"][:, hole], p["target"][:, hole])           # the mouth is frame k's
+        assert torch.equal(s["masked"][:, ~hole], s["target"][:, ~hole])         # the input shows what the target does
+        assert s["masked"][:, hole].abs().max() == 0
+        around = s["target"][:, ~hole]           # the surroundings: one other frame's, 4-25 frames away, inside the set
+        lenders = [c for c in range(36) if torch.equal(around, torch.from_numpy(
+            np.ascontiguousarray(geometry.inner(crop[c]))).permute(2, 0, 1)[:, ~hole] / 255)]
+        assert lenders and all(datasets.CONTEXT_GAP[0] <= abs(c - k) <= datasets.CONTEXT_GAP[1] for c in lenders)
+        assert s["index"] == k and torch.equal(s["audio"], p["audio"])
+    assert torch.equal(datasets.LipDataset(data_root / "fake", frames=range(36), seed=3, context_swap=0.0)[5]["target"],
+                       plain[5]["target"])
 
 
 def test_clip_samples_feed_syncnet(data_root):
