@@ -136,11 +136,13 @@ class LipDataset(torch.utils.data.Dataset):
         if len(frames) and (frames.min() < 0 or frames.max() >= n):
             raise ValueError(f"frames outside 0..{n - 1}")
         self.n, self.clip, self.seed, self.augment, self.ref_gap = n, clip, seed, augment, ref_gap
-        self.context_swap, self.frame_set = context_swap, frozenset(frames.tolist())   # --context_swap: neighbours drawn from the subset
+        long = len(frames) >= utils.LONG_RECORDING_S * utils.FPS     # -1 = auto: swap on recordings of a minute or more
+        self.context_swap, self.swap_auto = (CONTEXT_AUTO * long if context_swap < 0 else context_swap), context_swap < 0
         self.mel_offsets = tuple(mel_offsets)
         lm320 = templates.dataset_landmarks320(ds, n)   # per-frame mouth boxes in the 320 crop, for held-out metrics
         self.mouth = np.array([geometry.mouth_box(lm) for lm in lm320], np.int64)   # (N, 4) x0, y0, x1, y1
         self.opening = templates.mouth_opening(lm320).astype(np.float32)          # (N,) inner-lip gap / width
+        self.partners = context_partners(lm320, frames) if self.context_swap > 0 else None   # (N, CONTEXT_TOPK) lenders
         self.mask = None if mask is None else np.asarray(mask, bool)             # (320, 320); None = MASK_RECT
         # Clip starts: every frame of the clip must be in the subset (e.g. stay inside the train split).
         inset = np.zeros(n + clip, bool)
@@ -207,15 +209,22 @@ class LipDataset(torch.utils.data.Dataset):
         """Frame i's 328 crop (uint8 BGR); the JPEG benchmark overrides this."""
         return self.crops[i]
 
+    def swap_note(self):
+        """'; context swap ...' for the training log: the share of frames that have a lender."""
+        if self.partners is None:
+            return f"; no context swap (auto: under {utils.LONG_RECORDING_S:g} s of training frames)" if self.swap_auto else ""
+        return (f"; context swap {self.context_swap:g} of the samples of the {(self.partners[self.items] >= 0).any(1).mean():.0%}"
+                f" of frames with a lender (0.16-1 s away, the head within {CONTEXT_FIT:g} px)")
+
     def swap_context(self, cur, i, rng, light=None):
         """--context_swap: frame i's crop (1, 320, 320, 3) with everything outside the masked area
-        taken from a frame CONTEXT_GAP frames away (the mouth still frame i's), so that what the
+        taken from one of its context_partners (the mouth still frame i's), so that what the
         network sees around the hole tells it nothing of how far this mouth is open, as at
         inference, where the template frame's surroundings belong to another moment."""
-        d = int(rng.integers(CONTEXT_GAP[0], CONTEXT_GAP[1] + 1)) * (1 if rng.random() < 0.5 else -1)
-        c = next((f for f in (i + d, i - d) if f in self.frame_set), None)
-        if c is None:
+        lenders = self.partners[i][self.partners[i] >= 0]
+        if not len(lenders):
             return cur
+        c = int(lenders[rng.integers(len(lenders))])
         ctx = geometry.inner(self.load_crop(c))
         if light is not None:
             ctx = np.clip(ctx * light[0] + light[1], 0, 255).astype(np.uint8)
@@ -262,7 +271,27 @@ def generator_mask(ds_dir, frames, kind):
     return geometry.jaw_mask(geometry.to_crop_coords(z["lms"][idx], z["crop_boxes"][idx]), up=0.0 if kind == "under_nose" else None)
 
 
+CONTEXT_AUTO = 0.25                # --context_swap -1 (auto): the share on recordings of utils.LONG_RECORDING_S or more, else 0
 CONTEXT_GAP = (4, 25)              # --context_swap: frames (0.16-1 s) between a sample and the frame lending its surroundings
+CONTEXT_TOPK = 3                   # ... one of the this many in that window whose head sits nearest the sample's
+CONTEXT_FIT = 2.0                  # ... and within this mean distance (px in the 320 crop) of its brows, nose, eye corners
+
+
+def context_partners(lm320, frames, gap=CONTEXT_GAP, k=CONTEXT_TOPK, fit=CONTEXT_FIT):
+    """--context_swap's lenders: for each frame i of `frames`, the k frames of `frames` gap[0]..gap[1]
+    away whose brows, nose and eye corners (utils.UPPER_FACE) lie nearest frame i's in the crop, and
+    no farther than `fit` px on average, so the borrowed surroundings fit the head's pose (a random neighbour
+    of a moving head does not: RESULTS.md round 42). int64 (N, k) over all N frames, -1 where fewer qualify."""
+    frames, n, up = np.asarray(frames, np.int64), len(lm320), np.asarray(lm320, np.float64)[:, utils.UPPER_FACE]
+    inset, out = np.zeros(n + gap[1] + 1, bool), np.full((n, k), -1, np.int64)
+    inset[frames] = True
+    offsets = np.concatenate([-np.arange(gap[1], gap[0] - 1, -1), np.arange(gap[0], gap[1] + 1)])
+    for i in frames:
+        c = (i + offsets)[inset[i + offsets]]       # i + offsets < 0 wraps to the padded, unset tail
+        dist = np.linalg.norm(up[c] - up[i], axis=-1).mean(-1)
+        best = c[np.argsort(dist, kind="stable")[:k]][np.sort(dist)[:k] <= fit]
+        out[i, :len(best)] = best
+    return out
 REFERENCES = ("random", "closed", "audio")   # training's reference pool: any training frame, the closed-mouth share, or the audio bank
 CLOSED_SHARE = 0.1                 # --reference closed: the 10% of training frames with the most closed mouth
 BANK_SIZE = 64                     # --reference audio: training frames in the bank (k-means of their audio keys; saved in the checkpoint)

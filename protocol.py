@@ -57,7 +57,7 @@ class Config:
     ema: float = train_328.Config.ema          # [0..0.9999] moving average of the generator's weights (train_328 --ema)
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
     voice_aug: float = 0.0         # [0..1] share of samples heard through an augmented copy's features (train_328 --voice_aug; the copies are made once: syncnet_328 --feature_variants 4)
-    context_swap: float = train_328.Config.context_swap   # [0..1] share of samples whose surroundings of the hole come from another moment (train_328 --context_swap)
+    context_swap: float = train_328.Config.context_swap   # [-1..1] share of samples whose surroundings of the hole come from another moment; -1 = auto (train_328 --context_swap)
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
     edge_weight: float = 0.0       # [0..] L1 on neighbouring pixels' differences (train_328 --edge_weight)

@@ -323,7 +323,7 @@ def resolve_opening(cfg, ds_dir):
     return dataclasses.replace(cfg, opening_weight=OPENING_AUTO[0] if total >= OPENING_AUTO[1] else 0.0)
 
 
-SPEECH_AUTO_S = 55.0    # --audio_source auto: the speech source for recordings of this many seconds or more (a minute, give or take), else mel (RESULTS.md round 30)
+SPEECH_AUTO_S = utils.LONG_RECORDING_S    # --audio_source auto: the speech source for recordings of this many seconds or more (a minute, give or take), else mel (RESULTS.md round 30)
 
 
 def resolve_source(cfg, ds_dir):

@@ -65,7 +65,7 @@ class Config:
     audio_lr_mult: float = 1.0      # [>0..] the U-Net's audio branch learns at lr x this (1 = one rate for all)
     ema: float = 0.99               # [0..0.9999] > 0: keep an exponential moving average of the weights (this decay per step, less in the first steps: ema_update); checkpoints' model and the held-out check use it (0 = off; RESULTS.md round 9)
     voice_aug: float = 0.0          # [0..1] share of training samples whose audio features come from an augmented copy of the recording (another pitch/formants, gain, noise: aud_feat_aug.npz, syncnet_328 --feature_variants): the words in other voices
-    context_swap: float = 0.25      # [0..1] share of training samples whose surroundings of the masked area come from a frame 0.16-1 s away (datasets.LipDataset.swap_context), so the mouth follows the audio, not the face around it: with audio that is not the template frames' own (every inference) the mouth opens wider and truer, for ~0.4 dB of self-reenactment PSNR (RESULTS.md round 41); 0 = the target frame's own
+    context_swap: float = -1.0      # [-1..1] share of training samples whose surroundings of the masked area come from a frame 0.16-1 s away where the head sits as it does (datasets.context_partners; frames without one keep their own), so the mouth follows the audio, not the face around it: with audio that is not the template frames' own (every inference) the mouth opens wider and truer (RESULTS.md rounds 41, 42); 0 = the target frame's own; -1 = auto: 0.25 on recordings of a minute or more (utils.LONG_RECORDING_S), 0 on shorter ones, where it cost mouth PSNR and LMD (round 42)
     opening_weight: float = 0.0     # [0..] weight of an auxiliary loss: a linear head on the U-Net's audio branch predicts the frame's mouth opening (from its landmarks), so the audio path learns how far the mouth opens from the first steps (0 = off)
     num_workers: int = -1           # [-1..] DataLoader worker processes per loader and process; -1 = auto: 0 on a CPU (a worker's process slows the training threads more than it saves: 1.27x the steps/s at 2 threads, RESULTS.md round 22), 2 on a GPU
     seed: int = 0                   # [0..] seeds the weights, data order, reference choice, augmentation
@@ -370,7 +370,7 @@ def _train(cfg, ds, name, out, info, widths, device, rank, world, master, progre
 
     run_log.line(f"{name}: {len(train_idx)} train / {len(val_idx)} held-out frames, U-Net {widths} "
                  f"({count_params(raw_model) / 1e6:.2f} M params) on {device} x{world}, batch {cfg.batch_size}, "
-                 f"{per_epoch} steps/epoch, steps {step} -> {max_steps}")
+                 f"{per_epoch} steps/epoch, steps {step} -> {max_steps}" + train_set.swap_note())
     run_log.line(loss_note)
     if ckpt is not None:
         old = ckpt.get("config", {})

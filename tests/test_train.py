@@ -114,7 +114,7 @@ def test_samples_are_a_pure_function_of_seed_epoch_index(data_root):
     assert epoch0 == list(range(36))                                             # an epoch sees every item once
 
 
-def test_context_swap_takes_the_surroundings_of_the_hole_from_another_moment(data_root):
+def test_context_swap_takes_the_surroundings_of_the_hole_from_another_moment(data_root, monkeypatch):
     crop = np.load(data_root / "fake" / "crops.npy", mmap_mode="r")
     plain = datasets.LipDataset(data_root / "fake", frames=range(36), seed=3)
     swap = datasets.LipDataset(data_root / "fake", frames=range(36), seed=3, context_swap=1.0)
@@ -128,9 +128,39 @@ def test_context_swap_takes_the_surroundings_of_the_hole_from_another_moment(dat
         lenders = [c for c in range(36) if torch.equal(around, torch.from_numpy(
             np.ascontiguousarray(geometry.inner(crop[c]))).permute(2, 0, 1)[:, ~hole] / 255)]
         assert lenders and all(datasets.CONTEXT_GAP[0] <= abs(c - k) <= datasets.CONTEXT_GAP[1] for c in lenders)
+        assert set(lenders) & set(swap.partners[k].tolist())      # one of the frames whose head sits nearest
         assert s["index"] == k and torch.equal(s["audio"], p["audio"])
+    assert plain.swap_note() == "" and "context swap 1 of the samples of the 100% of frames" in swap.swap_note()
+    auto = datasets.LipDataset(data_root / "fake", frames=range(36), seed=3, context_swap=-1)   # 36 frames: too short
+    assert auto.context_swap == 0 and auto.partners is None and "no context swap (auto" in auto.swap_note()
+    assert train_328.Config().context_swap == -1
+    monkeypatch.setattr(utils, "LONG_RECORDING_S", 36 / utils.FPS)                          # a minute long, as it were
+    auto = datasets.LipDataset(data_root / "fake", frames=range(36), seed=3, context_swap=-1)
+    assert auto.context_swap == datasets.CONTEXT_AUTO == 0.25 and "context swap 0.25" in auto.swap_note()
     assert torch.equal(datasets.LipDataset(data_root / "fake", frames=range(36), seed=3, context_swap=0.0)[5]["target"],
                        plain[5]["target"])
+
+
+def test_context_partners_are_the_nearby_frames_where_the_head_sits_as_it_does():
+    n = 60
+    lm = np.zeros((n, 68, 2))
+    sway = 10 * np.sin(np.arange(n) / 3.0)                   # the head sways left and right
+    lm[:, :, 0] += sway[:, None]
+    lm[:, 48:68, 1] += 5 * (np.arange(n) % 7)[:, None]      # the mouth does something else, and must not matter
+    frames = np.arange(0, 50)                                # frames 50.. are held out: never lenders
+    part = datasets.context_partners(lm, frames, gap=(4, 25), k=2)
+    assert part.shape == (n, 2) and (part[50:] == -1).all()
+    for i in (0, 20, 49):
+        cand = [c for c in frames if 4 <= abs(c - i) <= 25]
+        want = sorted(cand, key=lambda c: abs(sway[c] - sway[i]))[:2]
+        assert sorted(part[i].tolist()) == sorted(want)
+        assert all(abs(sway[c] - sway[i]) < 1.5 for c in part[i])   # a random neighbour is up to 20 px off
+    one = datasets.context_partners(lm, [0, 1, 2], gap=(4, 25), k=2)   # no frame far enough: none
+    assert (one == -1).all()
+    tight = datasets.context_partners(lm, frames, gap=(4, 25), k=2, fit=0.5)   # only heads within 0.5 px
+    for i in frames:
+        assert all(abs(sway[c] - sway[i]) <= 0.5 + 1e-9 for c in tight[i] if c >= 0)
+    assert (tight[:50] == -1).any() and (tight[:50] >= 0).any()
 
 
 def test_clip_samples_feed_syncnet(data_root):
