@@ -136,7 +136,7 @@ class LipDataset(torch.utils.data.Dataset):
         if len(frames) and (frames.min() < 0 or frames.max() >= n):
             raise ValueError(f"frames outside 0..{n - 1}")
         self.n, self.clip, self.seed, self.augment, self.ref_gap = n, clip, seed, augment, ref_gap
-        long = len(frames) >= utils.LONG_RECORDING_S * utils.FPS     # -1 = auto: swap on recordings of a minute or more
+        long = n >= utils.LONG_RECORDING_S * utils.FPS     # -1 = auto: swap on recordings of a minute or more (as the speech source)
         self.context_swap, self.swap_auto = (CONTEXT_AUTO * long if context_swap < 0 else context_swap), context_swap < 0
         self.mel_offsets = tuple(mel_offsets)
         lm320 = templates.dataset_landmarks320(ds, n)   # per-frame mouth boxes in the 320 crop, for held-out metrics
@@ -212,7 +212,7 @@ class LipDataset(torch.utils.data.Dataset):
     def swap_note(self):
         """'; context swap ...' for the training log: the share of frames that have a lender."""
         if self.partners is None:
-            return f"; no context swap (auto: under {utils.LONG_RECORDING_S:g} s of training frames)" if self.swap_auto else ""
+            return f"; no context swap (auto: the recording is under {utils.LONG_RECORDING_S:g} s)" if self.swap_auto else ""
         return (f"; context swap {self.context_swap:g} of the samples of the {(self.partners[self.items] >= 0).any(1).mean():.0%}"
                 f" of frames with a lender (0.16-1 s away, the head within {CONTEXT_FIT:g} px)")
 

@@ -48,7 +48,7 @@ MASK_RECT = (5, 5, 315, 310)          # x0, y0, x1, y1 (half-open) of the masked
 MOUTH = slice(48, 68)    # iBUG-68 mouth points
 REF_GAP = 5              # frames: a reference crop is MORE than this far from every frame it stands beside (training and inference)
 JAW_OUTLINE = list(range(2, 15)) + [35, 34, 33, 32, 31]   # iBUG-68: jaw line cheek to cheek, back along the nose bottom
-UPPER_FACE = list(range(17, 36)) + [36, 39, 42, 45]   # iBUG-68: brows, nose, eye corners: where the head is, whatever the mouth does
+UPPER_FACE = list(range(17, 36)) + [36, 39, 42, 45]   # iBUG-68: brows, nose, eye corners: where the head is (the mouth moves them little)
 JAW_GROW = 0.04          # the jaw mask is grown by this share of the 320 crop (13 px) beyond the outline
 JAW_SHARE = 0.02         # ... after uniting the outlines of all frames, each pixel covered by >= this share of them
 MASKS = ("jaw", "under_nose", "rect")  # the generator's masked area: jaw = jaw_mask of the avatar's landmarks; under_nose = the same not grown upwards; rect = MASK_RECT
