@@ -131,6 +131,13 @@ def detector_boxes(ds):
     return landmarks.fill_gaps(boxes, ok, len(boxes))[0]
 
 
+def still_template(template):
+    """The template's frame 0 alone, held still as a photo is (inference --template PHOTO): the
+    photo-mode pass animates the held-out clip's first frame with the clip's audio."""
+    crops = None if template._crops is None else template._crops[:1]
+    return templates.FolderTemplate(template.folder, template.lms[:1], template.boxes[:1], template.size, crops, template.what)
+
+
 def run_pass(gen_frames, template, det_boxes, n, *, detector, describer=None, truth=None, full=True,
              id_idx=(), strip_idx=(), jbox=None, band=None, writer=None, keep_crops=None, desc="measure"):
     """Consume n generated frames; per frame fit landmarks on the generated (and, first time, the

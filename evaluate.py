@@ -9,7 +9,8 @@ The held-out video is processed like training data (process.py, into a temp data
 regenerates its frames from their own audio (held-out frames as templates, the reference crop as
 inference picks it) against the truth: PSNR/SSIM (320 crop, mouth box), mouth landmarks (LMD), the
 opening over time (Pearson r, lag), the same with the audio of another moment whose loudness is
-unrelated to the real one (the ablation gap: ~0 for a model that ignores audio), mouth closed in
+unrelated to the real one (the ablation gap: ~0 for a model that ignores audio), photo mode (the
+first frame alone animated by the clip's audio: the opening against the truth's), mouth closed in
 silence, jitter, the paste seam, identity (dlib descriptor) and, when trained, our SyncNet's check.
 With another person's dataset as --audio, their own mouth opening is the truth of the opening.
 
@@ -43,7 +44,7 @@ import templates
 import utils
 from audio_features import sync_inputs
 from compose import RenderOptions
-from eval_passes import detector_boxes, make_generator, measure_generated, prepare_heldout, run_pass
+from eval_passes import detector_boxes, make_generator, measure_generated, prepare_heldout, run_pass, still_template
 from geometry import to_crop_coords
 from metrics import (CLOSED_SHARE, JITTER_MARGIN, SEAM_PAD, SILENCE_CONTRAST_DB, SILENCE_FLOOR_DB,
                      SILENCE_HOLD, SILENCE_MIN_DB, best_lag, chance_r, closed_threshold, cosine,
@@ -106,8 +107,7 @@ def write_plot(path, t_open, g_open, other_open, db, silent, thresh, strip, labe
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    n = len(g_open)
-    t = np.arange(n) / FPS
+    n = len(g_open); t = np.arange(n) / FPS
     cols = max(len(strip), 1)
     fig = plt.figure(figsize=(12, 7.5))
     gs = fig.add_gridspec(3, cols, height_ratios=[2.2, 1, 1])
@@ -120,13 +120,11 @@ def write_plot(path, t_open, g_open, other_open, db, silent, thresh, strip, labe
     if other_open is not None:
         ax.plot(t, other_open, color="tab:blue", lw=0.8, alpha=0.6, label=labels[2])
     ax.axhline(thresh, color="0.5", ls=":", lw=1, label="closed threshold")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("mouth opening (inner gap / width)")
+    ax.set(xlabel="time (s)", ylabel="mouth opening (inner gap / width)")
     ax2 = ax.twinx()
     ax2.plot(t, db, color="tab:green", lw=0.7, alpha=0.6, label="audio loudness")
     ax2.set_ylabel("audio loudness (dBFS)", color="tab:green")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
+    (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8, ncol=6)
     ax.set_xlim(0, n / FPS)
     for c, (k, (tr, ge)) in enumerate(sorted(strip.items())):
@@ -169,6 +167,8 @@ ROWS = [  # key, label, ideal / reading
     ("opening_r_other_own", "  other-audio opening vs the truth of its audio's moment", "~opening r"),
     ("opening_width_other", "  its width ratio (the audio not the frames' own)", "~1"),
     ("lmd_other_px", "  its LMD against that truth (px, 320 crop)", "0"),
+    ("opening_r_photo", "photo mode (frame 0 alone, the clip's audio): r", "~opening r"),
+    ("opening_width_photo", "  its width ratio", "~1"),
     ("speech_frames", "speech frames (louder than silence)", ""),
     ("opening_r_speech", "opening r vs truth, speech frames only", "1"),
     ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
@@ -328,6 +328,8 @@ def _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, sil
     m["opening_r_other_own"] = pearson(other_open, np.roll(t_open, shift))
     m["opening_width_other"] = width_ratio(other_open, np.roll(t_open, shift))   # the product's case: audio not the frames' own
     m["lmd_other_px"] = lmd(to_crop_coords(other, template.boxes[tmpl_idx]), np.roll(true320, shift, axis=0))
+    photo = mouth_opening(other_pass(photo=True)["gen_lms"])      # photo mode: the first frame alone, the clip's audio
+    m.update(opening_r_photo=pearson(photo, t_open), opening_width_photo=width_ratio(photo, t_open))
     m["ablation_gap"] = m["opening_r"] - m["opening_r_other_audio"]
     sp = speech_frames(db, silence_db)
     m["speech_frames"] = int(sp.sum())
@@ -397,12 +399,11 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     m = {}
     other_open = None
     if self_mode:
-        def other_pass():   # the same frames driven by the audio of another moment of the clip
-            shift = m["ablation_shift_frames"]
-            t = time.time()
-            other = run_pass(gen_model.frames(np.roll(wav, shift * SR // FPS), template, opts), template, det_boxes, n,
-                             detector=detector, truth=main_pass, full=False, desc="ablation (other audio)")
-            timing["ablation_pass_s"] = round(time.time() - t, 1)
+        def other_pass(photo=False):   # the frames driven by another moment's audio; photo: frame 0 alone, by their own
+            shift, t, tmpl = 0 if photo else m["ablation_shift_frames"], time.time(), still_template(template) if photo else template
+            other = run_pass(gen_model.frames(np.roll(wav, shift * SR // FPS), tmpl, opts), tmpl, det_boxes, n, detector=detector,
+                             truth=main_pass, full=False, desc="photo mode" if photo else "ablation (other audio)")
+            timing["photo_pass_s" if photo else "ablation_pass_s"] = round(time.time() - t, 1)
             return other
         other_open = _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, silence_db, other_pass)
     m["env_lag_gen"], m["env_r_gen"] = best_lag(g_open, db, cfg.max_lag)

@@ -79,7 +79,7 @@ class Config:
 
 
 ROWS = ("psnr_mouth", "ssim_mouth", "lmd_mouth_px", "opening_r", "opening_width_ratio", "ablation_gap",
-        "opening_r_other_own", "opening_width_other", "sync_stretch_acc_gen", "silence_gen", "silence_true",
+        "opening_r_other_own", "opening_width_other", "opening_r_photo", "opening_width_photo", "sync_stretch_acc_gen", "silence_gen", "silence_true",
         "seam_ratio", "sharpness_ratio", "identity_cos")
 
 

@@ -225,6 +225,8 @@ def test_copy_baseline_needs_the_gap(tiny_dataset, tmp_path):
                     max_frames=40, id_frames=2, syncnet="off", plot=False, video_out=False)
     m = ev.main(cfg)["metrics"]
     assert m["opening_r"] > 0.9 and abs(m["ablation_gap"]) < 0.05
+    # photo mode (the first frame alone) catches the copy: the photo's own mouth never moves
+    assert m["opening_width_photo"] < 0.2 and not m["opening_r_photo"] > 0.5
     moved = ev.main(replace(cfg, copy_shift=1.0, out_dir=str(tmp_path / "moved")))["metrics"]   # the same mouth, 1 px off
     assert moved["psnr_mouth"] < m["psnr_mouth"] - 3 and moved["opening_r"] > 0.9
     with pytest.raises(utils.UserError, match="add --baseline copy"):
