@@ -49,6 +49,7 @@ class Live:
 
     def __init__(self, model, lookahead):
         self.model, self.lookahead, self.mask, self.step, self.guidance = model, lookahead, model.mask, model.step, model.guidance
+        self.guidance_photo = model.guidance_photo
 
     def frames(self, wav, template, opts=RenderOptions(), stats=None):
         import stream
@@ -129,13 +130,6 @@ def detector_boxes(ds):
     if not ok.any():
         raise UserError(f"{ds}: no face box in any frame")
     return landmarks.fill_gaps(boxes, ok, len(boxes))[0]
-
-
-def still_template(template):
-    """The template's frame 0 alone, held still as a photo is (inference --template PHOTO): the
-    photo-mode pass animates the held-out clip's first frame with the clip's audio."""
-    crops = None if template._crops is None else template._crops[:1]
-    return templates.FolderTemplate(template.folder, template.lms[:1], template.boxes[:1], template.size, crops, template.what)
 
 
 def run_pass(gen_frames, template, det_boxes, n, *, detector, describer=None, truth=None, full=True,

@@ -44,7 +44,7 @@ import templates
 import utils
 from audio_features import sync_inputs
 from compose import RenderOptions
-from eval_passes import detector_boxes, make_generator, measure_generated, prepare_heldout, run_pass, still_template
+from eval_passes import detector_boxes, make_generator, measure_generated, prepare_heldout, run_pass
 from geometry import to_crop_coords
 from metrics import (CLOSED_SHARE, JITTER_MARGIN, SEAM_PAD, SILENCE_CONTRAST_DB, SILENCE_FLOOR_DB,
                      SILENCE_HOLD, SILENCE_MIN_DB, best_lag, chance_r, closed_threshold, cosine,
@@ -82,6 +82,7 @@ class Config:
     plot: bool = True                              # write plot.png (opening over time + truth|generated strip) and strip.png (the strip at full size)
     video_out: bool = True                         # write side_by_side.mp4 (truth | generated, with the audio)
     guidance: float = -1.0                         # [-1..4] the painted mouth moved this many times as far from what the frame paints with silence (as inference); -1 = the checkpoint's fitted guidance (1.25 when it holds none)
+    guidance_photo: float = -1.0                   # [-1..4] the same for the photo-mode pass; -1 = what inference gives a photo: --guidance when given, else the checkpoint's fitted photo guidance
     seed: int = RenderOptions.seed                 # [0..] seed of a random reference choice
     sharpen: float = RenderOptions.sharpen         # [0..4] unsharp-mask amount on the painted mouth (as inference)
     lookahead: int = 7                             # [0..7] frames of audio past each frame the model may read: 7 = the file path; less = a live stream's (stream.py), fed 40 ms at a time
@@ -145,9 +146,7 @@ def write_plot(path, t_open, g_open, other_open, db, silent, thresh, strip, labe
 def _fmt(v, nd=3):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+    return ("inf" if math.isinf(v) else f"{v:.{nd}f}") if isinstance(v, float) else str(v)
 
 
 ROWS = [  # key, label, ideal / reading
@@ -169,6 +168,7 @@ ROWS = [  # key, label, ideal / reading
     ("lmd_other_px", "  its LMD against that truth (px, 320 crop)", "0"),
     ("opening_r_photo", "photo mode (frame 0 alone, the clip's audio): r", "~opening r"),
     ("opening_width_photo", "  its width ratio", "~1"),
+    ("lmd_photo_px", "  its LMD against the truth (px, 320 crop)", "0"),
     ("speech_frames", "speech frames (louder than silence)", ""),
     ("opening_r_speech", "opening r vs truth, speech frames only", "1"),
     ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
@@ -232,6 +232,8 @@ def main(cfg):
         media_io.probe(cfg.audio)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
     gen_model, gen_desc, step, ckpt_path = make_generator(cfg)   # fails fast on a missing checkpoint
+    if cfg.guidance_photo < 0:                                   # what inference gives a photo (guidance_fit.py)
+        cfg = replace(cfg, guidance_photo=cfg.guidance if cfg.guidance >= 0 else getattr(gen_model, "guidance_photo", RenderOptions.guidance))
     if cfg.guidance < 0:                                         # what inference gives a file: the model's fitted guidance
         cfg = replace(cfg, guidance=getattr(gen_model, "guidance", RenderOptions.guidance))
     timing = {}
@@ -265,9 +267,7 @@ def main(cfg):
 
 
 def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return o.tolist() if isinstance(o, np.ndarray) else str(o)
+    return o.item() if isinstance(o, (np.floating, np.integer)) else o.tolist() if isinstance(o, np.ndarray) else str(o)
 
 
 def _clean(v):
@@ -316,10 +316,8 @@ def _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, sil
              psnr_mouth=mean_finite(main_pass["psnr_m"]), ssim_mouth=float(np.mean(main_pass["ssim_m"])),
              lmd_mouth_px=lmd(gen320, true320))
     main_pass["lms320"] = (gen320, true320)      # kept in tracks.npz: per-frame analyses of the landmarks
-    m["opening_r"] = pearson(g_open, t_open)
+    m.update(opening_r=pearson(g_open, t_open), opening_r_chance=chance_r(g_open, t_open), opening_width_ratio=width_ratio(g_open, t_open))
     m["opening_lag"], m["opening_r_at_lag"] = best_lag(g_open, t_open, cfg.max_lag)
-    m["opening_r_chance"] = chance_r(g_open, t_open)
-    m["opening_width_ratio"] = width_ratio(g_open, t_open)
     n = len(db)
     shift = (int(round(cfg.ablation_shift * n)) % n or n // 2) if cfg.ablation_shift > 0 else uncorrelated_shift(db)
     m["ablation_shift_frames"], m["ablation_audio_r"] = shift, pearson(np.roll(db, shift), db)
@@ -328,8 +326,9 @@ def _self_metrics(cfg, m, main_pass, template, tmpl_idx, g_open, t_open, db, sil
     m["opening_r_other_own"] = pearson(other_open, np.roll(t_open, shift))
     m["opening_width_other"] = width_ratio(other_open, np.roll(t_open, shift))   # the product's case: audio not the frames' own
     m["lmd_other_px"] = lmd(to_crop_coords(other, template.boxes[tmpl_idx]), np.roll(true320, shift, axis=0))
-    photo = mouth_opening(other_pass(photo=True)["gen_lms"])      # photo mode: the first frame alone, the clip's audio
-    m.update(opening_r_photo=pearson(photo, t_open), opening_width_photo=width_ratio(photo, t_open))
+    photo = mouth_opening(ph := other_pass(photo=True)["gen_lms"])      # photo mode: the first frame alone, the clip's audio
+    m.update(opening_r_photo=pearson(photo, t_open), opening_width_photo=width_ratio(photo, t_open),
+             lmd_photo_px=lmd(to_crop_coords(ph, template.boxes[tmpl_idx * 0]), true320))
     m["ablation_gap"] = m["opening_r"] - m["opening_r_other_audio"]
     sp = speech_frames(db, silence_db)
     m["speech_frames"] = int(sp.sum())
@@ -400,8 +399,9 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     other_open = None
     if self_mode:
         def other_pass(photo=False):   # the frames driven by another moment's audio; photo: frame 0 alone, by their own
-            shift, t, tmpl = 0 if photo else m["ablation_shift_frames"], time.time(), still_template(template) if photo else template
-            other = run_pass(gen_model.frames(np.roll(wav, shift * SR // FPS), tmpl, opts), tmpl, det_boxes, n, detector=detector,
+            shift, t, tmpl = 0 if photo else m["ablation_shift_frames"], time.time(), template.first_still() if photo else template
+            o = replace(opts, guidance=cfg.guidance_photo) if photo else opts
+            other = run_pass(gen_model.frames(np.roll(wav, shift * SR // FPS), tmpl, o), tmpl, det_boxes, n, detector=detector,
                              truth=main_pass, full=False, desc="photo mode" if photo else "ablation (other audio)")
             timing["photo_pass_s" if photo else "ablation_pass_s"] = round(time.time() - t, 1)
             return other

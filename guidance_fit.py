@@ -4,7 +4,10 @@ that width ratio reaches TARGET_WIDTH (never above compose.GUIDANCE). A model tr
 averaged, half-open mouth and keeps the full push; one trained for longer opens by itself and gets
 less, which costs it less sharpness (RESULTS.md round 14). train_328.py fits it at
 the end of a run and stores it in the checkpoint ("guidance"); inference, evaluation and the server
-use it unless told otherwise (--guidance G).
+use it unless told otherwise (--guidance G). A photo (a template of one frame) is fitted apart
+("guidance_photo", from PHOTO_GRID, up to 1.75): the tail's most closed frame held still and painted
+with each tail frame's audio. Its unmoving lower face keeps the mouth nearer shut, so it needs more
+push (RESULTS.md round 44).
 
     python guidance_fit.py --name anna                                  # refit checkpoint/anna/best.pth and last.pth
     python guidance_fit.py --name anna --checkpoint path/to/last.pth    # one file
@@ -23,6 +26,7 @@ from compose import GUIDANCE, References
 from utils import UserError
 
 GRID = (1.0, 1.05, 1.1, 1.15, 1.2, 1.25)   # guidances measured; the fitted one lies between two of them
+PHOTO_GRID = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.75)   # the same for a photo (one frame held still): it needs more push
 TARGET_WIDTH = 0.9      # sd of the painted opening / sd of the true one to reach (issue #16's 30-minute target)
 MIN_FRAMES = 100        # a held-out tail shorter than this (4 s) is too noisy to fit: the default stays
 MAX_FRAMES = 200        # tail frames measured, evenly spaced (~20 s of CPU for a narrow model)
@@ -51,10 +55,11 @@ def tail_frames(n, held_out, max_frames=MAX_FRAMES):
     return tail
 
 
-def tail_widths(model, ds, frames, grid=GRID, batch=8):
+def tail_widths(model, ds, frames, grid=GRID, batch=8, still=None):
     """Width ratio of the painted mouth opening against the true one on dataset frames `frames`,
-    for each guidance of `grid`: the model paints each frame (its closed reference, its own
-    audio, as inference does) and dlib fits landmarks to the painted and the true crop in the same box."""
+    for each guidance of `grid`, and r at guidance 1: the model paints each frame (its closed reference, its own
+    audio, as inference does) and dlib fits landmarks to the painted and the true crop in the same box.
+    `still`: a frame index held still as a photo is, painted with each frame's audio instead (photo mode)."""
     import landmarks
     from eval_passes import detector_boxes
     template = templates.FolderTemplate.from_dataset(ds)
@@ -68,25 +73,28 @@ def tail_widths(model, ds, frames, grid=GRID, batch=8):
     def opening(crop, box):
         return float(templates.mouth_opening(det.fit(det.prepare(crop), box)[None])[0])
 
+    def box_of(j):      # frame j's detector box in its 328 crop's pixels
+        return geometry.to_crop_coords(boxes[j].reshape(1, 2, 2), crop_boxes[j][None])[0].ravel() + utils.BORDER
+
     passes, run = [], model.runner
     model.runner = lambda img, audio: passes.append(run(img, audio)) or passes[-1]   # keeps both passes' raw outputs
     try:
         for s in range(0, len(frames), batch):
             idx = frames[s:s + batch]
             crops = [template.crop(j) for j in idx]
+            bases = crops if still is None else [template.crop(still)] * len(idx)   # what is painted over
             passes.clear()
-            model.paint(crops, [ref] * len(idx), np.stack([media_io.feature_window(feats, j) for j in idx]), 2.0)
-            out, still = (np.asarray(p, np.float32).transpose(0, 2, 3, 1) * 255 for p in passes)   # its audio; silence
+            model.paint(bases, [ref] * len(idx), np.stack([media_io.feature_window(feats, j) for j in idx]), 2.0)
+            out, silent = (np.asarray(p, np.float32).transpose(0, 2, 3, 1) * 255 for p in passes)   # its audio; silence
             for i, j in enumerate(idx):
-                box = geometry.to_crop_coords(boxes[j].reshape(1, 2, 2), crop_boxes[j][None])[0].ravel() + utils.BORDER   # detector box, 328-crop px
-                true.append(opening(crops[i], box))
-                inner = geometry.inner(crops[i]).astype(np.float32)
+                true.append(opening(crops[i], box_of(j)))
+                inner = geometry.inner(bases[i]).astype(np.float32)
                 for g in grid:
-                    painted = np.clip(still[i] + np.float32(g) * (out[i] - still[i]), 0, 255)
-                    c = crops[i].copy()
+                    painted = np.clip(silent[i] + np.float32(g) * (out[i] - silent[i]), 0, 255)
+                    c = bases[i].copy()
                     c[utils.BORDER:utils.BORDER + utils.INNER, utils.BORDER:utils.BORDER + utils.INNER] = \
                         (inner + alpha * (painted - inner) + 0.5).astype(np.uint8)
-                    gen[g].append(opening(c, box))
+                    gen[g].append(opening(c, box_of(j if still is None else still)))
     finally:
         model.runner = run
     return {g: metrics.width_ratio(gen[g], true) for g in grid}, metrics.pearson(gen[1.0], true)
@@ -114,9 +122,20 @@ def fit(model, ds, held_out, max_frames=MAX_FRAMES):
         return dict(value=None, frames=len(frames), note="the true mouth does not move on the held-out tail: "
                     f"the default guidance {GUIDANCE:g} applies")
     g = choose(widths)
-    shown = ", ".join(f"{k:g}: {w:.3f}" for k, w in widths.items())
-    return dict(value=g, widths={str(k): round(w, 4) for k, w in widths.items()}, frames=len(frames), r=round(r, 4),
-                note=f"guidance {g:g} (opening width ratio on {len(frames)} held-out frames by guidance: {shown}; target {TARGET_WIDTH:g})")
+    still = int(frames[np.argmin(templates.closed_score(*_lms_boxes(ds, frames)))])    # the tail's most closed frame as the photo
+    p_widths, p_r = tail_widths(model, ds, frames, PHOTO_GRID, still=still)
+    photo = dict(value=choose(p_widths), widths={str(k): round(w, 4) for k, w in p_widths.items()}, still=still, r=round(p_r, 4))
+
+    def shown(w):
+        return ", ".join(f"{k:g}: {v:.3f}" for k, v in w.items())
+    return dict(value=g, widths={str(k): round(w, 4) for k, w in widths.items()}, frames=len(frames), r=round(r, 4), photo=photo,
+                note=f"guidance {g:g} (opening width ratio on {len(frames)} held-out frames by guidance: {shown(widths)}; target "
+                     f"{TARGET_WIDTH:g}); for a photo {photo['value']:g} (frame {still} held still: {shown(p_widths)})")
+
+
+def _lms_boxes(ds, frames):
+    z = utils.load_npy(Path(ds) / utils.LANDMARKS)
+    return z["lms"][frames], z["crop_boxes"][frames]
 
 
 def fit_checkpoint(path, ds, held_out, device="cpu"):
@@ -134,6 +153,7 @@ def store(path, result):
     if result["value"] is not None:
         ckpt = utils.load_checkpoint(path)
         ckpt["guidance"], ckpt["guidance_fit"] = result["value"], result
+        ckpt["guidance_photo"] = result.get("photo", {}).get("value")   # None: a photo gets "guidance" (an older fit)
         utils.save_checkpoint(ckpt, path)
 
 

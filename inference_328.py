@@ -78,7 +78,7 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)          # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
-    guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; 1.25 when it holds none), 1 with --stream (real time)
+    guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; a photo template's fitted apart; 1.25 when it holds none), 1 with --stream (real time)
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
     sharpen: float = RenderOptions.sharpen           # [0..4] unsharp mask on the painted mouth (amount; its blur is one pixel of the frame): 0 = the network's own output
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
@@ -105,10 +105,9 @@ class Cancelled(UserError):
 def resolve_checkpoint(name, ckpt_root=None, checkpoint=""):
     """The checkpoint file to use: an explicit path, else ckpt_root/NAME/best.pth, else last.pth."""
     if checkpoint:
-        p = Path(checkpoint)
-        if not p.is_file():
-            raise UserError(f"checkpoint not found: {p}")
-        return p
+        if not Path(checkpoint).is_file():
+            raise UserError(f"checkpoint not found: {checkpoint}")
+        return Path(checkpoint)
     folder = Path(ckpt_root or utils.CHECKPOINT_DIR) / utils.check_name(name, "avatar name")
     found = utils.default_generator_checkpoint(folder)
     if found is not None:
@@ -126,15 +125,18 @@ class LipSyncModel:
         cached = runner.cached_generator(self.path, backend) if runner.torch_free(device, backend) else None
         if cached is not None:      # ONNX Runtime / OpenVINO only, PyTorch never imported: ~0.4 GB less memory
             self.runner, self.audio_encoder, info = cached
-            self.device, self.unet = "cpu", None
-            self.batch_size = batch_size or CPU_BATCH
+            self.device, self.unet, self.batch_size = "cpu", None, batch_size or CPU_BATCH
         else:
             info = self._load_torch(device, backend, batch_size)
         self.widths, self.step, self.config = info["widths"], info["step"], info["config"]
         self.guidance = info.get("guidance") or GUIDANCE    # a file's default push: the checkpoint's fitted one (guidance_fit.py)
+        self.guidance_photo = info.get("guidance_photo") or self.guidance    # a photo's (fitted apart; older files: the same)
         self.mask = info["mask"]                    # the area it repaints: bool (320, 320), None = MASK_RECT
         self.ref_bank = info.get("ref_bank")        # (crops, keys) of --reference audio, None when trained without it
         self._silent = None                         # silent_window(), made on first use
+
+    def guidance_for(self, template):   # a file's default guidance over `template`: a photo's (one frame held still) or the frames'
+        return self.guidance_photo if template.n == 1 else self.guidance
 
     @property
     def source(self):
@@ -298,13 +300,11 @@ class LipSyncModel:
         wav = load_speech(audio_path)
         _add(stats, "load audio", time.perf_counter() - t)
         n = media_io.num_frames(len(wav))
-        w, h = template.size
         if tmp_dir is not None:
             Path(tmp_dir).mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix="lipsync-audio-", dir=tmp_dir))   # tmp_dir None: the system's
         try:
-            # the original audio track alone: a video or a cover picture in the audio file must
-            # not be picked up as the output's video stream
+            # the original audio track alone: a video or cover picture in the audio file must not become the output's video
             audio_only = tmpdir / "audio.mka"             # Matroska takes any codec: a copy, no re-encode
             try:
                 media_io.run_ffmpeg(["-i", audio_path, "-map", "0:a:0", "-vn", "-c:a", "copy", audio_only],
@@ -330,7 +330,7 @@ class LipSyncModel:
                     while q.get() is not None:     # drain so the producer never blocks
                         pass
 
-            with media_io.VideoWriter(out_path, w, h, audio=audio_only, crf=opts.crf) as vw:
+            with media_io.VideoWriter(out_path, *template.size, audio=audio_only, crf=opts.crf) as vw:
                 th = threading.Thread(target=writer, args=(vw,), daemon=True, name="paste-writer")
                 th.start()
                 try:
@@ -421,7 +421,7 @@ def main(cfg):
         with_vad = vad.use_vad(cfg.vad)          # --vad on without the detector fails now
         t0 = time.perf_counter()
         model = LipSyncModel(ckpt, cfg.device, cfg.backend, cfg.batch_size)
-        opts = RenderOptions.from_config(cfg, live=cfg.stream, default=model.guidance)
+        opts = RenderOptions.from_config(cfg, live=cfg.stream, default=model.guidance_for(template))
         print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
               f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
               f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}; guidance {opts.guidance:g}")

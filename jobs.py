@@ -404,7 +404,7 @@ class Worker:
         template = templates.open_template(job["avatar"], s.data_root, inp.get("template") or "")
         rel = Path("results") / f"{job['id']}.mp4"
         try:
-            opts = RenderOptions(guidance=float(req.get("guidance", model.guidance)),     # default: the model's fitted guidance
+            opts = RenderOptions(guidance=float(req.get("guidance", model.guidance_for(template))),   # default: the fitted one (a photo's apart)
                                  sharpen=float(req.get("sharpen", RenderOptions.sharpen)))
             model.render(audio, Path(s.data_dir) / rel, template=template, opts=opts, progress=prog,
                          should_stop=self.should_stop, tmp_dir=Path(s.data_dir) / "tmp")

@@ -79,7 +79,7 @@ class Config:
 
 
 ROWS = ("psnr_mouth", "ssim_mouth", "lmd_mouth_px", "opening_r", "opening_width_ratio", "ablation_gap",
-        "opening_r_other_own", "opening_width_other", "opening_r_photo", "opening_width_photo", "sync_stretch_acc_gen", "silence_gen", "silence_true",
+        "opening_r_other_own", "opening_width_other", "opening_r_photo", "opening_width_photo", "lmd_photo_px", "sync_stretch_acc_gen", "silence_gen", "silence_true",
         "seam_ratio", "sharpness_ratio", "identity_cos")
 
 
@@ -262,6 +262,7 @@ def main(cfg):
                    widths=widths, train_steps=tr["step"], samples_per_s=round(tr["timing"]["samples_per_s"], 2),
                    ms_per_step=round(tr["timing"]["compute_ms"] + tr["timing"]["data_ms"]), times=times,
                    guidance=res["config"]["guidance"],       # what evaluate.py painted with: the model's fitted guidance
+                   guidance_photo=res["config"]["guidance_photo"],   # and its photo-mode pass: the fitted photo guidance
                    metrics=res["metrics"], baseline=base["metrics"] if base else None, voices=voices, config=asdict(cfg))
     with utils.atomic_file(run / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
@@ -311,7 +312,7 @@ def voice_checks(cfg, ev, run, voices):
 
 def format_summary(s):
     lines = [f"{s['label']}: {s['train_steps']} steps, batch {s['batch_size']}, {s['samples_per_s']} samples/s, "
-             f"{s['ms_per_step']} ms/step; guidance {s.get('guidance')}; {s['device']}; load {s['load_average'][0]:.1f}; "
+             f"{s['ms_per_step']} ms/step; guidance {s.get('guidance')} (photo {s.get('guidance_photo')}); {s['device']}; load {s['load_average'][0]:.1f}; "
              f"times {s['times']}",
              "| metric | model | template baseline |", "|---|---|---|"]
     for k in ROWS:

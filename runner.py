@@ -32,7 +32,7 @@ def load_generator(path):
     """A generator checkpoint file (train_328.py) -> (unet, audio_encoder, info) on the CPU: the
     UNet328 of its widths, base and stem and the audio encoder that made its training features, weights
     loaded, BatchNorm not yet folded; info = widths, step, config, mask (the area it repaints:
-    bool (320, 320), None = MASK_RECT) and guidance (guidance_fit's, None when not fitted). A file that does not hold them is one UserError."""
+    bool (320, 320), None = MASK_RECT), guidance and guidance_photo (guidance_fit's, None when not fitted). A file that does not hold them is one UserError."""
     from audio_features import encoder_from_state
     from unet_328 import UNet328
     path = Path(path)
@@ -57,7 +57,8 @@ def load_generator(path):
         raise UserError(f"{path}: its audio encoder does not load ({str(e)[:160]})") from None
     bank = ckpt.get("ref_bank")    # train_328 --reference audio: (crops, keys) for inference --reference audio
     info = dict(widths=widths, step=ckpt.get("step"), config=ckpt.get("config") or {}, mask=utils.checkpoint_mask(ckpt),
-                guidance=ckpt.get("guidance"), ref_bank=None if not bank else (np.asarray(bank["crops"]), np.asarray(bank["keys"], np.float32)))
+                guidance=ckpt.get("guidance"), guidance_photo=ckpt.get("guidance_photo"),
+                ref_bank=None if not bank else (np.asarray(bank["crops"]), np.asarray(bank["keys"], np.float32)))
     return unet, enc, info
 
 
@@ -320,7 +321,7 @@ def cache_generator(checkpoint, encoder, info):
     if float(np.abs(OrtAudio(graph)(x.numpy()) - ref).max()) > MATCH_TOL * max(1.0, float(np.abs(ref).max())):
         return
     meta = dict(widths=list(info["widths"]), step=info["step"], config=info["config"], has_mask=info["mask"] is not None,
-                guidance=info.get("guidance"), has_bank=info.get("ref_bank") is not None)
+                guidance=info.get("guidance"), guidance_photo=info.get("guidance_photo"), has_bank=info.get("ref_bank") is not None)
     try:
         if meta["has_bank"]:
             with utils.atomic_file(onnx_cache_path(checkpoint, "bank")) as tmp:

@@ -119,6 +119,11 @@ class FolderTemplate:
             return np.asarray(self._crops[j])
         return geometry.crop_face(self.read(j), self.boxes[j])
 
+    def first_still(self):
+        """Frame 0 alone, held still as a photo is (inference --template PHOTO): evaluate.py's photo-mode pass."""
+        return FolderTemplate(self.folder, self.lms[:1], self.boxes[:1], self.size,
+                              None if self._crops is None else self._crops[:1], self.what)
+
     def stream(self, start, count):
         """(template index, BGR frame, crop box) for `count` output frames from `start`."""
         if not 0 <= start < self.n:

@@ -227,6 +227,7 @@ def test_copy_baseline_needs_the_gap(tiny_dataset, tmp_path):
     assert m["opening_r"] > 0.9 and abs(m["ablation_gap"]) < 0.05
     # photo mode (the first frame alone) catches the copy: the photo's own mouth never moves
     assert m["opening_width_photo"] < 0.2 and not m["opening_r_photo"] > 0.5
+    assert m["lmd_photo_px"] > 2 * m["lmd_mouth_px"]             # the photo's still lips, away from the truth's (1.4 vs 6.1 px)
     moved = ev.main(replace(cfg, copy_shift=1.0, out_dir=str(tmp_path / "moved")))["metrics"]   # the same mouth, 1 px off
     assert moved["psnr_mouth"] < m["psnr_mouth"] - 3 and moved["opening_r"] > 0.9
     with pytest.raises(utils.UserError, match="add --baseline copy"):

@@ -70,6 +70,47 @@ def test_widths_measure_how_far_the_painted_mouth_opens(tail_dataset):
     assert guidance_fit.choose(half) > 1.0
 
 
+class AudioPainter:
+    """A stand-in generator that paints `share` of the way from the closed reference to the true
+    mouth of the frame whose audio it hears (audio_dataset's features carry the frame index),
+    over whatever crop it is given: a model that follows the audio alone."""
+    mask = None
+
+    def __init__(self, ds, share):
+        import templates
+        self.template, self.share, self.runner = templates.FolderTemplate.from_dataset(ds), share, lambda img, audio: img
+
+    def paint(self, crops, refs, audio, guidance):
+        heard = np.rint(np.asarray(audio).reshape(len(audio), 16, -1)[:, 8, 0]).astype(int) - 1   # the window's centre frame
+        truth = np.stack([geometry.inner(self.template.crop(j)) for j in heard]).astype(np.float32) / 255
+        still = np.stack(refs).astype(np.float32) / 255
+        for x in (still + np.float32(self.share) * (truth - still), still):
+            self.runner(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), audio)
+
+
+@pytest.fixture(scope="module")
+def audio_dataset(tail_dataset, tmp_path_factory):
+    """tail_dataset whose audio feature of frame j holds j + 1 (AudioPainter reads it back)."""
+    ds = tmp_path_factory.mktemp("gfa") / "tiny"
+    shutil.copytree(tail_dataset[0], ds)
+    feats = np.zeros((tail_dataset[1], utils.FEAT_DIM), np.float32)
+    feats[:, 0] = np.arange(1, len(feats) + 1)
+    np.save(ds / utils.AUD_FEAT, feats)
+    return ds, tail_dataset[1]
+
+
+def test_photo_mode_holds_one_frame_still_and_its_mouth_follows_the_audio(audio_dataset):
+    ds, n = audio_dataset
+    frames, grid = np.arange(0, n, 2), guidance_fit.PHOTO_GRID
+    copy, _ = guidance_fit.tail_widths(Painter(1.0), ds, frames, grid, still=0)
+    assert copy[1.0] < 0.1 and copy[1.75] < 0.1            # repainting the still frame's own mouth: it never moves
+    full, r = guidance_fit.tail_widths(AudioPainter(ds, 1.0), ds, frames, grid, still=0)
+    assert full[1.0] == pytest.approx(1.0, abs=0.15) and r > 0.7    # each frame's true mouth over the still face (another pose)
+    half, _ = guidance_fit.tail_widths(AudioPainter(ds, 0.5), ds, frames, grid, still=0)
+    assert half[1.0] < 0.8 * full[1.0] and half[1.75] > half[1.0] + 0.15
+    assert 1.0 < guidance_fit.choose(half) <= max(grid)
+
+
 def test_a_short_tail_keeps_the_default_and_leaves_the_checkpoint_alone(tail_dataset, tmp_path):
     ds, n = tail_dataset
     path = random_light_checkpoint(tmp_path / "last.pth")
@@ -90,6 +131,19 @@ def test_a_fitted_guidance_is_every_paths_default(tmp_path):
     assert RenderOptions.from_config(cfg, live=True, default=model.guidance).guidance == LIVE_GUIDANCE
     assert RenderOptions.from_config(inf.Config(guidance=1.3), default=model.guidance).guidance == 1.3   # asked for
     assert RenderOptions.from_config(cfg).guidance == GUIDANCE
+    assert model.guidance_photo == 1.1                    # a fit without a photo's (older files): the frames' guidance
+
+
+def test_a_photo_gets_its_own_fitted_guidance(tmp_path, tiny_dataset):
+    import templates
+    path = random_light_checkpoint(tmp_path / "last.pth")
+    guidance_fit.store(path, dict(value=1.1, frames=200, note="test", photo=dict(value=1.45)))
+    model = inf.LipSyncModel(path, "cpu", "eager")
+    frames = templates.FolderTemplate.from_dataset(tiny_dataset)
+    photo = frames.first_still()
+    assert photo.n == 1 and np.array_equal(photo.crop(0), frames.crop(0))
+    assert (model.guidance_for(frames), model.guidance_for(photo)) == (1.1, 1.45)
+    assert RenderOptions.from_config(inf.Config(guidance=-1.0), default=model.guidance_for(photo)).guidance == 1.45
 
 
 def test_fit_run_stores_a_fitted_guidance_in_both_checkpoints(tail_dataset, tmp_path, monkeypatch):
@@ -104,7 +158,12 @@ def test_fit_run_stores_a_fitted_guidance_in_both_checkpoints(tail_dataset, tmp_
     assert fits[0]["guidance"] == fits[1]["guidance"] and 1.0 <= fits[0]["guidance"] <= GUIDANCE
     assert fits[0]["guidance_fit"]["frames"] == 15 and set(fits[0]["guidance_fit"]["widths"]) == {str(g) for g in guidance_fit.GRID}
     assert len(lines) == 2 and all("opening width ratio on 15 held-out frames" in s for s in lines)
-    assert inf.LipSyncModel(out / "best.pth", "cpu", "eager").guidance == fits[0]["guidance"]
+    photo = fits[0]["guidance_fit"]["photo"]
+    assert fits[0]["guidance_photo"] == photo["value"] and 1.0 <= photo["value"] <= max(guidance_fit.PHOTO_GRID)
+    assert set(photo["widths"]) == {str(g) for g in guidance_fit.PHOTO_GRID} and photo["still"] in range(n - 15, n)
+    assert all("for a photo" in s for s in lines)
+    model = inf.LipSyncModel(out / "best.pth", "cpu", "eager")
+    assert model.guidance == fits[0]["guidance"] and model.guidance_photo == photo["value"]
 
 
 def test_fit_run_logs_a_fit_it_cannot_make_and_keeps_the_checkpoint(tail_dataset, tmp_path, monkeypatch):
@@ -120,3 +179,16 @@ def test_fit_run_logs_a_fit_it_cannot_make_and_keeps_the_checkpoint(tail_dataset
     guidance_fit.fit_run(path.parent, ds, 0.1, log=lines.append)
     assert path.read_bytes() == before and len(lines) == 1
     assert "guidance not fitted (dlib backend needs its model" in lines[0] and "default 1.25 applies" in lines[0]
+
+
+def test_evaluate_paints_its_photo_pass_with_the_photo_guidance(tmp_path, tiny_dataset):
+    import evaluate as ev
+    path = random_light_checkpoint(tmp_path / "ck" / "tiny" / "last.pth")
+    guidance_fit.store(path, dict(value=1.1, frames=200, note="test", photo=dict(value=1.45)))
+    cfg = ev.Config(name="tiny", video=str(tiny_dataset), ckpt_root=str(tmp_path / "ck"), checkpoint=str(path),
+                    out_dir=str(tmp_path / "eval"), max_frames=30, id_frames=2, syncnet="off", plot=False, video_out=False)
+    res = ev.main(cfg)
+    assert (res["config"]["guidance"], res["config"]["guidance_photo"]) == (1.1, 1.45)
+    assert 0 <= res["metrics"]["opening_width_photo"] < 5
+    asked = ev.main(ev.Config(**{**vars(cfg), "guidance": 1.3, "out_dir": str(tmp_path / "eval2")}))
+    assert (asked["config"]["guidance"], asked["config"]["guidance_photo"]) == (1.3, 1.3)   # --guidance: a photo's too

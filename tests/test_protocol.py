@@ -23,7 +23,7 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     assert (run / "eval" / "strip.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "| opening_r |" in out and "template baseline" in out
-    assert s["guidance"] == 1.25 and "guidance 1.25;" in out        # a 6 s clip: too short a tail to fit, the default
+    assert s["guidance"] == s["guidance_photo"] == 1.25 and "guidance 1.25 (photo 1.25);" in out   # a 6 s clip: too short a tail to fit
     sync_dir = tmp_path / "checkpoint" / "talk"                     # a 2-step SyncNet: the auto opening head stays off
     assert json.loads((sync_dir / "protocol_syncnet.json").read_text()) == {"steps": 2, "seed": 0}
     assert json.loads((sync_dir / "syncnet_config.json").read_text())["opening_weight"] == 0.0
