@@ -106,20 +106,41 @@ class References:
         return self.fixed if r == self.fixed_index else np.ascontiguousarray(geometry.inner(self.template.crop(r)))
 
 
-def guide(run, img, audio, silent, guidance=GUIDANCE):
+def guide(run, img, audio, silent, guidance=GUIDANCE, stills=None):
     """The U-Net's output moved `guidance` times as far from what the same frame paints with
     silence (as classifier-free guidance does): run(img, audio) -> (B, 3, 320, 320) float, audio
     windows (B, 32, 16, 16), silent: the window of silence (32, 16, 16). A window's frames outside
     the audio (all-zero vectors) stay zero in its silent twin, so silence is left as painted.
     The L1-trained mouth is the average of the shapes its audio allows; > 1 undoes some of that
-    shrinking at the cost of a second U-Net pass."""
+    shrinking at the cost of a second U-Net pass, which `stills` (a StillCache) saves where the
+    input repeats (a photo)."""
     out = run(img, audio)
     if guidance == 1.0:
         return out
     frames = audio.reshape(len(audio), FEAT_WIN, -1)
     quiet = np.where((frames != 0).any(-1, keepdims=True), silent.reshape(1, FEAT_WIN, -1), np.float32(0))
-    still = run(img, np.ascontiguousarray(quiet.reshape(audio.shape), np.float32))
+    quiet = np.ascontiguousarray(quiet.reshape(audio.shape), np.float32)
+    still = run(img, quiet) if stills is None else stills.run(run, img, quiet)
     return still + np.float32(guidance) * (out - still)
+
+
+class StillCache:
+    """The silent passes of guide() kept for the inputs they were made from. A photo's crop and reference
+    repeat frame after frame and so does the window of silence (but near the audio's ends), so with one
+    its guidance costs one U-Net pass a frame, not two, and a live stream can afford it."""
+
+    def __init__(self, size=4):
+        self.size, self.items = size, []        # (input image, silent window, output), newest last
+
+    def run(self, run, img, quiet):
+        out = [next((o for x, q, o in self.items if np.array_equal(q, quiet[i]) and np.array_equal(x, img[i])), None)
+               for i in range(len(img))]
+        miss = [i for i, o in enumerate(out) if o is None]
+        if miss:
+            for i, o in zip(miss, run(np.ascontiguousarray(img[miss]), np.ascontiguousarray(quiet[miss]))):
+                out[i] = o
+                self.items = (self.items + [(img[i].copy(), quiet[i].copy(), o)])[-self.size:]
+        return np.stack(out)
 
 
 def sharpen(img, amount, sigma=SHARPEN_SIGMA):

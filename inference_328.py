@@ -51,7 +51,7 @@ import runner
 import stream
 import utils
 import vad
-from compose import GUIDANCE, References, RenderOptions, compose, guide
+from compose import GUIDANCE, LIVE_GUIDANCE, References, RenderOptions, StillCache, compose, guide
 from templates import open_template
 from utils import FPS, HOP, MEL_FPS, MEL_WIN, N_FFT, SR, UserError
 
@@ -135,8 +135,8 @@ class LipSyncModel:
         self.ref_bank = info.get("ref_bank")        # (crops, keys) of --reference audio, None when trained without it
         self._silent = None                         # silent_window(), made on first use
 
-    def guidance_for(self, template):   # a file's default guidance over `template`: a photo's (one frame held still) or the frames'
-        return self.guidance_photo if template.n == 1 else self.guidance
+    def guidance_for(self, template, live=False):   # the default guidance over `template`: a photo's (one frame held still: its
+        return self.guidance_photo if template.n == 1 else LIVE_GUIDANCE if live else self.guidance   # silent pass is kept), or the frames'
 
     @property
     def source(self):
@@ -201,20 +201,20 @@ class LipSyncModel:
         return last * HOP + N_FFT // 2                 # its centred STFT window ends here (pre-emphasis looks back only)
 
     # -- the U-Net -----------------------------------------------------------------------------
-    def generate_crops(self, ref_crops, masked, audio_windows, guidance=GUIDANCE):
+    def generate_crops(self, ref_crops, masked, audio_windows, guidance=GUIDANCE, stills=None):
         """Batched generator: reference and masked 320 crops (B, 320, 320, 3) uint8 BGR, audio
-        windows (B, 32, 16, 16) -> painted 320 crops (B, 320, 320, 3) uint8 BGR (compose.guide)."""
+        windows (B, 32, 16, 16) -> painted 320 crops (B, 320, 320, 3) uint8 BGR (compose.guide; stills: a StillCache)."""
         img = np.empty((len(masked), 6) + masked.shape[1:3], np.float32)    # [reference | masked] NCHW, filled in place:
         img[:, :3], img[:, 3:] = ref_crops.transpose(0, 3, 1, 2), masked.transpose(0, 3, 1, 2)   # 0.25 ms a frame, not 1.8
         silent = self.silent_window() if guidance != 1.0 else None
-        out = guide(self.runner, np.multiply(img, np.float32(1 / 255), out=img), np.ascontiguousarray(audio_windows, np.float32), silent, guidance)
+        out = guide(self.runner, np.multiply(img, np.float32(1 / 255), out=img), np.ascontiguousarray(audio_windows, np.float32), silent, guidance, stills)
         return (out.transpose(0, 2, 3, 1) * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
-    def paint(self, crops, ref_crops, audio_windows, guidance=GUIDANCE):
+    def paint(self, crops, ref_crops, audio_windows, guidance=GUIDANCE, stills=None):
         """328 face crops [B] of the template, their reference 320 crops [B], audio windows
         (B, 32, 16, 16) -> the generated 320 centres (B, 320, 320, 3) uint8 BGR (masked as trained)."""
         masked = geometry.mask_inner(np.stack([geometry.inner(c) for c in crops]), self.mask)
-        return self.generate_crops(np.stack(ref_crops), masked, audio_windows, guidance)
+        return self.generate_crops(np.stack(ref_crops), masked, audio_windows, guidance, stills)
 
     def silent_window(self):
         """The audio window (32, 16, 16) of two seconds of digital silence: what guidance moves away from."""
@@ -236,8 +236,7 @@ class LipSyncModel:
         loud = vad.gate_loudness_db(wav, n, vad.use_vad(opts.vad))
         refs = References(template, opts.reference, opts.seed, self.ref_bank)
         stats = stats if stats is not None else {}
-        q = queue.Queue(READ_AHEAD)
-        stop = threading.Event()
+        q, stop, stills = queue.Queue(READ_AHEAD), threading.Event(), StillCache() if template.n == 1 else None   # a photo's silent pass: once
 
         def reader():
             try:
@@ -279,7 +278,7 @@ class LipSyncModel:
                 _add(stats, "audio features", time.perf_counter() - t)
                 t = time.perf_counter()
                 ref = refs.by_audio(aud) if refs.mode == "audio" else [b[3] for b in batch]
-                gen = self.paint([b[2] for b in batch], ref, aud, opts.guidance)
+                gen = self.paint([b[2] for b in batch], ref, aud, opts.guidance, stills)
                 _add(stats, "model", time.perf_counter() - t)
                 for i, (frame, box, crop, _) in enumerate(batch):
                     yield frame, box, crop, gen[i], refs.closed, loud[k + i], refs.mouth
@@ -421,7 +420,7 @@ def main(cfg):
         with_vad = vad.use_vad(cfg.vad)          # --vad on without the detector fails now
         t0 = time.perf_counter()
         model = LipSyncModel(ckpt, cfg.device, cfg.backend, cfg.batch_size)
-        opts = RenderOptions.from_config(cfg, live=cfg.stream, default=model.guidance_for(template))
+        opts = RenderOptions.from_config(cfg, default=model.guidance_for(template, live=cfg.stream))
         print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
               f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
               f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}; guidance {opts.guidance:g}")

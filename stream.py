@@ -36,7 +36,7 @@ import geometry
 import media_io
 import utils
 import vad
-from compose import LIVE_GUIDANCE, References, RenderOptions, compose
+from compose import References, RenderOptions, StillCache, compose
 from templates import pingpong
 from utils import FEAT_WIN, FPS, SR, UserError
 
@@ -72,13 +72,14 @@ class LiveSession:
     """One stream: push audio, take frames. Not thread-safe; one session per client."""
 
     def __init__(self, model, template, opts=None, lookahead=LIVE_LOOKAHEAD, level_shift=None):
-        opts = opts if opts is not None else RenderOptions(guidance=LIVE_GUIDANCE)
+        opts = opts if opts is not None else RenderOptions(guidance=model.guidance_for(template, live=True))
         if not 0 <= lookahead <= LOOKAHEAD:
             raise UserError(f"--lookahead {lookahead}: use 0 .. {LOOKAHEAD} frames")
         if not 0 <= opts.start_frame < template.n:
             raise UserError(f"--start_frame {opts.start_frame} is outside the template's {template.n} frames")
         self.model, self.template, self.opts, self.lookahead = model, template, opts, lookahead
         self.refs = References(template, opts.reference, opts.seed, getattr(model, "ref_bank", None))
+        self.stills = StillCache() if template.n == 1 else None     # a photo's guidance: its silent pass painted once
         self.gate = vad.GateStream(vad.use_vad(opts.vad), shift=level_shift)
         self._buf, self.off = np.zeros(SR, np.float32), 0      # audio held (from sample `off`), with room to grow
         self.received = 0                                      # samples pushed in all
@@ -147,7 +148,7 @@ class LiveSession:
         frame, box = self.template.read(j), self.template.boxes[j]
         crop = geometry.crop_face(frame, box)
         win = self._window(k)[None]
-        gen = self.model.paint([crop], self.refs.by_audio(win) if self.refs.mode == "audio" else [self.refs.crop(k, j)], win, self.opts.guidance)[0]
+        gen = self.model.paint([crop], self.refs.by_audio(win) if self.refs.mode == "audio" else [self.refs.crop(k, j)], win, self.opts.guidance, self.stills)[0]
         self.k += 1
         self._trim()
         return LiveFrame(k, k / FPS, (frame, box, crop, gen, self.refs.closed, self.gate.levels[k], self.refs.mouth))
@@ -304,7 +305,7 @@ def render_stream(model, template, chunks, out_path, opts=None, lookahead=LIVE_L
 def main(cfg, model, template, out):
     """inference_328.py --stream: the avatar says audio from stdin (--audio_path -) or a file."""
     from tqdm import tqdm
-    opts = RenderOptions.from_config(cfg, live=True)
+    opts = RenderOptions.from_config(cfg, default=model.guidance_for(template, live=True))
     bar = tqdm(unit="f", desc="live", dynamic_ncols=True)
     sess_delay = LiveSession(model, template, opts, cfg.lookahead).delay()
     print(f"streaming into {out}: look-ahead {cfg.lookahead} frames, each frame waits for "

@@ -144,6 +144,30 @@ def test_a_photo_gets_its_own_fitted_guidance(tmp_path, tiny_dataset):
     assert photo.n == 1 and np.array_equal(photo.crop(0), frames.crop(0))
     assert (model.guidance_for(frames), model.guidance_for(photo)) == (1.1, 1.45)
     assert RenderOptions.from_config(inf.Config(guidance=-1.0), default=model.guidance_for(photo)).guidance == 1.45
+    import stream        # live: the frames' one U-Net pass a frame; a photo keeps its push (its silent pass is painted once)
+    assert (model.guidance_for(frames, live=True), model.guidance_for(photo, live=True)) == (LIVE_GUIDANCE, 1.45)
+    assert (stream.LiveSession(model, frames).opts.guidance, stream.LiveSession(model, photo).opts.guidance) == (LIVE_GUIDANCE, 1.45)
+
+
+def test_a_photos_silent_pass_is_painted_once(tmp_path, tiny_dataset, rng):
+    import media_io
+    import templates
+    from compose import StillCache
+    model = inf.LipSyncModel(random_light_checkpoint(tmp_path / "last.pth"), "cpu", "eager")
+    crop = templates.FolderTemplate.from_dataset(tiny_dataset).first_still().crop(0)
+    feats = rng.normal(size=(40, utils.FEAT_DIM)).astype(np.float32)
+    wins = np.stack([media_io.feature_window(feats, j) for j in range(40)])
+    calls, run = [], model.runner
+    model.runner = lambda img, audio: calls.append(len(img)) or run(img, audio)
+
+    def render(stills):
+        calls.clear()
+        return np.concatenate([model.paint([crop], [geometry.inner(crop)], wins[j:j + 1], 1.4, stills) for j in range(40)])
+    plain = render(None)
+    assert sum(calls) == 80                                       # two passes a frame
+    cached = render(StillCache())
+    assert np.array_equal(cached, plain)                          # the same frames
+    assert sum(calls) == 40 + 16    # one a frame, and a silent pass for each window with frames outside the audio (8 + 7) and one for the rest
 
 
 def test_fit_run_stores_a_fitted_guidance_in_both_checkpoints(tail_dataset, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import synthetic
 import templates
 import utils
 import vad
-from compose import RenderOptions
+from compose import LIVE_GUIDANCE, RenderOptions
 from test_inference import bank_checkpoint, random_light_checkpoint
 
 # Frames may differ by float rounding only: the mel of a shorter segment goes through a matrix
@@ -37,7 +37,7 @@ def live(tiny_dataset, tmp_path_factory):
     wav = synthetic.synth_speech(1.6, seed=5, lead_silence=0.3)
     n = media_io.num_frames(len(wav))
     shift = vad.level_shift(vad.frame_loudness_db(wav, n))
-    whole = list(model.frames(wav, template, RenderOptions(guidance=stream.LIVE_GUIDANCE)))   # the file path at live's defaults
+    whole = list(model.frames(wav, template, RenderOptions(guidance=LIVE_GUIDANCE)))   # the file path at live's defaults
     yield dict(model=model, template=template, wav=wav, shift=shift, whole=whole, ckpt=ckpt, tmp=tmp,
                data_root=tiny_dataset.parent)
     if old_cache is None:
