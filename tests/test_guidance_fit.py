@@ -41,8 +41,11 @@ class Painter:
     def __init__(self, share):
         self.share, self.runner = share, lambda img, audio: img
 
+    def truth(self, crops, audio):      # the mouth it paints at full share
+        return np.stack([geometry.inner(c) for c in crops])
+
     def paint(self, crops, refs, audio, guidance):
-        truth = np.stack([geometry.inner(c) for c in crops]).astype(np.float32) / 255
+        truth = self.truth(crops, audio).astype(np.float32) / 255
         still = np.stack(refs).astype(np.float32) / 255
         for x in (still + np.float32(self.share) * (truth - still), still):
             self.runner(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), audio)
@@ -70,22 +73,18 @@ def test_widths_measure_how_far_the_painted_mouth_opens(tail_dataset):
     assert guidance_fit.choose(half) > 1.0
 
 
-class AudioPainter:
-    """A stand-in generator that paints `share` of the way from the closed reference to the true
-    mouth of the frame whose audio it hears (audio_dataset's features carry the frame index),
-    over whatever crop it is given: a model that follows the audio alone."""
-    mask = None
+class AudioPainter(Painter):
+    """A Painter whose full share is the true mouth of the frame whose audio it hears (audio_dataset's
+    features carry the frame index), over whatever crop it is given: a model that follows the audio alone."""
 
     def __init__(self, ds, share):
         import templates
-        self.template, self.share, self.runner = templates.FolderTemplate.from_dataset(ds), share, lambda img, audio: img
+        super().__init__(share)
+        self.template = templates.FolderTemplate.from_dataset(ds)
 
-    def paint(self, crops, refs, audio, guidance):
+    def truth(self, crops, audio):
         heard = np.rint(np.asarray(audio).reshape(len(audio), 16, -1)[:, 8, 0]).astype(int) - 1   # the window's centre frame
-        truth = np.stack([geometry.inner(self.template.crop(j)) for j in heard]).astype(np.float32) / 255
-        still = np.stack(refs).astype(np.float32) / 255
-        for x in (still + np.float32(self.share) * (truth - still), still):
-            self.runner(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), audio)
+        return np.stack([geometry.inner(self.template.crop(j)) for j in heard])
 
 
 @pytest.fixture(scope="module")
