@@ -111,9 +111,9 @@ def _tail(ds, held_out, max_frames=MAX_FRAMES):
 
 
 def fit(model, ds, held_out, max_frames=MAX_FRAMES):
-    """dict(value, widths, frames, r, note) for a loaded LipSyncModel trained on dataset `ds` with
-    train_328's --held_out share; value None (the default applies) when the tail is too short or
-    its true mouth never moves."""
+    """dict(value, widths, frames, r, photo, note) for a loaded LipSyncModel trained on dataset `ds` with
+    train_328's --held_out share (photo: the same for a photo, dict(value, widths, still, r)); value None
+    (the default applies) when the tail is too short or its true mouth never moves."""
     frames, short = _tail(ds, held_out, max_frames)
     if short:
         return short

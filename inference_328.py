@@ -78,7 +78,7 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)          # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
-    guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; a photo template's fitted apart; 1.25 when it holds none), 1 with --stream (real time)
+    guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; a photo template's fitted apart; 1.25 when it holds none), 1 with --stream over the avatar's frames (real time)
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
     sharpen: float = RenderOptions.sharpen           # [0..4] unsharp mask on the painted mouth (amount; its blur is one pixel of the frame): 0 = the network's own output
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
@@ -135,8 +135,9 @@ class LipSyncModel:
         self.ref_bank = info.get("ref_bank")        # (crops, keys) of --reference audio, None when trained without it
         self._silent = None                         # silent_window(), made on first use
 
-    def guidance_for(self, template, live=False):   # the default guidance over `template`: a photo's (one frame held still: its
-        return self.guidance_photo if template.n == 1 else LIVE_GUIDANCE if live else self.guidance   # silent pass is kept), or the frames'
+    def guidance_for(self, template, live=False):
+        """The default guidance over `template`: a photo's (one frame: its silent pass is kept, live too), else the frames'."""
+        return self.guidance_photo if template.n == 1 else LIVE_GUIDANCE if live else self.guidance
 
     @property
     def source(self):
