@@ -122,7 +122,8 @@ def fit(model, ds, held_out, max_frames=MAX_FRAMES):
         return dict(value=None, frames=len(frames), note="the true mouth does not move on the held-out tail: "
                     f"the default guidance {GUIDANCE:g} applies")
     g = choose(widths)
-    still = int(frames[np.argmin(templates.closed_score(*_lms_boxes(ds, frames)))])    # the tail's most closed frame as the photo
+    t = templates.FolderTemplate.from_dataset(ds)
+    still = int(frames[np.argmin(templates.closed_score(t.lms[frames], t.boxes[frames]))])    # the tail's most closed frame as the photo
     p_widths, p_r = tail_widths(model, ds, frames, PHOTO_GRID, still=still)
     photo = dict(value=choose(p_widths), widths={str(k): round(w, 4) for k, w in p_widths.items()}, still=still, r=round(p_r, 4))
 
@@ -131,11 +132,6 @@ def fit(model, ds, held_out, max_frames=MAX_FRAMES):
     return dict(value=g, widths={str(k): round(w, 4) for k, w in widths.items()}, frames=len(frames), r=round(r, 4), photo=photo,
                 note=f"guidance {g:g} (opening width ratio on {len(frames)} held-out frames by guidance: {shown(widths)}; target "
                      f"{TARGET_WIDTH:g}); for a photo {photo['value']:g} (frame {still} held still: {shown(p_widths)})")
-
-
-def _lms_boxes(ds, frames):
-    z = utils.load_npy(Path(ds) / utils.LANDMARKS)
-    return z["lms"][frames], z["crop_boxes"][frames]
 
 
 def fit_checkpoint(path, ds, held_out, device="cpu"):
