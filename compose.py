@@ -43,13 +43,13 @@ class RenderOptions:
     sharpen: float = SHARPEN       # unsharp-mask amount on the painted mouth (sharpen): 0 = the network's own output
 
     @classmethod
-    def from_config(cls, cfg, live=False, default=None):
+    def from_config(cls, cfg, default=None):
         """The options a script's Config sets (its fields of the same names); the rest keep their
-        defaults. A guidance < 0 means the default of the path: LIVE_GUIDANCE if live, else `default`
-        (a model's fitted guidance: LipSyncModel.guidance) or GUIDANCE."""
+        defaults. A guidance < 0 means the default of the path: `default` (LipSyncModel.guidance_for:
+        the model's fitted guidance, a photo's, or a live stream's) or, without one, GUIDANCE."""
         kw = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
         if kw.get("guidance", 0) < 0:
-            kw["guidance"] = LIVE_GUIDANCE if live else default or GUIDANCE
+            kw["guidance"] = GUIDANCE if default is None else default
         return cls(**kw)
 
 

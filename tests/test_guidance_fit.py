@@ -127,7 +127,6 @@ def test_a_fitted_guidance_is_every_paths_default(tmp_path):
     assert model.guidance == 1.1 and utils.load_checkpoint(path)["guidance_fit"]["frames"] == 200
     cfg = inf.Config(guidance=-1.0)
     assert RenderOptions.from_config(cfg, default=model.guidance).guidance == 1.1      # a file
-    assert RenderOptions.from_config(cfg, live=True, default=model.guidance).guidance == LIVE_GUIDANCE
     assert RenderOptions.from_config(inf.Config(guidance=1.3), default=model.guidance).guidance == 1.3   # asked for
     assert RenderOptions.from_config(cfg).guidance == GUIDANCE
     assert model.guidance_photo == 1.1                    # a fit without a photo's (older files): the frames' guidance

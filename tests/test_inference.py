@@ -544,8 +544,8 @@ def test_render_options_hold_the_defaults_of_both_command_lines():
     names = {f.name for f in dataclasses.fields(RenderOptions)}
     assert names <= {f.name for f in dataclasses.fields(inf.Config)}
     assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=[])) == RenderOptions()
-    assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=[]), live=True) == RenderOptions(guidance=1.0)
-    assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=["--guidance", "1.5"]), live=True).guidance == 1.5
+    assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=[]), default=1.0) == RenderOptions(guidance=1.0)
+    assert RenderOptions.from_config(utils.parse_config(inf.Config, argv=["--guidance", "1.5"]), default=1.0).guidance == 1.5
     assert RenderOptions.from_config(utils.parse_config(ev.Config, argv=[])) == RenderOptions(silence_gate=False)
     cfg = utils.parse_config(inf.Config, argv=["--feather", "8", "--no-color_match", "--reference", "random",
                                                "--vad", "off", "--silence_db", "-50", "--crf", "23"])
