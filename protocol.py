@@ -58,6 +58,7 @@ class Config:
     opening_weight: float = 0.0    # [0..] auxiliary mouth-opening loss on the audio branch (train_328 --opening_weight)
     voice_aug: float = 0.0         # [0..1] share of samples heard through an augmented copy's features (train_328 --voice_aug; the copies are made once: syncnet_328 --feature_variants 4)
     context_swap: float = train_328.Config.context_swap   # [-1..1] share of samples whose surroundings of the hole come from another moment; -1 = auto (train_328 --context_swap)
+    audio_film: bool = train_328.Config.audio_film   # the audio also modulates the decoder levels (train_328 --audio_film)
     mask: str = train_328.Config.mask          # generator mask (train_328 --mask)
     mouth_weight: float = 0.0      # [0..] extra L1 weight in the mouth box (train_328 --mouth_weight)
     edge_weight: float = 0.0       # [0..] L1 on neighbouring pixels' differences (train_328 --edge_weight)
@@ -219,7 +220,7 @@ def main(cfg):
                           + (f"_alr{cfg.audio_lr_mult:g}" if cfg.audio_lr_mult != 1 else "") + ("" if cfg.amp else "_fp32") + (f"_ema{cfg.ema:g}" if cfg.ema else "")
                           + (f"_wu{cfg.warmup_steps}" if cfg.warmup_steps != train_328.Config.warmup_steps else "")
                           + (f"_mlr{cfg.min_lr_frac:g}" if cfg.min_lr_frac != train_328.Config.min_lr_frac else "")
-                          + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_{cfg.stem}" if cfg.stem != "conv" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "")
+                          + (f"_base{cfg.base}" if cfg.base != "none" else "") + (f"_{cfg.stem}" if cfg.stem != "conv" else "") + (f"_ref{cfg.reference}" if cfg.reference != "random" else "") + ("_film" if cfg.audio_film else "")
                           + (f"_{source}" if source != "mel" else "")
                           + (f"_win{cfg.window}x{cfg.window_share:g}" if cfg.window else "")
                           + (f"_perc{cfg.perceptual}" if cfg.perceptual != train_328.Config.perceptual else "")
@@ -232,7 +233,7 @@ def main(cfg):
     t = time.time()
     tr = train_328.main(train_328.Config(
         name=name, data_root=str(data_root), out_dir=str(run), widths=cfg.widths, batch_size=batch, max_steps=cfg.steps,
-        lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, mask=cfg.mask, mouth_weight=cfg.mouth_weight, edge_weight=cfg.edge_weight, opening_weight=cfg.opening_weight, voice_aug=cfg.voice_aug, context_swap=cfg.context_swap, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_frac=cfg.min_lr_frac, base=cfg.base, stem=cfg.stem, reference=cfg.reference, audio_film=cfg.audio_film, mask=cfg.mask, mouth_weight=cfg.mouth_weight, edge_weight=cfg.edge_weight, opening_weight=cfg.opening_weight, voice_aug=cfg.voice_aug, context_swap=cfg.context_swap, open_weight=cfg.open_weight, audio_lr_mult=cfg.audio_lr_mult, amp=cfg.amp, ema=cfg.ema, device=cfg.device, threads=cfg.threads,
         sync_weight=cfg.sync_weight, sync_start=cfg.sync_start, sync_ramp=cfg.sync_ramp, sync_clips=cfg.sync_clips, syncnet=str(sync_dir / utils.SYNCNET_BEST),
         window=cfg.window, window_share=cfg.window_share, perceptual=cfg.perceptual, perceptual_weight=cfg.perceptual_weight,
         adv_weight=cfg.adv_weight, adv_start=cfg.adv_start, num_workers=workers, seed=cfg.seed, overwrite=True, val_every=quarter,

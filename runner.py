@@ -40,7 +40,7 @@ def load_generator(path):
     widths = _widths_of(ckpt, path)
     try:
         config = ckpt.get("config") or {}
-        unet = UNet328(widths, base=config.get("base", "none"), stem=config.get("stem", "conv"))
+        unet = UNet328(widths, base=config.get("base", "none"), stem=config.get("stem", "conv"), audio_film=config.get("audio_film", False))
     except ValueError as e:
         raise UserError(f"{path}: {e}; it was written by a newer train_328.py") from None
     try:

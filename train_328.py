@@ -5,16 +5,14 @@
     python train_328.py --name anna --widths light --batch_size 2 --max_steps 20 --device cpu   # CPU smoke run
     torchrun --nproc_per_node 4 train_328.py --name anna             # multi-GPU (DDP)
 
-Each step: a batch of single frames (reference = another frame, masked crop, audio window; with
---context_swap a share of them wear a nearby frame's face around the hole), plus, with --sync_weight > 0
-and a SyncNet checkpoint, `sync_clips` clips of T (5) consecutive frames whose predictions the frozen
+Each step: a batch of single frames (reference = another frame, masked crop, audio window; with --context_swap a
+share of them wear a nearby frame's face around the hole), plus, with --sync_weight > 0 and a SyncNet checkpoint, `sync_clips` clips of T (5) consecutive frames whose predictions the frozen
 SyncNet judges against the clip's mel windows. Loss = L1 + perceptual_weight x perceptual (VGG19 conv3_3
 if its ImageNet weights are on disk, else MS-SSIM of the luma) + sync weight x sync BCE (off by default).
 Writes last.pth (every save_every steps and at the end), best.pth (lowest held-out L1),
 step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference | masked |
-prediction | truth). `--resume auto` continues exactly where last.pth left off: data order,
-references and the lr schedule are pure functions of (seed, step). Ctrl-C loses at most
-save_every steps. Speed: `python bench_train.py` (README section 3).
+prediction | truth). `--resume auto` continues exactly where last.pth left off: data order, references and
+the lr schedule are pure functions of (seed, step). Ctrl-C loses at most save_every steps. Speed: bench_train.py.
 """
 import dataclasses
 import json
@@ -56,6 +54,7 @@ class Config:
     stem: str = "s2d4l"             # s2d4l: s2d4 whose 80 px blocks do not expand (a narrow step ~0.84x s2d4's; budget A, equal minutes: LMD 2.405 / 2.423 vs 2.535 / 2.444, RESULTS.md round 35); s2d4: the U-Net folds 4 x 4 pixels into channels, levels 80 .. 10 px (a narrow step ~0.7x s2d's, better at equal minutes: round 33); s2d: 2 x 2 pixels, every level at half the resolution (CPU steps ~2x cheaper than conv's, better at equal time: round 11; the measured GPU recipe's); conv: its first level convolves the 320 px crop (the reference design). A resumed run keeps its checkpoint's
     base: str = "none"              # none: the U-Net paints the whole crop (reference); ref: it paints a change over the reference in the hole (unet_328.UNet328)
     reference: str = "random"       # random: a sample's reference crop is any training frame (reference design); closed: one of the tenth of them with the most closed mouth, like inference's default reference; audio: one of a bank of 64 training frames that sounds like the sample (the bank is saved for inference --reference audio)
+    audio_film: bool = False        # the audio also scales and shifts every decoder level, not only the bottleneck (unet_328.UNet328): better on 5 minutes of grid, worse on andrew's 25 s (RESULTS.md round 46)
     mask: str = "under_nose"        # area the U-Net repaints: under_nose (the lower face under the nose, from the avatar's landmarks, grown 13 px down and sideways, not up: the nose stays the frame's; RESULTS.md round 25), jaw (the same grown up too) or rect (the reference's whole-crop rectangle)
     mouth_weight: float = 0.0       # [0..] extra L1 weight inside each frame's mouth box (0 = plain L1 over the crop)
     edge_weight: float = 0.0        # [0..] weight of an L1 on neighbouring pixels' differences (losses.edge_l1: edges such as the lips' contour count more; 0 = off)
@@ -221,10 +220,11 @@ def _data(cfg, ds, ckpt, enc_id):
             note = f"; it keeps the checkpoint's --mask {got} (not {cfg.mask})"
             cfg = dataclasses.replace(cfg, mask=got)
         mask = utils.checkpoint_mask(ckpt)
-        got = ckpt.get("config", {}).get("stem", "conv")   # checkpoints from before --stem: conv
-        if got != cfg.stem:
-            note += f"; it keeps the checkpoint's --stem {got} (not {cfg.stem})"
-            cfg = dataclasses.replace(cfg, stem=got)
+        for key, old in (("stem", "conv"), ("audio_film", False)):   # the U-Net's shape; checkpoints from before the option: old
+            got = ckpt.get("config", {}).get(key, old)
+            if got != getattr(cfg, key):
+                note += f"; it keeps the checkpoint's --{key} {got} (not {getattr(cfg, key)})"
+                cfg = dataclasses.replace(cfg, **{key: got})
         got = ckpt.get("config", {}).get("perceptual", "msssim")   # auto resumes the checkpoint's kind
         cfg = dataclasses.replace(cfg, perceptual=got) if cfg.perceptual == "auto" and got in PERCEPTUAL_WEIGHT else cfg
     else:
@@ -265,7 +265,7 @@ def _model(cfg, widths, device, ckpt, opening):
     Adam, the loss scaler, the weights' moving average (--ema; updated by each optimizer step),
     restored from ckpt when resuming. -> (model, head, optimizer, scaler, ema or None, step, best loss)."""
     torch.manual_seed(cfg.seed)
-    model = UNet328(widths, base=cfg.base, stem=cfg.stem).to(device)
+    model = UNet328(widths, base=cfg.base, stem=cfg.stem, audio_film=cfg.audio_film).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     head = OpeningHead(widths[-1], opening.mean(), opening.std()).to(device) if cfg.opening_weight > 0 else None

@@ -139,7 +139,7 @@ class UNet328(nn.Module):
     starts from 2 x 2 pixel blocks folded into channels (train_328 --stem); "s2d4" from 4 x 4 blocks,
     so its levels are 80 .. 10 px; "s2d4l" is s2d4 whose 80 px inverted residuals do not expand."""
 
-    def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0], base="none", stem="conv"):
+    def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0], base="none", stem="conv", audio_film=False):
         super().__init__()
         if len(widths) != 6:
             raise ValueError(f"widths: need 6 encoder widths (320 .. 10 px), got {widths}")
@@ -148,7 +148,7 @@ class UNet328(nn.Module):
         if stem not in STEMS:
             raise ValueError(f"stem: choose one of {STEMS}, got {stem!r}")
         w0, w1, w2, w3, w4, w5 = widths
-        self.widths, self.audio_channels, self.base, self.stem = tuple(widths), audio_channels, base, stem
+        self.widths, self.audio_channels, self.base, self.stem, self.audio_film = tuple(widths), audio_channels, base, stem, audio_film
         # The encoder's levels: 320, 160, 80, 40, 20, 10 px (conv), or with stem s2d each 2 x 2 pixel
         # block folded into channels (pixel_unshuffle) so the levels are 160 .. 10 px, the 160 px one
         # max(2 w0, w1) wide; the output is painted as 4 sub-pixels a position (pixel_shuffle). The
@@ -179,6 +179,12 @@ class UNet328(nn.Module):
         self.up = nn.ModuleList([Up(c, c, o, expand=top if i == len(outs) - 1 else (EXPAND, EXPAND))
                                  for i, (c, o) in enumerate(zip(levels[-2::-1], outs))])
         self.outc = nn.Conv2d(outs[-1], 3 * self.fold ** 2, 1)
+        # audio_film: every decoder level is also scaled and shifted, channel by channel and place by place,
+        # by a 1 x 1 projection of the audio branch's 10 px map, upsampled to it (zero at the start: the plain U-Net).
+        self.film = nn.ModuleList([nn.Conv2d(w5, 2 * o, 1) for o in outs]) if audio_film else None
+        for f in self.film or ():
+            nn.init.zeros_(f.weight)
+            nn.init.zeros_(f.bias)
         if base == "ref":
             nn.init.zeros_(self.outc.weight)
             nn.init.zeros_(self.outc.bias)
@@ -201,8 +207,12 @@ class UNet328(nn.Module):
             (cy, cx), (h, w) = (o // STRIDE for o in offset), skips[-1].shape[2:]
             a = a[:, :, cy:cy + h, cx:cx + w]       # (B, w5, h, w): the window's cells
         x = self.fuse(torch.cat([skips.pop(), a], dim=1))   # (B, w4, 10, 10)
-        for up in self.up:
+        for i, up in enumerate(self.up):
             x = up(x, skips.pop())                  # (B, w3, 20, 20) ... (B, w0/2, 320, 320)
+            if self.film is not None:
+                gain, shift = nn.functional.interpolate(self.film[i](a), scale_factor=2 ** (i + 1), mode="bilinear",
+                                                        align_corners=False).chunk(2, dim=1)   # 10 px -> this level
+                x = x * (1 + gain) + shift
         y = self.outc(x) if self.fold == 1 else nn.functional.pixel_shuffle(self.outc(x), self.fold)
         if self.base == "ref":
             return torch.sigmoid(y + base_logit(img))

@@ -22,20 +22,23 @@ from compose import References, RenderOptions, compose
 from conftest import ROOT
 
 
-def random_light_checkpoint(path, seed=0, stem="conv"):
+def random_light_checkpoint(path, seed=0, stem="conv", audio_film=False):
     """A checkpoint as train_328.py writes it: light UNet328 + AudioEncoder with random weights.
     BatchNorm statistics are measured on random inputs (one train-mode pass), as training would
     leave them, so signals neither vanish nor explode: the output depends visibly on image and
     audio, like a trained model's, and folding the BN is not a no-op."""
     torch.manual_seed(seed)
-    unet, enc = unet_328.UNet328(unet_328.WIDTHS["light"], stem=stem), unet_328.AudioEncoder()
+    unet, enc = unet_328.UNet328(unet_328.WIDTHS["light"], stem=stem, audio_film=audio_film), unet_328.AudioEncoder()
+    for f in unet.film or ():                    # as after training: the audio's modulation is no longer zero
+        torch.nn.init.normal_(f.weight, std=0.05)
     for m in list(unet.modules()) + list(enc.modules()):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None                    # running stats = plain average of the passes
     with torch.no_grad():
         unet.train()(torch.rand(2, 6, utils.INNER, utils.INNER), torch.randn(2, 32, 16, 16))
         enc.train()(torch.rand(16, 1, 80, 16) * 8 - 4)
-    config = dict(widths=list(unet_328.WIDTHS["light"]), **({} if stem == "conv" else {"stem": stem}))   # old files: no stem
+    config = dict(widths=list(unet_328.WIDTHS["light"]), **({} if stem == "conv" else {"stem": stem}),   # old files: no stem
+                  **({"audio_film": True} if audio_film else {}))
     utils.save_checkpoint(dict(model=unet.state_dict(), config=config, audio_encoder=enc.state_dict(), step=0, epoch=0), path)
     return path
 
@@ -165,12 +168,12 @@ def test_a_base_ref_checkpoint_starts_from_its_reference(setup, tmp_path):
         inf.LipSyncModel(bad, "cpu")
 
 
-@pytest.mark.parametrize("stem", ["s2d", "s2d4", "s2d4l"])
-def test_an_s2d_checkpoint_paints_as_its_eager_unet_in_every_runtime(setup, tmp_path, stem):
-    """--stem s2d (s2d4) travels in the checkpoint's config: inference builds that U-Net, and its folded,
-    ONNX Runtime and OpenVINO forms paint what the eager one does; an unknown stem is one UserError."""
-    path = random_light_checkpoint(tmp_path / f"{stem}.pth", seed=3, stem=stem)
-    unet = unet_328.UNet328(unet_328.WIDTHS["light"], stem=stem).eval()
+@pytest.mark.parametrize("stem, film", [("s2d", False), ("s2d4", False), ("s2d4l", False), ("s2d4l", True)])
+def test_an_s2d_checkpoint_paints_as_its_eager_unet_in_every_runtime(setup, tmp_path, stem, film):
+    """--stem s2d (s2d4) and --audio_film travel in the checkpoint's config: inference builds that U-Net, and
+    its folded, ONNX Runtime and OpenVINO forms paint what the eager one does; an unknown stem is one UserError."""
+    path = random_light_checkpoint(tmp_path / f"{stem}.pth", seed=3, stem=stem, audio_film=film)
+    unet = unet_328.UNet328(unet_328.WIDTHS["light"], stem=stem, audio_film=film).eval()
     unet.load_state_dict(utils.load_checkpoint(path)["model"])
     rng = np.random.default_rng(1)
     ref, crops = rng.integers(0, 256, (2, 2, 320, 320, 3), dtype=np.uint8)

@@ -69,6 +69,33 @@ def test_unet_output_shape_and_range():
     assert 0 < y.min() and y.max() < 1
 
 
+def test_audio_film_starts_as_the_plain_unet_then_lets_the_audio_shape_every_decoder_level():
+    """--audio_film: a 1 x 1 projection of the audio branch's map scales and shifts each decoder level.
+    Zero at the start, so the U-Net paints exactly what the plain one with the same weights does; it
+    learns (its projections leave zero), and BatchNorm folding keeps it."""
+    plain, film = UNet328(WIDTHS["light"], stem="s2d4l"), UNet328(WIDTHS["light"], stem="s2d4l", audio_film=True)
+    missing, unexpected = film.load_state_dict(randomise_bn(plain).state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("film.") for k in missing)
+    assert [f.out_channels for f in film.film] == [2 * u.conv.block[-1].conv[-1].num_features for u in film.up]
+    img, audio = unet_inputs(2)
+    with torch.no_grad():
+        assert torch.equal(film.eval()(img, audio), plain(img, audio))
+    opt = torch.optim.Adam(film.train().parameters(), 1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.l1_loss(film(img, audio), img[:, :3].flip(-1)).backward()
+        opt.step()
+    assert all(f.weight.abs().sum() > 0 for f in film.film)
+    film.eval()
+    with torch.no_grad():
+        y = film(img, audio)
+        assert torch.allclose(fold_bn(film)(img, audio), y, atol=1e-5)
+        for f in film.film:
+            f.weight.zero_()
+            f.bias.zero_()
+        assert (film(img, audio) - y).abs().mean() > 1e-4      # what it learnt there changes the painting
+
+
 @pytest.mark.parametrize("stem, top", [("s2d", 160), ("s2d4", 80), ("s2d4l", 80)])
 def test_s2d_stems_run_every_level_at_a_lower_resolution_and_paint_whole_pixels(stem, top):
     """--stem s2d: 2 x 2 pixels folded into channels, so the first level is 160 px (not 320); s2d4:

@@ -376,14 +376,16 @@ def test_resume_errors_are_one_line(light_run, data_root, tmp_path):
     utils.save_checkpoint(ck, tmp_path / "broken.pth")
     with pytest.raises(utils.UserError, match="does not fit"):
         train_328.main(config(data_root, tmp_path / "x", resume=str(tmp_path / "broken.pth"), widths="light"))
-    stem = utils.load_checkpoint(out / "last.pth")["config"]["stem"]
+    stem, film = (utils.load_checkpoint(out / "last.pth")["config"][k] for k in ("stem", "audio_film"))
     other = "conv" if stem == "s2d" else "s2d"
     res = train_328.main(config(data_root, tmp_path / "y", resume=str(out / "last.pth"), widths="light", mask="rect",
-                                stem=other, max_steps=3))                   # a resume keeps the checkpoint's mask and stem
+                                stem=other, audio_film=not film, max_steps=3))   # a resume keeps the checkpoint's mask and U-Net
     ck = utils.load_checkpoint(tmp_path / "y" / "last.pth")
     assert res["step"] == 3 and ck["config"]["mask"] == "under_nose" and ck["mask"] is not None and ck["config"]["stem"] == stem
+    assert ck["config"]["audio_film"] == film and any(k.startswith("film.") for k in ck["model"]) == film
     log = (tmp_path / "y" / "log.txt").read_text()
     assert "keeps the checkpoint's --mask under_nose (not rect)" in log and f"keeps the checkpoint's --stem {stem} (not {other})" in log
+    assert f"keeps the checkpoint's --audio_film {film} (not {not film})" in log
     with pytest.raises(utils.UserError, match="--stem 's4d'"):
         train_328.main(config(data_root, tmp_path / "z", stem="s4d"))
     with pytest.raises(utils.UserError, match="--resume auto"):                # no silent overwrite of a run
