@@ -137,7 +137,8 @@ class UNet328(nn.Module):
     training learns what must change there (the mouth) instead of repainting everything.
     stem "conv": the first level convolves the 320 px crop (the reference design); "s2d": it
     starts from 2 x 2 pixel blocks folded into channels (train_328 --stem); "s2d4" from 4 x 4 blocks,
-    so its levels are 80 .. 10 px; "s2d4l" is s2d4 whose 80 px inverted residuals do not expand."""
+    so its levels are 80 .. 10 px; "s2d4l" is s2d4 whose 80 px inverted residuals do not expand.
+    audio_film: the audio branch's map also scales and shifts every decoder level (train_328 --audio_film)."""
 
     def __init__(self, widths=WIDTHS["full"], audio_channels=AUDIO_SHAPE[0], base="none", stem="conv", audio_film=False):
         super().__init__()
