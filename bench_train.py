@@ -27,6 +27,7 @@ class Config:
     data_root: str = str(utils.DATASET_DIR)   # where datasets live
     widths: str = "full,light"               # comma list of U-Net width presets to measure
     stem: str = train_328.Config.stem        # the U-Net's first level: conv (320 px) or s2d (train_328 --stem)
+    audio_film: bool = train_328.Config.audio_film   # the audio also modulates the decoder levels (train_328 --audio_film)
     batch_size: int = 8                      # frames per step (reference: 8)
     steps: int = 3                           # measured steps per preset (after one warm-up step)
     num_workers: int = train_328.Config.num_workers   # DataLoader workers; -1 = train_328's auto (0 on a CPU, 2 on a GPU)
@@ -47,13 +48,13 @@ def main(cfg):
             synthetic.write_fake_dataset(root / name, n=80)
         for preset in [w.strip() for w in cfg.widths.split(",") if w.strip()]:
             res = train_328.main(train_328.Config(
-                name=name, data_root=str(root), out_dir=str(Path(tmp) / f"ck_{preset}"), widths=preset, stem=cfg.stem,
+                name=name, data_root=str(root), out_dir=str(Path(tmp) / f"ck_{preset}"), widths=preset, stem=cfg.stem, audio_film=cfg.audio_film,
                 batch_size=cfg.batch_size, max_steps=cfg.steps + 1, num_workers=cfg.num_workers, device=cfg.device,
                 channels_last=cfg.channels_last, amp=cfg.amp, held_out=0.0, sync_weight=0.0, log_every=10 ** 9,
                 preview_every=10 ** 9, save_every=10 ** 9, snapshot_every=0, overwrite=True))
             rows.append((preset, res["timing"]))
     print(utils.hardware(device))
-    print(f"stem {cfg.stem}, batch {cfg.batch_size}, {cfg.steps} measured steps, {train_328.loader_workers(cfg.num_workers, device)} workers, device {device}, "
+    print(f"stem {cfg.stem}{', audio_film' if cfg.audio_film else ''}, batch {cfg.batch_size}, {cfg.steps} measured steps, {train_328.loader_workers(cfg.num_workers, device)} workers, device {device}, "
           f"channels_last {cfg.channels_last}, amp {cfg.amp}, dataset {cfg.name or 'synthetic'}")
     print(f"{'widths':8s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s} {'compute CPU ms':>15s}")
     for preset, t in rows:
