@@ -13,6 +13,7 @@ looped) checks that memory does not grow with the audio: by default its U-Net is
 pass-through (--long_model stub) so it measures everything else in minutes, not the ~40 min the
 real model needs here; --long_model real runs it for real.
 """
+import copy
 import json
 import os
 import resource
@@ -148,9 +149,7 @@ def case_unet(arg):
 
     # copies made outside inference_mode: the ONNX exporter cannot trace inference tensors
     folded = unet_328.fold_bn(unet).to(memory_format=torch.channels_last)
-    unfolded_cl = unet_328.UNet328(unet.widths, stem=unet.stem).eval()
-    unfolded_cl.load_state_dict(unet.state_dict())
-    unfolded_cl.to(memory_format=torch.channels_last)
+    unfolded_cl = copy.deepcopy(unet).eval().to(memory_format=torch.channels_last)   # the same U-Net (widths, stem, base, film)
     xc = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         ref = unet(x, a).numpy()
