@@ -165,15 +165,19 @@ def jaw_mask(lm320, grow=JAW_GROW, share=JAW_SHARE, max_frames=600, up=None):
 def mask_inner(img320, mask=None):
     """Copy of a 320 crop (H, W, C) or batch (..., H, W, C) with the generator's masked area zeroed:
     `mask` a bool (320, 320) map (jaw_mask), None = MASK_RECT."""
-    out = np.array(img320, copy=True)
     if mask is None:
+        out = np.array(img320, copy=True)
         x0, y0, x1, y1 = MASK_RECT
         out[..., y0:y1, x0:x1, :] = 0
-    else:
-        out[..., np.asarray(mask, bool), :] = 0
-    return out
+        return out
+    key = mask_key(mask)
+    if key not in _KEEP:     # a multiply by a 0/1 map: ~3x cheaper than boolean indexing (RESULTS.md round 47)
+        _KEEP[key] = (~np.asarray(mask, bool))[..., None].astype(np.uint8)
+    img = np.asarray(img320)
+    return np.multiply(img, _KEEP[key], dtype=img.dtype)
 
 
+_KEEP = {}      # mask key -> its complement as a (320, 320, 1) uint8 map (mask_inner)
 _ALPHA = {}     # (feather, mask key) -> paste_alpha
 _SIZED = {}     # (feather, mask key, w, h) -> paste_alpha resized to a box, and 1 minus it
 _SUPPORT = {}   # (feather, mask key, grow) -> paste_support
