@@ -25,7 +25,7 @@ import utils
 class Config:
     name: str = ""                           # dataset under --data_root; "" = a synthetic 80-frame dataset
     data_root: str = str(utils.DATASET_DIR)   # where datasets live
-    widths: str = "full,light"               # comma list of U-Net width presets to measure
+    widths: str = "full,light"               # comma list of U-Net width presets to measure; six ints in a row are one custom widths ("narrow,8,16,32,96,192,384")
     stem: str = train_328.Config.stem        # the U-Net's first level: conv (320 px) or s2d (train_328 --stem)
     audio_film: bool = train_328.Config.audio_film   # the audio also modulates the decoder levels (train_328 --audio_film)
     batch_size: int = 8                      # frames per step (reference: 8)
@@ -37,6 +37,24 @@ class Config:
     amp: bool = True                         # mixed precision as train_328's default (CPU: bf16 only with bf16 units)
 
 
+def width_list(text):
+    """--widths -> the widths to measure: presets by name, and every run of six integers as one custom widths."""
+    out, run = [], []
+    for tok in (t.strip() for t in text.split(",") if t.strip()):
+        if tok.isdigit():
+            run.append(tok)
+            if len(run) == 6:
+                out.append(",".join(run))
+                run = []
+        elif run:
+            raise utils.UserError(f"--widths: {','.join(run)} is not six integers; give a preset name or six widths")
+        else:
+            out.append(tok)
+    if run:
+        raise utils.UserError(f"--widths: {','.join(run)} is not six integers; give a preset name or six widths")
+    return out
+
+
 def main(cfg):
     device = utils.get_device(cfg.device)
     if cfg.threads > 0:
@@ -46,7 +64,7 @@ def main(cfg):
         root, name = (Path(cfg.data_root), cfg.name) if cfg.name else (Path(tmp) / "data", "fake")
         if not cfg.name:
             synthetic.write_fake_dataset(root / name, n=80)
-        for preset in [w.strip() for w in cfg.widths.split(",") if w.strip()]:
+        for preset in width_list(cfg.widths):
             res = train_328.main(train_328.Config(
                 name=name, data_root=str(root), out_dir=str(Path(tmp) / f"ck_{preset}"), widths=preset, stem=cfg.stem, audio_film=cfg.audio_film,
                 batch_size=cfg.batch_size, max_steps=cfg.steps + 1, num_workers=cfg.num_workers, device=cfg.device,
@@ -56,9 +74,10 @@ def main(cfg):
     print(utils.hardware(device))
     print(f"stem {cfg.stem}{', audio_film' if cfg.audio_film else ''}, batch {cfg.batch_size}, {cfg.steps} measured steps, {train_328.loader_workers(cfg.num_workers, device)} workers, device {device}, "
           f"channels_last {cfg.channels_last}, amp {cfg.amp}, dataset {cfg.name or 'synthetic'}")
-    print(f"{'widths':8s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s} {'compute CPU ms':>15s}")
+    wide = max([8] + [len(p) for p, _ in rows])
+    print(f"{'widths':{wide}s} {'samples/s':>10s} {'ms/step':>9s} {'data ms':>9s} {'compute ms':>11s} {'compute CPU ms':>15s}")
     for preset, t in rows:
-        print(f"{preset:8s} {t['samples_per_s']:10.2f} {t['data_ms'] + t['compute_ms']:9.0f} "
+        print(f"{preset:{wide}s} {t['samples_per_s']:10.2f} {t['data_ms'] + t['compute_ms']:9.0f} "
               f"{t['data_ms']:9.1f} {t['compute_ms']:11.0f} {t['compute_cpu_ms']:15.0f}")
     return rows
 

@@ -71,6 +71,14 @@ def light_run(data_root, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- data
+def test_bench_train_reads_presets_and_custom_widths():
+    import bench_train
+    assert bench_train.width_list("narrow, 8,16,32,96,192,384,light") == ["narrow", "8,16,32,96,192,384", "light"]
+    for bad in ("narrow,8,16", "8,16,32,64,128,light"):
+        with pytest.raises(utils.UserError, match="six integers"):
+            bench_train.width_list(bad)
+
+
 def test_split_is_a_contiguous_tail():
     tr, va = datasets.split_frames(500, 0.1)
     assert len(va) == 50 and va[0] == tr[-1] + 1 and va[-1] == 499
