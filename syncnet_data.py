@@ -24,6 +24,7 @@ from utils import BORDER, INNER, MEL_WIN, N_MELS, UserError
 
 AUTO_EPOCHS, AUTO_STEPS = 20, 4000   # syncnet_328 --max_steps -1 (the default): measured on a 5-minute and a 25 s recording (README section 2)
 AUTO_BF16 = (30, 6000)               # the same where training runs in bf16 (a GPU, a CPU with bf16 units): 0.922 per window at 6000 on 5 minutes
+AUTO_MIN_STEPS = 2000               # ... and never fewer steps, however short the recording: on 25 s the passes are ~330-500 steps, and a generator on 2000 steps' features follows the audio better (RESULTS.md round 47)
 
 
 def auto_length(cfg):
@@ -272,12 +273,14 @@ def training_data(cfg, ds_dir, model):
 
 def run_length(cfg, n):
     """(steps of one pass, the run's last step) of a training run on a clip of n frames: the
-    smaller of --max_steps and --epochs passes (--max_steps -1: auto_length)."""
+    smaller of --max_steps and --epochs passes (--max_steps -1: auto_length's passes, at least
+    AUTO_MIN_STEPS, or --epochs passes; at most its cap)."""
     steps_per_epoch = math.ceil((split(n, cfg)[0] - cfg.frames + 1) / cfg.batch_size)
     max_steps, epochs = cfg.max_steps, cfg.epochs
-    if max_steps < 0:                          # auto: passes over the clip, capped
+    if max_steps < 0:                          # auto: passes over the clip, at least AUTO_MIN_STEPS, capped
         passes, max_steps = auto_length(cfg)
-        epochs = epochs or passes
+        if not epochs:
+            return steps_per_epoch, min(max_steps, max(passes * steps_per_epoch, AUTO_MIN_STEPS))
     limits = [x for x in (max_steps, epochs * steps_per_epoch) if x > 0]
     if not limits:
         raise UserError("--max_steps and --epochs are both 0: set one of them")

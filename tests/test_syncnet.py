@@ -342,19 +342,26 @@ def test_checkpoints_from_before_audio_windows_still_load(tmp_path):
         assert torch.equal(old.embed_audio(mel), net.embed_audio(mel))
 
 
-def test_default_step_count_is_passes_over_the_clip_capped(tmp_path):
+def test_default_step_count_is_passes_over_the_clip_capped(tmp_path, monkeypatch):
     """--max_steps -1 (the default): syncnet_data.auto_length's passes over the training windows, at
-    most its step cap (more where it trains in bf16) -- a long recording trains longer than a short
-    one; an explicit count is exact."""
+    least AUTO_MIN_STEPS (a short recording's passes are too few), at most its step cap (more where it
+    trains in bf16) -- a long recording trains longer than a short one; an explicit count is exact."""
     make_toy_dataset(tmp_path / "data", n=120, seed=5)
     base = dict(TOY, name="toy", data_root=str(tmp_path / "data"), val_every=1000, write_features=False, device="cpu")
-    assert sn.Config().max_steps == -1
+    assert sn.Config().max_steps == -1 and sd.AUTO_MIN_STEPS == 2000
+    monkeypatch.setattr(sd, "AUTO_MIN_STEPS", 0)              # the passes alone (the toy clip's 2000 steps would be slow)
     auto = sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "a")))
     passes, cap = sd.auto_length(sn.Config(**base))
     assert (passes, cap) == (sd.AUTO_BF16 if utils.cpu_bf16() else (sd.AUTO_EPOCHS, sd.AUTO_STEPS))   # bf16 units: more
     assert sd.auto_length(sn.Config(**base, amp=False)) == (sd.AUTO_EPOCHS, sd.AUTO_STEPS)     # --no-amp: the fp32 counts
     per_epoch = auto["steps"] // passes
     assert auto["steps"] == passes * per_epoch and 0 < auto["steps"] < cap
+    n = int(utils.load_meta(tmp_path / "data" / "toy")["frames"])
+    monkeypatch.setattr(sd, "AUTO_MIN_STEPS", auto["steps"] + 7)  # a floor above the passes lifts them ...
+    assert sd.run_length(sn.Config(**base), n) == (per_epoch, auto["steps"] + 7)
+    monkeypatch.setattr(sd, "AUTO_MIN_STEPS", 10 * cap)           # ... up to the cap
+    assert sd.run_length(sn.Config(**base), n) == (per_epoch, cap)
+    assert sd.run_length(sn.Config(**base, epochs=2), n) == (per_epoch, 2 * per_epoch)   # --epochs: no floor
     assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "b"), epochs=2))["steps"] == 2 * per_epoch
     assert sn.main(sn.Config(**base, ckpt_root=str(tmp_path / "c"), max_steps=3))["steps"] == 3
 
