@@ -50,7 +50,7 @@ class Config:
     audio_stride: int = AUDIO_STRIDE  # [1..] frames between those windows
     opening_weight: float = -1.0    # [-1..] weight of an auxiliary loss: a linear head reads the frame's mouth opening (robust z of its landmarks) off the centre window's 512-d audio vector, so the features the generator gets say how far the mouth opens (0 = off, the sync loss alone; -1 = auto: 1 for runs of 2000 steps or more, else 0; RESULTS.md rounds 19-20)
     audio_source: str = "auto"      # audio feature source: mel (the AudioEncoder learns from scratch), speech (frozen pretrained speech embedding + a small head), both (the two summed; audio_features.py) or auto: speech for recordings of a minute or more, else mel (syncnet_data.SPEECH_AUTO_S; RESULTS.md round 30)
-    max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at most 4000 steps (5 minutes ~4000, 25 s ~330); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
+    max_steps: int = -1             # [-1..] optimizer steps; 0 = only --epochs limits; -1 = auto: syncnet_data.auto_length: 20 passes, at least 2000 and at most 4000 steps (5 minutes ~4000, 25 s 2000); in bf16 (GPU, CPU with bf16 units) 30 passes, at most 6000 (README section 2)
     epochs: int = 0                 # [0..] passes over the training windows (0 = only --max_steps limits); the smaller limit wins
     batch_size: int = 32            # [2..] face windows per step, each with its in-sync audio window
     group_size: int = 4             # [1..] windows per group, min_shift..max_shift apart: each other's shifted negatives
