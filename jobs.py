@@ -353,7 +353,8 @@ class Worker:
             prog.stage(*spans[1])
             _call_main(syncnet_328.main, _script_config(syncnet_328, **{
                 **dict(name=name, data_root=s.data_root, ckpt_root=s.ckpt_root, widths=req["widths"],
-                       max_steps=req["syncnet_steps"], device=s.device, num_workers=s.train_workers),
+                       max_steps=req["syncnet_steps"], audio_source=req.get("audio_source", "auto"),   # older jobs: auto
+                       device=s.device, num_workers=s.train_workers),
                 **json_object(s.syncnet_extra, "syncnet_extra")}), progress=prog, should_stop=self.should_stop)
             self.check_stop()
         prog.stage(*spans[2])

@@ -643,6 +643,7 @@ async function submitAvatar(ev) {
     form.append("name", $("#new-name").value.trim());
     form.append("video", video);
     form.append("preset", $("#preset").value || "quick");
+    form.append("voice", $("#voice").value || "others");
     if ($("#steps").value) form.append("steps", $("#steps").value);
     btn.disabled = true;
     const job = await upload("/api/avatars", form, $("#upload-progress"));

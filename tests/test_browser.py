@@ -107,6 +107,31 @@ def test_page_generates_and_plays_a_video(browser, live_server, speech, tmp_path
     page.close()
 
 
+def test_new_avatar_form_sends_who_it_will_speak_with(browser, live_server, speech):
+    """The voice choice reaches POST /api/avatars (intercepted here: no training starts)."""
+    page = browser.new_page()
+    page.goto(live_server)
+    page.wait_for_selector("#preset option", state="attached", timeout=20000)
+    assert page.input_value("#voice") == "others"                          # the default: other voices
+    sent = []
+
+    def refuse(route):
+        sent.append(route.request.post_data_buffer)
+        route.fulfill(status=409, content_type="application/json", body='{"detail": "intercepted by the test"}')
+
+    page.route("**/api/avatars", refuse)
+    page.fill("#new-name", "anna")
+    page.set_input_files("#new-video", str(speech))
+    page.select_option("#voice", "own")
+    page.click("#avatar-btn")
+    err = page.wait_for_selector("#messages .error", timeout=20000)
+    assert "intercepted by the test" in err.inner_text()
+    assert len(sent) == 1
+    body = sent[0].decode("latin-1")
+    assert 'name="voice"\r\n\r\nown\r\n' in body and 'name="name"\r\n\r\nanna\r\n' in body
+    page.close()
+
+
 def test_live_mode_shows_the_avatar_from_the_microphone(playwright, live_server, speech):
     # chromium's fake microphone plays the speech wav (in a loop); the permission prompt is answered yes
     b = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS + [

@@ -547,6 +547,8 @@ def test_presets_say_what_an_avatar_job_trains(tiny_avatar, tmp_path):
     mine = routes_avatars.avatar_options(settings(tmp_path, tiny_avatar, train_extra='{"stem": "s2d", "batch_size": 2}'),
                                          "standard", 100, None)
     assert (mine["stem"], mine["batch_size"], mine["steps"], mine["syncnet_steps"]) == ("s2d", 2, 100, 2000)
+    assert (quick["voice"], quick["audio_source"]) == ("others", "auto")                # syncnet_328's own default
+    assert routes_avatars.avatar_options(s, "standard", None, None, "own")["audio_source"] == "mel"
 
 
 def test_make_an_avatar_from_a_video(tiny_avatar, synthetic_clip, media_files, tmp_path):
@@ -567,6 +569,7 @@ def _make_an_avatar(client, synthetic_clip, media_files):
     r = post("tiny", synthetic_clip, steps="2")
     assert r.status_code == 409 and "already exists" in r.json()["detail"]
     assert post("x", synthetic_clip, steps="0").status_code == 422
+    assert post("x", synthetic_clip, voice="mine").status_code == 422
     cli = Path(client.app.state.settings.data_root) / "cli_made"                   # a dataset process.py made
     cli.mkdir()
     (cli / "meta.json").write_text('{"frames": 150}')
@@ -574,10 +577,11 @@ def _make_an_avatar(client, synthetic_clip, media_files):
     assert r.status_code == 409 and "replace=true" in r.json()["detail"]
     assert (cli / "meta.json").read_text() == '{"frames": 150}'                   # never replaced without asking
     shutil.rmtree(cli)
-    r = post("made", synthetic_clip, steps="2", syncnet_steps="2", preset="standard")
+    r = post("made", synthetic_clip, steps="2", syncnet_steps="2", preset="standard", voice="own")
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["kind"] == "avatar" and job["request"]["steps"] == 2 and job["request"]["preset"] == "standard"
+    assert (job["request"]["voice"], job["request"]["audio_source"]) == ("own", "mel")
     assert job["request"]["widths"] == "4,4,8,8,16,16" and job["request"]["batch_size"] == 1
     assert job["request"]["stem"] == "s2d4l"                                        # the standard preset's U-Net stem
     assert post("made", synthetic_clip, steps="2").status_code == 409              # already being made
@@ -590,6 +594,8 @@ def _make_an_avatar(client, synthetic_clip, media_files):
     assert {c["file"]: c["step"] for c in made["checkpoints"]}["last.pth"] == 2
     ckpt_root = Path(client.app.state.settings.ckpt_root)
     assert utils.load_checkpoint(ckpt_root / "made" / "last.pth")["config"]["stem"] == "s2d4l"   # it reached train_328
+    sync_log = (ckpt_root / "made" / "syncnet_log.txt").read_text()
+    assert "audio mel, " in sync_log and "(auto)" not in sync_log                   # asked for the mel, not left to auto
     assert "made" in [a["name"] for a in client.get("/api/avatars").json()]
 
 
