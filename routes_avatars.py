@@ -115,8 +115,9 @@ def check_name_free(s, store, name, replace):
 
 
 # Who the avatar will speak with -> the SyncNet's audio source (README section 2, "Which to choose";
-# RESULTS.md round 50: at the standard preset the mel paints the person's own held-out voice 0.125 px
-# better in LMD, and follows five other people's mouths at r 0.307 against the speech source's 0.422).
+# RESULTS.md rounds 49-50: at the standard preset the mel paints the person's own held-out voice ~0.13 px
+# better in LMD on two seeds and follows other people's mouths about as well; with short training the
+# speech source follows them clearly better, round 27).
 VOICES = {"others": "auto", "own": "mel"}
 
 
@@ -163,7 +164,7 @@ def create_avatar(name: str = Form(..., description="1-64 letters, digits, _ - .
                   syncnet_steps: Optional[int] = Form(None, ge=1, description="SyncNet steps (overrides the preset)"),
                   voice: Literal["others", "own"] = Form("others", description="who the avatar will speak with: "
                       "others (text-to-speech, other people: the speech embedding, auto) or own (mostly the person's "
-                      "own recorded voice: the mel features, closer on that voice, further from others)"),
+                      "own recorded voice: the mel features, closer on that voice after long training)"),
                   replace: bool = Form(False, description="replace an existing avatar or dataset of this name"),
                   s=Depends(get_settings), store: JobStore = Depends(get_store),
                   worker: Worker = Depends(get_worker)):
