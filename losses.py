@@ -198,7 +198,8 @@ class Adversary:
 
     def __init__(self, weight, start, ramp, box, device, lr=1e-3, seed=0):
         self.weight, self.start, self.ramp, self.box = weight, int(start), int(ramp), tuple(int(v) for v in box)
-        with torch.random.fork_rng(devices=[]):      # its own seed: the run's random streams stay as without it
+        dev = torch.device(device)                   # its own seed: the run's random streams (the GPU's too) stay as without it
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed + 7)
             self.critic = PatchCritic().to(device)
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=lr, betas=(0.5, 0.999))
@@ -327,7 +328,7 @@ def step_inputs(b, c, T, device, channels_last):
         ref = torch.cat([ref, c["ref"].repeat_interleave(T, 0)])
         masked, target, audio, mouth, opening = (torch.cat([x, c[k].flatten(0, 1)]) for x, k in (
             (masked, "masked"), (target, "target"), (audio, "audio"), (mouth, "mouth"), (opening, "opening")))
-    x = torch.cat([ref, masked], 1).to(device, non_blocking=True)   # (B, 6, 320, 320)
+    x = torch.cat([ref.to(device, non_blocking=True), masked.to(device, non_blocking=True)], 1)   # (B, 6, 320, 320); pinned halves copy asynchronously
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, target.to(device, non_blocking=True), audio.to(device, non_blocking=True), mouth, opening, n_clips
