@@ -64,6 +64,7 @@ class Config:
     warmup_steps: int = 100         # [0..] train: linear warm-up steps
     num_workers: int = 8            # [0..] train: DataLoader workers (the GPU machines have 16 cores)
     seed: int = 0                   # [0..] train: seeds the weights, data order and augmentation
+    deadline_s: float = 520.0       # [0..] train: a safety net, not a budget: stop and ship what there is this many seconds after the action began (a device call ends at 600 s and then returns nothing); 0 = none
     device: str = "cuda"            # train: cuda, cpu (a smoke run here)
     extra: str = "{}"               # train: further train_328 options as JSON, e.g. '{"audio_film": true}'
     fit_guidance: bool = True       # unpack: fit the checkpoint's guidance on the packed dataset's source (guidance_fit.py)
@@ -184,7 +185,8 @@ def train(cfg):
         extra = json.loads(cfg.extra)
     except json.JSONDecodeError as e:
         raise UserError(f"--extra is not JSON ({e.msg}); e.g. --extra '{{\"audio_film\": true}}'") from None
-    work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="bench_gpu-"))
+    work, began = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="bench_gpu-")), time.time()
+    late = (lambda: time.time() - began > cfg.deadline_s) if cfg.deadline_s > 0 else None
     try:
         check = rebuild(src, info, work / "data" / info["name"])
         t0 = time.time()
@@ -192,10 +194,13 @@ def train(cfg):
             name=info["name"], data_root=str(work / "data"), out_dir=str(work / "run"), widths=cfg.widths,
             stem=cfg.stem, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps,
             num_workers=cfg.num_workers, seed=cfg.seed, device=cfg.device, fit_guidance=False, overwrite=True,
-            snapshot_every=0), **extra}))
+            snapshot_every=0), **extra}), should_stop=late)
         wall = time.time() - t0
         t = res["timing"]
-        figures = dict(hardware=utils.hardware(utils.get_device(cfg.device)), steps=res["step"], train_s=round(wall, 1),
+        if res["stopped"]:
+            print(f"warning: stopped at step {res['step']} of {cfg.steps} by --deadline_s {cfg.deadline_s:g} (its learning rate "
+                  f"had not decayed); ask for fewer --steps next time")
+        figures = dict(hardware=utils.hardware(utils.get_device(cfg.device)), steps=res["step"], stopped=res["stopped"], train_s=round(wall, 1),
                        samples_per_s=round(t["samples_per_s"], 1), ms_per_step=round(t["data_ms"] + t["compute_ms"], 1),
                        data_ms=round(t["data_ms"], 1), val_l1=res["val_l1"], rebuild=check,
                        peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,

@@ -95,3 +95,19 @@ def test_pack_refuses_a_folder_without_features(tiny_dataset, tmp_path):
     assert not (tmp_path / "pack" / "bare").exists()
     with pytest.raises(utils.UserError, match="pack --dataset"):
         bench_gpu.main(bench_gpu.Config(action="train", pack=str(tmp_path / "pack"), out=str(tmp_path / "o")))
+
+
+def test_a_run_past_its_deadline_still_ships_what_it_has(featured, tmp_path, monkeypatch):
+    """The device call returns nothing once it is killed: the safety net stops training, saves and ships."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))                      # where the work folder goes
+    bench_gpu.main(bench_gpu.Config(action="pack", dataset=str(featured / "data" / "tiny"), pack=str(tmp_path / "pack")))
+    figures = bench_gpu.main(bench_gpu.Config(
+        action="train", pack=str(tmp_path / "pack"), out=str(tmp_path / "back"), steps=500, widths="4,4,8,8,16,16",
+        batch_size=2, device="cpu", num_workers=0, deadline_s=1e-3))
+    man = json.loads((tmp_path / "back" / bench_gpu.MANIFEST).read_text())
+    assert figures["stopped"] and man["stopped"] and 1 <= man["steps"] < 500
+    ck = bench_gpu.main(bench_gpu.Config(action="unpack", pack=str(tmp_path / "pack"), parts=str(tmp_path / "back"),
+                                         out=str(tmp_path / "last.pth"), fit_guidance=False))
+    assert utils.load_checkpoint(ck)["step"] == man["steps"]
+    assert not list(tmp_path.glob("bench_gpu-*")) and man["train_s"] > 0         # no --work: its temp folder is gone
