@@ -91,7 +91,7 @@ def pack(cfg):
         (tmp / utils.AUD_FEAT_INFO).write_text(json.dumps(dict(info, source=ENCODER), indent=1))
         idx = np.linspace(0, len(crops) - 1, 3).round().astype(np.int64)
         np.savez_compressed(tmp / CHECKS, index=idx, crops=np.asarray(crops[idx]))
-        (tmp / PACK_INFO).write_text(json.dumps(dict(name=src.name, dataset=str(src.resolve()), frames=len(crops),
+        (tmp / PACK_INFO).write_text(json.dumps(dict(name=src.name, dataset=str(src.absolute()), frames=len(crops),
                                                      jpeg_quality=cfg.jpeg_quality, encoder_id=enc_id,
                                                      audio_source=source), indent=1))
         size = sum(p.stat().st_size for p in tmp.iterdir())
@@ -244,6 +244,9 @@ def unpack(cfg):
     if cfg.fit_guidance:
         import guidance_fit
         ds = Path(info["dataset"])
+        if datasets.read_feature_info(ds).get("encoder_id") != info["encoder_id"]:   # the fit reads the dataset's own features
+            raise UserError(f"{ds}'s features are no longer the packed ones ({info['encoder_id']}); the checkpoint "
+                            f"is written: fit it with features of that encoder, or unpack with --no-fit_guidance")
         guidance_fit.main(guidance_fit.Config(name=ds.name, data_root=str(ds.parent), checkpoint=str(out), device="cpu"))
     print(f"next: python evaluate.py --checkpoint {out} --video HELDOUT --syncnet JUDGE --out_dir {out.parent / 'eval'}")
     return out

@@ -101,7 +101,8 @@ def test_a_run_past_its_deadline_still_ships_what_it_has(featured, tmp_path, mon
     """The device call returns nothing once it is killed: the safety net stops training, saves and ships."""
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))                      # where the work folder goes
-    bench_gpu.main(bench_gpu.Config(action="pack", dataset=str(featured / "data" / "tiny"), pack=str(tmp_path / "pack")))
+    ds = shutil.copytree(featured / "data" / "tiny", tmp_path / "data" / "tiny")
+    bench_gpu.main(bench_gpu.Config(action="pack", dataset=str(ds), pack=str(tmp_path / "pack")))
     figures = bench_gpu.main(bench_gpu.Config(
         action="train", pack=str(tmp_path / "pack"), out=str(tmp_path / "back"), steps=500, widths="4,4,8,8,16,16",
         batch_size=2, device="cpu", num_workers=0, deadline_s=1e-3))
@@ -110,4 +111,9 @@ def test_a_run_past_its_deadline_still_ships_what_it_has(featured, tmp_path, mon
     ck = bench_gpu.main(bench_gpu.Config(action="unpack", pack=str(tmp_path / "pack"), parts=str(tmp_path / "back"),
                                          out=str(tmp_path / "last.pth"), fit_guidance=False))
     assert utils.load_checkpoint(ck)["step"] == man["steps"]
+    info = json.loads((ds / utils.AUD_FEAT_INFO).read_text())                  # the dataset's features replaced since
+    (ds / utils.AUD_FEAT_INFO).write_text(json.dumps(dict(info, encoder_id="000000000000")))
+    with pytest.raises(utils.UserError, match="no longer the packed ones"):     # the fit would read the wrong features
+        bench_gpu.main(bench_gpu.Config(action="unpack", pack=str(tmp_path / "pack"), parts=str(tmp_path / "back"),
+                                        out=str(tmp_path / "again.pth")))
     assert not list(tmp_path.glob("bench_gpu-*")) and man["train_s"] > 0         # no --work: its temp folder is gone
