@@ -118,6 +118,8 @@ def packed(cfg):
 def _cut(frame, box, quality):
     """process.py's crop of one decoded frame: through JPEG at its quality, then the box."""
     ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise UserError("OpenCV here cannot encode JPEG, which the crops' rebuild needs")
     return geometry.crop_face(cv2.imdecode(buf, cv2.IMREAD_COLOR), box)
 
 
