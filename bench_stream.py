@@ -3,7 +3,7 @@ factor, frames dropped when audio arrives in real time, A/V drift after 10 minut
 per U-Net widths, each in its own process.
 
     python bench_stream.py                                   # light and full widths, random weights (s2d stem), anchor clip
-    python bench_stream.py --name anna --checkpoint checkpoint/anna/best.pth --widths trained
+    python bench_stream.py --name anna --checkpoint checkpoint/anna/last.pth --widths trained
     python bench_stream.py --widths light --seconds 4 --drift_seconds 60     # CPU smoke run
 
 Cases, per widths:

@@ -63,7 +63,7 @@ class Config:
     audio: str = ""                                # optional other audio (unseen voice): the held-out frames become templates; a folder process.py made from another person's video: its aud.wav drives, that person's own mouth is the opening's truth (speaker_r)
     json: str = ""                                 # metrics JSON; default OUT_DIR/metrics.json
     out_dir: str = ""                              # where metrics, plot and side-by-side mp4 go; default result/eval/NAME_VIDEO[_AUDIO][_BASELINE]
-    checkpoint: str = ""                           # generator checkpoint; default CKPT_ROOT/NAME/best.pth, else last.pth
+    checkpoint: str = ""                           # generator checkpoint; default CKPT_ROOT/NAME/last.pth, else best.pth
     ckpt_root: str = str(utils.CHECKPOINT_DIR)     # where checkpoints live (SyncNet: CKPT_ROOT/NAME/syncnet_best.pth)
     eval_root: str = ""                            # where the held-out video is processed; "" = a temp folder, removed at the end; an existing copy there is reused
     max_frames: int = 0                            # [0..] evaluate only the first N frames (0 = all)

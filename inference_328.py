@@ -1,6 +1,6 @@
 """Make a trained avatar say any audio: one seamless, lip-synced H.264 + AAC mp4 out.
 
-    python inference_328.py --name anna --audio_path speech.m4a              # -> result/anna_speech_best.mp4
+    python inference_328.py --name anna --audio_path speech.m4a              # -> result/anna_speech_last.mp4
     python inference_328.py --name anna --audio_path talk.wav --template portrait.png --out a.mp4
     arecord -f S16_LE -r 16000 -c 1 | python inference_328.py --name anna --audio_path - --stream --out live.mp4   # live, stream.py
     python inference_328.py --name tiny --audio_path a.wav --data_root /tmp/ds --ckpt_root /tmp/ck --device cpu  # CPU smoke run
@@ -62,7 +62,7 @@ class Config:
     name: str = ""                                   # avatar (dataset and checkpoint) name
     audio_path: str = ""                             # any audio (or video with sound) ffmpeg reads
     out: str = ""                                    # output mp4; default result/{name}_{audiostem}_{ckptstem}.mp4
-    checkpoint: str = ""                             # generator checkpoint; default ckpt_root/NAME/best.pth, else last.pth
+    checkpoint: str = ""                             # generator checkpoint; default ckpt_root/NAME/last.pth, else best.pth
     start_frame: int = RenderOptions.start_frame     # [0..] first template frame (the template then plays forward, backward, ...)
     batch_size: int = 0                              # [0..] frames per U-Net call; 0 = auto (1 on CPU, where batching is slower; 16 on GPU)
     device: str = "auto"                             # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
@@ -103,7 +103,7 @@ class Cancelled(UserError):
 # ----------------------------------------------------------------------------------------------
 # The generator
 def resolve_checkpoint(name, ckpt_root=None, checkpoint=""):
-    """The checkpoint file to use: an explicit path, else ckpt_root/NAME/best.pth, else last.pth."""
+    """The checkpoint file to use: an explicit path, else utils.default_generator_checkpoint (last.pth, else best.pth)."""
     if checkpoint:
         if not Path(checkpoint).is_file():
             raise UserError(f"checkpoint not found: {checkpoint}")
@@ -112,7 +112,7 @@ def resolve_checkpoint(name, ckpt_root=None, checkpoint=""):
     found = utils.default_generator_checkpoint(folder)
     if found is not None:
         return found
-    raise UserError(f"no checkpoint for {name!r} in {folder} (looked for best.pth and last.pth); "
+    raise UserError(f"no checkpoint for {name!r} in {folder} (looked for last.pth and best.pth); "
                     f"train one first: python train_328.py --name {name}")
 
 

@@ -420,7 +420,7 @@ GEN_CKPT = re.compile(r"^(best|last|step_\d+)\.pth$")
 
 
 def checkpoint_path(s, name, file=""):
-    """The generator checkpoint to use: `file` in ckpt_root/NAME, else best.pth, else last.pth."""
+    """The generator checkpoint to use: `file` in ckpt_root/NAME, else last.pth, else best.pth."""
     folder = Path(s.ckpt_root) / utils.check_name(name, "avatar name")
     if file:
         if not GEN_CKPT.match(file) or not (folder / file).is_file():
@@ -429,4 +429,4 @@ def checkpoint_path(s, name, file=""):
     found = utils.default_generator_checkpoint(folder)
     if found is not None:
         return found
-    raise UserError(f"avatar {name!r} has no trained generator yet (no best.pth or last.pth)")
+    raise UserError(f"avatar {name!r} has no trained generator yet (no last.pth or best.pth)")

@@ -229,7 +229,7 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
              audio: Optional[UploadFile] = File(None, description="speech: any audio (or video) file ffmpeg reads"),
              text: Optional[str] = Form(None, description="instead of audio: text to speak (when health.tts)"),
              template: Optional[UploadFile] = File(None, description="optional photo of a face to animate instead of the avatar's video"),
-             checkpoint: Optional[str] = Form(None, description="checkpoint file, e.g. last.pth (default best, else last)"),
+             checkpoint: Optional[str] = Form(None, description="checkpoint file, e.g. best.pth (default last, else best)"),
              guidance: Optional[float] = Form(None, ge=0, le=4, description=f"how far the mouth moves: 1 = the network's own output, "
                                               f"more opens it wider (inference_328 --guidance; default: the model's fitted one, else {GUIDANCE})"),
              sharpen: Optional[float] = Form(None, ge=0, le=4, description=f"unsharp mask on the painted mouth: 0 = the network's "

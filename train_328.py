@@ -10,7 +10,7 @@ of them wear a nearby frame's face around the hole), plus, with --sync_weight > 
 `sync_clips` clips of T (5) consecutive frames whose predictions the frozen SyncNet judges against the clip's mel
 windows. Loss = L1 + perceptual_weight x perceptual (VGG19 conv3_3 if its ImageNet weights are on disk, else MS-SSIM
 of the luma) + sync weight x sync BCE (off by default). Writes last.pth (every save_every steps and at the end),
-best.pth (lowest held-out L1), step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference |
+best.pth (lowest held-out L1; inference uses last.pth unless told), step_XXXXXX.pth (every snapshot_every), config.json, log.txt and previews/ (reference |
 masked | prediction | truth). `--resume auto` continues exactly where last.pth left off: data order, references and
 the lr schedule are pure functions of (seed, step). Ctrl-C loses at most save_every steps. Speed: bench_train.py.
 """

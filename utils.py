@@ -361,12 +361,12 @@ def checkpoint_mask(ckpt):
     return None if m is None else np.asarray(m.numpy() if hasattr(m, "numpy") else m, bool)
 
 
-GEN_CHECKPOINTS = (BEST, LAST)   # a generator folder's default checkpoint, in order of preference
+GEN_CHECKPOINTS = (LAST, BEST)   # a generator folder's default checkpoint, in order of preference (RESULTS.md round 53)
 
 
 def default_generator_checkpoint(folder):
-    """The checkpoint a generator folder is used through when none is named: best.pth (lowest
-    held-out L1), else last.pth; None when it holds neither."""
+    """The checkpoint a generator folder is used through when none is named: last.pth (the end of training, what
+    every figure measures; best.pth scored lower: RESULTS.md round 53), else best.pth; None when it holds neither."""
     for f in GEN_CHECKPOINTS:
         if (Path(folder) / f).is_file():
             return Path(folder) / f

@@ -147,7 +147,7 @@ async function loadAvatars() {
 function fillCheckpoints(avatars) {
   const a = avatars.find((x) => x.name === $("#avatar").value);
   const sel = $("#checkpoint");
-  sel.replaceChildren(new Option("best (default)", ""));
+  sel.replaceChildren(new Option("last (default)", ""));
   for (const c of (a ? a.checkpoints : [])) {
     sel.add(new Option(`${c.file}${c.step != null ? ` (step ${c.step})` : ""}`, c.file));
   }

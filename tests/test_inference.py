@@ -538,6 +538,27 @@ def test_default_outputs_of_audio_in_other_formats_do_not_collide():
     assert names == {"anna_talk_best.mp4", "anna_talk-mp3_best.mp4", "anna_talk-m4a_best.mp4"}
 
 
+def test_the_end_of_training_is_the_default_checkpoint(tmp_path):
+    """With both files a finished run leaves, inference, evaluation and the server use last.pth
+    (the model every measured figure is of; best.pth, picked on a short tail, was an earlier and
+    worse step at the 30-minute point: RESULTS.md round 53); best.pth only when last.pth is gone,
+    or when named."""
+    import jobs
+    folder = tmp_path / "ck" / "anna"
+    folder.mkdir(parents=True)
+    (folder / "best.pth").write_bytes(b"step 6675")
+    (folder / "last.pth").write_bytes(b"step 8900")
+    settings = type("S", (), {"ckpt_root": str(tmp_path / "ck")})()
+    assert inf.resolve_checkpoint("anna", tmp_path / "ck") == folder / "last.pth"
+    assert jobs.checkpoint_path(settings, "anna") == folder / "last.pth"
+    assert inf.default_output("anna", "talk.wav", inf.resolve_checkpoint("anna", tmp_path / "ck")).name == "anna_talk_last.mp4"
+    assert jobs.checkpoint_path(settings, "anna", "best.pth") == folder / "best.pth"
+    assert inf.resolve_checkpoint("anna", tmp_path / "ck", str(folder / "best.pth")) == folder / "best.pth"
+    (folder / "last.pth").unlink()
+    assert inf.resolve_checkpoint("anna", tmp_path / "ck") == folder / "best.pth"
+    assert jobs.checkpoint_path(settings, "anna") == folder / "best.pth"
+
+
 def test_render_options_hold_the_defaults_of_both_command_lines():
     """compose.RenderOptions writes each render default once: inference_328.py's command line
     gives exactly them, evaluate.py's the same with the silence gate off, and every option has its
