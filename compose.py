@@ -20,6 +20,7 @@ from utils import BORDER, FEAT_WIN, INNER, UserError
 REFERENCES = ("closed", "open", "random", "audio")
 GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (RESULTS.md round 8)
 LIVE_GUIDANCE = 1.0  # a live stream's (stream.py): one U-Net pass a frame keeps light widths in real time
+TEXT_BAND_PUSH = 0.1 # the server's band_push for text it speaks with the offline voice, never the person's own: five other speakers followed at r 0.45 against 0.40 (RESULTS.md round 54)
 SHARPEN = 0.5        # RenderOptions.sharpen's default: mouth sharpness 0.71-0.85 -> 0.86-0.99 of the truth's for 0.13-0.20 dB of mouth PSNR (RESULTS.md round 39)
 SHARPEN_SIGMA = 1.0  # px of the frame (at least one of the crop): the blur the unsharp mask (sharpen) takes away
 BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
@@ -39,6 +40,7 @@ class RenderOptions:
     vad: str = "auto"              # the gate asks the voice-activity detector: auto (when installed), on, off
     seed: int = 0                  # seed of the random reference choice
     guidance: float = GUIDANCE     # the painted mouth moves this many times as far from what the same frame paints with silence (guide): 1 = the network's own output
+    band_push: float = 0.0         # [0..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech (vad.band_push): follows voices other than the person's better, costs LMD on the person's own (RESULTS.md round 54); 0 = one guidance for every frame
     crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
     sharpen: float = SHARPEN       # unsharp-mask amount on the painted mouth (sharpen): 0 = the network's own output
 
@@ -113,15 +115,16 @@ def guide(run, img, audio, silent, guidance=GUIDANCE, stills=None):
     the audio (all-zero vectors) stay zero in its silent twin, so silence is left as painted.
     The L1-trained mouth is the average of the shapes its audio allows; > 1 undoes some of that
     shrinking at the cost of a second U-Net pass, which `stills` (a StillCache) saves where the
-    input repeats (a photo)."""
+    input repeats (a photo). `guidance`: a number, or one per frame of the batch."""
     out = run(img, audio)
-    if guidance == 1.0:
+    g = np.asarray(guidance, np.float32).reshape(-1, 1, 1, 1)    # one guidance, or one per frame (band_push)
+    if (g == 1.0).all():
         return out
     frames = audio.reshape(len(audio), FEAT_WIN, -1)
     quiet = np.where((frames != 0).any(-1, keepdims=True), silent.reshape(1, FEAT_WIN, -1), np.float32(0))
     quiet = np.ascontiguousarray(quiet.reshape(audio.shape), np.float32)
     still = run(img, quiet) if stills is None else stills.run(run, img, quiet)
-    return still + np.float32(guidance) * (out - still)
+    return still + g * (out - still)
 
 
 class StillCache:

@@ -79,6 +79,7 @@ class Config:
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
     guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; a photo template's fitted apart; 1.25 when it holds none), 1 with --stream over the avatar's frames (real time)
+    band_push: float = RenderOptions.band_push       # [0..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech: other people's voices (a text-to-speech voice) followed closer, the person's own less (README section 4); 0 = one guidance for all
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
     sharpen: float = RenderOptions.sharpen           # [0..4] unsharp mask on the painted mouth (amount; its blur is one pixel of the frame): 0 = the network's own output
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
@@ -117,8 +118,7 @@ def resolve_checkpoint(name, ckpt_root=None, checkpoint=""):
 
 
 class LipSyncModel:
-    """A trained avatar generator loaded once from one checkpoint file (UNet328 weights, its
-    config with the widths, and the AudioEncoder that made its training features)."""
+    """A trained avatar generator loaded once from one checkpoint file (UNet328 weights, widths, the features' AudioEncoder)."""
 
     def __init__(self, checkpoint, device="auto", backend="auto", batch_size=0):
         self.path = Path(checkpoint)
@@ -207,7 +207,7 @@ class LipSyncModel:
         windows (B, 32, 16, 16) -> painted 320 crops (B, 320, 320, 3) uint8 BGR (compose.guide; stills: a StillCache)."""
         img = np.empty((len(masked), 6) + masked.shape[1:3], np.float32)    # [reference | masked] NCHW, filled in place:
         img[:, :3], img[:, 3:] = ref_crops.transpose(0, 3, 1, 2), masked.transpose(0, 3, 1, 2)   # 0.25 ms a frame, not 1.8
-        silent = self.silent_window() if guidance != 1.0 else None
+        silent = self.silent_window() if np.any(np.asarray(guidance) != 1.0) else None
         out = guide(self.runner, np.multiply(img, np.float32(1 / 255), out=img), np.ascontiguousarray(audio_windows, np.float32), silent, guidance, stills)
         return (out.transpose(0, 2, 3, 1) * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
@@ -235,6 +235,7 @@ class LipSyncModel:
         n = media_io.num_frames(len(wav))
         feats = stream.FeatureStream(self, wav)
         loud = vad.gate_loudness_db(wav, n, vad.use_vad(opts.vad))
+        push = opts.guidance * vad.band_push(wav, n, opts.band_push, loud, opts.speech_db)    # one guidance per frame
         refs = References(template, opts.reference, opts.seed, self.ref_bank)
         stats = stats if stats is not None else {}
         q, stop, stills = queue.Queue(READ_AHEAD), threading.Event(), StillCache() if template.n == 1 else None   # a photo's silent pass: once
@@ -258,8 +259,7 @@ class LipSyncModel:
             except BaseException as e:   # handed to the consumer, which re-raises it
                 q.put(e)
 
-        th = threading.Thread(target=reader, daemon=True, name="template-reader")
-        th.start()
+        (th := threading.Thread(target=reader, daemon=True, name="template-reader")).start()
         try:
             k, done = 0, False
             while not done:
@@ -279,7 +279,7 @@ class LipSyncModel:
                 _add(stats, "audio features", time.perf_counter() - t)
                 t = time.perf_counter()
                 ref = refs.by_audio(aud) if refs.mode == "audio" else [b[3] for b in batch]
-                gen = self.paint([b[2] for b in batch], ref, aud, opts.guidance, stills)
+                gen = self.paint([b[2] for b in batch], ref, aud, push[k:k + len(batch)], stills)
                 _add(stats, "model", time.perf_counter() - t)
                 for i, (frame, box, crop, _) in enumerate(batch):
                     yield frame, box, crop, gen[i], refs.closed, loud[k + i], refs.mouth
@@ -424,7 +424,8 @@ def main(cfg):
         opts = RenderOptions.from_config(cfg, default=model.guidance_for(template, live=cfg.stream))
         print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
               f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
-              f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}; guidance {opts.guidance:g}")
+              f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}; guidance {opts.guidance:g}"
+              + (f" x (1 + {opts.band_push:g} x the 1-5 kHz energy's z-score)" if opts.band_push else ""))
         if cfg.stream:
             return stream.main(cfg, model, template, out)
         bar = tqdm(unit="f", desc="lip-sync", dynamic_ncols=True)
@@ -433,8 +434,7 @@ def main(cfg):
             bar.total = total
             bar.update(done - bar.n)
 
-        stats = {}
-        t0 = time.perf_counter()
+        stats, t0 = {}, time.perf_counter()
         model.render(cfg.audio_path, out, template, opts, progress=progress, stats=stats)
         bar.close()
     finally:

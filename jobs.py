@@ -25,7 +25,7 @@ from pathlib import Path
 
 import media_io
 import templates
-from compose import RenderOptions
+from compose import TEXT_BAND_PUSH, RenderOptions
 import utils
 from speech import synthesize_speech
 from utils import UserError
@@ -405,14 +405,20 @@ class Worker:
         template = templates.open_template(job["avatar"], s.data_root, inp.get("template") or "")
         rel = Path("results") / f"{job['id']}.mp4"
         try:
-            opts = RenderOptions(guidance=float(req.get("guidance", model.guidance_for(template))),   # default: the fitted one (a photo's apart)
-                                 sharpen=float(req.get("sharpen", RenderOptions.sharpen)))
+            opts = render_options(req, bool(inp.get("text")), model.guidance_for(template))
             model.render(audio, Path(s.data_dir) / rel, template=template, opts=opts, progress=prog,
                          should_stop=self.should_stop, tmp_dir=Path(s.data_dir) / "tmp")
         finally:
             template.close()
         return str(rel)
 
+
+
+def render_options(req, text, guidance):
+    """A generate request's render options: its guidance (default `guidance`, the model's fitted one, a
+    photo's apart), sharpening and band push (default TEXT_BAND_PUSH for `text` spoken by the offline voice)."""
+    return RenderOptions(guidance=float(req.get("guidance", guidance)), sharpen=float(req.get("sharpen", RenderOptions.sharpen)),
+                         band_push=float(req.get("band_push", TEXT_BAND_PUSH if text else RenderOptions.band_push)))
 
 
 # avatars on disk

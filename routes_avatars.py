@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from pydantic import BaseModel, Field
 
 import utils
-from compose import GUIDANCE, SHARPEN
+from compose import GUIDANCE, SHARPEN, TEXT_BAND_PUSH
 from jobs import GEN_CKPT, JobStore, Worker, checkpoint_path, json_object
 from routes_jobs import (PRESETS, JobOut, get_settings, get_state, get_store, get_worker, job_out, new_job_dir,
                          require_key)
@@ -234,6 +234,8 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
                                               f"more opens it wider (inference_328 --guidance; default: the model's fitted one, else {GUIDANCE})"),
              sharpen: Optional[float] = Form(None, ge=0, le=4, description=f"unsharp mask on the painted mouth: 0 = the network's "
                                              f"own output (inference_328 --sharpen; default {SHARPEN})"),
+             band_push: Optional[float] = Form(None, ge=0, le=1, description="each frame's push scaled by its 1-5 kHz energy "
+                                               f"(inference_328 --band_push): closer to voices not the person's own; default {TEXT_BAND_PUSH:g} for text, else 0"),
              s=Depends(get_settings), store: JobStore = Depends(get_store), worker: Worker = Depends(get_worker),
              state: dict = Depends(get_state)):
     """Queue a generate job: the avatar says the audio; the result is an mp4 with that audio."""
@@ -248,6 +250,8 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
         request["guidance"] = guidance
     if sharpen is not None:
         request["sharpen"] = sharpen
+    if band_push is not None:
+        request["band_push"] = band_push
     try:
         if has_audio:
             shown = shown_name(audio, "audio")

@@ -145,6 +145,29 @@ def frame_loudness_db(wav, n, chunk=10_000):
     return pooled
 
 
+def frame_band_db(wav, n, band=(1000.0, 5000.0)):
+    """Energy (dB) of each video frame's 40 ms of audio in `band` Hz (Hann window). [n] float32. Open
+    vowels radiate there and closed lips (m, b, p) do not, whoever speaks (RESULTS.md round 54)."""
+    hop = SR // FPS
+    seg = np.zeros(n * hop, np.float32)
+    seg[:min(len(wav), n * hop)] = wav[:n * hop]
+    f = np.fft.rfftfreq(hop, 1 / SR)
+    spec = np.abs(np.fft.rfft(seg.reshape(n, hop) * np.hanning(hop).astype(np.float32), axis=1)) ** 2
+    return (10 * np.log10(spec[:, (f > band[0]) & (f < band[1])].sum(1) + 1e-10)).astype(np.float32)
+
+
+def band_push(wav, n, weight, level, speech_db):
+    """--band_push W: per-frame factors on the guidance, 1 + W x the frame's 1-5 kHz energy as a
+    z-score over the clip's speech frames (gate `level` >= speech_db), clipped to +-2, never below
+    0.3; all ones when W is 0 or under 10 frames are speech. [n] float32."""
+    speech = np.asarray(level) >= speech_db
+    if weight <= 0 or speech.sum() < 10:
+        return np.ones(n, np.float32)
+    b = frame_band_db(wav, n)
+    z = np.clip((b - b[speech].mean()) / (b[speech].std() + 1e-6), -2, 2)
+    return np.maximum(1 + np.float32(weight) * z, 0.3).astype(np.float32)
+
+
 def use_vad(mode):
     """--vad auto|on|off -> whether the silence gate uses the voice-activity detector."""
     if mode not in MODES:

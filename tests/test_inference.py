@@ -18,6 +18,7 @@ import unet_328
 import geometry
 import media_io
 import utils
+import vad
 from compose import References, RenderOptions, compose
 from conftest import ROOT
 
@@ -266,6 +267,8 @@ def test_guidance_moves_the_output_away_from_what_silence_paints(setup):
     assert np.allclose(guide(model.runner, img, aud, silent, 1.0), own)
     assert np.allclose(guide(model.runner, img, aud, silent, 0.0), still, atol=1e-5)
     assert np.allclose(guide(model.runner, img, aud, silent, 2.0), 2 * own - still, atol=1e-5)
+    per_frame = guide(model.runner, img, aud, silent, np.array([1.0, 0.0, 2.0], np.float32))   # band_push: one per frame
+    assert np.allclose(per_frame, np.stack([own[0], still[1], 2 * own[2] - still[2]]), atol=1e-5)
     zeros = np.zeros_like(aud)
     assert np.allclose(guide(model.runner, img, zeros, silent, 3.0), model.runner(img, zeros), atol=1e-5)
 
@@ -284,6 +287,30 @@ def test_guidance_leaves_silence_as_painted_and_moves_speech(setup):
     far1, far2 = (np.abs(f[k][box].astype(int) - sil[k][box]).mean() for f in (one, two))
     assert far1 > 0.5 and far2 > 1.5 * far1                                       # further from the silent frame
     assert live_stream.LiveSession(model, t).opts.guidance == 1.0 < RenderOptions().guidance   # live: one U-Net pass a frame
+
+
+def test_band_push_moves_speech_frames_and_leaves_silence(setup):
+    """RenderOptions.band_push: over speech a frame with more 1-5 kHz energy is painted further from what
+    silence paints than with one guidance for all, a frame with less nearer to it; silent audio (too
+    little speech to take a z-score over) is painted exactly as without it."""
+    t = setup["template"]
+    speech = setup["wav"][:utils.SR]
+    n = media_io.num_frames(len(speech))
+    push = vad.band_push(speech, n, 0.5, vad.gate_loudness_db(speech, n), RenderOptions.speech_db)   # the buzz is no voice to
+    plain, pushed = (generated_frames(setup, speech, guidance=1.5, band_push=w, vad="off") for w in (0.0, 0.5))  # the detector
+    sil = generated_frames(setup, np.zeros_like(speech), vad="off")
+    up, down = push > 1.2, push < 0.8
+    assert up.sum() >= 3 and down.sum() >= 3
+    for k in range(n):
+        x0, y0, x1, y1 = (int(v) for v in t.boxes[templates.pingpong(k, t.n)])
+        far = [np.abs(f[k][y0:y1, x0:x1].astype(int) - sil[k][y0:y1, x0:x1]).mean() for f in (plain, pushed)]
+        if up[k]:
+            assert far[1] > far[0] + 0.2, (k, push[k], far)          # pushed further from what silence paints
+        if down[k]:
+            assert far[1] < far[0] - 0.2, (k, push[k], far)          # and nearer to it
+    quiet = np.zeros(utils.SR // 2, np.float32)
+    a, b = (generated_frames(setup, quiet, guidance=1.5, band_push=w) for w in (0.0, 0.5))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_fast_runtimes_equal_eager(setup):

@@ -200,6 +200,28 @@ def test_generate_sharpen_is_the_requests(client, media_files):
     assert r.json()["detail"][0]["loc"][-1] == "sharpen"
 
 
+def test_generate_band_push_is_the_requests_and_on_for_text():
+    """The band push (RenderOptions.band_push) a generate job renders with: the request's when given,
+    else compose.TEXT_BAND_PUSH for text the offline voice speaks (never the person's own voice) and 0
+    for uploaded audio; guidance and sharpening as asked, else the model's fitted guidance."""
+    from compose import TEXT_BAND_PUSH, RenderOptions
+    assert TEXT_BAND_PUSH > 0 == RenderOptions.band_push
+    text, audio = jobs.render_options({}, True, 1.1), jobs.render_options({}, False, 1.1)
+    assert (text.band_push, audio.band_push, text.guidance, text.sharpen) == (TEXT_BAND_PUSH, 0.0, 1.1, RenderOptions.sharpen)
+    asked = jobs.render_options({"band_push": 0.5, "guidance": 2.0, "sharpen": 0.0}, False, 1.1)
+    assert (asked.band_push, asked.guidance, asked.sharpen) == (0.5, 2.0, 0.0)
+    assert jobs.render_options({"band_push": 0.0}, True, 1.1).band_push == 0.0
+
+
+def test_generate_band_push_reaches_the_job_and_is_checked(client, media_files):
+    videos = render_each(client, media_files, "band_push", ("0", "1"), guidance="2")
+    assert videos["0"].shape == videos["1"].shape
+    n_jobs = len(client.get("/api/jobs").json())
+    r = post_generate(client, media_files / "short.wav", band_push="1.5")
+    assert r.status_code == 422 and len(client.get("/api/jobs").json()) == n_jobs
+    assert r.json()["detail"][0]["loc"][-1] == "band_push"
+
+
 def test_generate_errors(client, media_files):
     def detail(r, code):
         assert r.status_code == code, r.text

@@ -80,3 +80,25 @@ def test_vad_modes(monkeypatch):
     assert vad.use_vad("auto") is False
     with pytest.raises(utils.UserError, match="needs the silero-vad package"):
         vad.use_vad("on")
+
+
+def test_band_push_scales_the_guidance_by_the_high_band_energy():
+    """vad.band_push: frames whose 1-5 kHz energy is high (an open vowel's) get more push than loud
+    frames with little of it (closed lips: a hum), the factors centre on 1 over the speech and stay
+    within 1 +- 2W; no weight, or too little speech, leaves every frame at 1."""
+    n, hop = 50, SR // utils.FPS
+    t = np.arange(n * hop) / SR
+    low = 0.5 * np.sin(2 * np.pi * 150 * t)                               # voiced, lips shut: the louder frames
+    high = 0.3 * np.sin(2 * np.pi * 150 * t) + 0.1 * np.sin(2 * np.pi * 2500 * t)   # plus energy at 2.5 kHz
+    frame = np.arange(n * hop) // hop
+    wav = np.where((frame // 5) % 2 == 1, high, low).astype(np.float32)   # 5 frames of each, in turn
+    level = vad.gate_loudness_db(wav, n)
+    push = vad.band_push(wav, n, 0.3, level, RenderOptions.speech_db)
+    hi = (np.arange(n) // 5) % 2 == 1
+    inner = (np.arange(n) % 5 > 0) & (np.arange(n) % 5 < 4)               # away from the switches
+    assert push.shape == (n,) and push.dtype == np.float32
+    assert push[hi & inner].min() > 1.2 and push[~hi & inner].max() < 0.8
+    assert abs(push.mean() - 1) < 0.05 and push.min() >= 0.4 - 1e-6 and push.max() <= 1.6 + 1e-6
+    assert (vad.band_push(wav, n, 0.0, level, RenderOptions.speech_db) == 1).all()
+    quiet = np.zeros(n * hop, np.float32)
+    assert (vad.band_push(quiet, n, 0.3, vad.gate_loudness_db(quiet, n), RenderOptions.speech_db) == 1).all()
