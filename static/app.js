@@ -620,6 +620,11 @@ async function submitGenerate(ev) {
       if (!(Number(sh) >= 0 && Number(sh) <= 4)) throw new Error("mouth sharpening: give a number from 0 to 4 (or leave it empty)");
       form.append("sharpen", sh);
     }
+    const bp = $("#band-push").value.trim();
+    if (bp) {
+      if (!(Number(bp) >= 0 && Number(bp) <= 1)) throw new Error("another person's voice: give a number from 0 to 1 (or leave it empty)");
+      form.append("band_push", bp);
+    }
     btn.disabled = true;
     const job = await upload("/api/generate", form, null);
     message("Job queued.", "info");

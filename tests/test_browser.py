@@ -132,6 +132,33 @@ def test_new_avatar_form_sends_who_it_will_speak_with(browser, live_server, spee
     page.close()
 
 
+def test_generate_form_sends_the_band_push(browser, live_server, speech):
+    """"Another person's voice" reaches POST /api/generate as band_push (intercepted: no job starts);
+    a value over 1 is refused by the page before anything is sent."""
+    page = browser.new_page()
+    page.goto(live_server)
+    page.wait_for_selector("#avatar option[value='tiny']", state="attached", timeout=20000)
+    sent = []
+
+    def refuse(route):
+        sent.append(route.request.post_data_buffer)
+        route.fulfill(status=409, content_type="application/json", body='{"detail": "intercepted by the test"}')
+
+    page.route("**/api/generate", refuse)
+    page.set_input_files("#audio", str(speech))
+    page.fill("#band-push", "3")
+    page.click("#generate-btn")
+    page.wait_for_timeout(500)
+    assert not sent and page.eval_on_selector("#band-push", "e => e.validity.rangeOverflow")   # the browser refuses it
+    page.fill("#band-push", "0.1")
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#messages .error') && "
+                           "document.querySelector('#messages .error').innerText.includes('intercepted')", timeout=20000)
+    assert len(sent) == 1
+    assert 'name="band_push"\r\n\r\n0.1\r\n' in sent[0].decode("latin-1")
+    page.close()
+
+
 def test_live_mode_shows_the_avatar_from_the_microphone(playwright, live_server, speech):
     # chromium's fake microphone plays the speech wav (in a loop); the permission prompt is answered yes
     b = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS + [
