@@ -145,15 +145,21 @@ def frame_loudness_db(wav, n, chunk=10_000):
     return pooled
 
 
-def frame_band_db(wav, n, band=(1000.0, 5000.0)):
-    """Energy (dB) of each video frame's 40 ms of audio in `band` Hz (Hann window). [n] float32. Open
-    vowels radiate there and closed lips (m, b, p) do not, whoever speaks (RESULTS.md round 54)."""
+def frame_band_db(wav, n, band=(1000.0, 5000.0), chunk=10_000):
+    """Energy (dB) of each video frame's 40 ms of audio in `band` Hz (Hann window). [n] float32,
+    computed chunk by chunk. Open vowels radiate there and shut lips (m, b, p) do not, whoever
+    speaks (RESULTS.md round 54)."""
     hop = SR // FPS
-    seg = np.zeros(n * hop, np.float32)
-    seg[:min(len(wav), n * hop)] = wav[:n * hop]
-    f = np.fft.rfftfreq(hop, 1 / SR)
-    spec = np.abs(np.fft.rfft(seg.reshape(n, hop) * np.hanning(hop).astype(np.float32), axis=1)) ** 2
-    return (10 * np.log10(spec[:, (f > band[0]) & (f < band[1])].sum(1) + 1e-10)).astype(np.float32)
+    keep = (np.fft.rfftfreq(hop, 1 / SR) > band[0]) & (np.fft.rfftfreq(hop, 1 / SR) < band[1])
+    win, db = np.hanning(hop).astype(np.float32), np.empty(n, np.float32)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        seg = np.zeros((b - a) * hop, np.float32)
+        part = wav[a * hop:b * hop]
+        seg[:len(part)] = part
+        spec = np.abs(np.fft.rfft(seg.reshape(b - a, hop) * win, axis=1)[:, keep]) ** 2
+        db[a:b] = 10 * np.log10(spec.sum(1) + 1e-10)
+    return db
 
 
 def band_push(wav, n, weight, level, speech_db):

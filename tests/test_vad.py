@@ -100,5 +100,6 @@ def test_band_push_scales_the_guidance_by_the_high_band_energy():
     assert push[hi & inner].min() > 1.2 and push[~hi & inner].max() < 0.8
     assert abs(push.mean() - 1) < 0.05 and push.min() >= 0.4 - 1e-6 and push.max() <= 1.6 + 1e-6
     assert (vad.band_push(wav, n, 0.0, level, RenderOptions.speech_db) == 1).all()
+    assert np.array_equal(vad.frame_band_db(wav, n, chunk=7), vad.frame_band_db(wav, n))   # chunked: the same
     quiet = np.zeros(n * hop, np.float32)
     assert (vad.band_push(quiet, n, 0.3, vad.gate_loudness_db(quiet, n), RenderOptions.speech_db) == 1).all()
