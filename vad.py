@@ -127,18 +127,24 @@ def ramp(x, lo, hi):
 
 # ----------------------------------------------------------------------------------------------
 # The silence gate's level per video frame
-def frame_loudness_db(wav, n, chunk=10_000):
-    """Loudness (dBFS, RMS) of each video frame's 40 ms of audio, max-pooled over +-1 frame so
-    a syllable's onset and release count as speech. [n] float32; computed chunk by chunk."""
+def _frame_chunks(wav, n, chunk):
+    """(first frame, frames (k, SR // FPS) float32) over the n video frames of `wav`, `chunk` frames
+    at a time (zero-padded past its end), so long audio is framed in constant memory."""
     hop = SR // FPS
-    db = np.empty(n, np.float32)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         seg = np.zeros((b - a) * hop, np.float32)
         part = wav[a * hop:b * hop]
         seg[:len(part)] = part
-        rms = np.sqrt(np.mean(seg.reshape(b - a, hop).astype(np.float64) ** 2, axis=1))
-        db[a:b] = 20 * np.log10(rms + 1e-9)
+        yield a, seg.reshape(b - a, hop)
+
+
+def frame_loudness_db(wav, n, chunk=10_000):
+    """Loudness (dBFS, RMS) of each video frame's 40 ms of audio, max-pooled over +-1 frame so
+    a syllable's onset and release count as speech. [n] float32; computed chunk by chunk."""
+    db = np.empty(n, np.float32)
+    for a, fr in _frame_chunks(wav, n, chunk):
+        db[a:a + len(fr)] = 20 * np.log10(np.sqrt(np.mean(fr.astype(np.float64) ** 2, axis=1)) + 1e-9)
     pooled = db.copy()
     pooled[1:] = np.maximum(pooled[1:], db[:-1])
     pooled[:-1] = np.maximum(pooled[:-1], db[1:])
@@ -150,15 +156,10 @@ def frame_band_db(wav, n, band=(1000.0, 5000.0), chunk=10_000):
     computed chunk by chunk. Open vowels radiate there and shut lips (m, b, p) do not, whoever
     speaks (RESULTS.md round 54)."""
     hop = SR // FPS
-    keep = (np.fft.rfftfreq(hop, 1 / SR) > band[0]) & (np.fft.rfftfreq(hop, 1 / SR) < band[1])
-    win, db = np.hanning(hop).astype(np.float32), np.empty(n, np.float32)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        seg = np.zeros((b - a) * hop, np.float32)
-        part = wav[a * hop:b * hop]
-        seg[:len(part)] = part
-        spec = np.abs(np.fft.rfft(seg.reshape(b - a, hop) * win, axis=1)[:, keep]) ** 2
-        db[a:b] = 10 * np.log10(spec.sum(1) + 1e-10)
+    f = np.fft.rfftfreq(hop, 1 / SR)
+    keep, win, db = (f > band[0]) & (f < band[1]), np.hanning(hop).astype(np.float32), np.empty(n, np.float32)
+    for a, fr in _frame_chunks(wav, n, chunk):
+        db[a:a + len(fr)] = 10 * np.log10((np.abs(np.fft.rfft(fr * win, axis=1)[:, keep]) ** 2).sum(1) + 1e-10)
     return db
 
 

@@ -214,8 +214,10 @@ def test_generate_band_push_is_the_requests_and_on_for_text():
 
 
 def test_generate_band_push_reaches_the_job_and_is_checked(client, media_files):
+    """`band_push` is recorded in the job and both jobs render to the end (render_each checks both);
+    over 1 it is refused before any job is made. What the push does to the frames: test_inference."""
     videos = render_each(client, media_files, "band_push", ("0", "1"), guidance="2")
-    assert videos["0"].shape == videos["1"].shape
+    assert len(videos["0"]) == len(videos["1"]) > 0
     n_jobs = len(client.get("/api/jobs").json())
     r = post_generate(client, media_files / "short.wav", band_push="1.5")
     assert r.status_code == 422 and len(client.get("/api/jobs").json()) == n_jobs
