@@ -11,11 +11,10 @@ video), its smoothed crop box, the 328 crop; generator input = [reference crop o
 than the target, as in training, masked crop]; audio = the encoder vectors of frames k-8..k+7;
 the painted 320 centre goes back into the 328 crop, colour-matched to the template near the seam,
 and is blended into the frame through a feathered alpha (compose.compose, geometry.paste_back); the
-options of this path and their defaults are compose.RenderOptions. Frames go straight
-into one ffmpeg (media_io.VideoWriter), which muxes the original audio track and renames into place
-only on success. Decode/crop runs in a reader thread, the U-Net in the caller, paste/encode in a
-writer thread; features (chunks of 10 s) and frames are streamed, so memory does not grow with
-the audio's length (only the 16 kHz wav itself is held: 230 MB for an hour).
+options of this path and their defaults are compose.RenderOptions. Frames go straight into one ffmpeg
+(media_io.VideoWriter), which muxes the original audio track and renames into place only on success. Decode/crop
+runs in a reader thread, the U-Net in the caller, paste/encode in a writer thread; features (chunks of 10 s) and
+frames are streamed, so memory does not grow with the audio's length (only the 16 kHz wav itself is held: 230 MB an hour).
 
 Reference crop: by default one fixed template frame, the one with the most closed mouth (inner-lip
 gap / mouth width, from landmarks.npz). Against a random other frame per output frame (training's
@@ -75,6 +74,7 @@ class Config:
     speech_db: float = RenderOptions.speech_db       # frame loudness (dB, same scale) at or above which the generated mouth is used as is
     vad: str = RenderOptions.vad                     # speech vs pause for the silence gate: auto = a voice-activity detector (vad.py, Silero) with loudness, when silero-vad is installed; on = insist on it; off = loudness only
     template: str = ""                               # optional: an image or a video to animate instead of the avatar's frames
+    other_person: bool = False                       # render a --template whose face is another person's than the avatar's (refused by default: the model paints only its own person's mouth)
     data_root: str = str(utils.DATASET_DIR)          # where datasets live
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
@@ -414,7 +414,7 @@ def main(cfg):
     media_io.check_output(out)
     if cfg.audio_path != "-":
         media_io.probe(cfg.audio_path)        # a bad audio file fails now, not after loading the model
-    template = open_template(cfg.name, cfg.data_root, cfg.template)
+    template = open_template(cfg.name, cfg.data_root, cfg.template, cfg.other_person)
     try:
         if not 0 <= cfg.start_frame < template.n:
             raise UserError(f"--start_frame {cfg.start_frame} is outside the template's {template.n} frames (0..{template.n - 1})")

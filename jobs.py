@@ -402,7 +402,7 @@ class Worker:
         model = self.model(ckpt)
         self.check_stop()
         prog.stage("rendering", 0.05, 1.0)
-        template = templates.open_template(job["avatar"], s.data_root, inp.get("template") or "")
+        template = templates.open_template(job["avatar"], s.data_root, inp.get("template") or "", bool(req.get("other_person")))
         rel = Path("results") / f"{job['id']}.mp4"
         try:
             opts = render_options(req, bool(inp.get("text")), model.guidance_for(template))

@@ -229,6 +229,8 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
              audio: Optional[UploadFile] = File(None, description="speech: any audio (or video) file ffmpeg reads"),
              text: Optional[str] = Form(None, description="instead of audio: text to speak (when health.tts)"),
              template: Optional[UploadFile] = File(None, description="optional photo of a face to animate instead of the avatar's video"),
+             other_person: bool = Form(False, description="animate the template even when its face looks like another person's "
+                                       "than the avatar's (refused by default: the model paints only its own person's mouth)"),
              checkpoint: Optional[str] = Form(None, description="checkpoint file, e.g. best.pth (default last, else best)"),
              guidance: Optional[float] = Form(None, ge=0, le=4, description=f"how far the mouth moves: 1 = the network's own output, "
                                               f"more opens it wider (inference_328 --guidance; default: the model's fitted one, else {GUIDANCE})"),
@@ -252,6 +254,8 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
         request["sharpen"] = sharpen
     if band_push is not None:
         request["band_push"] = band_push
+    if other_person:
+        request["other_person"] = True
     try:
         if has_audio:
             shown = shown_name(audio, "audio")

@@ -203,9 +203,11 @@ IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 SAME_PERSON = 0.6        # dlib face-descriptor distance below which two faces are the same person (dlib's own rule)
 
 
-def open_template(name=None, data_root=None, template=""):
+def open_template(name=None, data_root=None, template="", other_person=False):
     """The template source: --template (image or video) when given, else the avatar's dataset.
-    A template face that looks like another person than the avatar's gets a warning."""
+    A template face that looks like another person than the avatar's is refused (a person-specific
+    generator paints its own person's lower face: over another face, a smear), or with
+    other_person rendered with a warning."""
     if template:
         p = Path(template)
         if not p.is_file():
@@ -215,8 +217,14 @@ def open_template(name=None, data_root=None, template=""):
         if ds is not None and (ds / utils.LANDMARKS).is_file():
             d = identity_distance(t, FolderTemplate.from_dataset(ds))
             if d is not None and d > SAME_PERSON:
-                print(f"warning: the face in {p.name} looks like another person than avatar {name}'s (face descriptor "
-                      f"distance {d:.2f} > {SAME_PERSON}); the result will mix two faces", file=sys.stderr)
+                msg = (f"the face in {p} looks like another person than avatar {name}'s (face descriptor distance "
+                       f"{d:.2f} > {SAME_PERSON}): the avatar's model paints only its own person's mouth, so the lower face "
+                       f"would be a smear")
+                if not other_person:
+                    t.close()
+                    raise UserError(f"{msg}; animate a photo or video of that person, or render it anyway with "
+                                    f"--other_person (the server's other_person)")
+                print(f"warning: {msg}", file=sys.stderr)
         return t
     return FolderTemplate.from_dataset(utils.dataset_path(name, data_root))
 

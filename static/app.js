@@ -610,6 +610,7 @@ async function submitGenerate(ev) {
     if (audio) form.append("audio", audio);
     else form.append("text", text);
     if (photo) form.append("template", photo);
+    if (photo && $("#other-person").checked) form.append("other_person", "true");
     const g = $("#guidance").value.trim();
     if (g) {
       if (!(Number(g) >= 0 && Number(g) <= 4)) throw new Error("mouth movement: give a number from 0 to 4 (or leave it empty)");

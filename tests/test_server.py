@@ -297,6 +297,28 @@ def test_generate_on_a_photo_template(client, media_files, tmp_path):
     assert (info["video"]["width"], info["video"]["height"]) == (320, 320)
 
 
+def test_a_photo_of_another_person_fails_with_what_to_do(client, media_files):
+    """Another person's photo over the avatar's model would come out a smear (RESULTS.md round 55): the job
+    fails with one line that says so, under the name the user uploaded, and writes no result."""
+    from conftest import media
+    with open(media_files / "short.wav", "rb") as a, open(media("portrait.png"), "rb") as p:
+        r = client.post("/api/generate", data={"avatar": "tiny"},
+                        files={"audio": ("a.wav", a), "template": ("her.png", p, "image/png")})
+    assert r.status_code == 202, r.text
+    j = wait(client, r.json()["id"])
+    assert j["status"] == "failed" and not j.get("result")
+    assert j["error"].startswith("the face in her.png looks like another person than avatar tiny's"), j["error"]
+    assert "photo or video of that person" in j["error"] and "\n" not in j["error"]
+    with open(media_files / "short.wav", "rb") as a, open(media("portrait.png"), "rb") as p:   # asked for: rendered
+        r = client.post("/api/generate", data={"avatar": "tiny", "other_person": "true"},
+                        files={"audio": ("a.wav", a), "template": ("her.png", p, "image/png")})
+    assert r.status_code == 202 and r.json()["request"]["other_person"] is True, r.text
+    j = wait(client, r.json()["id"])
+    assert j["status"] == "done", j["error"]
+    info = media_io.probe(Path(client.app.state.settings.data_dir) / "results" / f"{j['id']}.mp4")
+    assert (info["video"]["width"], info["video"]["height"]) == (474, 474)
+
+
 def test_text_input(client):
     r = client.post("/api/generate", data={"avatar": "tiny", "text": "x" * 3000})
     assert r.status_code == 422

@@ -54,15 +54,21 @@ def test_several_faces_pick_the_largest_and_say_so(face, tmp_path, capsys):
     assert t.boxes[0][2] <= 384                                       # the big face, on the left
 
 
-def test_a_photo_of_another_person_gets_a_warning(face, tiny_dataset, tmp_path, capsys):
+def test_a_photo_of_another_person_is_refused_unless_asked_for(face, tiny_dataset, tmp_path, capsys):
+    """A person-specific model over another person's face paints a smear (RESULTS.md round 55): refused
+    with one line saying what to do; --other_person renders it with a warning."""
     from conftest import media
     cv2.imwrite(str(tmp_path / "same.png"), face)                      # the avatar's own face (the synthetic actor)
-    templates.open_template("tiny", tiny_dataset.parent, str(tmp_path / "same.png"))
-    assert "another person" not in capsys.readouterr().err
+    t = templates.open_template("tiny", tiny_dataset.parent, str(tmp_path / "same.png"))
+    assert t.n == 1 and "another person" not in capsys.readouterr().err
     other = media("portrait.png")                                       # a real, different person
-    templates.open_template("tiny", tiny_dataset.parent, str(other))
+    with pytest.raises(UserError, match="portrait.png looks like another person than avatar tiny's") as e:
+        templates.open_template("tiny", tiny_dataset.parent, str(other))
+    assert "\n" not in str(e.value) and "--other_person" in str(e.value)
+    t = templates.open_template("tiny", tiny_dataset.parent, str(other), other_person=True)
+    assert t.n == 1
     err = capsys.readouterr().err
-    assert "warning: the face in portrait.png looks like another person than avatar tiny's" in err
+    assert err.startswith("warning: the face in ") and "portrait.png looks like another person than avatar tiny's" in err
 
 
 def test_a_video_template_is_tracked_like_the_avatars_own_frames(synthetic_clip, tiny_dataset):
