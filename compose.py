@@ -20,7 +20,7 @@ from utils import BORDER, FEAT_WIN, INNER, UserError
 REFERENCES = ("closed", "open", "random", "audio")
 GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (RESULTS.md round 8)
 LIVE_GUIDANCE = 1.0  # a live stream's (stream.py): one U-Net pass a frame keeps light widths in real time
-TEXT_BAND_PUSH = 0.1 # the server's band_push for text it speaks with the offline voice, never the person's own: five other speakers followed at r 0.45 against 0.40 (RESULTS.md round 54)
+TEXT_BAND_PUSH = 0.1 # the band_push for a voice not the person's own (the server's offline voice; auto's choice for another voice): five other speakers followed at r 0.45 against 0.40 (RESULTS.md round 54)
 SHARPEN = 0.5        # RenderOptions.sharpen's default: mouth sharpness 0.71-0.85 -> 0.86-0.99 of the truth's for 0.13-0.20 dB of mouth PSNR (RESULTS.md round 39)
 SHARPEN_SIGMA = 1.0  # px of the frame (at least one of the crop): the blur the unsharp mask (sharpen) takes away
 BANK_HOLD = 0.02     # --reference audio: the bank frame in use is kept until another sounds this much nearer (cosine)
@@ -40,7 +40,7 @@ class RenderOptions:
     vad: str = "auto"              # the gate asks the voice-activity detector: auto (when installed), on, off
     seed: int = 0                  # seed of the random reference choice
     guidance: float = GUIDANCE     # the painted mouth moves this many times as far from what the same frame paints with silence (guide): 1 = the network's own output
-    band_push: float = 0.0         # [0..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech (vad.band_push): follows voices other than the person's better, costs LMD on the person's own (RESULTS.md round 54); 0 = one guidance for every frame
+    band_push: float = -1.0        # [-1..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech (vad.band_push): follows voices other than the person's better, costs LMD on the person's own (RESULTS.md round 54); 0 = one guidance for every frame; -1 = auto: TEXT_BAND_PUSH when the voice is not the avatar's recorded one, else 0 (vad.auto_band_push, round 56)
     crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
     sharpen: float = SHARPEN       # unsharp-mask amount on the painted mouth (sharpen): 0 = the network's own output
 

@@ -16,15 +16,15 @@ options of this path and their defaults are compose.RenderOptions. Frames go str
 runs in a reader thread, the U-Net in the caller, paste/encode in a writer thread; features (chunks of 10 s) and
 frames are streamed, so memory does not grow with the audio's length (only the 16 kHz wav itself is held: 230 MB an hour).
 
-Reference crop: by default one fixed template frame, the one with the most closed mouth (inner-lip
-gap / mouth width, from landmarks.npz). Against a random other frame per output frame (training's
-rule, --reference random) it gives the generator a constant identity input (consecutive random
-references differ by 18.5 grey levels per pixel on the anchor clip: flicker) and a closed-mouth
-prior (mouth opening 0.021 vs 0.105 on average for random frames), so any mouth motion has to come
-from the audio. Silence: a per-frame gate (loudness normalised to the recording's loud frames,
-and a voice-activity detector, vad.py, so a music or noise bed does not count as speech) blends
-the lips and jaw of that closed reference over the generated ones in the pauses; with a generator that ignores audio (the template's own talking
-mouth) it brings the dlib mouth opening in silent stretches from 0.091 to 0.016 (closed reference: 0.021), speech frames untouched.
+Reference crop: by default one fixed template frame, the one with the most closed mouth (inner-lip gap / mouth
+width, from landmarks.npz). Against a random other frame per output frame (training's rule, --reference random) it
+gives the generator a constant identity input (consecutive random references differ by 18.5 grey levels per pixel on
+the anchor clip: flicker) and a closed-mouth prior (mouth opening 0.021 vs 0.105 on average for random frames), so
+any mouth motion has to come from the audio. Silence: a per-frame gate (loudness normalised to the recording's loud
+frames, and a voice-activity detector, vad.py, so a music or noise bed does not count as speech) blends the lips and
+jaw of that closed reference over the generated ones in the pauses; with a generator that ignores audio (the
+template's own talking mouth) it brings the dlib mouth opening in silent stretches from 0.091 to 0.016 (closed
+reference: 0.021), speech frames untouched.
 
 Speed on CPU (bench_inference.py): the U-Net runs (runner.py) with BatchNorm folded into the convs
 through ONNX Runtime when it is installed and the graph matches eager PyTorch to 1e-3 (0.20 CPU s a
@@ -50,7 +50,7 @@ import runner
 import stream
 import utils
 import vad
-from compose import GUIDANCE, LIVE_GUIDANCE, References, RenderOptions, StillCache, compose, guide
+from compose import GUIDANCE, LIVE_GUIDANCE, TEXT_BAND_PUSH, References, RenderOptions, StillCache, compose, guide
 from templates import open_template
 from utils import FPS, HOP, MEL_FPS, MEL_WIN, N_FFT, SR, UserError
 
@@ -79,7 +79,7 @@ class Config:
     ckpt_root: str = str(utils.CHECKPOINT_DIR)       # where checkpoints live
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
     guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; a photo template's fitted apart; 1.25 when it holds none), 1 with --stream over the avatar's frames (real time)
-    band_push: float = RenderOptions.band_push       # [0..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech: other people's voices (a text-to-speech voice) followed closer, the person's own less (README section 4); 0 = one guidance for all
+    band_push: float = RenderOptions.band_push       # [-1..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech: other people's voices (a text-to-speech voice) followed closer, the person's own less (README section 4); 0 = one guidance for all; -1 = auto: 0.1 when the voice is not the avatar's recorded one (vad.auto_band_push), else 0
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
     sharpen: float = RenderOptions.sharpen           # [0..4] unsharp mask on the painted mouth (amount; its blur is one pixel of the frame): 0 = the network's own output
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
@@ -234,10 +234,10 @@ class LipSyncModel:
         template decoding runs in a reader thread READ_AHEAD frames ahead of the model."""
         n = media_io.num_frames(len(wav))
         feats = stream.FeatureStream(self, wav)
-        loud = vad.gate_loudness_db(wav, n, vad.use_vad(opts.vad))
-        push = opts.guidance * vad.band_push(wav, n, opts.band_push, loud, opts.speech_db)    # one guidance per frame
+        loud, stats = vad.gate_loudness_db(wav, n, vad.use_vad(opts.vad)), stats if stats is not None else {}
+        w, stats["voice_distance"] = vad.auto_band_push(opts.band_push, wav, self.config.get("name"), (self.config.get("data_root"), utils.DATASET_DIR), TEXT_BAND_PUSH)
+        stats["band_push"], push = w, opts.guidance * vad.band_push(wav, n, w, loud, opts.speech_db)    # one guidance per frame
         refs = References(template, opts.reference, opts.seed, self.ref_bank)
-        stats = stats if stats is not None else {}
         q, stop, stills = queue.Queue(READ_AHEAD), threading.Event(), StillCache() if template.n == 1 else None   # a photo's silent pass: once
 
         def reader():
@@ -360,7 +360,7 @@ def _add(stats, key, dt):
 
 
 # ----------------------------------------------------------------------------------------------
-# Audio loading
+# Audio loading, output names
 def load_speech(path):
     """media_io.load_audio plus the checks inference needs: not empty, not absurdly long."""
     wav = media_io.load_audio(path)
@@ -371,8 +371,6 @@ def load_speech(path):
     return wav
 
 
-# ----------------------------------------------------------------------------------------------
-# Output names
 def default_output(name, audio_path, checkpoint):
     """result/NAME_AUDIO_CKPT.mp4; audio other than .wav keeps its extension in the name
     (NAME_AUDIO-mp3_CKPT.mp4), so a.mp3, a.m4a and a.wav do not overwrite each other's video."""
@@ -425,7 +423,7 @@ def main(cfg):
         print(f"model: {ckpt} (step {model.step}, widths {model.widths}) on {model.device}, "
               f"U-Net runtime {model.runner.kind}, batch {model.batch_size}, loaded in {time.perf_counter() - t0:.1f} s; "
               f"silence gate: {'voice activity + loudness' if with_vad else 'loudness'}; guidance {opts.guidance:g}"
-              + (f" x (1 + {opts.band_push:g} x the 1-5 kHz energy's z-score)" if opts.band_push else ""))
+              + (f" x (1 + {opts.band_push:g} x the 1-5 kHz energy's z-score)" if opts.band_push > 0 else ""))
         if cfg.stream:
             return stream.main(cfg, model, template, out)
         bar = tqdm(unit="f", desc="lip-sync", dynamic_ncols=True)
@@ -440,7 +438,9 @@ def main(cfg):
     finally:
         template.close()
     dt = time.perf_counter() - t0
-    print(f"done: {out}  {stats['frames']} frames in {dt:.1f} s ({stats['frames'] / dt:.2f} frames/s)")
+    d, w = stats.get("voice_distance"), stats.get("band_push", 0)
+    print(f"done: {out}  {stats['frames']} frames in {dt:.1f} s ({stats['frames'] / dt:.2f} frames/s)" + ("" if d is None else
+          f"; voice {'not ' * (w > 0)}the avatar's recorded one (distance {d:.2f}): band push {w:g}"))
     return out
 
 

@@ -416,7 +416,8 @@ class Worker:
 
 def render_options(req, text, guidance):
     """A generate request's render options: its guidance (default `guidance`, the model's fitted one, a
-    photo's apart), sharpening and band push (default TEXT_BAND_PUSH for `text` spoken by the offline voice)."""
+    photo's apart), sharpening and band push (default TEXT_BAND_PUSH for `text` spoken by the offline voice, else
+    RenderOptions' auto: the same when the audio's voice is not the avatar's recorded one)."""
     return RenderOptions(guidance=float(req.get("guidance", guidance)), sharpen=float(req.get("sharpen", RenderOptions.sharpen)),
                          band_push=float(req.get("band_push", TEXT_BAND_PUSH if text else RenderOptions.band_push)))
 

@@ -77,7 +77,7 @@ class LiveSession:
             raise UserError(f"--lookahead {lookahead}: use 0 .. {LOOKAHEAD} frames")
         if not 0 <= opts.start_frame < template.n:
             raise UserError(f"--start_frame {opts.start_frame} is outside the template's {template.n} frames")
-        if opts.band_push:
+        if opts.band_push > 0:                 # auto (-1) is off here: no whole clip to compare voices or z-score on
             raise UserError("--band_push takes a z-score over the whole clip's speech, which a live stream has not heard "
                             "yet: leave it out for live streams (--stream, or evaluate.py with --lookahead below 7)")
         self.model, self.template, self.opts, self.lookahead = model, template, opts, lookahead

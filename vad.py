@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 import media_io
+import utils
 from utils import FPS, SR, UserError
 
 CHUNK = 512             # samples per VAD step at 16 kHz (32 ms): the model's fixed input
@@ -173,6 +174,54 @@ def band_push(wav, n, weight, level, speech_db):
     b = frame_band_db(wav, n)
     z = np.clip((b - b[speech].mean()) / (b[speech].std() + 1e-6), -2, 2)
     return np.maximum(1 + np.float32(weight) * z, 0.3).astype(np.float32)
+
+
+OTHER_VOICE = 0.22      # voice_distance above which a driving voice is not the avatar's recorded one: the same person and microphone 0.07-0.19, other people 0.24-0.69 (RESULTS.md round 56)
+VOICE_SECONDS = 120     # a voice_signature reads at most this much of a recording ...
+VOICE_MIN_SECONDS = 3   # ... and auto_band_push decides on no less (one second of the same voice can sit 0.36 from the whole)
+
+
+def voice_signature(wav):
+    """A voice and its microphone in 80 numbers: the mean normalised log-mel of the louder half of
+    the frames of the first VOICE_SECONDS, less its mean over the bands (the level)."""
+    mel = media_io.melspectrogram(np.asarray(wav[:VOICE_SECONDS * SR], np.float32))
+    e = mel.mean(0)
+    v = mel[:, e >= np.percentile(e, 50)].mean(1)
+    return (v - v.mean()).astype(np.float32)
+
+
+def voice_distance(a, b):
+    """RMS difference of two voice_signatures, in normalised log-mel units."""
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - b) ** 2)))
+
+
+_RECORDED = {}
+
+
+def recorded_voice(name, data_roots):
+    """The voice_signature of avatar `name`'s recording (its dataset's aud.wav under the first of
+    `data_roots` that holds it, cached by path and mtime), None when none does."""
+    for root in filter(None, data_roots):
+        p = utils.dataset_path(name, root) / utils.AUDIO_WAV if name else None
+        if p is not None and p.is_file():
+            key = (str(p), p.stat().st_mtime)
+            if key not in _RECORDED:
+                _RECORDED[key] = voice_signature(media_io.load_audio(str(p)))
+            return _RECORDED[key]
+    return None
+
+
+def auto_band_push(weight, wav, name, data_roots, other=0.1):
+    """--band_push W resolved: W itself when >= 0; -1 (auto) gives `other` when the voice of `wav` is
+    not the avatar's recorded one (voice_distance > OTHER_VOICE), else 0, and 0 when the recording is
+    not at hand or `wav` is shorter than VOICE_MIN_SECONDS. -> (weight, distance or None)."""
+    if weight >= 0:
+        return float(weight), None
+    own = recorded_voice(name, data_roots) if len(wav) >= VOICE_MIN_SECONDS * SR else None
+    if own is None:
+        return 0.0, None
+    d = voice_distance(voice_signature(wav), own)
+    return (float(other) if d > OTHER_VOICE else 0.0), d
 
 
 def use_vad(mode):

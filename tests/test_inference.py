@@ -313,6 +313,25 @@ def test_band_push_moves_speech_frames_and_leaves_silence(setup):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_auto_band_push_follows_the_voice_of_the_audio(setup):
+    """RenderOptions' default band push (-1, auto) over a whole render: off for the avatar's own recorded voice,
+    TEXT_BAND_PUSH for another voice, off when the model does not say where its recording is; stats say which."""
+    import copy
+
+    from compose import TEXT_BAND_PUSH
+    from test_vad import buzz
+    model = copy.copy(setup["model"])
+    model.config = dict(model.config, name="tiny", data_root=str(setup["root"]))     # as train_328 writes them
+    own = media_io.load_audio(setup["root"] / "tiny" / utils.AUDIO_WAV)[:vad.VOICE_MIN_SECONDS * utils.SR]
+    other = buzz(230, (900, 1800, 3200), seconds=vad.VOICE_MIN_SECONDS)
+    for wav, mdl, expect in ((own, model, 0.0), (other, model, TEXT_BAND_PUSH), (other, setup["model"], 0.0),
+                             (other[:-utils.SR // 2], model, 0.0)):              # too short to tell: off
+        stats = {}
+        frames = list(mdl.frames(wav, setup["template"], RenderOptions(vad="off"), stats))
+        assert len(frames) == media_io.num_frames(len(wav)) and stats["band_push"] == expect, stats
+        assert (stats["voice_distance"] is None) == (mdl is setup["model"] or len(wav) < len(other)), stats
+
+
 def test_fast_runtimes_equal_eager(setup):
     """BN folding + channels_last, and the runtime inference picked (OpenVINO in bf16 on a CPU with
     bf16 units, else ONNX Runtime where onnx is installed), reproduce the plain eager U-Net of the

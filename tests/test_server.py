@@ -202,12 +202,13 @@ def test_generate_sharpen_is_the_requests(client, media_files):
 
 def test_generate_band_push_is_the_requests_and_on_for_text():
     """The band push (RenderOptions.band_push) a generate job renders with: the request's when given,
-    else compose.TEXT_BAND_PUSH for text the offline voice speaks (never the person's own voice) and 0
-    for uploaded audio; guidance and sharpening as asked, else the model's fitted guidance."""
+    else compose.TEXT_BAND_PUSH for text the offline voice speaks (never the person's own voice) and auto
+    (-1: vad.auto_band_push, by the voice) for uploaded audio; guidance and sharpening as asked, else the
+    model's fitted guidance."""
     from compose import TEXT_BAND_PUSH, RenderOptions
-    assert TEXT_BAND_PUSH > 0 == RenderOptions.band_push
+    assert TEXT_BAND_PUSH > 0 > RenderOptions.band_push == -1
     text, audio = jobs.render_options({}, True, 1.1), jobs.render_options({}, False, 1.1)
-    assert (text.band_push, audio.band_push, text.guidance, text.sharpen) == (TEXT_BAND_PUSH, 0.0, 1.1, RenderOptions.sharpen)
+    assert (text.band_push, audio.band_push, text.guidance, text.sharpen) == (TEXT_BAND_PUSH, -1.0, 1.1, RenderOptions.sharpen)
     asked = jobs.render_options({"band_push": 0.5, "guidance": 2.0, "sharpen": 0.0}, False, 1.1)
     assert (asked.band_push, asked.guidance, asked.sharpen) == (0.5, 2.0, 0.0)
     assert jobs.render_options({"band_push": 0.0}, True, 1.1).band_push == 0.0

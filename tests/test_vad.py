@@ -103,3 +103,47 @@ def test_band_push_scales_the_guidance_by_the_high_band_energy():
     assert np.array_equal(vad.frame_band_db(wav, n, chunk=7), vad.frame_band_db(wav, n))   # chunked: the same
     quiet = np.zeros(n * hop, np.float32)
     assert (vad.band_push(quiet, n, 0.3, vad.gate_loudness_db(quiet, n), RenderOptions.speech_db) == 1).all()
+
+
+def buzz(f0, formants, seconds=6.0, seed=0):
+    """A synthetic voiced sound: a pulse train at f0 (with jitter) through resonances at `formants` Hz,
+    swelling and fading like syllables."""
+    from scipy.signal import lfilter
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    x = np.zeros(n)
+    t = 0.0
+    while t < n:
+        x[int(t)] = 1.0
+        t += SR / (f0 * (1 + 0.03 * rng.normal()))
+    for f in formants:
+        r, w = 0.97, 2 * np.pi * f / SR
+        x = lfilter([1 - r], [1, -2 * r * np.cos(w), r * r], x)
+    x *= 0.2 + np.abs(np.sin(2 * np.pi * 2.5 * np.arange(n) / SR))
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+def test_auto_band_push_tells_another_voice_from_the_recorded_one(tmp_path):
+    """--band_push -1 (auto): 0 for the avatar's own voice (another stretch of it, quieter), TEXT_BAND_PUSH for a
+    voice of other pitch and formants, 0 when the avatar's recording is not at hand; a given W stays W."""
+    own = buzz(110, (600, 1100, 2500))
+    ds = tmp_path / "anna"
+    ds.mkdir()
+    media_io.write_wav(ds / utils.AUDIO_WAV, own)
+    same = 0.5 * buzz(110, (600, 1100, 2500), seed=1)
+    other = buzz(230, (900, 1800, 3200), seed=2)
+    w, d_same = vad.auto_band_push(-1, same, "anna", (None, tmp_path), other=0.1)
+    assert w == 0.0 and d_same < vad.OTHER_VOICE
+    w, d_other = vad.auto_band_push(-1, other, "anna", (tmp_path,), other=0.1)
+    assert w == 0.1 and d_other > vad.OTHER_VOICE > d_same
+    assert vad.auto_band_push(-1, other, "bob", (tmp_path,), other=0.1) == (0.0, None)      # no recording: off
+    assert vad.auto_band_push(0.2, other, "anna", (tmp_path,), other=0.1) == (0.2, None)
+    assert RenderOptions().band_push == -1
+
+
+def test_auto_band_push_on_real_voices():
+    """The grid man's held-out minute is his own voice; andrew's lecture and a radio voice are not."""
+    train = vad.voice_signature(media_io.load_audio(media("grid_s1_5min.mp4")))
+    d = {k: vad.voice_distance(vad.voice_signature(media_io.load_audio(media(k))), train)
+         for k in ("grid_s1_heldout_1min.mp4", "andrew_clip2_27s.mp4", "speech_en_radio_8s.wav")}
+    assert d["grid_s1_heldout_1min.mp4"] < vad.OTHER_VOICE < min(d["andrew_clip2_27s.mp4"], d["speech_en_radio_8s.wav"]), d
