@@ -173,6 +173,7 @@ ROWS = [  # key, label, ideal / reading
     ("opening_r_speech", "opening r vs truth, speech frames only", "1"),
     ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
     ("speaker_r", "opening r vs the speaker's own (--audio DATASET)", "1"),
+    ("band_push", "band push used (auto: 0.1 for another voice)", "-"),
     ("speaker_r_at_lag", "  at its best lag", "1"),
     ("speaker_lag", "  that lag (frames, + = late)", "0"),
     ("speaker_r_template", "  the template frames' opening vs the speaker's", "~0"),
@@ -395,8 +396,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     db = loudness_db(wav, n)
     silent, silence_db = silent_frames(db)
     thresh = closed_threshold(t_open)
-    m = {}
-    other_open = None
+    m, other_open = {"band_push": main_pass["band_push"]}, None    # the push the main pass used (auto: by the voice)
     if self_mode:
         def other_pass(photo=False):   # the frames driven by another moment's audio; photo: frame 0 alone, by their own
             shift, t, tmpl = 0 if photo else m["ablation_shift_frames"], time.time(), template.first_still() if photo else template
