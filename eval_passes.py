@@ -210,10 +210,10 @@ def measure_generated(cfg, gen_model, wav, template, det_boxes, n, self_mode, ou
         vw = media_io.VideoWriter(out_dir / "side_by_side.mp4", 2 * size[0], size[1], audio=audio_wav)
         writer = side_by_side_writer(vw, size, "truth" if self_mode else "template")
     try:
-        stats = {}        # the model's render stats: the band push it used (auto's choice, RenderOptions.band_push)
+        stats = {}        # the model's render stats: the band push and closures it used (auto's choice, RenderOptions)
         result = run_pass(gen_model.frames(wav, template, opts, stats), template, det_boxes, n,
                           writer=writer, desc="generate+measure", **kw)
-        result["band_push"] = stats.get("band_push")
+        result["band_push"], result["closures"] = stats.get("band_push"), stats.get("closures")
         if vw is not None:
             vw.close()
             outputs["side_by_side"] = str(out_dir / "side_by_side.mp4")

