@@ -174,7 +174,7 @@ ROWS = [  # key, label, ideal / reading
     ("ablation_gap_speech", "ablation gap, speech frames only", "high"),
     ("speaker_r", "opening r vs the speaker's own (--audio DATASET)", "1"),
     ("band_push", "band push used (auto: 0.1 for another voice)", "-"),
-    ("closures", "lips shut at p/b/m, weight used (auto: 1 for another voice)", "-"),
+    ("closures", "closures used (auto: 1 for another voice)", "-"),
     ("speaker_r_at_lag", "  at its best lag", "1"),
     ("speaker_lag", "  that lag (frames, + = late)", "0"),
     ("speaker_r_template", "  the template frames' opening vs the speaker's", "~0"),
