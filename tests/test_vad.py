@@ -126,6 +126,13 @@ def test_bilabial_closures_shut_the_lips_before_p_b_m():
     assert vad.bilabial_closures(np.zeros(3 * SR, np.float32), 75, 1.0)[1] == 0
 
 
+def test_bilabial_closures_without_the_recogniser_change_nothing(monkeypatch):
+    """Without the hama package (an old venv) the closures are all ones: the render goes on as without them."""
+    monkeypatch.setattr(vad, "phones_available", lambda: False)
+    f, found = vad.bilabial_closures(buzz(120, (700, 1200, 2500), seconds=2.0), 50, 1.0)
+    assert found == 0 and f.shape == (50,) and (f == 1).all()
+
+
 def buzz(f0, formants, seconds=6.0, seed=0):
     """A synthetic voiced sound: a pulse train at f0 (with jitter) through resonances at `formants` Hz,
     swelling and fading like syllables."""
