@@ -233,7 +233,8 @@ BILABIALS = ("p", "b", "m")   # the phones whose lips shut ...
 LABIODENTALS = ("f", "v")      # ... and those whose lower lip meets the upper teeth: half shut
 LABIODENTAL_SHARE = 0.5        # of the closures' weight they get (five filmed speakers: r +0.010 / +0.008 on two seeds, RESULTS.md round 57)
 CLOSURE_LEAD = (3, 1)          # frames before a bilabial's recognised start (its release) that the lips are shut: five filmed speakers' own mouths were most closed 3-1 frames before it (RESULTS.md round 57)
-PHONE_CHUNK_S = 20             # seconds of audio per recogniser call
+PHONE_CHUNK_S = 20             # seconds of audio per recogniser call ...
+PHONE_OVERLAP_S = 1            # ... heard with this much more either side (vad.recognised_phones)
 _phones, _phones_lock = None, threading.Lock()   # one recogniser, loaded once, used by one render at a time
 
 
@@ -248,28 +249,43 @@ def lip_closures(wav, n, weight, lead=CLOSURE_LEAD):
     1 - W x LABIODENTAL_SHARE for an f or v, 1 elsewhere: at W 1 the frames of a p, b, m are painted
     as the frame paints silence, lips shut. All ones when W is 0 or the recogniser is not installed.
     -> ([n] float32, number of those phones found)."""
-    global _phones
     f = np.ones(n, np.float32)
     if weight <= 0 or not phones_available():
         return f, 0
-    found, step = 0, PHONE_CHUNK_S * SR
-    for k in range(0, len(wav), step):
-        part = np.asarray(wav[k:k + step], np.float32)
-        if len(part) < SR // 10:
+    found = 0
+    for start_s, phone in recognised_phones(wav):
+        share = 1.0 if phone in BILABIALS else LABIODENTAL_SHARE if phone in LABIODENTALS else 0.0
+        if share:
+            s = int(round(start_s * FPS))
+            shut = f[max(0, s - lead[0]):max(0, min(n, s - lead[1] + 1))]
+            np.minimum(shut, 1 - np.float32(weight * share), out=shut)
+            found += 1
+    return f, found
+
+
+def recognised_phones(wav):
+    """hama's phones in 16 kHz `wav`, [(start in seconds, phone)], in order. Recognised PHONE_CHUNK_S at a
+    time, each chunk heard with PHONE_OVERLAP_S of audio either side and keeping the phones that start
+    inside it, so none is cut or counted twice at a seam; a progress bar (on a terminal) past one chunk."""
+    global _phones
+    from tqdm import tqdm
+    step, pad, out = PHONE_CHUNK_S * SR, PHONE_OVERLAP_S * SR, []
+    for k in tqdm(range(0, len(wav), step), desc="finding p/b/m/f/v", unit="chunk", leave=False,
+                  disable=None if len(wav) > step else True):
+        if len(wav) - k < SR // 10:
             break
+        lo = max(0, k - pad)
+        part = np.asarray(wav[lo:k + step + pad], np.float32)
         with _phones_lock:
             if _phones is None:
                 from hama.asr import ASRModel
                 _phones = ASRModel()
             spans = _phones.phoneme_spans(_phones.transcribe_waveform(part, SR))
         for span in spans:
-            share = 1.0 if span.phoneme in BILABIALS else LABIODENTAL_SHARE if span.phoneme in LABIODENTALS else 0.0
-            if share:
-                s = int(round(span.start_ms * FPS / 1000 + k * FPS / SR))
-                shut = f[max(0, s - lead[0]):max(0, min(n, s - lead[1] + 1))]
-                np.minimum(shut, 1 - np.float32(weight * share), out=shut)
-                found += 1
-    return f, found
+            t = lo / SR + span.start_ms / 1000
+            if k <= t * SR < k + step:
+                out.append((t, span.phoneme))
+    return out
 
 
 def use_vad(mode):

