@@ -272,10 +272,10 @@ def recognised_phones(wav):
     step, pad, out = PHONE_CHUNK_S * SR, PHONE_OVERLAP_S * SR, []
     for k in tqdm(range(0, len(wav), step), desc="finding p/b/m/f/v", unit="chunk", leave=False,
                   disable=None if len(wav) > step else True):
-        if len(wav) - k < SR // 10:
-            break
         lo = max(0, k - pad)
         part = np.asarray(wav[lo:k + step + pad], np.float32)
+        if len(part) < SR // 10:                # too short to recognise (a last chunk keeps its 1 s before)
+            break
         with _phones_lock:
             if _phones is None:
                 from hama.asr import ASRModel
