@@ -22,9 +22,11 @@ def piper_voice():
     return _VOICE[0]
 
 
-def speech_chunks(text):
-    """Text -> float32 16 kHz mono speech, one array per sentence, each as soon as piper made it."""
-    chunks = piper_voice().synthesize(text)
+def speech_chunks(text, steady=False):
+    """Text -> float32 16 kHz mono speech, one array per sentence, each as soon as piper made it;
+    `steady`: without piper's random variation, the same samples every time (tests)."""
+    from piper import SynthesisConfig
+    chunks = piper_voice().synthesize(text, SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0) if steady else None)
     while True:
         with _LOCK:
             chunk = next(chunks, None)
