@@ -84,7 +84,7 @@ class Config:
     guidance: float = -1.0                         # [-1..4] the painted mouth moved this many times as far from what the frame paints with silence (as inference); -1 = the checkpoint's fitted guidance (1.25 when it holds none)
     guidance_photo: float = -1.0                   # [-1..4] the same for the photo-mode pass; -1 = what inference gives a photo: --guidance when given, else the checkpoint's fitted photo guidance
     band_push: float = RenderOptions.band_push     # [-1..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score (as inference; -1 = auto)
-    closures: float = RenderOptions.closures       # [-1..1] the guidance times 1 - W where the audio's lips shut for a p, b or m, half for f, v, w, u (as inference; -1 = auto)
+    closures: float = RenderOptions.closures       # [-1..1] the guidance times 1 - W where the audio's lips shut for a p, b or m, half for f, v, w, u, 1 + W / 4 for open vowels (as inference; -1 = auto)
     seed: int = RenderOptions.seed                 # [0..] seed of a random reference choice
     sharpen: float = RenderOptions.sharpen         # [0..4] unsharp-mask amount on the painted mouth (as inference)
     lookahead: int = 7                             # [0..7] frames of audio past each frame the model may read: 7 = the file path; less = a live stream's (stream.py), fed 40 ms at a time

@@ -80,7 +80,7 @@ class Config:
     seed: int = RenderOptions.seed                   # [0..] seed of the random reference choice
     guidance: float = -1.0                           # [-1..4] the painted mouth moves this many times as far from what the frame paints with silence (a second U-Net pass): 1 = the network's own output; -1 = the checkpoint's fitted guidance for a file (guidance_fit.py; a photo template's fitted apart; 1.25 when it holds none), 1 with --stream over the avatar's frames (real time)
     band_push: float = RenderOptions.band_push       # [-1..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech: other people's voices (a text-to-speech voice) followed closer, the person's own less (README section 4); 0 = one guidance for all; -1 = auto: 0.1 when the voice is not the avatar's recorded one (vad.auto_band_push), else 0
-    closures: float = RenderOptions.closures         # [-1..1] on the frames where the audio's lips shut (a p, b or m: the hama phoneme recogniser; half for f, v, w, u) the guidance times 1 - W, so at 1 the mouth is painted shut there (README section 4); -1 = auto: 1 with the band push on (another voice), else 0
+    closures: float = RenderOptions.closures         # [-1..1] on the frames where the audio's lips shut (a p, b or m: the hama phoneme recogniser; half for f, v, w, u; 1 + W / 4 for open vowels) the guidance times 1 - W, so at 1 the mouth is painted shut there (README section 4); -1 = auto: 1 with the band push on (another voice), else 0
     crf: int = RenderOptions.crf                     # [0..51] H.264 quality (lower = better, larger)
     sharpen: float = RenderOptions.sharpen           # [0..4] unsharp mask on the painted mouth (amount; its blur is one pixel of the frame): 0 = the network's own output
     stream: bool = False                             # live: frames written as their audio arrives (stream.py) into a fragmented mp4; --audio_path - reads 16 kHz mono s16le PCM from stdin
@@ -440,7 +440,7 @@ def main(cfg):
     dt = time.perf_counter() - t0
     d, w, c = stats.get("voice_distance"), stats.get("band_push", 0), stats.get("closures", 0)
     print(f"done: {out}  {stats['frames']} frames in {dt:.1f} s ({stats['frames'] / dt:.2f} frames/s)" + ("" if d is None else
-          f"; voice {'not ' * (w > 0)}the avatar's recorded one (distance {d:.2f}): band push {w:g}") + ((f"; lips shut or narrowed at {stats['closures_found']} p/b/m/f/v/w/u" if vad.phones_available() else "; lips not shut for p/b/m: the hama package is missing (pip install -r requirements.txt)") if c > 0 else ""))
+          f"; voice {'not ' * (w > 0)}the avatar's recorded one (distance {d:.2f}): band push {w:g}") + ((f"; mouth shaped at {stats['closures_found']} p/b/m/f/v/w/u and open vowels" if vad.phones_available() else "; lips not shut for p/b/m: the hama package is missing (pip install -r requirements.txt)") if c > 0 else ""))
     return out
 
 

@@ -238,7 +238,7 @@ def generate(avatar: str = Form(..., description="a ready avatar's name"),
                                              f"own output (inference_328 --sharpen; default {SHARPEN})"),
              band_push: Optional[float] = Form(None, ge=0, le=1, description="each frame's push scaled by its 1-5 kHz energy "
                                                f"(inference_328 --band_push): closer to voices not the person's own; default {TEXT_BAND_PUSH:g} for text, else auto "
-                                               f"({TEXT_BAND_PUSH:g} when the audio's voice is not the avatar's recorded one, else 0); when on, the lips also shut for p, b, m and narrow for w, u"),
+                                               f"({TEXT_BAND_PUSH:g} when the audio's voice is not the avatar's recorded one, else 0); when on, the lips also shut for p, b, m, narrow for w, u and open wider for open vowels"),
              s=Depends(get_settings), store: JobStore = Depends(get_store), worker: Worker = Depends(get_worker),
              state: dict = Depends(get_state)):
     """Queue a generate job: the avatar says the audio; the result is an mp4 with that audio."""

@@ -9,9 +9,9 @@ in ONNX Runtime on 32 ms chunks of 16 kHz audio, batched (the wheel's sequence m
 package is missing, `available()` is False and the gate falls back to loudness.
 
 For a voice that is not the person's own, the mouth is also pushed per frame: further on frames with
-more 1-5 kHz energy (band_push), shut where the audio has a p, b or m, half shut for f, v and narrowed
-for w, u (lip_closures, from the phoneme recogniser of the `hama` wheel, Apache-2.0, model inside the
-wheel; RESULTS.md rounds 54-58).
+more 1-5 kHz energy (band_push), shut where the audio has a p, b or m, half shut for f, v, narrowed
+for w, u and a little wider for open vowels (lip_closures, from the phoneme recogniser of the `hama`
+wheel, Apache-2.0, model inside the wheel; RESULTS.md rounds 54-59).
 
     python vad.py speech.wav           # the share of frames it calls speech, and the time it took
 """
@@ -236,7 +236,9 @@ LABIODENTAL_SHARE = 0.5        # of the closures' weight they get (five filmed s
 CLOSURE_LEAD = (3, 1)          # frames before a bilabial's recognised start (its release) that the lips are shut: five filmed speakers' own mouths were most closed 3-1 frames before it (RESULTS.md round 57)
 ROUNDED = ("w", "u")           # rounded, the lips narrowed: their whole span ...
 ROUNDED_SHARE = 0.5            # ... at this share of the weight (five filmed speakers: r +0.004 / +0.007 / +0.007 on three models, round 58)
-ROUNDED_LEAD, ROUNDED_MAX = 2, 8   # frames the span is moved earlier (the lips round before the sound), its most frames
+OPEN_VOWELS = ("æ", "ɑ", "a", "aɪ", "aʊ")   # the jaw's widest: their span ...
+OPEN_SHARE = 0.25              # ... 1 + W x this, where nothing shuts (nine filmed speakers: r +0.005 to +0.012 on three models, round 59)
+SPAN_LEAD, SPAN_MAX = 2, 8     # frames a w, u or open vowel's span is moved earlier (the lips shape before the sound), its most frames
 PHONE_CHUNK_S = 20             # seconds of audio per recogniser call ...
 PHONE_OVERLAP_S = 1            # ... heard with this much more either side (vad.recognised_phones)
 _phones, _phones_lock = None, threading.Lock()   # one recogniser, loaded once, used by one render at a time
@@ -250,11 +252,11 @@ def phones_available():
 def lip_closures(wav, n, weight, lead=CLOSURE_LEAD):
     """--closures W: per-frame factors on the guidance, 1 - W on the frames where the lips shut for a
     p, b or m (`lead` frames before each one's start as hama's phoneme recogniser finds it in `wav`),
-    1 - W x LABIODENTAL_SHARE for an f or v, 1 - W x ROUNDED_SHARE over a w or u (its span ROUNDED_LEAD
-    frames earlier), 1 elsewhere: at W 1 the frames of a p, b, m are painted as the frame paints silence,
-    lips shut. All ones when W is 0 or the recogniser is not installed.
-    -> ([n] float32, number of those phones found)."""
-    f = np.ones(n, np.float32)
+    1 - W x LABIODENTAL_SHARE for an f or v, 1 - W x ROUNDED_SHARE over a w or u and 1 + W x OPEN_SHARE
+    over an open vowel where nothing shuts (each span SPAN_LEAD frames earlier), 1 elsewhere: at W 1
+    the frames of a p, b, m are painted as the frame paints silence, lips shut. All ones when W is 0 or
+    the recogniser is not installed. -> ([n] float32, number of those phones found)."""
+    f, wide = np.ones(n, np.float32), np.zeros(n, bool)
     if weight <= 0 or not phones_available():
         return f, 0
     found = 0
@@ -262,14 +264,18 @@ def lip_closures(wav, n, weight, lead=CLOSURE_LEAD):
         s = int(round(start_s * FPS))
         if phone in BILABIALS + LABIODENTALS:
             share, a, b = (1.0 if phone in BILABIALS else LABIODENTAL_SHARE), s - lead[0], s - lead[1] + 1
-        elif phone in ROUNDED:
-            a = s - ROUNDED_LEAD
-            share, b = ROUNDED_SHARE, min(a + ROUNDED_MAX, max(int(round(end_s * FPS)) - ROUNDED_LEAD, a + 1))
+        elif phone in ROUNDED + OPEN_VOWELS:
+            a = s - SPAN_LEAD
+            share, b = ROUNDED_SHARE, min(a + SPAN_MAX, max(int(round(end_s * FPS)) - SPAN_LEAD, a + 1))
         else:
+            continue
+        found += 1
+        if phone in OPEN_VOWELS:
+            wide[max(0, a):max(0, min(n, b))] = True
             continue
         part = f[max(0, a):max(0, min(n, b))]
         np.minimum(part, 1 - np.float32(weight * share), out=part)
-        found += 1
+    f[wide & (f == 1)] = 1 + np.float32(weight * OPEN_SHARE)
     return f, found
 
 
@@ -280,7 +286,7 @@ def recognised_phones(wav):
     global _phones
     from tqdm import tqdm
     step, pad, out = PHONE_CHUNK_S * SR, PHONE_OVERLAP_S * SR, []
-    for k in tqdm(range(0, len(wav), step), desc="finding p/b/m/f/v/w/u", unit="chunk", leave=False,
+    for k in tqdm(range(0, len(wav), step), desc="finding p/b/m/f/v/w/u and open vowels", unit="chunk", leave=False,
                   disable=None if len(wav) > step else True):
         lo = max(0, k - pad)
         part = np.asarray(wav[lo:k + step + pad], np.float32)
