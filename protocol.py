@@ -27,6 +27,7 @@ from utils import UserError
 
 MEDIA = utils.REPO.parent / "shared" / "media"
 SPEAKERS = ("andrew_clip2_27s.mp4", "feifei_clip2_15s.mp4", "german_anchor_20s.mp4", "aoc_hdtf_8s.mp4", "outdoor_7s.mp4")  # --voices shared: other people, filmed
+UNSEEN = ("andrew_clip1_25s.mp4", "feifei_clip1_10s.mp4", "fps30_6s.mp4", "vfr_22fps_6s.mp4")  # --voices unseen: four more, no setting was chosen on them (RESULTS.md round 59)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Config:
     judge: str = ""                # SyncNet checkpoint (or the folder holding its syncnet_best.pth) that scores every run's sync check; "" = the run's mel SyncNet (OUT_DIR/checkpoint/NAME): pass a fixed one to compare runs whose SyncNets differ
     baseline: bool = True          # also evaluate the template baseline
     video_out: bool = False        # write evaluate.py's side-by-side mp4s
-    voices: str = ""               # other voices the trained model also speaks (evaluate.py --audio over the held-out frames): comma list of audio files or videos of other people (processed once; their own mouth becomes the truth of the opening: speaker r), or "shared" = MEDIA/speech_*.wav + SPEAKERS; "" = none
+    voices: str = ""               # other voices the trained model also speaks (evaluate.py --audio over the held-out frames): comma list of audio files or videos of other people (processed once; their own mouth becomes the truth of the opening: speaker r), "shared" = MEDIA/speech_*.wav + SPEAKERS, "unseen" = UNSEEN (both: "shared,unseen"); "" = none
     seed: int = 0                  # [0..] seeds SyncNet and generator
 
 
@@ -274,8 +275,9 @@ def main(cfg):
 
 def voice_files(spec):
     """--voices -> the audio files (checked before any training)."""
-    files = (sorted(MEDIA.glob("speech_*.wav")) + [MEDIA / v for v in SPEAKERS] if spec == "shared"
-             else [Path(v.strip()) for v in spec.split(",") if v.strip()])
+    named = {"shared": lambda: sorted(MEDIA.glob("speech_*.wav")) + [MEDIA / v for v in SPEAKERS],
+             "unseen": lambda: [MEDIA / v for v in UNSEEN]}
+    files = [f for v in map(str.strip, spec.split(",")) if v for f in (named[v]() if v in named else [Path(v)])]
     missing = [str(f) for f in files if not f.is_file()]
     if missing or not files:
         raise UserError(f"--voices {spec}: {'not found: ' + ', '.join(missing) if missing else 'no audio files'}")
@@ -325,6 +327,8 @@ def format_summary(s):
         lines += [f"| {v} | {evaluate_fmt(f['env_r_gen'])} | {evaluate_fmt(f['sync_stretch_acc_gen'])} | {evaluate_fmt(f['opening_sd_gen'])} | "
                   + (f"{f['speaker_r']:.3f} ({f.get('speaker_r_at_lag', 0):.3f} at {f.get('speaker_lag')})" if f.get("speaker_r") is not None else "")
                   + " |" for v, f in s["voices"].items()]
+        rs = [f["speaker_r"] for f in s["voices"].values() if f.get("speaker_r") is not None]
+        lines += [f"filmed voices: mean r vs their own opening {sum(rs) / len(rs):.3f} over {len(rs)}"] if rs else []
     return "\n".join(lines)
 
 

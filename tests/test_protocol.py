@@ -49,7 +49,9 @@ def test_protocol_runs_end_to_end_and_reuses_its_data(synthetic_clip, tmp_path, 
     assert -1 <= v["env_r_gen"] <= 1 and 0 <= v["sync_stretch_acc_gen"] <= 1 and v["opening_sd_gen"] > 0
     assert -1 <= v["speaker_r"] <= v["speaker_r_at_lag"] <= 1 and abs(v["speaker_lag"]) <= 10   # a video: its own mouth is the truth
     assert s3["voices"]["voice.wav"]["speaker_r"] is None and s3["voices"]["voice.wav"]["opening_sd_gen"] >= 0
-    assert f"| {synthetic_clip.name} |" in capsys.readouterr().out and s["voices"] is None
+    out = capsys.readouterr().out
+    assert f"| {synthetic_clip.name} |" in out and s["voices"] is None
+    assert f"filmed voices: mean r vs their own opening {v['speaker_r']:.3f} over 1" in out   # the wav has no truth
     with pytest.raises(UserError, match="--voices .*not found"):   # checked before any training
         protocol.main(protocol.Config(**{**vars(cfg), "voices": str(tmp_path / "none.wav"), "label": "x"}))
     assert not (tmp_path / "checkpoint" / "talk" / "runs" / "x").exists()
@@ -101,3 +103,18 @@ def test_protocol_auto_source_trains_its_judge(synthetic_clip, tmp_path, monkeyp
         protocol.main(protocol.Config(train_video=str(synthetic_clip), heldout_video=str(synthetic_clip),
                                       out_dir=str(tmp_path / "x"), audio_source="loud"))
     assert not (tmp_path / "x").exists()
+
+
+def test_voices_name_the_shared_and_unseen_sets(tmp_path, monkeypatch):
+    """--voices shared / unseen / both, mixed with a file: the named media in order; a missing one is an error."""
+    monkeypatch.setattr(protocol, "MEDIA", tmp_path)
+    for f in ("speech_b.wav", "speech_a.wav") + protocol.SPEAKERS + protocol.UNSEEN:
+        (tmp_path / f).write_bytes(b"x")
+    extra = tmp_path / "mine.wav"
+    extra.write_bytes(b"x")
+    assert protocol.voice_files("unseen") == [tmp_path / v for v in protocol.UNSEEN]
+    both = protocol.voice_files(f"shared, unseen,{extra}")
+    assert both == [tmp_path / "speech_a.wav", tmp_path / "speech_b.wav"] + [tmp_path / v for v in protocol.SPEAKERS + protocol.UNSEEN] + [extra]
+    (tmp_path / protocol.UNSEEN[2]).unlink()
+    with pytest.raises(UserError, match=f"--voices unseen: not found: .*{protocol.UNSEEN[2]}"):
+        protocol.voice_files("unseen")
