@@ -25,8 +25,11 @@ def piper_voice():
 def speech_chunks(text, steady=False):
     """Text -> float32 16 kHz mono speech, one array per sentence, each as soon as piper made it;
     `steady`: without piper's random variation, the same samples every time (tests)."""
-    from piper import SynthesisConfig
-    chunks = piper_voice().synthesize(text, SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0) if steady else None)
+    config = None
+    if steady:                                  # the product path never needs this class
+        from piper import SynthesisConfig
+        config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    chunks = piper_voice().synthesize(text, config)
     while True:
         with _LOCK:
             chunk = next(chunks, None)
